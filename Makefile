@@ -1,0 +1,58 @@
+# The two commands: `make run` (the whole stack in the foreground) and `make test`.
+SHELL := /bin/bash
+PY := .venv/bin/python
+export DJANGO_SETTINGS_MODULE ?= config.settings.local
+export PYTHONUNBUFFERED := 1
+
+.PHONY: run up down status test lint format services migrate seed demo bench clean
+
+.venv/.installed: requirements.txt
+	@test -x $(PY) || python3 -m venv .venv
+	@$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	@touch $@
+
+services: .venv/.installed
+	@scripts/services.sh ensure
+
+migrate: services
+	@$(PY) manage.py migrate --noinput -v 0
+
+seed: migrate
+	@$(PY) manage.py seed_sandbox
+	@$(PY) manage.py seed_demo_merchant
+
+run: seed
+	@echo "Starting web :8000, sandbox :8001, workers, beat (Ctrl-C stops all)"
+	.venv/bin/honcho -f Procfile start
+
+up: seed
+	@scripts/stack.sh up
+
+down:
+	@scripts/stack.sh down
+	@scripts/services.sh stop
+
+status:
+	@scripts/services.sh status
+	@scripts/stack.sh status
+
+test: services
+	DJANGO_SETTINGS_MODULE=config.settings.test $(PY) -m pytest $(ARGS)
+
+lint: .venv/.installed
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+format: .venv/.installed
+	.venv/bin/ruff format .
+	.venv/bin/ruff check --fix .
+
+demo: up
+	@$(PY) scripts/demo.py
+
+bench: up
+	@$(PY) -m bench $(ARGS)
+
+clean: down
+	rm -rf .run

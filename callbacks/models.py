@@ -1,0 +1,50 @@
+"""Client callback deliveries (one per order outcome, one stable webhook-id) and their attempts."""
+
+from django.db import models
+from django.db.models import Q
+
+from orders.models import Order
+
+
+class CallbackDelivery(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        DELIVERED = "delivered"
+        EXHAUSTED = "exhausted"
+
+    order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="callback_deliveries")
+    event_type = models.CharField(max_length=32)
+    webhook_id = models.CharField(max_length=64, unique=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    # When the next attempt is due; while an attempt runs, the end of its lease.
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.CharField(max_length=500, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name_plural = "callback deliveries"
+        constraints = [models.UniqueConstraint(fields=["order", "event_type"], name="delivery_per_outcome")]
+        indexes = [
+            models.Index(fields=["next_attempt_at"], name="delivery_due", condition=Q(status="pending")),
+            models.Index(
+                fields=["status", "created_at"], name="delivery_exhausted", condition=Q(status="exhausted")
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event_type} {self.webhook_id} ({self.status})"
+
+
+class CallbackAttempt(models.Model):
+    delivery = models.ForeignKey(CallbackDelivery, on_delete=models.CASCADE, related_name="attempt_log")
+    url = models.CharField(max_length=2048)
+    attempted_at = models.DateTimeField()
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    latency_ms = models.PositiveIntegerField()
+    error = models.CharField(max_length=500, blank=True, default="")
+    response_excerpt = models.TextField(blank=True, default="", help_text="First 1 KiB of the answer.")
+
+    class Meta:
+        indexes = [models.Index(fields=["delivery", "attempted_at"], name="attempt_delivery")]

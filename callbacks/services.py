@@ -1,0 +1,150 @@
+"""Client callbacks: one signed delivery per order outcome, retried on a stored schedule (SPEC 6)."""
+
+import json
+import logging
+import random
+import uuid
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from callbacks.http import PostResult, post_json
+from callbacks.models import CallbackAttempt, CallbackDelivery
+from callbacks.signing import signature_headers
+from orders.models import Order, OrderStatus
+from orders.serializers import OrderSerializer
+from orders.services import merchant_signing_secrets
+from orders.transitions import order_transition
+
+logger = logging.getLogger(__name__)
+
+D = CallbackDelivery.Status
+LEASE_EXTRA_SECONDS = 15.0
+
+_CLAIM_NEW_SQL = """
+INSERT INTO callbacks_callbackdelivery
+    (order_id, event_type, webhook_id, status, attempts, next_attempt_at, last_error, created_at)
+VALUES (%s, %s, %s, 'pending', 1, %s, '', now())
+ON CONFLICT (order_id, event_type) DO NOTHING
+RETURNING id, webhook_id, attempts
+"""
+_CLAIM_DUE_SQL = """
+UPDATE callbacks_callbackdelivery SET attempts = attempts + 1, next_attempt_at = %s
+WHERE order_id = %s AND event_type = %s AND status = 'pending' AND next_attempt_at <= now()
+RETURNING id, webhook_id, attempts
+"""
+
+
+def _claim(*, order_id, event_type: str) -> tuple[int, str, int] | None:
+    """Take the right to make the next attempt: a new delivery, or an existing one that is due.
+
+    The claim pushes next_attempt_at past the longest possible attempt (a lease), so a second
+    copy of the task finds nothing due, and a worker killed mid-attempt is retried after it.
+    """
+    lease = timezone.now() + timedelta(seconds=settings.CALLBACK_TOTAL_TIMEOUT + LEASE_EXTRA_SECONDS)
+    with connection.cursor() as cursor:
+        cursor.execute(_CLAIM_NEW_SQL, [order_id, event_type, f"msg_{uuid.uuid4().hex}", lease])
+        row = cursor.fetchone()
+        if row is None:
+            cursor.execute(_CLAIM_DUE_SQL, [lease, order_id, event_type])
+            row = cursor.fetchone()
+    return row
+
+
+def _next_delay(attempts: int) -> float | None:
+    """Seconds until the next attempt after `attempts` attempts, with ±10 % jitter; None: give up."""
+    schedule = settings.CALLBACK_RETRY_SCHEDULE
+    if attempts > len(schedule):
+        return None
+    return schedule[attempts - 1] * random.uniform(0.9, 1.1)
+
+
+def callback_deliver(*, order_id) -> bool:
+    """Make the due attempt of the order's callback, if any. True when the client took it."""
+    order = Order.objects.select_related("merchant").filter(pk=order_id).first()
+    if order is None:
+        logger.warning("callback.order_missing", extra={"order_id": str(order_id)})
+        return False
+    if order.status not in (OrderStatus.PAID, OrderStatus.FAILED):
+        return False
+    event_type = f"order.{order.status}"
+    claim = _claim(order_id=order.pk, event_type=event_type)
+    if claim is None:
+        return False
+    delivery_id, webhook_id, attempts = claim
+    body = json.dumps({"type": event_type, "data": OrderSerializer(order).data}, separators=(",", ":"))
+    headers = signature_headers(
+        secrets=merchant_signing_secrets(merchant=order.merchant), msg_id=webhook_id, body=body
+    )
+    url = order.callback_url
+    attempted_at = timezone.now()
+    if url:
+        result = post_json(url=url, body=body, headers=headers)
+    else:
+        result = PostResult(None, 0, "no callback URL for this order or its merchant", "")
+    log = {
+        "order_id": str(order.pk),
+        "merchant": str(order.merchant_id),
+        "webhook_id": webhook_id,
+        "attempt": attempts,
+        "status_code": result.status_code,
+        "latency_ms": result.latency_ms,
+    }
+    with transaction.atomic():
+        CallbackAttempt.objects.create(
+            delivery_id=delivery_id,
+            url=url[:2048],
+            attempted_at=attempted_at,
+            status_code=result.status_code,
+            latency_ms=result.latency_ms,
+            error=result.error[:500],
+            response_excerpt=result.excerpt,
+        )
+        if result.ok:
+            CallbackDelivery.objects.filter(pk=delivery_id).update(
+                status=D.DELIVERED, delivered_at=timezone.now(), next_attempt_at=None, last_error=""
+            )
+            order_transition(
+                order_id=order.pk,
+                to=OrderStatus.COMPLETED,
+                seen_status=order.status,
+                reason=f"callback {webhook_id} answered {result.status_code}",
+            )
+            logger.info("callback.delivered", extra=log)
+            return True
+        error = result.error or f"HTTP {result.status_code}"
+        delay = _next_delay(attempts)
+        if delay is None:
+            CallbackDelivery.objects.filter(pk=delivery_id).update(
+                status=D.EXHAUSTED, next_attempt_at=None, last_error=error[:500]
+            )
+            logger.warning("callback.exhausted", extra={**log, "error": error})
+        else:
+            CallbackDelivery.objects.filter(pk=delivery_id).update(
+                next_attempt_at=timezone.now() + timedelta(seconds=delay), last_error=error[:500]
+            )
+            logger.info("callback.failed", extra={**log, "error": error, "retry_in_s": round(delay, 2)})
+    return False
+
+
+def callback_resend(*, delivery: CallbackDelivery) -> None:
+    """Operator action: make an exhausted (or pending) delivery due now, same webhook-id."""
+    CallbackDelivery.objects.filter(pk=delivery.pk).exclude(status=D.DELIVERED).update(
+        status=D.PENDING, next_attempt_at=timezone.now()
+    )
+    logger.info(
+        "callback.resend_requested",
+        extra={"order_id": str(delivery.order_id), "webhook_id": delivery.webhook_id},
+    )
+
+
+def deliveries_due(*, batch: int) -> list[str]:
+    """Order ids whose callback attempt is due (through the partial index on pending deliveries)."""
+    return [
+        str(order_id)
+        for order_id in CallbackDelivery.objects.filter(status=D.PENDING, next_attempt_at__lte=timezone.now())
+        .order_by("next_attempt_at")
+        .values_list("order_id", flat=True)[:batch]
+    ]

@@ -1,0 +1,91 @@
+"""One JSON error shape for every error: {"error": {"code", "message", "fields"}} (SPEC 3)."""
+
+import logging
+
+from django.http import HttpRequest, JsonResponse
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+
+from config.middleware import error_response
+
+logger = logging.getLogger(__name__)
+
+
+class ApiError(exceptions.APIException):
+    """An error with an explicit machine-readable code, raised by services and views."""
+
+    def __init__(self, status_code: int, code: str, message: str, fields: dict | None = None):
+        self.status_code = status_code
+        self.code = code
+        self.message = message
+        self.fields = fields
+        super().__init__(detail=message, code=code)
+
+
+_CODES = {
+    exceptions.ParseError: "malformed_json",
+    exceptions.AuthenticationFailed: "unauthorized",
+    exceptions.NotAuthenticated: "unauthorized",
+    exceptions.PermissionDenied: "forbidden",
+    exceptions.NotFound: "not_found",
+    exceptions.MethodNotAllowed: "method_not_allowed",
+    exceptions.NotAcceptable: "not_acceptable",
+    exceptions.UnsupportedMediaType: "unsupported_media_type",
+    exceptions.Throttled: "rate_limited",
+    exceptions.ValidationError: "invalid_request",
+}
+
+
+def _flatten(detail) -> object:
+    if isinstance(detail, dict):
+        return {key: _flatten(value) for key, value in detail.items()}
+    if isinstance(detail, list):
+        flat = [_flatten(item) for item in detail]
+        return flat if any(isinstance(item, dict) for item in flat) else [str(item) for item in flat]
+    return str(detail)
+
+
+def api_exception_handler(exc, context) -> Response | None:
+    if isinstance(exc, ApiError):
+        body = {"error": {"code": exc.code, "message": exc.message}}
+        if exc.fields:
+            body["error"]["fields"] = exc.fields
+        return Response(body, status=exc.status_code)
+    from rest_framework.views import exception_handler  # late: rest_framework.views imports our auth
+
+    response = exception_handler(exc, context)
+    if response is None:
+        return None
+    code = next((c for cls, c in _CODES.items() if isinstance(exc, cls)), "error")
+    if isinstance(exc, exceptions.ValidationError):
+        detail = exc.detail
+        if isinstance(detail, dict):
+            non_field = detail.get("non_field_errors")
+            message = str(non_field[0]) if non_field else "The request is not valid."
+            body = {"error": {"code": code, "message": message, "fields": _flatten(detail)}}
+        else:
+            items = _flatten(detail)
+            message = items[0] if isinstance(items, list) and items else str(items)
+            body = {"error": {"code": code, "message": message}}
+    else:
+        body = {"error": {"code": code, "message": str(exc.detail)}}
+    if response.status_code == status.HTTP_401_UNAUTHORIZED:
+        response["WWW-Authenticate"] = 'Bearer realm="api"'
+    response.data = body
+    return response
+
+
+def handler404(request: HttpRequest, exception=None) -> JsonResponse:
+    return error_response(404, "not_found", "The requested resource was not found.")
+
+
+def handler500(request: HttpRequest) -> JsonResponse:
+    return error_response(500, "internal_error", "An internal error occurred.")
+
+
+def handler400(request: HttpRequest, exception=None) -> JsonResponse:
+    return error_response(400, "bad_request", "The request could not be understood.")
+
+
+def handler403(request: HttpRequest, exception=None) -> JsonResponse:
+    return error_response(403, "forbidden", "You do not have permission to do this.")

@@ -1,0 +1,227 @@
+"""Settings shared by every environment; values come from the environment (django-environ)."""
+
+from pathlib import Path
+
+import environ
+from kombu import Queue
+
+BASE_DIR = Path(__file__).resolve().parent.parent.parent
+env = environ.Env()
+
+SECRET_KEY = env("SECRET_KEY", default="dev-insecure-secret-key-change-me")
+DEBUG = env.bool("DEBUG", default=False)
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "testserver"])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django.contrib.postgres",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "orders.apps.OrdersConfig",
+    "allocation.apps.AllocationConfig",
+    "gateway.apps.GatewayConfig",
+    "callbacks.apps.CallbacksConfig",
+]
+
+MIDDLEWARE = [
+    "config.middleware.RequestIdMiddleware",
+    "config.middleware.BodySizeLimitMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+WSGI_APPLICATION = "config.wsgi.application"
+APPEND_SLASH = False
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": env.db("DATABASE_URL", default="postgres://payments@127.0.0.1:55432/payments"),
+}
+# Persistent connections: a new PostgreSQL connection per request costs more than the request.
+DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=600)
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = env("REDIS_URL", default="redis://127.0.0.1:56379/0")
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 1},
+    }
+}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / ".run" / "static"
+# Admin and API docs assets served by the app itself (whitenoise), from the finders in dev.
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = False
+
+# Bodies larger than this answer 413 (SPEC 3).
+MAX_REQUEST_BODY_BYTES = 64 * 1024
+DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BODY_BYTES
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["orders.authentication.MerchantKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["orders.authentication.IsMerchant"],
+    "DEFAULT_THROTTLE_CLASSES": ["orders.throttling.MerchantKeyRateThrottle"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "config.errors.api_exception_handler",
+    "UNAUTHENTICATED_USER": None,
+}
+# Requests per second per API key, fixed one-second window (see orders/throttling.py).
+API_RATE_LIMIT_PER_SECOND = env.int("API_RATE_LIMIT_PER_SECOND", default=100)
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Payment orders API",
+    "DESCRIPTION": "Submit payment orders, read them back, follow their lifecycle.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SERVE_AUTHENTICATION": [],
+    "COMPONENT_SPLIT_REQUEST": True,
+    # Swagger UI served from our own static files: no CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+}
+
+# --- Celery (SPEC 9): Redis only carries work; PostgreSQL is the record.
+CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL)
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    # An unacked message comes back after this long if its worker died; longer than any task.
+    "visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=300),
+    "socket_connect_timeout": 2,
+    "socket_timeout": 5,
+}
+# The web process must not hang on a dead Redis: the outbox relay publishes later.
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2}
+# Celery 5.6+ closes the DB connection around every task unless told to reuse it.
+CELERY_DB_REUSE_MAX = env.int("CELERY_DB_REUSE_MAX", default=1_000_000)
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_TASK_DEFAULT_QUEUE = "orders"
+SERVICE_QUEUES = ("orders", "allocation", "gateway", "callbacks")
+CELERY_TASK_QUEUES = [Queue(name) for name in SERVICE_QUEUES]
+# A task named "<app>.<name>" runs on the queue of its app.
+CELERY_TASK_ROUTES = {f"{name}.*": {"queue": name} for name in SERVICE_QUEUES}
+CELERY_TASK_TIME_LIMIT = 120
+CELERY_TASK_SOFT_TIME_LIMIT = 100
+
+# --- Beat: the outbox relay and the recovery sweeps (SPEC 8).
+BEAT_INTERVAL_SECONDS = env.float("BEAT_INTERVAL_SECONDS", default=5.0)
+CELERY_BEAT_SCHEDULE = {
+    "outbox-relay": {"task": "orders.relay_outbox", "schedule": BEAT_INTERVAL_SECONDS},
+    "sweep-orders": {"task": "orders.sweep_orders", "schedule": BEAT_INTERVAL_SECONDS},
+    "sweep-callbacks": {"task": "callbacks.sweep_deliveries", "schedule": BEAT_INTERVAL_SECONDS},
+    "prune-idempotency-keys": {"task": "orders.prune_idempotency_keys", "schedule": 3600.0},
+}
+
+# --- Pipeline timings. Production waits minutes; local and test settings shorten them.
+OUTBOX_RELAY_AGE_SECONDS = env.float("OUTBOX_RELAY_AGE_SECONDS", default=10.0)
+OUTBOX_RELAY_BATCH = env.int("OUTBOX_RELAY_BATCH", default=500)
+SWEEP_BATCH = env.int("SWEEP_BATCH", default=200)
+# How long an order may sit in a stage before the sweep acts on it.
+STAGE_TIMEOUT_SECONDS = {
+    "pending": env.float("PENDING_TIMEOUT_SECONDS", default=60.0),
+    "assigned": env.float("ASSIGNED_TIMEOUT_SECONDS", default=60.0),
+    # processing: first status poll (PSync-like), then POLL_INTERVAL_SECONDS growing.
+    "processing": env.float("POLL_FIRST_SECONDS", default=60.0),
+    # paid/failed: the callback task should have run; the sweep makes sure it does.
+    "paid": env.float("CALLBACK_GRACE_SECONDS", default=60.0),
+    "failed": env.float("CALLBACK_GRACE_SECONDS", default=60.0),
+}
+POLL_INTERVAL_SECONDS = env.float("POLL_INTERVAL_SECONDS", default=180.0)
+POLL_MAX_COUNT = env.int("POLL_MAX_COUNT", default=20)
+IDEMPOTENCY_KEY_TTL_HOURS = env.int("IDEMPOTENCY_KEY_TTL_HOURS", default=48)
+# An in-flight idempotency key older than this belongs to a request that died.
+IDEMPOTENCY_IN_FLIGHT_TIMEOUT_SECONDS = env.float("IDEMPOTENCY_IN_FLIGHT_TIMEOUT_SECONDS", default=60.0)
+
+# --- Gateway
+PUBLIC_BASE_URL = env("PUBLIC_BASE_URL", default="http://127.0.0.1:8000")
+SANDBOX_URL = env("SANDBOX_URL", default="http://127.0.0.1:8001")
+SANDBOX_SECRET = env("SANDBOX_SECRET", default="sandbox-dev-secret")
+GATEWAY_CONNECT_TIMEOUT = env.float("GATEWAY_CONNECT_TIMEOUT", default=3.0)
+GATEWAY_READ_TIMEOUT = env.float("GATEWAY_READ_TIMEOUT", default=10.0)
+CIRCUIT_FAILURE_THRESHOLD = env.int("CIRCUIT_FAILURE_THRESHOLD", default=10)
+CIRCUIT_WINDOW_SECONDS = env.int("CIRCUIT_WINDOW_SECONDS", default=60)
+CIRCUIT_COOLDOWN_SECONDS = env.int("CIRCUIT_COOLDOWN_SECONDS", default=30)
+
+# --- Callbacks (SPEC 6): Standard Webhooks' schedule, in seconds.
+CALLBACK_RETRY_SCHEDULE = env.list(
+    "CALLBACK_RETRY_SCHEDULE",
+    cast=float,
+    default=[5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400],
+)
+CALLBACK_CONNECT_TIMEOUT = env.float("CALLBACK_CONNECT_TIMEOUT", default=5.0)
+CALLBACK_TOTAL_TIMEOUT = env.float("CALLBACK_TOTAL_TIMEOUT", default=15.0)
+CALLBACK_ALLOW_PRIVATE_NETWORKS = env.bool("CALLBACK_ALLOW_PRIVATE_NETWORKS", default=False)
+
+LOG_LEVEL = env("LOG_LEVEL", default="INFO")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"context": {"()": "config.logging.ContextFilter"}},
+    "formatters": {
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
+            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger", "message": "event"},
+        }
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "json", "filters": ["context"]}},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "django.db.backends": {"level": "WARNING"},
+        "celery": {"level": "WARNING"},
+        "gunicorn.access": {"level": "WARNING"},
+    },
+}
+
+# Key for secrets we must keep recoverable (merchant webhook secrets): Fernet, derived from
+# SECRET_KEY unless given. Rotating SECRET_KEY without FIELD_ENCRYPTION_KEY re-keys them.
+FIELD_ENCRYPTION_KEY = env("FIELD_ENCRYPTION_KEY", default="")

@@ -1,0 +1,52 @@
+"""Charge attempts (one per order and channel, keyed before the HTTP call) and provider webhooks."""
+
+from django.db import models
+
+from orders.models import Order
+
+
+class ChargeAttempt(models.Model):
+    class Status(models.TextChoices):
+        SENDING = "sending"  # claimed, request about to go or gone: outcome not yet known to us
+        ACCEPTED = "accepted"  # the provider took it; the result comes by webhook or poll
+        REJECTED = "rejected"  # definitively refused, nothing charged
+        UNKNOWN = "unknown"  # timeout or 5xx after sending: maybe charged
+        PAID = "paid"
+        FAILED = "failed"
+
+    order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="charge_attempts")
+    channel = models.CharField(max_length=64)
+    provider = models.CharField(max_length=32)
+    idempotency_key = models.CharField(max_length=128, unique=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.SENDING)
+    provider_reference = models.CharField(max_length=128, blank=True, default="")
+    http_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    error = models.CharField(max_length=500, blank=True, default="")
+    failure_code = models.CharField(max_length=64, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["order", "created_at"], name="attempt_order"),
+            models.Index(fields=["provider_reference"], name="attempt_provider_ref"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.channel} {self.status}"
+
+
+class ProviderWebhook(models.Model):
+    """Every verified provider webhook, once: the unique id makes duplicates no-ops."""
+
+    provider = models.CharField(max_length=32)
+    webhook_id = models.CharField(max_length=128)
+    order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="provider_webhooks", null=True)
+    event_type = models.CharField(max_length=64)
+    payload = models.JSONField()
+    received_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["provider", "webhook_id"], name="provider_webhook_unique"),
+        ]

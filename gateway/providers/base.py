@@ -1,0 +1,78 @@
+"""The one interface every payment provider sits behind: charge, fetch status, parse webhooks."""
+
+import abc
+import enum
+from dataclasses import dataclass
+
+from allocation.models import PaymentChannel
+
+
+class ChargeOutcome(enum.Enum):
+    ACCEPTED = "accepted"  # the provider took the charge; the result follows
+    REJECTED = "rejected"  # definitively not charged: safe to fail over
+    UNKNOWN = "unknown"  # maybe charged: never fail, never charge again under another key
+
+
+@dataclass(frozen=True)
+class ChargeResult:
+    outcome: ChargeOutcome
+    provider_reference: str = ""
+    http_status: int | None = None
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class StatusResult:
+    status: str  # "paid" | "failed" | "pending" | "not_found"
+    failure_code: str = ""
+    provider_reference: str = ""
+
+
+@dataclass(frozen=True)
+class WebhookEvent:
+    webhook_id: str
+    event_type: str
+    status: str  # "paid" | "failed"
+    order_id: str
+    idempotency_key: str
+    channel: str
+    failure_code: str
+    provider_reference: str
+    payload: dict
+
+
+class InvalidWebhook(Exception):
+    """Bad signature, stale or future timestamp, or an unreadable body."""
+
+
+@dataclass(frozen=True)
+class ChargeRequest:
+    order_id: str
+    amount: int
+    currency: str
+    idempotency_key: str
+    webhook_url: str
+
+
+class ProviderAdapter(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    def charge(self, *, channel: PaymentChannel, request: ChargeRequest) -> ChargeResult: ...
+
+    @abc.abstractmethod
+    def fetch_status(self, *, channel: PaymentChannel, idempotency_key: str) -> StatusResult: ...
+
+    @abc.abstractmethod
+    def parse_webhook(self, *, body: bytes, headers: dict[str, str]) -> WebhookEvent: ...
+
+
+_adapters: dict[str, ProviderAdapter] = {}
+
+
+def register(adapter: ProviderAdapter) -> None:
+    _adapters[adapter.name] = adapter
+
+
+def get_adapter(name: str) -> ProviderAdapter | None:
+    return _adapters.get(name)

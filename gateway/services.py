@@ -1,0 +1,249 @@
+"""The gateway service: charge exactly once, learn outcomes from webhooks or polling (SPEC 5)."""
+
+import json
+import logging
+import uuid
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.urls import reverse
+
+from allocation.selectors import channel_by_code
+from allocation.services import channel_record_failure, order_reallocate
+from gateway.models import ChargeAttempt
+from gateway.providers.base import ChargeOutcome, ChargeRequest, ChargeResult, WebhookEvent, get_adapter
+from orders.models import Order, OrderStatus
+from orders.transitions import TransitionResult, order_transition
+
+logger = logging.getLogger(__name__)
+
+A = ChargeAttempt.Status
+
+
+def _idempotency_key(order_id, channel_code: str) -> str:
+    # Derived from the order and the attempt (one attempt per channel): a retried or duplicated
+    # charge task sends the same key, so the provider charges at most once per channel.
+    return f"{order_id}:{channel_code}"
+
+
+def _webhook_url(provider: str) -> str:
+    return settings.PUBLIC_BASE_URL + reverse("provider-webhook", kwargs={"provider": provider})
+
+
+def _claim_attempt(*, order: Order, channel_code: str, provider: str) -> ChargeAttempt:
+    """The attempt for this order and channel, inserted if new; its key is stored before any call."""
+    key = _idempotency_key(order.pk, channel_code)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO gateway_chargeattempt (order_id, channel, provider, idempotency_key, status,"
+            " provider_reference, error, failure_code, created_at, updated_at)"
+            " VALUES (%s, %s, %s, %s, 'sending', '', '', '', now(), now())"
+            " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+            [order.pk, channel_code, provider, key],
+        )
+        row = cursor.fetchone()
+    if row is not None:
+        return ChargeAttempt(
+            pk=row[0], order_id=order.pk, channel=channel_code, provider=provider, idempotency_key=key
+        )
+    return ChargeAttempt.objects.get(idempotency_key=key)
+
+
+def order_charge(*, order_id) -> TransitionResult | None:
+    """Send the charge for an assigned order and record what the provider said.
+
+    No lock is held across the HTTP call: the attempt row (and its key) is committed first,
+    so a crash anywhere leads to the same request being sent again under the same key.
+    """
+    order = Order.objects.filter(pk=order_id).only("id", "status", "amount", "currency", "channel").first()
+    if order is None:
+        logger.warning("charge.order_missing", extra={"order_id": str(order_id)})
+        return None
+    if order.status != OrderStatus.ASSIGNED:
+        return TransitionResult(False, order.status, order.channel)
+    channel = channel_by_code(order.channel)
+    adapter = get_adapter(channel.provider) if channel else None
+    if channel is None or adapter is None:
+        logger.error("charge.no_adapter", extra={"order_id": str(order.pk), "channel": order.channel})
+        return None
+    attempt = _claim_attempt(order=order, channel_code=channel.code, provider=channel.provider)
+    if attempt.status == A.REJECTED:
+        result = ChargeResult(ChargeOutcome.REJECTED, error=attempt.error)
+    elif attempt.status != A.SENDING:
+        # Already answered (a crash came between recording and moving the order): move it now.
+        result = ChargeResult(ChargeOutcome.ACCEPTED, provider_reference=attempt.provider_reference)
+    else:
+        request = ChargeRequest(
+            order_id=str(order.pk),
+            amount=order.amount,
+            currency=order.currency,
+            idempotency_key=attempt.idempotency_key,
+            webhook_url=_webhook_url(channel.provider),
+        )
+        result = adapter.charge(channel=channel, request=request)
+        logger.info(
+            "charge.sent",
+            extra={
+                "order_id": str(order.pk),
+                "channel": channel.code,
+                "outcome": result.outcome.value,
+                "http_status": result.http_status,
+            },
+        )
+    return _charge_record(order=order, attempt=attempt, result=result)
+
+
+def _charge_record(*, order: Order, attempt: ChargeAttempt, result: ChargeResult) -> TransitionResult:
+    if result.outcome == ChargeOutcome.REJECTED:
+        if attempt.status == A.SENDING:
+            ChargeAttempt.objects.filter(pk=attempt.pk, status=A.SENDING).update(
+                status=A.REJECTED, http_status=result.http_status, error=result.error[:500]
+            )
+            channel_record_failure(channel_code=attempt.channel)
+        tried = tuple(ChargeAttempt.objects.filter(order_id=order.pk).values_list("channel", flat=True))
+        return order_reallocate(order=order, failed_channel=attempt.channel, tried=tried)
+    unknown = result.outcome == ChargeOutcome.UNKNOWN
+    with transaction.atomic():
+        if attempt.status == A.SENDING:
+            ChargeAttempt.objects.filter(pk=attempt.pk, status=A.SENDING).update(
+                status=A.UNKNOWN if unknown else A.ACCEPTED,
+                provider_reference=result.provider_reference,
+                http_status=result.http_status,
+                error=result.error[:500],
+            )
+        reason = (
+            f"outcome unknown at {attempt.channel} ({result.error}); waiting for webhook or poll"
+            if unknown
+            else f"charge accepted by {attempt.channel}"
+        )
+        transition = order_transition(
+            order_id=order.pk,
+            to=OrderStatus.PROCESSING,
+            seen_status=OrderStatus.ASSIGNED,
+            seen_channel=attempt.channel,
+            reason=reason,
+        )
+    if unknown:
+        channel_record_failure(channel_code=attempt.channel)
+    return transition
+
+
+def order_confirm(
+    *, order_id, idempotency_key: str, status: str, failure_code: str = "", source: str
+) -> TransitionResult | None:
+    """Apply a provider's final word (webhook or poll) to the order: paid or failed."""
+    attempt = (
+        ChargeAttempt.objects.filter(idempotency_key=idempotency_key)
+        .select_related("order")
+        .only("id", "status", "channel", "order__id", "order__status", "order__channel")
+        .first()
+    )
+    if attempt is None or str(attempt.order_id) != str(order_id):
+        logger.warning(
+            "confirm.unknown_attempt", extra={"order_id": str(order_id), "idempotency_key": idempotency_key}
+        )
+        return None
+    order = attempt.order
+    if status not in ("paid", "failed"):
+        return TransitionResult(False, order.status, order.channel)
+    with transaction.atomic():
+        seen_status = order.status
+        if seen_status == OrderStatus.ASSIGNED and order.channel == attempt.channel:
+            # The provider's answer outran our own record of the charge request.
+            order_transition(
+                order_id=order.pk,
+                to=OrderStatus.PROCESSING,
+                seen_status=OrderStatus.ASSIGNED,
+                seen_channel=order.channel,
+                reason=f"charge accepted by {attempt.channel} (learned from {source})",
+            )
+            seen_status = OrderStatus.PROCESSING
+        if attempt.status not in (A.PAID, A.FAILED):
+            ChargeAttempt.objects.filter(pk=attempt.pk).exclude(status__in=(A.PAID, A.FAILED)).update(
+                status=A.PAID if status == "paid" else A.FAILED, failure_code=failure_code[:64]
+            )
+        result = order_transition(
+            order_id=order.pk,
+            to=OrderStatus.PAID if status == "paid" else OrderStatus.FAILED,
+            seen_status=seen_status,
+            seen_channel=order.channel,
+            reason=f"provider says {status}"
+            + (f" ({failure_code})" if failure_code else "")
+            + f" via {source}",
+            failure_code=failure_code or None if status == "failed" else None,
+            failure_message=f"The provider declined the payment: {failure_code}."
+            if status == "failed"
+            else None,
+        )
+    return result
+
+
+def webhook_receive(*, provider: str, event: WebhookEvent) -> bool:
+    """Store a verified provider webhook once. True when it is new (and must be confirmed)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO gateway_providerwebhook"
+            " (provider, webhook_id, order_id, event_type, payload, received_at)"
+            " VALUES (%s, %s, (SELECT id FROM orders_order WHERE id = %s), %s, %s, now())"
+            " ON CONFLICT (provider, webhook_id) DO NOTHING RETURNING id",
+            [
+                provider,
+                event.webhook_id,
+                _as_uuid(event.order_id),
+                event.event_type,
+                json.dumps(event.payload),
+            ],
+        )
+        return cursor.fetchone() is not None
+
+
+def _as_uuid(value: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
+
+
+def order_poll(*, order_id) -> TransitionResult | None:
+    """Ask the provider about a processing order's charge (PSync); resend it if it never arrived."""
+    order = Order.objects.filter(pk=order_id).only("id", "status", "amount", "currency", "channel").first()
+    if order is None or order.status != OrderStatus.PROCESSING:
+        return None
+    attempt = (
+        ChargeAttempt.objects.filter(order_id=order.pk)
+        .exclude(status=A.REJECTED)
+        .order_by("-created_at")
+        .first()
+    )
+    if attempt is None:
+        logger.error("poll.no_attempt", extra={"order_id": str(order.pk)})
+        return None
+    channel = channel_by_code(attempt.channel)
+    adapter = get_adapter(attempt.provider)
+    try:
+        status = adapter.fetch_status(channel=channel, idempotency_key=attempt.idempotency_key)
+    except Exception as exc:  # provider unreachable: the sweep asks again later
+        logger.warning("poll.failed", extra={"order_id": str(order.pk), "error": repr(exc)})
+        return None
+    logger.info("poll.answered", extra={"order_id": str(order.pk), "status": status.status})
+    if status.status in ("paid", "failed"):
+        return order_confirm(
+            order_id=order.pk,
+            idempotency_key=attempt.idempotency_key,
+            status=status.status,
+            failure_code=status.failure_code,
+            source="status poll",
+        )
+    if status.status == "not_found":
+        # The request never reached the provider. Sending it again under the same key is safe:
+        # if it did arrive meanwhile, the provider answers with the existing charge.
+        request = ChargeRequest(
+            order_id=str(order.pk),
+            amount=order.amount,
+            currency=order.currency,
+            idempotency_key=attempt.idempotency_key,
+            webhook_url=_webhook_url(attempt.provider),
+        )
+        result = adapter.charge(channel=channel, request=request)
+        logger.info("poll.resent", extra={"order_id": str(order.pk), "outcome": result.outcome.value})
+    return None

@@ -1,0 +1,29 @@
+"""Gateway stages: charge an assigned order, confirm a provider's answer, poll a silent provider."""
+
+from celery import shared_task
+from django.db import OperationalError
+
+from gateway import services
+
+RETRY = {"autoretry_for": (OperationalError,), "retry_backoff": 1, "retry_backoff_max": 30, "max_retries": 5}
+
+
+@shared_task(name="gateway.charge", **RETRY)
+def charge(event: dict) -> None:
+    services.order_charge(order_id=event["order_id"])
+
+
+@shared_task(name="gateway.confirm", **RETRY)
+def confirm(message: dict) -> None:
+    services.order_confirm(
+        order_id=message["order_id"],
+        idempotency_key=message["idempotency_key"],
+        status=message["status"],
+        failure_code=message.get("failure_code") or "",
+        source="provider webhook",
+    )
+
+
+@shared_task(name="gateway.poll", **RETRY)
+def poll(event: dict) -> None:
+    services.order_poll(order_id=event["order_id"])

@@ -1,0 +1,139 @@
+"""The merchant-facing order API (SPEC 3). Thin: validate, call a service or selector, render."""
+
+import uuid
+
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
+from rest_framework import serializers, status
+from rest_framework.pagination import CursorPagination
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from config.errors import ApiError
+from orders import selectors, services
+from orders.serializers import (
+    OrderCreateSerializer,
+    OrderListQuerySerializer,
+    OrderSerializer,
+    TransitionSerializer,
+)
+
+ErrorSerializer = inline_serializer(
+    "Error",
+    fields={
+        "error": inline_serializer(
+            "ErrorBody",
+            fields={
+                "code": serializers.CharField(),
+                "message": serializers.CharField(),
+                "fields": serializers.DictField(required=False),
+            },
+        )
+    },
+)
+ERRORS = {code: OpenApiResponse(ErrorSerializer) for code in (400, 401, 404, 405, 409, 413, 415, 422, 429)}
+
+
+def _idempotency_key(request) -> str:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        raise ApiError(400, "idempotency_key_missing", "The Idempotency-Key header is required.")
+    if not 1 <= len(key) <= 255 or not key.isprintable() or not key.isascii():
+        raise ApiError(
+            400, "idempotency_key_invalid", "Idempotency-Key must be 1 to 255 printable ASCII characters."
+        )
+    return key
+
+
+class OrderCursorPagination(CursorPagination):
+    ordering = ("-created_at", "-id")
+    page_size = 20
+    page_size_query_param = "limit"
+    max_page_size = 100
+
+    def decode_cursor(self, request):
+        try:
+            return super().decode_cursor(request)
+        except Exception as exc:  # DRF answers an unreadable cursor with 404; it is a bad filter
+            raise ApiError(
+                400, "invalid_request", "Invalid cursor.", {"cursor": ["Invalid cursor."]}
+            ) from exc
+
+
+class OrderListCreateApi(APIView):
+    @extend_schema(
+        operation_id="orders_create",
+        request=OrderCreateSerializer,
+        parameters=[
+            OpenApiParameter("Idempotency-Key", OpenApiTypes.STR, OpenApiParameter.HEADER, required=True)
+        ],
+        responses={201: OrderSerializer, **ERRORS},
+    )
+    def post(self, request):
+        key = _idempotency_key(request)
+        serializer = OrderCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        result = services.order_create(
+            merchant=request.user,
+            idempotency_key=key,
+            data=serializer.validated_data,
+            request_id=getattr(request._request, "request_id", ""),
+        )
+        response = Response(result.body, status=result.status)
+        if result.replayed:
+            response["Idempotent-Replayed"] = "true"
+        return response
+
+    @extend_schema(
+        operation_id="orders_list",
+        parameters=[OrderListQuerySerializer],
+        responses={
+            200: inline_serializer(
+                "OrderPage",
+                fields={
+                    "results": OrderSerializer(many=True),
+                    "next": serializers.URLField(allow_null=True),
+                    "previous": serializers.URLField(allow_null=True),
+                },
+            ),
+            **ERRORS,
+        },
+    )
+    def get(self, request):
+        query = OrderListQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        queryset = selectors.order_list(merchant=request.user, filters=query.validated_data)
+        paginator = OrderCursorPagination()
+        page = paginator.paginate_queryset(queryset, request, view=self)
+        return Response(
+            {
+                "results": OrderSerializer(page, many=True).data,
+                "next": paginator.get_next_link(),
+                "previous": paginator.get_previous_link(),
+            }
+        )
+
+
+def _order_or_404(request, order_id: str):
+    try:
+        uuid.UUID(order_id)
+    except ValueError:
+        order = None
+    else:
+        order = selectors.order_get(merchant=request.user, order_id=order_id)
+    if order is None:
+        raise ApiError(status.HTTP_404_NOT_FOUND, "not_found", "No such order.")
+    return order
+
+
+class OrderDetailApi(APIView):
+    @extend_schema(operation_id="orders_retrieve", responses={200: OrderSerializer, **ERRORS})
+    def get(self, request, order_id: str):
+        return Response(OrderSerializer(_order_or_404(request, order_id)).data)
+
+
+class OrderEventsApi(APIView):
+    @extend_schema(operation_id="orders_events", responses={200: TransitionSerializer(many=True), **ERRORS})
+    def get(self, request, order_id: str):
+        order = _order_or_404(request, order_id)
+        return Response(TransitionSerializer(selectors.order_transitions(order=order), many=True).data)

@@ -1,0 +1,150 @@
+"""Merchants, orders, their append-only transition log, the event outbox and idempotency keys."""
+
+from django.db import models
+from django.db.models import Q
+
+from orders.ids import uuid7
+
+
+class OrderStatus(models.TextChoices):
+    PENDING = "pending"
+    ASSIGNED = "assigned"
+    PROCESSING = "processing"
+    PAID = "paid"
+    FAILED = "failed"
+    COMPLETED = "completed"
+
+
+class Outcome(models.TextChoices):
+    PAID = "paid"
+    FAILED = "failed"
+
+
+class Merchant(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid7, editable=False)
+    name = models.CharField(max_length=200)
+    # The key is shown once; we keep a public lookup prefix and a SHA-256 of the whole key.
+    api_key_prefix = models.CharField(max_length=32, unique=True)
+    api_key_hash = models.CharField(max_length=64)
+    # Webhook secrets are needed in clear to sign, so they are stored encrypted (orders/crypto.py).
+    webhook_secret_encrypted = models.TextField()
+    # The previous secret keeps signing alongside the new one for an overlap after rotation.
+    previous_webhook_secret_encrypted = models.TextField(blank=True, default="")
+    previous_webhook_secret_expires_at = models.DateTimeField(null=True, blank=True)
+    callback_url = models.URLField(max_length=2048, blank=True, default="")
+    is_active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Order(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid7, editable=False)
+    merchant = models.ForeignKey(Merchant, on_delete=models.PROTECT, related_name="orders")
+    reference = models.CharField(max_length=64)
+    amount = models.BigIntegerField(help_text="In the currency's minor units.")
+    currency = models.CharField(max_length=3)
+    description = models.TextField(blank=True, default="")
+    metadata = models.JSONField(default=dict, blank=True)
+    callback_url = models.URLField(max_length=2048, blank=True, default="")
+    status = models.CharField(max_length=16, choices=OrderStatus.choices, default=OrderStatus.PENDING)
+    outcome = models.CharField(max_length=8, choices=Outcome.choices, null=True, blank=True)
+    # The channel code, not a foreign key: orders/ does not depend on allocation/.
+    channel = models.CharField(max_length=64, null=True, blank=True)
+    failure_code = models.CharField(max_length=64, null=True, blank=True)
+    failure_message = models.CharField(max_length=500, null=True, blank=True)
+    request_id = models.CharField(max_length=64, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    # When the sweep should look at this order next; NULL once nothing more is expected.
+    # Written by every transition in the same UPDATE, so the happy path pays nothing for it.
+    next_check_at = models.DateTimeField(null=True, blank=True)
+    check_count = models.PositiveSmallIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["merchant", "reference"], name="order_reference_unique_per_merchant"
+            ),
+            models.CheckConstraint(
+                condition=Q(amount__gte=1) & Q(amount__lte=10**12), name="order_amount_range"
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["merchant", "-created_at", "-id"], name="order_merchant_created"),
+            models.Index(
+                fields=["next_check_at"], name="order_due_check", condition=Q(next_check_at__isnull=False)
+            ),
+            models.Index(
+                fields=["status", "created_at"],
+                name="order_open_by_status",
+                condition=~Q(status="completed"),
+            ),
+            models.Index(fields=["created_at"], name="order_created"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.id} {self.reference} ({self.status})"
+
+
+class OrderTransition(models.Model):
+    """Append-only: a database trigger refuses UPDATE and DELETE (migration 0002)."""
+
+    order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="transitions")
+    from_status = models.CharField(max_length=16, null=True, blank=True)
+    to_status = models.CharField(max_length=16)
+    reason = models.CharField(max_length=200)
+    channel = models.CharField(max_length=64, null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["order", "id"], name="transition_order")]
+
+    def __str__(self) -> str:
+        return f"{self.from_status} -> {self.to_status}"
+
+
+class IgnoredSignal(models.Model):
+    """A late or duplicate signal that would have moved an order backwards, kept for operators."""
+
+    order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="ignored_signals")
+    status_at_signal = models.CharField(max_length=16)
+    requested_status = models.CharField(max_length=16)
+    reason = models.CharField(max_length=200)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+
+class OutboxEvent(models.Model):
+    """An event written in the transaction of the change it announces; published after commit."""
+
+    topic = models.CharField(max_length=64)
+    order_id = models.UUIDField()
+    payload = models.JSONField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    published_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["id"], name="outbox_unpublished", condition=Q(published_at__isnull=True)),
+            models.Index(fields=["order_id"], name="outbox_order"),
+        ]
+
+
+class IdempotencyKey(models.Model):
+    class State(models.TextChoices):
+        IN_FLIGHT = "in_flight"
+        DONE = "done"
+
+    merchant = models.ForeignKey(Merchant, on_delete=models.CASCADE)
+    key = models.CharField(max_length=255)
+    request_hash = models.CharField(max_length=64)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.IN_FLIGHT)
+    response_status = models.PositiveSmallIntegerField(null=True)
+    response_body = models.JSONField(null=True)
+    created_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["merchant", "key"], name="idempotency_key_unique")]
+        indexes = [models.Index(fields=["created_at"], name="idempotency_created")]

@@ -1,0 +1,143 @@
+"""Order API input validation and the order representation (SPEC 3)."""
+
+import json
+
+import pycountry
+from rest_framework import serializers
+
+from orders.models import Order, OrderStatus, Outcome
+from orders.urlsafety import UnsafeUrl, callback_url_check
+
+MAX_AMOUNT = 10**12
+MAX_METADATA_KEYS = 20
+MAX_METADATA_BYTES = 4096
+MAX_METADATA_KEY_LENGTH = 40
+
+
+class StrictIntegerField(serializers.Field):
+    """An integer that is a JSON integer: no floats, strings or booleans."""
+
+    default_error_messages = {
+        "invalid": "Must be an integer (minor units), not {kind}.",
+        "range": f"Must be between 1 and {MAX_AMOUNT}.",
+    }
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid", kind=type(data).__name__ if data is not None else "null")
+        if not 1 <= data <= MAX_AMOUNT:
+            self.fail("range")
+        return data
+
+    def to_representation(self, value):
+        return value
+
+
+class StrictCharField(serializers.CharField):
+    """A string that is a JSON string: numbers are not silently turned into text."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+def _printable(value: str) -> None:
+    if not value.isprintable():
+        raise serializers.ValidationError("Must not contain control characters.")
+
+
+class OrderCreateSerializer(serializers.Serializer):
+    amount = StrictIntegerField()
+    currency = StrictCharField(max_length=3, min_length=3, trim_whitespace=False)
+    reference = StrictCharField(max_length=64, min_length=1, trim_whitespace=False, validators=[_printable])
+    callback_url = StrictCharField(max_length=2048, required=False, allow_blank=False, trim_whitespace=False)
+    description = StrictCharField(max_length=1000, required=False, allow_blank=True, trim_whitespace=False)
+    metadata = serializers.DictField(
+        child=StrictCharField(allow_blank=True, trim_whitespace=False), required=False
+    )
+
+    def to_internal_value(self, data):
+        if not isinstance(data, dict):
+            raise serializers.ValidationError({"non_field_errors": ["The body must be a JSON object."]})
+        unknown = sorted(set(data) - set(self.fields))
+        if unknown:
+            raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
+        return super().to_internal_value(data)
+
+    def validate_currency(self, value: str) -> str:
+        code = value.upper()
+        if not code.isalpha() or pycountry.currencies.get(alpha_3=code) is None:
+            raise serializers.ValidationError("Not an ISO 4217 currency code.")
+        return code
+
+    def validate_reference(self, value: str) -> str:
+        if not value.strip():
+            raise serializers.ValidationError("Must not be blank.")
+        return value
+
+    def validate_callback_url(self, value: str) -> str:
+        try:
+            serializers.URLField().run_validators(value)
+            callback_url_check(value)
+        except serializers.ValidationError as exc:
+            raise serializers.ValidationError("Must be a valid http(s) URL.") from exc
+        except UnsafeUrl as exc:
+            raise serializers.ValidationError(str(exc)) from exc
+        return value
+
+    def validate_metadata(self, value: dict) -> dict:
+        if len(value) > MAX_METADATA_KEYS:
+            raise serializers.ValidationError(f"At most {MAX_METADATA_KEYS} keys.")
+        for key in value:
+            if not 1 <= len(key) <= MAX_METADATA_KEY_LENGTH:
+                raise serializers.ValidationError(f"Keys must be 1 to {MAX_METADATA_KEY_LENGTH} characters.")
+        if len(json.dumps(value, ensure_ascii=False).encode()) > MAX_METADATA_BYTES:
+            raise serializers.ValidationError(f"At most {MAX_METADATA_BYTES} bytes in all.")
+        return value
+
+
+class OrderSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Order
+        fields = (
+            "id",
+            "reference",
+            "amount",
+            "currency",
+            "status",
+            "outcome",
+            "channel",
+            "failure_code",
+            "failure_message",
+            "callback_url",
+            "description",
+            "metadata",
+            "created_at",
+            "updated_at",
+            "completed_at",
+        )
+        read_only_fields = fields
+
+
+class TransitionSerializer(serializers.Serializer):
+    """One step of the lifecycle; `from` is a Python keyword, hence get_fields()."""
+
+    to = serializers.CharField(source="to_status")
+    at = serializers.DateTimeField(source="created_at")
+    reason = serializers.CharField()
+    channel = serializers.CharField(allow_null=True)
+
+    def get_fields(self):
+        fields = super().get_fields()
+        return {"from": serializers.CharField(source="from_status", allow_null=True), **fields}
+
+
+class OrderListQuerySerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=OrderStatus.values, required=False)
+    outcome = serializers.ChoiceField(choices=Outcome.values, required=False)
+    reference = serializers.CharField(max_length=64, required=False)
+    created_after = serializers.DateTimeField(required=False)
+    created_before = serializers.DateTimeField(required=False)
+    limit = serializers.IntegerField(min_value=1, max_value=100, required=False)
+    cursor = serializers.CharField(required=False)

@@ -1,0 +1,272 @@
+"""Writes of the orders service: merchants, order creation with idempotency, sweeps, pruning."""
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
+
+from config.errors import ApiError
+from orders import crypto, events
+from orders.models import IdempotencyKey, Merchant, Order, OrderStatus
+from orders.outbox import event_emit
+from orders.serializers import OrderSerializer
+from orders.transitions import order_record_created
+
+logger = logging.getLogger(__name__)
+
+API_KEY_PREFIX = "sk_"
+WEBHOOK_SECRET_OVERLAP = timedelta(hours=24)
+
+
+def _hash_key(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def _new_api_key() -> tuple[str, str]:
+    prefix = secrets.token_hex(6)
+    return prefix, f"{API_KEY_PREFIX}{prefix}_{secrets.token_urlsafe(32)}"
+
+
+def _new_webhook_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+@dataclass(frozen=True)
+class MerchantCredentials:
+    merchant: Merchant
+    api_key: str
+    webhook_secret: str
+
+
+def merchant_create(*, name: str, callback_url: str = "") -> MerchantCredentials:
+    prefix, api_key = _new_api_key()
+    webhook_secret = _new_webhook_secret()
+    merchant = Merchant.objects.create(
+        name=name,
+        api_key_prefix=prefix,
+        api_key_hash=_hash_key(api_key),
+        webhook_secret_encrypted=crypto.encrypt(webhook_secret),
+        callback_url=callback_url,
+    )
+    logger.info("merchant.created", extra={"merchant": str(merchant.id)})
+    return MerchantCredentials(merchant, api_key, webhook_secret)
+
+
+def merchant_authenticate(*, api_key: str) -> Merchant | None:
+    """The active merchant owning `api_key`, or None. Compares hashes in constant time."""
+    if not api_key.startswith(API_KEY_PREFIX):
+        return None
+    prefix = api_key[len(API_KEY_PREFIX) :].split("_", 1)[0]
+    merchant = Merchant.objects.filter(api_key_prefix=prefix, is_active=True).first()
+    if merchant is None or not hmac.compare_digest(merchant.api_key_hash, _hash_key(api_key)):
+        return None
+    return merchant
+
+
+def merchant_rotate_api_key(*, merchant: Merchant) -> str:
+    """A new key; the old one stops working at once (rotation is also revocation)."""
+    prefix, api_key = _new_api_key()
+    merchant.api_key_prefix = prefix
+    merchant.api_key_hash = _hash_key(api_key)
+    merchant.save(update_fields=["api_key_prefix", "api_key_hash"])
+    logger.info("merchant.api_key_rotated", extra={"merchant": str(merchant.id)})
+    return api_key
+
+
+def merchant_rotate_webhook_secret(*, merchant: Merchant) -> str:
+    """A new secret; the old one keeps signing beside it for a day so receivers can switch."""
+    secret = _new_webhook_secret()
+    merchant.previous_webhook_secret_encrypted = merchant.webhook_secret_encrypted
+    merchant.previous_webhook_secret_expires_at = timezone.now() + WEBHOOK_SECRET_OVERLAP
+    merchant.webhook_secret_encrypted = crypto.encrypt(secret)
+    merchant.save(
+        update_fields=[
+            "webhook_secret_encrypted",
+            "previous_webhook_secret_encrypted",
+            "previous_webhook_secret_expires_at",
+        ]
+    )
+    logger.info("merchant.webhook_secret_rotated", extra={"merchant": str(merchant.id)})
+    return secret
+
+
+def merchant_signing_secrets(*, merchant: Merchant) -> list[str]:
+    """Secrets to sign with: the current one, plus the previous one during the overlap."""
+    result = [crypto.decrypt(merchant.webhook_secret_encrypted)]
+    expires = merchant.previous_webhook_secret_expires_at
+    if merchant.previous_webhook_secret_encrypted and expires and expires > timezone.now():
+        result.append(crypto.decrypt(merchant.previous_webhook_secret_encrypted))
+    return result
+
+
+def request_fingerprint(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class CreateResult:
+    status: int
+    body: dict
+    replayed: bool
+
+
+def _claim_key(*, merchant: Merchant, key: str, fingerprint: str) -> int | None:
+    """Insert the key as in flight and commit at once, so concurrent requests see it. None: taken."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO orders_idempotencykey (merchant_id, key, request_hash, state, created_at)"
+            " VALUES (%s, %s, %s, 'in_flight', now())"
+            " ON CONFLICT (merchant_id, key) DO NOTHING RETURNING id",
+            [merchant.id, key, fingerprint],
+        )
+        row = cursor.fetchone()
+    return row[0] if row else None
+
+
+def order_create(
+    *, merchant: Merchant, idempotency_key: str, data: dict, request_id: str = ""
+) -> CreateResult:
+    """Create an order once per Idempotency-Key (SPEC 3); replay the stored answer afterwards."""
+    fingerprint = request_fingerprint(data)
+    key_id = _claim_key(merchant=merchant, key=idempotency_key, fingerprint=fingerprint)
+    if key_id is None:
+        existing = IdempotencyKey.objects.filter(merchant=merchant, key=idempotency_key).first()
+        if existing is None:  # pruned or released between the two statements: try once more
+            key_id = _claim_key(merchant=merchant, key=idempotency_key, fingerprint=fingerprint)
+            if key_id is None:
+                raise ApiError(
+                    409, "idempotency_key_in_use", "A request with this Idempotency-Key is in flight."
+                )
+        elif existing.request_hash != fingerprint:
+            raise ApiError(
+                422,
+                "idempotency_key_reused",
+                "This Idempotency-Key was used with a different request body.",
+            )
+        elif existing.state == IdempotencyKey.State.DONE:
+            return CreateResult(existing.response_status, existing.response_body, True)
+        else:
+            stale = timezone.now() - timedelta(seconds=settings.IDEMPOTENCY_IN_FLIGHT_TIMEOUT_SECONDS)
+            # A request that died mid-flight left its key in flight: the first retry after the
+            # timeout takes it over (the dead request's transaction never committed an order).
+            taken = IdempotencyKey.objects.filter(
+                pk=existing.pk, state=IdempotencyKey.State.IN_FLIGHT, created_at__lt=stale
+            ).update(created_at=timezone.now())
+            if not taken:
+                raise ApiError(
+                    409, "idempotency_key_in_use", "A request with this Idempotency-Key is in flight."
+                )
+            key_id = existing.pk
+    try:
+        with transaction.atomic():
+            order = Order.objects.create(
+                merchant=merchant,
+                reference=data["reference"],
+                amount=data["amount"],
+                currency=data["currency"],
+                description=data.get("description", ""),
+                metadata=data.get("metadata", {}),
+                callback_url=data.get("callback_url") or merchant.callback_url,
+                status=OrderStatus.PENDING,
+                request_id=request_id,
+                next_check_at=timezone.now() + timedelta(seconds=settings.STAGE_TIMEOUT_SECONDS["pending"]),
+            )
+            order_record_created(order=order)
+            body = OrderSerializer(order).data
+            body = json.loads(json.dumps(body, default=str))
+            IdempotencyKey.objects.filter(pk=key_id).update(
+                state=IdempotencyKey.State.DONE, response_status=201, response_body=body
+            )
+    except IntegrityError as exc:
+        IdempotencyKey.objects.filter(pk=key_id).delete()
+        if "order_reference_unique_per_merchant" in str(exc):
+            raise ApiError(
+                409,
+                "duplicate_reference",
+                "An order with this reference already exists.",
+                {"reference": ["Already used by another order."]},
+            ) from exc
+        raise
+    except BaseException:
+        # Let the client retry with the same key: nothing was created.
+        IdempotencyKey.objects.filter(pk=key_id).delete()
+        raise
+    logger.info(
+        "order.created",
+        extra={"order_id": str(order.id), "merchant": str(merchant.id), "amount": order.amount},
+    )
+    return CreateResult(201, body, False)
+
+
+def idempotency_keys_prune(*, older_than_hours: int) -> int:
+    cutoff = timezone.now() - timedelta(hours=older_than_hours)
+    deleted, _ = IdempotencyKey.objects.filter(created_at__lt=cutoff).delete()
+    return deleted
+
+
+# How each stage's stuck orders are re-announced: the event whose subscribers move it on.
+_REANNOUNCE = {
+    OrderStatus.PENDING: events.ORDER_CREATED,
+    OrderStatus.ASSIGNED: events.CHANNEL_ALLOCATED,
+    OrderStatus.PROCESSING: events.ORDER_UPDATED,
+    OrderStatus.PAID: events.ORDER_UPDATED,
+    OrderStatus.FAILED: events.ORDER_UPDATED,
+}
+MAX_SWEEP_BACKOFF_SECONDS = 3600.0
+MAX_SWEEP_CHECKS = 30
+
+
+def orders_sweep(*, batch: int) -> int:
+    """Re-announce orders whose stage is overdue (SPEC 8); each subscriber is idempotent.
+
+    Reads through the partial index on next_check_at, so completed orders cost nothing.
+    An order re-announced MAX_SWEEP_CHECKS times (or POLL_MAX_COUNT for processing) is left
+    for operators: its next_check_at becomes NULL and the console lists it as stuck.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        stuck = list(
+            Order.objects.select_for_update(skip_locked=True)
+            .filter(next_check_at__lte=now)
+            .order_by("next_check_at")
+            .only("id", "status", "channel", "check_count")[:batch]
+        )
+        for order in stuck:
+            topic = _REANNOUNCE.get(order.status)
+            limit = settings.POLL_MAX_COUNT if order.status == OrderStatus.PROCESSING else MAX_SWEEP_CHECKS
+            if topic is None or order.check_count >= limit:
+                Order.objects.filter(pk=order.pk).update(next_check_at=None)
+                logger.warning(
+                    "order.sweep_gave_up", extra={"order_id": str(order.id), "status": order.status}
+                )
+                continue
+            base = (
+                settings.POLL_INTERVAL_SECONDS
+                if order.status == OrderStatus.PROCESSING
+                else settings.STAGE_TIMEOUT_SECONDS[order.status]
+            )
+            delay = min(base * (2 ** min(order.check_count, 16)), MAX_SWEEP_BACKOFF_SECONDS)
+            Order.objects.filter(pk=order.pk).update(
+                next_check_at=now + timedelta(seconds=delay), check_count=order.check_count + 1
+            )
+            event_emit(
+                topic=topic,
+                order_id=order.id,
+                payload={
+                    "order_id": str(order.id),
+                    "status": order.status,
+                    "channel": order.channel,
+                    "redelivery": True,
+                },
+            )
+    if stuck:
+        logger.info("orders.swept", extra={"count": len(stuck)})
+    return len(stuck)

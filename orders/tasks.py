@@ -1,0 +1,23 @@
+"""Beat tasks of the orders service: the outbox relay, the stuck-order sweep, key pruning."""
+
+from celery import shared_task
+from django.conf import settings
+
+from orders import outbox, services
+
+
+@shared_task(name="orders.relay_outbox")
+def relay_outbox() -> int:
+    return outbox.outbox_relay(
+        older_than_seconds=settings.OUTBOX_RELAY_AGE_SECONDS, batch=settings.OUTBOX_RELAY_BATCH
+    )
+
+
+@shared_task(name="orders.sweep_orders")
+def sweep_orders() -> int:
+    return services.orders_sweep(batch=settings.SWEEP_BATCH)
+
+
+@shared_task(name="orders.prune_idempotency_keys")
+def prune_idempotency_keys() -> int:
+    return services.idempotency_keys_prune(older_than_hours=settings.IDEMPOTENCY_KEY_TTL_HOURS)

@@ -1,0 +1,53 @@
+"""Which callback URLs may be called: http(s), no userinfo, and not into private networks (SPEC 7)."""
+
+import ipaddress
+import socket
+from urllib.parse import urlsplit
+
+from django.conf import settings
+
+
+class UnsafeUrl(ValueError):
+    pass
+
+
+def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not (
+        ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+        or not ip.is_global
+    )
+
+
+def callback_url_check(url: str, *, resolve: bool = True) -> None:
+    """Raise UnsafeUrl when `url` is not a URL we are willing to POST to."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise UnsafeUrl("not a valid URL") from exc
+    if parts.scheme not in ("http", "https"):
+        raise UnsafeUrl("only http and https URLs are accepted")
+    if not parts.hostname:
+        raise UnsafeUrl("the URL has no host")
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise UnsafeUrl("credentials in the URL are not accepted")
+    if settings.CALLBACK_ALLOW_PRIVATE_NETWORKS or not resolve:
+        return
+    host = parts.hostname
+    try:
+        infos = socket.getaddrinfo(
+            host, port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM
+        )
+    except (OSError, UnicodeError):
+        # Not resolvable now; delivery resolves again and refuses private addresses then.
+        return
+    for info in infos:
+        if not _is_public(ipaddress.ip_address(info[4][0].split("%")[0])):
+            raise UnsafeUrl("the URL points to a private, loopback or link-local address")
