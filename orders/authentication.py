@@ -15,7 +15,8 @@ class MerchantKeyAuthentication(authentication.BaseAuthentication):
             return None
         scheme, _, key = header.partition(" ")
         key = key.strip()
-        if scheme.lower() != "bearer" or not key or len(key) > 200:
+        # Not printable (a NUL byte): never a key of ours, and PostgreSQL refuses it in a query.
+        if scheme.lower() != "bearer" or not key or len(key) > 200 or not key.isprintable():
             raise exceptions.AuthenticationFailed("Use 'Authorization: Bearer <api_key>'.")
         merchant = merchant_authenticate(api_key=key)
         if merchant is None:

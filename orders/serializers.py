@@ -3,6 +3,8 @@
 import json
 
 import pycountry
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from orders.models import Order, OrderStatus, Outcome
@@ -14,6 +16,7 @@ MAX_METADATA_BYTES = 4096
 MAX_METADATA_KEY_LENGTH = 40
 
 
+@extend_schema_field(OpenApiTypes.INT64)
 class StrictIntegerField(serializers.Field):
     """An integer that is a JSON integer: no floats, strings or booleans."""
 
@@ -90,8 +93,11 @@ class OrderCreateSerializer(serializers.Serializer):
         if len(value) > MAX_METADATA_KEYS:
             raise serializers.ValidationError(f"At most {MAX_METADATA_KEYS} keys.")
         for key in value:
-            if not 1 <= len(key) <= MAX_METADATA_KEY_LENGTH:
-                raise serializers.ValidationError(f"Keys must be 1 to {MAX_METADATA_KEY_LENGTH} characters.")
+            # Keys skip the child field's checks: a NUL or a lone surrogate would reach PostgreSQL.
+            if not 1 <= len(key) <= MAX_METADATA_KEY_LENGTH or not key.isprintable():
+                raise serializers.ValidationError(
+                    f"Keys must be 1 to {MAX_METADATA_KEY_LENGTH} printable characters."
+                )
         if len(json.dumps(value, ensure_ascii=False).encode()) > MAX_METADATA_BYTES:
             raise serializers.ValidationError(f"At most {MAX_METADATA_BYTES} bytes in all.")
         return value

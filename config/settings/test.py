@@ -6,3 +6,10 @@ from .local import env
 API_RATE_LIMIT_PER_SECOND = env.int("API_RATE_LIMIT_PER_SECOND", default=10000)
 CALLBACK_RETRY_SCHEDULE = env.list("CALLBACK_RETRY_SCHEDULE", cast=float, default=[0.5, 0.5, 1, 1, 2])
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+# Tests use their own Redis database, so a running dev stack's queues are left alone.
+REDIS_URL = env("TEST_REDIS_URL", default="redis://127.0.0.1:56379/1")
+CACHES["default"]["LOCATION"] = REDIS_URL  # noqa: F405
+CELERY_BROKER_URL = REDIS_URL
+SANDBOX_URL = env("SANDBOX_URL", default="http://127.0.0.1:18001")
+PUBLIC_BASE_URL = env("PUBLIC_BASE_URL", default="http://127.0.0.1:18000")

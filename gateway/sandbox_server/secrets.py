@@ -1,0 +1,27 @@
+"""Per-channel webhook secrets of the sandbox provider, shared by the sandbox and the gateway adapter."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+
+# Public on purpose: the sandbox is a test double, and dev/test runs must agree without configuration.
+DEFAULT_MASTER_SECRET = "sandbox-dev-secret"  # noqa: S105
+
+
+def master_secret() -> str:
+    """The master secret from SANDBOX_SECRET; an unset or empty variable means the dev default."""
+    return os.environ.get("SANDBOX_SECRET") or DEFAULT_MASTER_SECRET
+
+
+def channel_webhook_secret(channel_code: str, master: str | None = None) -> str:
+    """Standard Webhooks secret (`whsec_<base64 key>`) for one channel, derived from the master secret.
+
+    Deriving instead of storing lets the sandbox and the gateway agree on every channel's secret
+    without sharing a table: both only need the same master secret.
+    """
+    key = (master if master is not None else master_secret()).encode()
+    digest = hmac.new(key, channel_code.encode(), hashlib.sha256).digest()
+    return "whsec_" + base64.b64encode(digest).decode("ascii")

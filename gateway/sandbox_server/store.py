@@ -1,0 +1,387 @@
+"""PostgreSQL storage of the sandbox provider: charge ledger, first-channel memory and webhook queue."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+import psycopg2.pool
+
+log = logging.getLogger("sandbox.store")
+
+DEFAULT_DATABASE_URL = "postgres://payments@127.0.0.1:55432/sandbox"
+
+# Fixed key so that two gunicorn workers booting together do not race on CREATE TABLE IF NOT EXISTS
+# (which is not concurrency-safe in PostgreSQL: both can pass the existence check).
+_SCHEMA_LOCK_KEY = 0x5A4D_B0C5
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sandbox_charges (
+    id              text PRIMARY KEY,
+    idempotency_key text NOT NULL UNIQUE,
+    channel         text NOT NULL,
+    order_id        text NOT NULL,
+    amount          bigint NOT NULL,
+    currency        text NOT NULL,
+    webhook_url     text,
+    final_status    text NOT NULL,
+    failure_code    text,
+    created_at      timestamptz NOT NULL,
+    final_at        timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sandbox_charges_order_idx ON sandbox_charges (order_id, created_at);
+CREATE INDEX IF NOT EXISTS sandbox_charges_created_idx ON sandbox_charges (created_at);
+
+CREATE TABLE IF NOT EXISTS sandbox_order_first_channel (
+    order_id   text PRIMARY KEY,
+    channel    text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS sandbox_webhooks (
+    msg_id           text PRIMARY KEY,
+    charge_id        text NOT NULL,
+    prev_msg_id      text,
+    channel          text NOT NULL,
+    url              text NOT NULL,
+    event_type       text NOT NULL,
+    payload          text NOT NULL,
+    status           text NOT NULL DEFAULT 'pending',
+    due_at           timestamptz NOT NULL,
+    attempts         integer NOT NULL DEFAULT 0,
+    last_http_status integer,
+    last_error       text,
+    created_at       timestamptz NOT NULL,
+    sent_at          timestamptz
+);
+CREATE INDEX IF NOT EXISTS sandbox_webhooks_due_idx ON sandbox_webhooks (due_at) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS sandbox_webhooks_charge_idx ON sandbox_webhooks (charge_id);
+"""
+
+_CHARGE_COLUMNS = (
+    "id, idempotency_key, channel, order_id, amount, currency, webhook_url,"
+    " final_status, failure_code, created_at, final_at"
+)
+
+_INSERT_CHARGE = """
+INSERT INTO sandbox_charges (id, idempotency_key, channel, order_id, amount, currency, webhook_url,
+                             final_status, failure_code, created_at, final_at)
+VALUES (%(id)s, %(idempotency_key)s, %(channel)s, %(order_id)s, %(amount)s, %(currency)s, %(webhook_url)s,
+        %(final_status)s, %(failure_code)s, %(created_at)s, %(final_at)s)
+ON CONFLICT (idempotency_key) DO NOTHING
+RETURNING id
+"""
+
+# Charge and its webhooks go in as one statement: one round trip and atomic without a transaction block.
+# The webhook rows are inserted only if the charge row was (a replayed key yields no row in `ins`).
+_INSERT_CHARGE_WITH_WEBHOOKS = f"""
+WITH ins AS ({_INSERT_CHARGE}),
+wh AS (
+    INSERT INTO sandbox_webhooks (msg_id, charge_id, prev_msg_id, channel, url, event_type, payload,
+                                  due_at, created_at)
+    SELECT w.msg_id, ins.id, w.prev_msg_id, %(channel)s, %(webhook_url)s, w.event_type, w.payload,
+           w.due_at, %(created_at)s
+    FROM ins CROSS JOIN unnest(%(w_ids)s::text[], %(w_prev)s::text[], %(w_types)s::text[],
+                               %(w_payloads)s::text[], %(w_due)s::timestamptz[])
+         AS w(msg_id, prev_msg_id, event_type, payload, due_at)
+)
+SELECT id FROM ins
+"""
+
+# A webhook that follows another one (the 81 sequence) waits until its predecessor is no longer
+# pending, so receivers see the messages in order. Claiming pushes due_at out by a lease: a worker that
+# dies mid-send leaves the row to be picked up again when the lease runs out.
+_CLAIM_WEBHOOKS = """
+UPDATE sandbox_webhooks w
+SET due_at = %(lease_until)s, attempts = w.attempts + 1
+WHERE w.msg_id IN (
+    SELECT c.msg_id FROM sandbox_webhooks c
+    WHERE c.status = 'pending' AND c.due_at <= %(now)s
+      AND (c.prev_msg_id IS NULL OR NOT EXISTS (
+            SELECT 1 FROM sandbox_webhooks p WHERE p.msg_id = c.prev_msg_id AND p.status = 'pending'))
+    ORDER BY c.due_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING w.msg_id, w.channel, w.url, w.payload, w.attempts
+"""
+
+_RECORD_RESULTS = """
+UPDATE sandbox_webhooks w
+SET status = r.status,
+    due_at = r.due_at,
+    attempts = w.attempts + r.attempts_delta,
+    last_http_status = COALESCE(r.http_status, w.last_http_status),
+    last_error = r.error,
+    sent_at = CASE WHEN r.status = 'sent' THEN r.finished_at ELSE w.sent_at END
+FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::int[], %s::int[], %s::text[], %s::timestamptz[])
+     AS r(msg_id, status, due_at, attempts_delta, http_status, error, finished_at)
+WHERE w.msg_id = r.msg_id
+"""
+
+
+@dataclass(frozen=True)
+class ChargeRow:
+    """One ledger entry as stored."""
+
+    id: str
+    idempotency_key: str
+    channel: str
+    order_id: str
+    amount: int
+    currency: str
+    webhook_url: str | None
+    final_status: str
+    failure_code: str | None
+    created_at: datetime
+    final_at: datetime
+
+
+@dataclass(frozen=True)
+class NewWebhook:
+    """A webhook to queue together with its charge."""
+
+    msg_id: str
+    prev_msg_id: str | None
+    event_type: str
+    payload: str
+    due_at: datetime
+
+
+@dataclass(frozen=True)
+class ClaimedWebhook:
+    """A webhook leased to this process for one delivery attempt."""
+
+    msg_id: str
+    channel: str
+    url: str
+    payload: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """Outcome of one attempt, written back in batches by the dispatcher."""
+
+    msg_id: str
+    status: str  # 'pending' (retry later), 'sent' or 'dead'
+    due_at: datetime
+    attempts_delta: int  # -1 when a claimed row is handed back unsent
+    http_status: int | None
+    error: str | None
+    finished_at: datetime
+
+
+def ensure_database(dsn: str) -> None:
+    """Create the database named in `dsn` if it does not exist, via the `postgres` maintenance db."""
+    try:
+        psycopg2.connect(dsn, connect_timeout=5).close()
+        return
+    except psycopg2.OperationalError as exc:
+        first_error = exc
+    params = psycopg2.extensions.parse_dsn(dsn)
+    dbname = params.get("dbname")
+    if not dbname:
+        raise first_error
+    admin = psycopg2.connect(**{**params, "dbname": "postgres", "connect_timeout": 5})
+    try:
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            # CREATE DATABASE cannot run in a transaction, so a session-level advisory lock keeps two
+            # workers booting together from both trying it.
+            cur.execute("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK_KEY,))
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,))
+            if cur.fetchone() is not None:
+                return  # created meanwhile by another worker, or the first failure was transient
+            log.info("creating database %s", dbname)
+            try:
+                cur.execute(f'CREATE DATABASE "{dbname.replace(chr(34), chr(34) * 2)}"')
+            except (psycopg2.errors.DuplicateDatabase, psycopg2.errors.UniqueViolation):
+                pass  # created by a process that does not take our lock
+    finally:
+        admin.close()  # also releases the advisory lock
+
+
+class Store:
+    """Connection pool plus the handful of statements the sandbox needs (one or two per request)."""
+
+    def __init__(self, dsn: str = DEFAULT_DATABASE_URL, *, maxconn: int = 20) -> None:
+        ensure_database(dsn)
+        # synchronous_commit=off: the sandbox is a test double, so losing the last few ms of writes on a
+        # PostgreSQL crash is acceptable, and it roughly halves per-charge latency on a slow disk.
+        self._pool = psycopg2.pool.ThreadedConnectionPool(
+            1,
+            maxconn,
+            dsn,
+            connect_timeout=5,
+            application_name="sandbox_server",
+            options="-c synchronous_commit=off -c TimeZone=UTC",
+        )
+        # ThreadedConnectionPool raises instead of waiting when exhausted; the semaphore makes callers
+        # beyond maxconn wait for a free connection.
+        self._slots = threading.BoundedSemaphore(maxconn)
+        self.init_schema()
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self._pool.closeall()
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[psycopg2.extensions.connection]:
+        """Borrow an autocommit connection; broken ones are discarded rather than returned."""
+        with self._slots:
+            conn = self._pool.getconn()
+            if conn.closed:
+                self._pool.putconn(conn, close=True)
+                conn = self._pool.getconn()
+            if not conn.autocommit:
+                conn.autocommit = True
+            broken = False
+            try:
+                yield conn
+            except (psycopg2.OperationalError, psycopg2.InterfaceError):
+                broken = True
+                raise
+            finally:
+                self._pool.putconn(conn, close=broken or bool(conn.closed))
+
+    def init_schema(self) -> None:
+        """Create the tables if missing; serialised across processes by an advisory lock."""
+        with self.connection() as conn:
+            conn.autocommit = False
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
+                    cur.execute(SCHEMA)
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
+            finally:
+                conn.autocommit = True
+
+    def ping(self) -> None:
+        """Round trip to the database; raises if it is unreachable."""
+        with self.connection() as conn, conn.cursor() as cur:
+            cur.execute("SELECT 1")
+
+    # --- charges -------------------------------------------------------------------------------------
+
+    def insert_charge(self, charge: ChargeRow, webhooks: Sequence[NewWebhook]) -> bool:
+        """Insert the charge and its webhooks atomically; False if the idempotency key already exists."""
+        params = {
+            "id": charge.id,
+            "idempotency_key": charge.idempotency_key,
+            "channel": charge.channel,
+            "order_id": charge.order_id,
+            "amount": charge.amount,
+            "currency": charge.currency,
+            "webhook_url": charge.webhook_url,
+            "final_status": charge.final_status,
+            "failure_code": charge.failure_code,
+            "created_at": charge.created_at,
+            "final_at": charge.final_at,
+        }
+        if webhooks:
+            sql = _INSERT_CHARGE_WITH_WEBHOOKS
+            params.update(
+                w_ids=[w.msg_id for w in webhooks],
+                w_prev=[w.prev_msg_id for w in webhooks],
+                w_types=[w.event_type for w in webhooks],
+                w_payloads=[w.payload for w in webhooks],
+                w_due=[w.due_at for w in webhooks],
+            )
+        else:
+            sql = _INSERT_CHARGE
+        with self.connection() as conn, conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchone() is not None
+
+    def get_charge_by_key(self, idempotency_key: str) -> ChargeRow | None:
+        """The charge made under this idempotency key, if any."""
+        with self.connection() as conn, conn.cursor() as cur:
+            cur.execute(
+                f"SELECT {_CHARGE_COLUMNS} FROM sandbox_charges WHERE idempotency_key = %s",
+                (idempotency_key,),
+            )
+            row = cur.fetchone()
+        return ChargeRow(*row) if row else None
+
+    def list_charges(self, order_id: str | None, limit: int = 1000) -> list[ChargeRow]:
+        """Ledger entries of one order (oldest first), or the most recent `limit` entries (newest first)."""
+        with self.connection() as conn, conn.cursor() as cur:
+            if order_id is None:
+                cur.execute(
+                    f"SELECT {_CHARGE_COLUMNS} FROM sandbox_charges ORDER BY created_at DESC, id LIMIT %s",
+                    (limit,),
+                )
+            else:
+                cur.execute(
+                    f"SELECT {_CHARGE_COLUMNS} FROM sandbox_charges WHERE order_id = %s"
+                    " ORDER BY created_at, id LIMIT %s",
+                    (order_id, limit),
+                )
+            rows = cur.fetchall()
+        return [ChargeRow(*row) for row in rows]
+
+    def first_channel(self, order_id: str, channel: str) -> str:
+        """Record `channel` as the first one asked for `order_id` unless one is already known; return it."""
+        with self.connection() as conn, conn.cursor() as cur:
+            # Two tries: when a concurrent request inserts the row after our statement's snapshot, ON
+            # CONFLICT waits for it and does nothing, yet the SELECT half cannot see it; the retry can.
+            for _ in range(2):
+                cur.execute(
+                    """
+                    WITH ins AS (
+                        INSERT INTO sandbox_order_first_channel (order_id, channel) VALUES (%s, %s)
+                        ON CONFLICT (order_id) DO NOTHING RETURNING channel
+                    )
+                    SELECT channel FROM ins
+                    UNION ALL
+                    SELECT channel FROM sandbox_order_first_channel WHERE order_id = %s
+                    LIMIT 1
+                    """,
+                    (order_id, channel, order_id),
+                )
+                row = cur.fetchone()
+                if row is not None:
+                    return row[0]
+        raise RuntimeError(f"first channel of order {order_id!r} could not be read back")
+
+    # --- webhooks ------------------------------------------------------------------------------------
+
+    def claim_webhooks(self, now: datetime, lease_until: datetime, limit: int) -> list[ClaimedWebhook]:
+        """Lease up to `limit` due webhooks to the caller (rows locked by another process are skipped)."""
+        with self.connection() as conn, conn.cursor() as cur:
+            cur.execute(_CLAIM_WEBHOOKS, {"now": now, "lease_until": lease_until, "limit": limit})
+            rows = cur.fetchall()
+        return [ClaimedWebhook(*row) for row in rows]
+
+    def record_results(self, results: Sequence[DeliveryResult]) -> None:
+        """Write a batch of delivery outcomes in one statement."""
+        if not results:
+            return
+        columns = (
+            [r.msg_id for r in results],
+            [r.status for r in results],
+            [r.due_at for r in results],
+            [r.attempts_delta for r in results],
+            [r.http_status for r in results],
+            [r.error for r in results],
+            [r.finished_at for r in results],
+        )
+        with self.connection() as conn, conn.cursor() as cur:
+            cur.execute(_RECORD_RESULTS, columns)
+
+    def webhook_counts(self) -> dict[str, int]:
+        """Number of queued webhooks per status (for diagnostics)."""
+        with self.connection() as conn, conn.cursor() as cur:
+            cur.execute("SELECT status, count(*) FROM sandbox_webhooks GROUP BY status")
+            return {status: count for status, count in cur.fetchall()}
