@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from orders import events
@@ -103,9 +103,10 @@ def order_transition(
         if seen_status == S.ASSIGNED == to and channel == seen_channel:
             _record_ignored(order_id, seen_status, to, reason)
             return TransitionResult(False, seen_status, seen_channel)
-        new_channel = channel or seen_channel
         now = timezone.now()
-        changes: dict = {"status": to, "updated_at": now, "channel": new_channel, "check_count": 0}
+        changes: dict = {"status": to, "updated_at": now, "check_count": 0}
+        if channel:
+            changes["channel"] = channel
         if to in (S.PAID, S.FAILED):
             changes["outcome"] = Outcome.PAID if to == S.PAID else Outcome.FAILED
         if to == S.FAILED:
@@ -116,11 +117,12 @@ def order_transition(
             changes["next_check_at"] = None
         else:
             changes["next_check_at"] = _due(to)
-        condition = {"pk": order_id, "status": seen_status}
+        where = {"id": order_id, "status": seen_status}
         if seen_status == S.ASSIGNED:
-            condition["channel"] = seen_channel
+            where["channel"] = seen_channel
         with transaction.atomic(savepoint=False):
-            if Order.objects.filter(**condition).update(**changes):
+            new_channel = _compare_and_set(where, changes)
+            if new_channel is not _MISSED:
                 OrderTransition.objects.create(
                     order_id=order_id,
                     from_status=seen_status,
@@ -144,6 +146,26 @@ def order_transition(
         # Someone moved the order since the caller looked: look again and decide again.
         seen_status = seen_channel = None
     raise IllegalTransition(f"order {order_id} kept changing while moving to {to}")
+
+
+_MISSED = object()
+
+
+def _compare_and_set(where: dict, changes: dict):
+    """UPDATE the order only if it is still as `where` says; the channel it ends with, or _MISSED.
+
+    Raw SQL for RETURNING: the transition row records the channel without another read.
+    """
+    table = Order._meta.db_table
+    sets = ", ".join(f"{Order._meta.get_field(name).column} = %s" for name in changes)
+    conds = " AND ".join(f"{Order._meta.get_field('id' if name == 'id' else name).column} = %s" for name in where)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {table} SET {sets} WHERE {conds} RETURNING channel",
+            [*changes.values(), *where.values()],
+        )
+        row = cursor.fetchone()
+    return _MISSED if row is None else row[0]
 
 
 def _record_ignored(order_id, current: str, to: str, reason: str) -> None:

@@ -369,9 +369,34 @@ def healthz(environ: dict[str, Any]) -> tuple[int, Any]:
     return 200, {"status": "ok"}
 
 
+def receive_callback(environ: dict[str, Any]) -> tuple[int, Any]:
+    """POST /sandbox/callbacks: a merchant endpoint for the demo merchant; records and answers 200.
+
+    It stands in for the merchant's server in `make run`, `make demo` and `make bench`.
+    """
+    _, store, _ = _require_state()
+    body = _read_json(environ)
+    data = body.get("data") if isinstance(body, dict) else None
+    store.record_callback(
+        webhook_id=environ.get("HTTP_WEBHOOK_ID", ""),
+        order_id=str((data or {}).get("id", "")),
+        event_type=str(body.get("type", "")) if isinstance(body, dict) else "",
+        signature=environ.get("HTTP_WEBHOOK_SIGNATURE", ""),
+        body=json.dumps(body),
+    )
+    return 200, {"received": True}
+
+
+def list_callbacks(environ: dict[str, Any]) -> tuple[int, Any]:
+    """GET /sandbox/callbacks[?order=<order_id>]: what the demo merchant received."""
+    _, store, _ = _require_state()
+    return 200, store.list_callbacks(_query_param(environ, "order") or None)
+
+
 ROUTES: dict[str, dict[str, Callable[[dict[str, Any]], tuple[int, Any]]]] = {
     "/v1/charges": {"POST": create_charge, "GET": get_charge},
     "/sandbox/charges": {"GET": list_ledger},
+    "/sandbox/callbacks": {"POST": receive_callback, "GET": list_callbacks},
     "/healthz": {"GET": healthz},
 }
 

@@ -63,6 +63,17 @@ CREATE TABLE IF NOT EXISTS sandbox_webhooks (
 );
 CREATE INDEX IF NOT EXISTS sandbox_webhooks_due_idx ON sandbox_webhooks (due_at) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS sandbox_webhooks_charge_idx ON sandbox_webhooks (charge_id);
+
+CREATE TABLE IF NOT EXISTS sandbox_merchant_callbacks (
+    id          bigserial PRIMARY KEY,
+    webhook_id  text,
+    order_id    text,
+    event_type  text,
+    signature   text,
+    body        text NOT NULL,
+    received_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS sandbox_merchant_callbacks_order_idx ON sandbox_merchant_callbacks (order_id);
 """
 
 _CHARGE_COLUMNS = (
@@ -266,6 +277,30 @@ class Store:
                 raise
             finally:
                 conn.autocommit = True
+
+    # --- the demo merchant's callback receiver ---------------------------------------------------
+
+    def record_callback(
+        self, *, webhook_id: str, order_id: str, event_type: str, signature: str, body: str
+    ) -> None:
+        with self.connection() as conn, conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO sandbox_merchant_callbacks (webhook_id, order_id, event_type, signature, body)"
+                " VALUES (%s, %s, %s, %s, %s)",
+                (webhook_id, order_id, event_type, signature, body),
+            )
+
+    def list_callbacks(self, order_id: str | None, limit: int = 1000) -> list[dict]:
+        with self.connection() as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT webhook_id, order_id, event_type, received_at FROM sandbox_merchant_callbacks"
+                " WHERE %s::text IS NULL OR order_id = %s ORDER BY id DESC LIMIT %s",
+                (order_id, order_id, limit),
+            )
+            return [
+                {"webhook_id": w, "order_id": o, "type": t, "received_at": r.isoformat()}
+                for w, o, t, r in cur.fetchall()
+            ]
 
     def ping(self) -> None:
         """Round trip to the database; raises if it is unreachable."""
