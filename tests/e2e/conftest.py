@@ -1,0 +1,251 @@
+"""The real stack for end-to-end tests: gunicorn web, the sandbox provider, one Celery worker per
+queue and beat, all as subprocesses on test ports, against pytest-django's test database and
+the test Redis database; plus a programmable merchant callback receiver in this process."""
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+from django.conf import settings
+from django.core.management import call_command
+
+from orders.redis_client import get_redis
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV = ROOT / ".venv" / "bin"
+WEB = "127.0.0.1:18000"
+SANDBOX = "127.0.0.1:18001"
+RECEIVER_PORT = 18002
+LOGS = ROOT / ".run" / "log" / "e2e"
+QUEUES = ("orders", "allocation", "gateway", "callbacks")
+
+
+class Receiver:
+    """A merchant's callback endpoint: records every request; answers per path from a script."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        self.scripts: dict[str, list[int]] = {}
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with receiver.lock:
+                    receiver.requests.append(
+                        {"path": self.path, "headers": dict(self.headers.items()), "body": body.decode()}
+                    )
+                    script = receiver.scripts.get(self.path)
+                    status = script.pop(0) if script else 200
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b'{"ok": true}')
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", RECEIVER_PORT), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{RECEIVER_PORT}{path}"
+
+    def script(self, path: str, statuses: list[int]) -> None:
+        with self.lock:
+            self.scripts[path] = list(statuses)
+
+    def received(self, path: str) -> list[dict]:
+        with self.lock:
+            return [r for r in self.requests if r["path"] == path]
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+class Stack:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.procs: dict[str, subprocess.Popen] = {}
+        LOGS.mkdir(parents=True, exist_ok=True)
+
+    def commands(self) -> dict[str, list[str]]:
+        celery = [str(VENV / "celery"), "-A", "config"]
+        cmds = {
+            "web": [str(VENV / "gunicorn"), "-c", "config/gunicorn_conf.py", "config.wsgi:application"],
+            "sandbox": [
+                str(VENV / "gunicorn"),
+                "-c",
+                "gateway/sandbox_server/gunicorn_conf.py",
+                "gateway.sandbox_server.app:application",
+            ],
+            "beat": [*celery, "beat", "-s", str(LOGS / "beat-schedule"), "--pidfile=", "-l", "warning"],
+        }
+        for queue in QUEUES:
+            cmds[f"worker-{queue}"] = [
+                *celery, "worker", "-Q", queue, "-c", "2", "-n", f"{queue}-e2e@%h",
+                "--without-gossip", "--without-mingle", "-l", "warning",
+            ]  # fmt: skip
+        return cmds
+
+    def start(self, name: str) -> None:
+        log = open(LOGS / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
+        self.procs[name] = subprocess.Popen(
+            self.commands()[name], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    def start_all(self) -> None:
+        for name in self.commands():
+            self.start(name)
+        wait_for(lambda: _ok(f"http://{WEB}/readyz") and _ok(f"http://{SANDBOX}/healthz"), 60, "stack ready")
+        wait_for(self.workers_ready, 60, "workers consuming")
+
+    def workers_ready(self) -> bool:
+        from config.celery_app import app
+
+        replies = app.control.ping(timeout=1.0) or []
+        return len(replies) >= len(QUEUES)
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+
+def _ok(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def stack(django_db_setup, django_db_blocker):
+    db = settings.DATABASES["default"]
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+        "TEST_REDIS_URL": settings.REDIS_URL,
+        "WEB_BIND": WEB,
+        "WEB_WORKERS": "2",
+        "SANDBOX_BIND": SANDBOX,
+        "SANDBOX_WORKERS": "1",
+        "SANDBOX_DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/test_sandbox_e2e",
+        "SANDBOX_WEBHOOK_DELAY": "0.3",
+        "SANDBOX_SLOW_SECONDS": "3",
+        "SANDBOX_SECRET": settings.SANDBOX_SECRET,
+        "SANDBOX_URL": f"http://{SANDBOX}",
+        "PUBLIC_BASE_URL": f"http://{WEB}",
+        "GATEWAY_READ_TIMEOUT": "1.5",
+        "POLL_FIRST_SECONDS": "2",
+        "POLL_INTERVAL_SECONDS": "1",
+        "LOG_LEVEL": "INFO",
+    }
+    get_redis().flushdb()
+    # The sandbox keeps its own ledger; start each session with an empty one.
+    subprocess.run(
+        [str(VENV / "python"), "-c", _DROP_SANDBOX_DB, env["SANDBOX_DATABASE_URL"]], check=True, cwd=ROOT
+    )
+    stack = Stack(env)
+    try:
+        stack.start_all()
+        yield stack
+    finally:
+        stack.stop_all()
+
+
+_DROP_SANDBOX_DB = """
+import sys, psycopg2
+dsn = sys.argv[1]
+admin = dsn.rsplit("/", 1)[0] + "/postgres"
+conn = psycopg2.connect(admin); conn.autocommit = True
+conn.cursor().execute("DROP DATABASE IF EXISTS test_sandbox_e2e WITH (FORCE)")
+"""
+
+
+@pytest.fixture(scope="session")
+def receiver():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def live(stack, transactional_db, receiver):
+    """A running stack with the sandbox channels seeded in the (flushed) test database."""
+    call_command("seed_sandbox", stdout=open(os.devnull, "w"))  # noqa: SIM115
+    return stack
+
+
+class Client:
+    def __init__(self, api_key: str) -> None:
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {api_key}"
+
+    def create(self, amount: int, currency: str = "USD", **extra) -> dict:
+        reference = extra.pop("reference", f"e2e-{time.monotonic_ns()}")
+        response = self.session.post(
+            f"http://{WEB}/api/v1/orders",
+            json={"amount": amount, "currency": currency, "reference": reference, **extra},
+            headers={"Idempotency-Key": reference},
+            timeout=10,
+        )
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def get(self, order_id: str) -> dict:
+        return self.session.get(f"http://{WEB}/api/v1/orders/{order_id}", timeout=10).json()
+
+    def events(self, order_id: str) -> list[dict]:
+        return self.session.get(f"http://{WEB}/api/v1/orders/{order_id}/events", timeout=10).json()
+
+    def wait_status(self, order_id: str, status: str, timeout: float = 30) -> dict:
+        return wait_for(
+            lambda: (o := self.get(order_id))["status"] == status and o, timeout, f"{order_id} {status}"
+        )
+
+
+def sandbox_charges(order_id: str) -> list[dict]:
+    return requests.get(f"http://{SANDBOX}/sandbox/charges", params={"order": order_id}, timeout=10).json()
+
+
+def path_of(events: list[dict]) -> list[tuple]:
+    return [(e["from"], e["to"], e["channel"]) for e in events]
+
+
+def callback_bodies(receiver: Receiver, path: str) -> list[dict]:
+    return [json.loads(r["body"]) for r in receiver.received(path)]
