@@ -98,7 +98,7 @@ class Stack:
         return cmds
 
     def start(self, name: str) -> None:
-        log = open(LOGS / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
+        log = open(LOGS / f"{name}.log", "ab")
         self.procs[name] = subprocess.Popen(
             self.commands()[name], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -207,7 +207,7 @@ def receiver():
 @pytest.fixture
 def live(stack, transactional_db, receiver):
     """A running stack with the sandbox channels seeded in the (flushed) test database."""
-    call_command("seed_sandbox", stdout=open(os.devnull, "w"))  # noqa: SIM115
+    call_command("seed_sandbox", stdout=open(os.devnull, "w"))
     return stack
 
 
