@@ -32,7 +32,7 @@ RETURNING id, webhook_id, attempts
 """
 _CLAIM_DUE_SQL = """
 UPDATE callbacks_callbackdelivery SET attempts = attempts + 1, next_attempt_at = %s
-WHERE order_id = %s AND event_type = %s AND status = 'pending' AND next_attempt_at <= now()
+WHERE order_id = %s AND event_type = %s AND status = 'pending' AND next_attempt_at <= statement_timestamp()
 RETURNING id, webhook_id, attempts
 """
 

@@ -1,0 +1,145 @@
+"""The callback stage against a real local HTTP endpoint: claims, retries, exhaustion, resend."""
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from django.db import connection
+from standardwebhooks.webhooks import Webhook
+
+from callbacks import services
+from callbacks.models import CallbackAttempt, CallbackDelivery
+from orders.models import Order
+from orders.transitions import order_transition
+from tests.factories import OrderFactory, make_merchant
+
+
+class Endpoint:
+    def __init__(self, statuses: list[int], delay: float = 0.0) -> None:
+        self.statuses = statuses
+        self.received: list[dict] = []
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                time.sleep(delay)
+                endpoint.received.append({"headers": dict(self.headers.items()), "body": body.decode()})
+                self.send_response(endpoint.statuses.pop(0) if endpoint.statuses else 200)
+                self.end_headers()
+                self.wfile.write(b"x" * 3000)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.fixture
+def endpoint():
+    holder = {}
+
+    def make(statuses, delay=0.0):
+        holder["e"] = Endpoint(list(statuses), delay)
+        return holder["e"]
+
+    yield make
+    if "e" in holder:
+        holder["e"].close()
+
+
+def paid_order(url: str):
+    creds = make_merchant(callback_url=url)
+    order = OrderFactory(merchant=creds.merchant, callback_url=url, status="processing", channel="sandbox-a")
+    order_transition(order_id=order.pk, to="paid", seen_status="processing", reason="test")
+    return creds, order
+
+
+def make_due(order):
+    CallbackDelivery.objects.filter(order=order).update(next_attempt_at="2000-01-01T00:00:00Z")
+
+
+@pytest.mark.django_db
+def test_delivered_callback_completes_the_order_signed(endpoint):
+    e = endpoint([200])
+    creds, order = paid_order(e.url)
+    assert services.callback_deliver(order_id=order.pk) is True
+    order.refresh_from_db()
+    assert (order.status, order.outcome) == ("completed", "paid")
+    body = Webhook(creds.webhook_secret).verify(e.received[0]["body"], e.received[0]["headers"])
+    assert body["type"] == "order.paid"
+    attempt = CallbackAttempt.objects.get(delivery__order=order)
+    assert attempt.status_code == 200
+    assert len(attempt.response_excerpt) == 1024
+
+
+@pytest.mark.django_db
+def test_failures_retry_on_the_stored_schedule_then_exhaust(endpoint, settings):
+    settings.CALLBACK_RETRY_SCHEDULE = [1, 1]
+    e = endpoint([500, 500, 500])
+    _, order = paid_order(e.url)
+    assert services.callback_deliver(order_id=order.pk) is False
+    # not due yet: a second copy of the task makes no attempt
+    assert services.callback_deliver(order_id=order.pk) is False
+    assert len(e.received) == 1
+    for _ in range(2):
+        make_due(order)
+        services.callback_deliver(order_id=order.pk)
+    delivery = CallbackDelivery.objects.get(order=order)
+    assert (delivery.status, delivery.attempts, delivery.next_attempt_at) == ("exhausted", 3, None)
+    assert len({r["headers"]["webhook-id"] for r in e.received}) == 1
+    assert Order.objects.get(pk=order.pk).status == "paid"
+    # the operator's resend makes it due again with the same webhook-id
+    services.callback_resend(delivery=delivery)
+    e.statuses[:] = [200]
+    services.callback_deliver(order_id=order.pk)
+    assert Order.objects.get(pk=order.pk).status == "completed"
+    assert len({r["headers"]["webhook-id"] for r in e.received}) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_copies_at_once_make_one_attempt(endpoint):
+    e = endpoint([200], delay=0.3)
+    _, order = paid_order(e.url)
+    barrier = threading.Barrier(2)
+
+    def run():
+        barrier.wait()
+        try:
+            services.callback_deliver(order_id=order.pk)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(e.received) == 1
+    assert CallbackAttempt.objects.filter(delivery__order=order).count() == 1
+    assert Order.objects.get(pk=order.pk).status == "completed"
+
+
+@pytest.mark.django_db
+def test_private_callback_url_refused_at_delivery_when_not_allowed(endpoint, settings):
+    from callbacks.http import _session
+
+    e = endpoint([200])
+    settings.CALLBACK_ALLOW_PRIVATE_NETWORKS = False
+    _session.cache_clear()
+    try:
+        _, order = paid_order(e.url)
+        services.callback_deliver(order_id=order.pk)
+    finally:
+        _session.cache_clear()
+    assert e.received == []
+    attempt = CallbackAttempt.objects.get(delivery__order=order)
+    assert attempt.status_code is None
+    assert attempt.error
+    assert Order.objects.get(pk=order.pk).status == "paid"

@@ -1,0 +1,251 @@
+"""The charge and confirm stages against a stub provider adapter (the one thing unit tests may stub)."""
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from django.db import connection
+
+from gateway import services
+from gateway.models import ChargeAttempt
+from gateway.providers import base
+from gateway.providers.base import ChargeOutcome, ChargeResult, StatusResult
+from orders.models import Order, OrderTransition
+from orders.transitions import order_transition
+from tests.factories import ChannelFactory, OrderFactory
+
+
+class StubProvider(base.ProviderAdapter):
+    """A provider that honours idempotency keys like a real one and answers as told per channel."""
+
+    name = "stub"
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.calls: list[str] = []
+        self.charges: set[str] = set()
+        self.answers: dict[str, ChargeOutcome] = {}
+        self.status = "pending"
+
+    def charge(self, *, channel, request):
+        with self.lock:
+            self.calls.append(request.idempotency_key)
+            outcome = self.answers.get(channel.code, ChargeOutcome.ACCEPTED)
+            if outcome != ChargeOutcome.REJECTED:
+                self.charges.add(request.idempotency_key)
+        return ChargeResult(outcome, provider_reference=f"ch_{request.idempotency_key}", http_status=201)
+
+    def fetch_status(self, *, channel, idempotency_key):
+        if idempotency_key not in self.charges:
+            return StatusResult("not_found")
+        return StatusResult(self.status)
+
+    def parse_webhook(self, *, body, headers):
+        raise base.InvalidWebhook("stub has no webhooks")
+
+
+@pytest.fixture
+def stub():
+    provider = StubProvider()
+    base.register(provider)
+    yield provider
+    base._adapters.pop("stub", None)
+
+
+@pytest.fixture
+def channels(db):
+    return [
+        ChannelFactory(code="stub-1", provider="stub", priority=1),
+        ChannelFactory(code="stub-2", provider="stub", priority=2),
+    ]
+
+
+def assigned_order(channel_code: str = "stub-1") -> Order:
+    order = OrderFactory()
+    order_transition(
+        order_id=order.pk, to="assigned", seen_status="pending", channel=channel_code, reason="test"
+    )
+    return Order.objects.get(pk=order.pk)
+
+
+def path(order: Order) -> list[tuple]:
+    return list(
+        OrderTransition.objects.filter(order=order)
+        .order_by("id")
+        .values_list("from_status", "to_status", "channel")
+    )
+
+
+@pytest.mark.django_db
+def test_charge_twice_in_a_row_is_one_transition_and_one_charge(stub, channels):
+    order = assigned_order()
+    services.order_charge(order_id=order.pk)
+    services.order_charge(order_id=order.pk)
+    assert stub.calls == [f"{order.pk}:stub-1"]
+    assert ChargeAttempt.objects.filter(order=order).count() == 1
+    assert path(order)[-1] == ("assigned", "processing", "stub-1")
+    assert OrderTransition.objects.filter(order=order, to_status="processing").count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_charge_twice_at_once_is_one_transition_and_one_charge(stub, channels):
+    # given
+    order = assigned_order()
+    barrier = threading.Barrier(2)
+
+    def run():
+        barrier.wait()
+        try:
+            services.order_charge(order_id=order.pk)
+        finally:
+            connection.close()
+
+    # when
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # then: both copies may reach the provider, but with one key, so one charge
+    assert stub.charges == {f"{order.pk}:stub-1"}
+    assert ChargeAttempt.objects.filter(order=order).count() == 1
+    assert OrderTransition.objects.filter(order=order, to_status="processing").count() == 1
+    assert Order.objects.get(pk=order.pk).status == "processing"
+
+
+@pytest.mark.django_db
+def test_definitive_rejection_fails_over_to_the_next_channel(stub, channels):
+    stub.answers["stub-1"] = ChargeOutcome.REJECTED
+    order = assigned_order()
+    services.order_charge(order_id=order.pk)  # rejected at stub-1 -> assigned to stub-2
+    services.order_charge(order_id=order.pk)  # the charge task that the new event triggers
+    assert path(order)[-2:] == [("assigned", "assigned", "stub-2"), ("assigned", "processing", "stub-2")]
+    assert stub.charges == {f"{order.pk}:stub-2"}
+    assert Order.objects.get(pk=order.pk).channel == "stub-2"
+
+
+@pytest.mark.django_db
+def test_rejection_everywhere_fails_with_channel_unavailable(stub, channels):
+    stub.answers.update({"stub-1": ChargeOutcome.REJECTED, "stub-2": ChargeOutcome.REJECTED})
+    order = assigned_order()
+    services.order_charge(order_id=order.pk)
+    services.order_charge(order_id=order.pk)
+    order.refresh_from_db()
+    assert (order.status, order.outcome, order.failure_code) == ("failed", "failed", "channel_unavailable")
+    assert stub.charges == set()
+
+
+@pytest.mark.django_db
+def test_unknown_outcome_waits_in_processing_and_is_never_failed(stub, channels):
+    stub.answers["stub-1"] = ChargeOutcome.UNKNOWN
+    order = assigned_order()
+    services.order_charge(order_id=order.pk)
+    order.refresh_from_db()
+    assert order.status == "processing"
+    assert ChargeAttempt.objects.get(order=order).status == "unknown"
+    # a poll that learns it was paid settles it, with the charge made once
+    stub.status = "paid"
+    services.order_poll(order_id=order.pk)
+    order.refresh_from_db()
+    assert (order.status, order.outcome) == ("paid", "paid")
+    assert stub.calls == [f"{order.pk}:stub-1"]
+
+
+@pytest.mark.django_db
+def test_poll_resends_under_the_same_key_when_the_provider_never_got_it(stub, channels):
+    stub.answers["stub-1"] = ChargeOutcome.UNKNOWN
+    order = assigned_order()
+    services.order_charge(order_id=order.pk)
+    stub.charges.clear()  # as if the request never reached the provider
+    stub.answers["stub-1"] = ChargeOutcome.ACCEPTED
+    services.order_poll(order_id=order.pk)
+    assert stub.calls == [f"{order.pk}:stub-1", f"{order.pk}:stub-1"]
+    assert stub.charges == {f"{order.pk}:stub-1"}
+
+
+@pytest.mark.django_db
+def test_confirm_twice_and_late_failed_keep_the_first_outcome(stub, channels):
+    order = assigned_order()
+    services.order_charge(order_id=order.pk)
+    key = f"{order.pk}:stub-1"
+    services.order_confirm(order_id=order.pk, idempotency_key=key, status="paid", source="test")
+    services.order_confirm(order_id=order.pk, idempotency_key=key, status="paid", source="test")
+    services.order_confirm(
+        order_id=order.pk, idempotency_key=key, status="failed", failure_code="x", source="test"
+    )
+    order.refresh_from_db()
+    assert (order.status, order.outcome, order.failure_code) == ("paid", "paid", None)
+    assert OrderTransition.objects.filter(order=order, to_status="paid").count() == 1
+    assert order.ignored_signals.count() == 2
+
+
+@pytest.mark.django_db
+def test_confirm_before_the_charge_answer_is_recorded_moves_through_processing(stub, channels):
+    order = assigned_order()
+    ChargeAttempt.objects.create(
+        order=order, channel="stub-1", provider="stub", idempotency_key=f"{order.pk}:stub-1"
+    )
+    services.order_confirm(
+        order_id=order.pk, idempotency_key=f"{order.pk}:stub-1", status="paid", source="test"
+    )
+    assert [p[1] for p in path(order)] == ["assigned", "processing", "paid"]
+
+
+@pytest.mark.django_db
+def test_confirm_for_an_unknown_attempt_changes_nothing(stub, channels):
+    order = assigned_order()
+    assert (
+        services.order_confirm(order_id=order.pk, idempotency_key="nope", status="paid", source="t") is None
+    )
+    assert Order.objects.get(pk=order.pk).status == "assigned"
+
+
+def _signed(secret: str, body: str, at: datetime, msg_id: str = "msg_1") -> dict:
+    from callbacks.signing import signature_headers
+
+    return signature_headers(secrets=[secret], msg_id=msg_id, body=body, at=at)
+
+
+@pytest.mark.django_db
+def test_provider_webhook_verification(client, settings):
+    # given the real sandbox channels (real per-channel secrets) and a processing order
+    from django.core.management import call_command
+
+    from gateway.sandbox_server.secrets import channel_webhook_secret
+
+    call_command("seed_sandbox", stdout=open("/dev/null", "w"))
+    order = assigned_order("sandbox-a")
+    key = f"{order.pk}:sandbox-a"
+    ChargeAttempt.objects.create(order=order, channel="sandbox-a", provider="sandbox", idempotency_key=key)
+    import json
+
+    body = json.dumps(
+        {
+            "type": "charge.paid",
+            "data": {"id": "ch_1", "order_id": str(order.pk), "idempotency_key": key, "channel": "sandbox-a"},
+        }
+    )
+    secret = channel_webhook_secret("sandbox-a", settings.SANDBOX_SECRET)
+    url = "/api/v1/gateway/webhooks/sandbox"
+    now = datetime.now(UTC)
+
+    def post(headers):
+        return client.post(url, body, content_type="application/json", headers=headers)
+
+    # forged (another secret), stale, future-dated: 401
+    assert post(_signed("whsec_" + "A" * 44, body, now)).status_code == 401
+    assert post(_signed(secret, body, now - timedelta(minutes=6))).status_code == 401
+    assert post(_signed(secret, body, now + timedelta(minutes=6))).status_code == 401
+    assert (
+        post({"webhook-id": "x", "webhook-timestamp": "1", "webhook-signature": "garbage"}).status_code == 401
+    )
+    assert (
+        client.post("/api/v1/gateway/webhooks/nope", body, content_type="application/json").status_code == 404
+    )
+    # valid: accepted once; the same webhook-id again is a duplicate no-op
+    first = post(_signed(secret, body, now, "msg_ok"))
+    again = post(_signed(secret, body, now, "msg_ok"))
+    assert (first.status_code, first.json()["duplicate"]) == (200, False)
+    assert (again.status_code, again.json()["duplicate"]) == (200, True)
+    assert order.provider_webhooks.count() == 1
+    assert Order.objects.get(pk=order.pk).status == "assigned"  # the confirm task does the rest
