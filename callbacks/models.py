@@ -47,4 +47,8 @@ class CallbackAttempt(models.Model):
     response_excerpt = models.TextField(blank=True, default="", help_text="First 1 KiB of the answer.")
 
     class Meta:
-        indexes = [models.Index(fields=["delivery", "attempted_at"], name="attempt_delivery")]
+        indexes = [
+            models.Index(fields=["delivery", "attempted_at"], name="attempt_delivery"),
+            # Callback health over the last hour (dashboard).
+            models.Index(fields=["attempted_at"], name="callback_attempted"),
+        ]

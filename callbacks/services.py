@@ -1,5 +1,6 @@
 """Client callbacks: one signed delivery per order outcome, retried on a stored schedule (SPEC 6)."""
 
+import functools
 import json
 import logging
 import random
@@ -11,8 +12,10 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from callbacks.http import PostResult, post_json
-from callbacks.models import CallbackAttempt, CallbackDelivery
+from callbacks.models import CallbackDelivery
 from callbacks.signing import signature_headers
+from config import metrics
+from config.faults import fault_point
 from orders.models import Order, OrderStatus
 from orders.serializers import OrderSerializer
 from orders.services import merchant_signing_secrets
@@ -53,6 +56,33 @@ def _claim(*, order_id, event_type: str) -> tuple[int, str, int] | None:
     return row
 
 
+# The attempt's log row and its delivery's new state in one statement: one round trip.
+_RECORD_SQL = """
+WITH attempt AS (
+    INSERT INTO callbacks_callbackattempt
+        (delivery_id, url, attempted_at, status_code, latency_ms, error, response_excerpt)
+    VALUES (%s, %s, %s, %s, %s, %s, %s)
+)
+UPDATE callbacks_callbackdelivery SET {sets} WHERE id = %s
+"""
+
+
+def _record_attempt(*, attempt: list, delivery_id: int, changes: dict) -> None:
+    sets = ", ".join(f"{CallbackDelivery._meta.get_field(name).column} = %s" for name in changes)
+    with connection.cursor() as cursor:
+        cursor.execute(_RECORD_SQL.format(sets=sets), [*attempt, *changes.values(), delivery_id])
+
+
+@functools.cache
+def _order_serializer() -> OrderSerializer:
+    """One OrderSerializer for every callback body.
+
+    A ModelSerializer builds its fields from the model on first use, which costs more than
+    rendering an order; the fields hold no per-order state, so they are built once.
+    """
+    return OrderSerializer()
+
+
 def _next_delay(attempts: int) -> float | None:
     """Seconds until the next attempt after `attempts` attempts, with ±10 % jitter; None: give up."""
     schedule = settings.CALLBACK_RETRY_SCHEDULE
@@ -74,7 +104,9 @@ def callback_deliver(*, order_id) -> bool:
     if claim is None:
         return False
     delivery_id, webhook_id, attempts = claim
-    body = json.dumps({"type": event_type, "data": OrderSerializer(order).data}, separators=(",", ":"))
+    body = json.dumps(
+        {"type": event_type, "data": _order_serializer().to_representation(order)}, separators=(",", ":")
+    )
     headers = signature_headers(
         secrets=merchant_signing_secrets(merchant=order.merchant), msg_id=webhook_id, body=body
     )
@@ -84,6 +116,8 @@ def callback_deliver(*, order_id) -> bool:
         result = post_json(url=url, body=body, headers=headers)
     else:
         result = PostResult(None, 0, "no callback URL for this order or its merchant", "")
+    metrics.callback_attempted(status_code=result.status_code)
+    fault_point("callback.after_post")
     log = {
         "order_id": str(order.pk),
         "merchant": str(order.merchant_id),
@@ -92,19 +126,26 @@ def callback_deliver(*, order_id) -> bool:
         "status_code": result.status_code,
         "latency_ms": result.latency_ms,
     }
+    attempt = [
+        delivery_id,
+        url[:2048],
+        attempted_at,
+        result.status_code,
+        result.latency_ms,
+        result.error[:500],
+        result.excerpt,
+    ]
     with transaction.atomic():
-        CallbackAttempt.objects.create(
-            delivery_id=delivery_id,
-            url=url[:2048],
-            attempted_at=attempted_at,
-            status_code=result.status_code,
-            latency_ms=result.latency_ms,
-            error=result.error[:500],
-            response_excerpt=result.excerpt,
-        )
         if result.ok:
-            CallbackDelivery.objects.filter(pk=delivery_id).update(
-                status=D.DELIVERED, delivered_at=timezone.now(), next_attempt_at=None, last_error=""
+            _record_attempt(
+                attempt=attempt,
+                delivery_id=delivery_id,
+                changes={
+                    "status": D.DELIVERED,
+                    "delivered_at": timezone.now(),
+                    "next_attempt_at": None,
+                    "last_error": "",
+                },
             )
             order_transition(
                 order_id=order.pk,
@@ -113,17 +154,25 @@ def callback_deliver(*, order_id) -> bool:
                 reason=f"callback {webhook_id} answered {result.status_code}",
             )
             logger.info("callback.delivered", extra=log)
+            transaction.on_commit(lambda: fault_point("callback.after_commit"))
             return True
         error = result.error or f"HTTP {result.status_code}"
         delay = _next_delay(attempts)
         if delay is None:
-            CallbackDelivery.objects.filter(pk=delivery_id).update(
-                status=D.EXHAUSTED, next_attempt_at=None, last_error=error[:500]
+            _record_attempt(
+                attempt=attempt,
+                delivery_id=delivery_id,
+                changes={"status": D.EXHAUSTED, "next_attempt_at": None, "last_error": error[:500]},
             )
             logger.warning("callback.exhausted", extra={**log, "error": error})
         else:
-            CallbackDelivery.objects.filter(pk=delivery_id).update(
-                next_attempt_at=timezone.now() + timedelta(seconds=delay), last_error=error[:500]
+            _record_attempt(
+                attempt=attempt,
+                delivery_id=delivery_id,
+                changes={
+                    "next_attempt_at": timezone.now() + timedelta(seconds=delay),
+                    "last_error": error[:500],
+                },
             )
             logger.info("callback.failed", extra={**log, "error": error, "retry_in_s": round(delay, 2)})
     return False
@@ -148,3 +197,37 @@ def deliveries_due(*, batch: int) -> list[str]:
         .order_by("next_attempt_at")
         .values_list("order_id", flat=True)[:batch]
     ]
+
+
+def callback_resend_for_order(*, order_id) -> str:
+    """Operator action: make the order's callback due now. What happened, as one word:
+
+    "resent" (its delivery is due again, same webhook-id), "scheduled" (it had none: a due one
+    is created), "delivered" (already taken by the client), "not_ready" (no outcome yet).
+    The callback sweep picks a due delivery up within one beat interval.
+    """
+    order = Order.objects.filter(pk=order_id).only("id", "status").first()
+    if order is None or order.status in (OrderStatus.PENDING, OrderStatus.ASSIGNED, OrderStatus.PROCESSING):
+        return "not_ready"
+    if order.status == OrderStatus.COMPLETED:
+        return "delivered"
+    delivery, created = CallbackDelivery.objects.get_or_create(
+        order_id=order.pk,
+        event_type=f"order.{order.status}",
+        defaults={
+            "webhook_id": f"msg_{uuid.uuid4().hex}",
+            "status": D.PENDING,
+            "attempts": 0,
+            "next_attempt_at": timezone.now(),
+        },
+    )
+    if created:
+        logger.info(
+            "callback.scheduled_by_operator",
+            extra={"order_id": str(order.pk), "webhook_id": delivery.webhook_id},
+        )
+        return "scheduled"
+    if delivery.status == D.DELIVERED:
+        return "delivered"
+    callback_resend(delivery=delivery)
+    return "resent"

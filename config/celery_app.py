@@ -13,6 +13,22 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 
 
+@signals.task_postrun.connect
+def _drop_broken_db_connections(**_) -> None:
+    """Close a database connection that failed during the task, if it no longer works.
+
+    With CELERY_DB_REUSE_MAX, Celery's Django fixup keeps connections open across tasks and never
+    checks them; after a PostgreSQL restart every pool process would keep its dead connection and
+    fail each later task with InterfaceError("connection already closed"), for good. Checking only
+    connections that saw an error keeps the happy path free of an extra query.
+    """
+    from django.db import connections
+
+    for conn in connections.all(initialized_only=True):
+        if conn.connection is not None and conn.errors_occurred:
+            conn.close_if_unusable_or_obsolete()
+
+
 @signals.task_prerun.connect
 def _bind_log_context(task=None, args=None, **_) -> None:
     """Carry the order id and the originating request id into every log line of a task."""

@@ -2,6 +2,7 @@
 
 import logging
 
+from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, JsonResponse
 from rest_framework import exceptions, status
 from rest_framework.response import Response
@@ -46,6 +47,16 @@ def _flatten(detail) -> object:
 
 
 def api_exception_handler(exc, context) -> Response | None:
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        # PostgreSQL unreachable or restarting: the client may retry (same Idempotency-Key), so
+        # say so with a 503 rather than a 500 that reads as a bug.
+        logger.warning("api.database_unavailable", extra={"error": repr(exc)})
+        response = Response(
+            {"error": {"code": "service_unavailable", "message": "Temporarily unavailable; retry shortly."}},
+            status=status.HTTP_503_SERVICE_UNAVAILABLE,
+        )
+        response["Retry-After"] = "1"
+        return response
     if isinstance(exc, ApiError):
         body = {"error": {"code": exc.code, "message": exc.message}}
         if exc.fields:

@@ -30,6 +30,8 @@ class ChargeAttempt(models.Model):
         indexes = [
             models.Index(fields=["order", "created_at"], name="attempt_order"),
             models.Index(fields=["provider_reference"], name="attempt_provider_ref"),
+            # Success rate per channel over the last hour (admin, dashboard).
+            models.Index(fields=["created_at"], name="attempt_created"),
         ]
 
     def __str__(self) -> str:

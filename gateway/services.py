@@ -10,6 +10,8 @@ from django.urls import reverse
 
 from allocation.selectors import channel_by_code
 from allocation.services import channel_record_failure, order_reallocate
+from config import metrics
+from config.faults import fault_point
 from gateway.models import ChargeAttempt
 from gateway.providers.base import ChargeOutcome, ChargeRequest, ChargeResult, WebhookEvent, get_adapter
 from orders.models import Order, OrderStatus
@@ -49,13 +51,32 @@ def _claim_attempt(*, order: Order, channel_code: str, provider: str) -> ChargeA
     return ChargeAttempt.objects.get(idempotency_key=key)
 
 
+def _from_row(model, names: list[str], row) -> object:
+    """An instance with only `names` loaded, as QuerySet.only() makes it, without building a query."""
+    values = dict(zip(names, row, strict=True))
+    loaded = [field.attname for field in model._meta.concrete_fields if field.attname in values]
+    return model.from_db(connection.alias, loaded, [values[name] for name in loaded])
+
+
+def _order_for_charge(order_id) -> Order | None:
+    """The fields a charge needs, in one plain SELECT (this runs for every order, twice when polled)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT id, status, amount, currency, channel FROM orders_order WHERE id = %s", [order_id]
+        )
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    return _from_row(Order, ["id", "status", "amount", "currency", "channel"], row)
+
+
 def order_charge(*, order_id) -> TransitionResult | None:
     """Send the charge for an assigned order and record what the provider said.
 
     No lock is held across the HTTP call: the attempt row (and its key) is committed first,
     so a crash anywhere leads to the same request being sent again under the same key.
     """
-    order = Order.objects.filter(pk=order_id).only("id", "status", "amount", "currency", "channel").first()
+    order = _order_for_charge(order_id)
     if order is None:
         logger.warning("charge.order_missing", extra={"order_id": str(order_id)})
         return None
@@ -80,7 +101,9 @@ def order_charge(*, order_id) -> TransitionResult | None:
             idempotency_key=attempt.idempotency_key,
             webhook_url=_webhook_url(channel.provider),
         )
+        fault_point("charge.before_provider")
         result = adapter.charge(channel=channel, request=request)
+        fault_point("charge.after_provider")
         logger.info(
             "charge.sent",
             extra={
@@ -94,6 +117,7 @@ def order_charge(*, order_id) -> TransitionResult | None:
 
 
 def _charge_record(*, order: Order, attempt: ChargeAttempt, result: ChargeResult) -> TransitionResult:
+    metrics.charge_answered(attempt=attempt, result=result)
     if result.outcome == ChargeOutcome.REJECTED:
         if attempt.status == A.SENDING:
             ChargeAttempt.objects.filter(pk=attempt.pk, status=A.SENDING).update(
@@ -105,12 +129,19 @@ def _charge_record(*, order: Order, attempt: ChargeAttempt, result: ChargeResult
     unknown = result.outcome == ChargeOutcome.UNKNOWN
     with transaction.atomic():
         if attempt.status == A.SENDING:
-            ChargeAttempt.objects.filter(pk=attempt.pk, status=A.SENDING).update(
-                status=A.UNKNOWN if unknown else A.ACCEPTED,
-                provider_reference=result.provider_reference,
-                http_status=result.http_status,
-                error=result.error[:500],
-            )
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "UPDATE gateway_chargeattempt SET status = %s, provider_reference = %s, http_status = %s,"
+                    " error = %s WHERE id = %s AND status = %s",
+                    [
+                        A.UNKNOWN if unknown else A.ACCEPTED,
+                        result.provider_reference,
+                        result.http_status,
+                        result.error[:500],
+                        attempt.pk,
+                        A.SENDING,
+                    ],
+                )
         reason = (
             f"outcome unknown at {attempt.channel} ({result.error}); waiting for webhook or poll"
             if unknown
@@ -125,19 +156,32 @@ def _charge_record(*, order: Order, attempt: ChargeAttempt, result: ChargeResult
         )
     if unknown:
         channel_record_failure(channel_code=attempt.channel)
+    fault_point("charge.after_commit")
     return transition
+
+
+def _attempt_with_order(idempotency_key: str) -> ChargeAttempt | None:
+    """The attempt under this key with its order's status and channel, in one plain SELECT."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT a.id, a.status, a.channel, a.order_id, o.status, o.channel"
+            " FROM gateway_chargeattempt a JOIN orders_order o ON o.id = a.order_id"
+            " WHERE a.idempotency_key = %s",
+            [idempotency_key],
+        )
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    attempt = _from_row(ChargeAttempt, ["id", "status", "channel", "order_id"], row[:4])
+    attempt.order = _from_row(Order, ["id", "status", "channel"], (row[3], row[4], row[5]))
+    return attempt
 
 
 def order_confirm(
     *, order_id, idempotency_key: str, status: str, failure_code: str = "", source: str
 ) -> TransitionResult | None:
     """Apply a provider's final word (webhook or poll) to the order: paid or failed."""
-    attempt = (
-        ChargeAttempt.objects.filter(idempotency_key=idempotency_key)
-        .select_related("order")
-        .only("id", "status", "channel", "order__id", "order__status", "order__channel")
-        .first()
-    )
+    attempt = _attempt_with_order(idempotency_key)
     if attempt is None or str(attempt.order_id) != str(order_id):
         logger.warning(
             "confirm.unknown_attempt", extra={"order_id": str(order_id), "idempotency_key": idempotency_key}
@@ -159,9 +203,19 @@ def order_confirm(
             )
             seen_status = OrderStatus.PROCESSING
         if attempt.status not in (A.PAID, A.FAILED):
-            ChargeAttempt.objects.filter(pk=attempt.pk).exclude(status__in=(A.PAID, A.FAILED)).update(
-                status=A.PAID if status == "paid" else A.FAILED, failure_code=failure_code[:64]
-            )
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "UPDATE gateway_chargeattempt SET status = %s, failure_code = %s"
+                    " WHERE id = %s AND status NOT IN (%s, %s)",
+                    [
+                        A.PAID if status == "paid" else A.FAILED,
+                        failure_code[:64],
+                        attempt.pk,
+                        A.PAID,
+                        A.FAILED,
+                    ],
+                )
+        fault_point("confirm.before_commit")
         result = order_transition(
             order_id=order.pk,
             to=OrderStatus.PAID if status == "paid" else OrderStatus.FAILED,
@@ -175,6 +229,8 @@ def order_confirm(
             if status == "failed"
             else None,
         )
+    metrics.charge_settled(channel=attempt.channel, status=status, applied=result.applied)
+    fault_point("confirm.after_commit")
     return result
 
 
@@ -206,7 +262,7 @@ def _as_uuid(value: str) -> uuid.UUID | None:
 
 def order_poll(*, order_id) -> TransitionResult | None:
     """Ask the provider about a processing order's charge (PSync); resend it if it never arrived."""
-    order = Order.objects.filter(pk=order_id).only("id", "status", "amount", "currency", "channel").first()
+    order = _order_for_charge(order_id)
     if order is None or order.status != OrderStatus.PROCESSING:
         return None
     attempt = (

@@ -83,6 +83,11 @@ class Order(models.Model):
                 condition=~Q(status="completed"),
             ),
             models.Index(fields=["created_at"], name="order_created"),
+            # Operators' console: search by reference, completions and latency over the last hour.
+            models.Index(fields=["reference"], name="order_reference"),
+            models.Index(
+                fields=["completed_at"], name="order_completed", condition=Q(completed_at__isnull=False)
+            ),
         ]
 
     def __str__(self) -> str:

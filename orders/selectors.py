@@ -1,8 +1,13 @@
 """Reads of the orders service."""
 
-from django.db.models import QuerySet
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
-from orders.models import Merchant, Order, OrderTransition
+from django.db import connection
+from django.db.models import Count, QuerySet
+from django.db.models.functions import TruncMinute
+
+from orders.models import Merchant, Order, OrderStatus, OrderTransition, OutboxEvent
 
 
 def order_list(*, merchant: Merchant, filters: dict) -> QuerySet[Order]:
@@ -23,3 +28,122 @@ def order_get(*, merchant: Merchant, order_id) -> Order | None:
 
 def order_transitions(*, order: Order) -> QuerySet[OrderTransition]:
     return OrderTransition.objects.filter(order=order).order_by("id")
+
+
+# --- operators' console (admin, dashboard) -----------------------------------------------------
+# Every read below is bounded by an index: the partial indexes on open orders and on
+# next_check_at, or a time window on created_at / completed_at. None grows with the number of
+# completed orders, so the console costs the same with a million rows as with a hundred.
+
+
+def orders_open_by_status() -> dict[str, int]:
+    """Orders not yet completed, by status (the order_open_by_status partial index)."""
+    rows = (
+        Order.objects.exclude(status=OrderStatus.COMPLETED)
+        .values_list("status")
+        .annotate(n=Count("id"))
+        .order_by()
+    )
+    return {status: n for status, n in rows}
+
+
+def orders_total_estimate() -> int:
+    """The planner's row estimate for the orders table: free, and exact enough for a headline."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT GREATEST(reltuples, 0)::bigint FROM pg_class WHERE oid = %s::regclass",
+            [Order._meta.db_table],
+        )
+        row = cursor.fetchone()
+    return int(row[0]) if row else 0
+
+
+def orders_per_minute(*, since: datetime, until: datetime) -> list[tuple[datetime, int, int]]:
+    """(minute, created, completed) for every minute in [since, until), zeros included."""
+    start = since.replace(second=0, microsecond=0)
+    created = dict(
+        Order.objects.filter(created_at__gte=start, created_at__lt=until)
+        .annotate(minute=TruncMinute("created_at"))
+        .values_list("minute")
+        .annotate(n=Count("id"))
+        .order_by()
+    )
+    completed = dict(
+        Order.objects.filter(completed_at__gte=start, completed_at__lt=until)
+        .annotate(minute=TruncMinute("completed_at"))
+        .values_list("minute")
+        .annotate(n=Count("id"))
+        .order_by()
+    )
+    series = []
+    minute = start
+    while minute < until:
+        series.append((minute, created.get(minute, 0), completed.get(minute, 0)))
+        minute += timedelta(minutes=1)
+    return series
+
+
+@dataclass(frozen=True)
+class LatencySummary:
+    count: int
+    p50: float | None
+    p95: float | None
+    p99: float | None
+
+
+def orders_latency(*, since: datetime) -> LatencySummary:
+    """Create -> completed seconds of the orders completed since `since` (order_completed index)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*), percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP"
+            " (ORDER BY EXTRACT(EPOCH FROM completed_at - created_at))"
+            " FROM orders_order WHERE completed_at >= %s",
+            [since],
+        )
+        count, quantiles = cursor.fetchone()
+    if not count:
+        return LatencySummary(0, None, None, None)
+    p50, p95, p99 = (float(q) for q in quantiles)
+    return LatencySummary(count, p50, p95, p99)
+
+
+@dataclass(frozen=True)
+class StuckOrder:
+    order: Order
+    why: str
+
+
+def orders_stuck(*, overdue_before: datetime, limit: int = 50) -> list[StuckOrder]:
+    """Orders that need a person: the sweep gave up on them, or their check is long overdue.
+
+    The first read uses the partial index on open orders, the second the one on next_check_at.
+    """
+    fields = (
+        "id",
+        "reference",
+        "status",
+        "channel",
+        "created_at",
+        "updated_at",
+        "next_check_at",
+        "check_count",
+    )
+    given_up = (
+        Order.objects.exclude(status=OrderStatus.COMPLETED)
+        .filter(next_check_at__isnull=True)
+        .order_by("created_at")
+        .only(*fields)[:limit]
+    )
+    overdue = (
+        Order.objects.filter(next_check_at__lt=overdue_before).order_by("next_check_at").only(*fields)[:limit]
+    )
+    result = [
+        StuckOrder(order, "the sweep gave up: nothing more will happen by itself") for order in given_up
+    ]
+    result += [StuckOrder(order, "its next check is overdue: is beat running?") for order in overdue]
+    return result[:limit]
+
+
+def outbox_backlog() -> int:
+    """Events committed but not published yet (the outbox_unpublished partial index)."""
+    return OutboxEvent.objects.filter(published_at__isnull=True).count()

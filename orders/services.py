@@ -13,6 +13,7 @@ from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
+from config import metrics
 from config.errors import ApiError
 from orders import crypto, events
 from orders.models import IdempotencyKey, Merchant, Order, OrderStatus
@@ -203,6 +204,7 @@ def order_create(
         "order.created",
         extra={"order_id": str(order.id), "merchant": str(merchant.id), "amount": order.amount},
     )
+    metrics.ORDERS_CREATED.inc()
     return CreateResult(201, body, False)
 
 

@@ -13,6 +13,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
+from config import metrics
 from orders import events
 from orders.models import IgnoredSignal, Order, OrderStatus, OrderTransition, Outcome
 from orders.outbox import event_emit
@@ -64,6 +65,7 @@ def order_record_created(*, order: Order, reason: str = "order created") -> None
     """Write the first transition and the order-created event of a just-inserted order."""
     OrderTransition.objects.create(order=order, from_status=None, to_status=S.PENDING, reason=reason)
     event_emit(topic=events.ORDER_CREATED, order_id=order.id, payload=_payload(order.id, S.PENDING, None))
+    metrics.order_transitioned(order_id=order.id, from_status=None, to=S.PENDING)
 
 
 def _payload(order_id, status: str, channel: str | None) -> dict:
@@ -136,6 +138,7 @@ def order_transition(
                     "order.transition",
                     extra={"order_id": str(order_id), "from": seen_status, "to": to, "channel": new_channel},
                 )
+                metrics.order_transitioned(order_id=order_id, from_status=seen_status, to=to)
                 return TransitionResult(True, to, new_channel)
         if to == S.ASSIGNED:
             # An assignment is only valid against the exact state the caller saw: a racing
@@ -158,7 +161,9 @@ def _compare_and_set(where: dict, changes: dict):
     """
     table = Order._meta.db_table
     sets = ", ".join(f"{Order._meta.get_field(name).column} = %s" for name in changes)
-    conds = " AND ".join(f"{Order._meta.get_field('id' if name == 'id' else name).column} = %s" for name in where)
+    conds = " AND ".join(
+        f"{Order._meta.get_field('id' if name == 'id' else name).column} = %s" for name in where
+    )
     with connection.cursor() as cursor:
         cursor.execute(
             f"UPDATE {table} SET {sets} WHERE {conds} RETURNING channel",

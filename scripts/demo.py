@@ -50,14 +50,18 @@ def main() -> int:
         order = session.get(f"{API}/api/v1/orders/{order_id}", timeout=10).json()
         events = session.get(f"{API}/api/v1/orders/{order_id}/events", timeout=10).json()
         charges = requests.get(f"{SANDBOX}/sandbox/charges", params={"order": order_id}, timeout=10).json()
-        callbacks = requests.get(f"{SANDBOX}/sandbox/callbacks", params={"order": order_id}, timeout=10).json()
+        callbacks = requests.get(
+            f"{SANDBOX}/sandbox/callbacks", params={"order": order_id}, timeout=10
+        ).json()
         print(f"\n{amount} {currency} — {what}")
         print(
             f"  order {order_id}: {order['status']}, outcome {order['outcome']}, "
             f"channel {order['channel']}, failure {order['failure_code']}"
         )
         for step in events:
-            print(f"    {step['at']}  {step['from'] or '-':>10} -> {step['to']:<10} {step['channel'] or '':<10} {step['reason']}")
+            print(
+                f"    {step['at']}  {step['from'] or '-':>10} -> {step['to']:<10} {step['channel'] or '':<10} {step['reason']}"
+            )
         print(f"  sandbox charges: {len(charges)}; callbacks received: {[c['type'] for c in callbacks]}")
     if pending:
         print(f"\nnot completed within 90 s: {sorted(pending)}", file=sys.stderr)

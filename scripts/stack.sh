@@ -11,6 +11,11 @@ alive() { [ -f "$RUN/pids/$1.pid" ] && kill -0 "$(cat "$RUN/pids/$1.pid")" 2>/de
 procs() { grep -E '^[a-z-]+:' Procfile | sed -E 's/^([a-z-]+):[[:space:]]*(.*)$/\1\t\2/'; }
 
 up() {
+  # Metrics files belong to one run of the stack: start from an empty directory unless part of
+  # the stack is still running (its processes keep writing to their files).
+  local running=0
+  while IFS=$'\t' read -r name _; do alive "$name" && running=1; done < <(procs)
+  if [ $running = 0 ]; then rm -rf "${PROMETHEUS_MULTIPROC_DIR:-$RUN/prometheus}"; fi
   while IFS=$'\t' read -r name cmd; do
     if alive "$name"; then continue; fi
     echo "starting $name"

@@ -402,9 +402,6 @@ def test_readyz_checks_database_and_redis(client):
     assert response.json() == {"status": "ok", "checks": {"database": "ok", "redis": "ok"}}
 
 
-@pytest.mark.xfail(
-    strict=True, reason="SPEC 3 GET /metrics (Prometheus text) is not implemented: no URL, no metrics"
-)
 def test_metrics_are_served_as_prometheus_text(client):
     response = client.get("/metrics")
 

@@ -1,0 +1,189 @@
+"""Operators' console for payment channels: state at a glance; enable, disable, close a circuit."""
+
+from datetime import timedelta
+
+from django.contrib import admin, messages
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
+
+from allocation.models import PaymentChannel
+from allocation.selectors import channel_recent_volume, channels_with_volume
+from allocation.services import channel_circuit_close, channel_set_enabled
+from config.adminkit import ReadOnlyAdmin, audit
+from gateway.selectors import ChannelResults, charge_results_by_channel
+
+SUCCESS_WINDOW = timedelta(hours=1)
+
+
+def _minor(amount: int | None) -> str:
+    return f"{amount:,}" if amount is not None else "—"
+
+
+def volume_against_cap(channel: PaymentChannel) -> str:
+    """Today's reserved volume against the daily cap; `channel` comes from channels_with_volume."""
+    reserved = getattr(channel, "day_reserved", None) or 0
+    if not channel.daily_cap:
+        return f"{reserved:,} / no cap"
+    share = reserved / channel.daily_cap
+    colour = "#dc3545" if share >= 0.9 else "#b58105" if share >= 0.7 else "inherit"
+    return format_html(
+        '{} / {} <span style="color:{}">({}%)</span>',
+        f"{reserved:,}",
+        f"{channel.daily_cap:,}",
+        colour,
+        f"{share * 100:.1f}",
+    )
+
+
+def circuit_state(channel: PaymentChannel) -> str:
+    until = channel.circuit_open_until
+    if until and until > timezone.now():
+        return format_html(
+            '<span style="color:#dc3545;font-weight:bold">open</span> until {}',
+            until.strftime("%H:%M:%S UTC"),
+        )
+    return mark_safe('<span style="color:#198754">closed</span>')
+
+
+def success_rate(results: ChannelResults | None) -> str:
+    if results is None or results.success_rate is None:
+        return "—"
+    rate = results.success_rate
+    colour = "#198754" if rate >= 0.9 else "#b58105" if rate >= 0.5 else "#dc3545"
+    return format_html(
+        '<span style="color:{}">{}%</span> <span style="color:#888">({} of {})</span>',
+        colour,
+        f"{rate * 100:.1f}",
+        f"{results.paid:,}",
+        f"{results.settled:,}",
+    )
+
+
+@admin.register(PaymentChannel)
+class PaymentChannelAdmin(ReadOnlyAdmin):
+    list_display = (
+        "code",
+        "provider",
+        "currencies_display",
+        "priority",
+        "weight",
+        "enabled",
+        "today_volume",
+        "today_orders",
+        "circuit",
+        "success_last_hour",
+    )
+    # A handful of rows: no filter sidebar, the table gets the whole width.
+    search_fields = ("code",)
+    show_facets = admin.ShowFacets.NEVER
+    actions = ("enable", "disable", "close_circuit")
+    fields = (
+        "code",
+        "provider",
+        "currencies_display",
+        "min_amount",
+        "max_amount",
+        "fee_bps",
+        "fee_fixed",
+        "priority",
+        "weight",
+        "daily_cap",
+        "enabled",
+        "today_volume",
+        "today_orders",
+        "circuit",
+        "success_last_hour",
+        "recent_volume",
+        "created_at",
+    )  # never webhook_secret_encrypted
+    readonly_fields = (
+        "currencies_display",
+        "today_volume",
+        "today_orders",
+        "circuit",
+        "success_last_hour",
+        "recent_volume",
+    )
+
+    def get_queryset(self, request):
+        return channels_with_volume(day=timezone.now().date())
+
+    def get_changelist_instance(self, request):
+        """Attach the last hour's charge results to the page's channels: one aggregate query."""
+        changelist = super().get_changelist_instance(request)
+        results = charge_results_by_channel(since=timezone.now() - SUCCESS_WINDOW)
+        changelist.result_list = list(changelist.result_list)
+        for channel in changelist.result_list:
+            channel.results_last_hour = results.get(channel.code, ChannelResults())
+        return changelist
+
+    @admin.display(description="currencies")
+    def currencies_display(self, obj: PaymentChannel) -> str:
+        return ", ".join(obj.currencies)
+
+    @admin.display(description="volume today / cap (minor units)")
+    def today_volume(self, obj: PaymentChannel) -> str:
+        return volume_against_cap(obj)
+
+    @admin.display(description="orders today")
+    def today_orders(self, obj: PaymentChannel) -> str:
+        return f"{getattr(obj, 'day_orders', None) or 0:,}"
+
+    @admin.display(description="circuit")
+    def circuit(self, obj: PaymentChannel) -> str:
+        return circuit_state(obj)
+
+    @admin.display(description="success, 1 h")
+    def success_last_hour(self, obj: PaymentChannel) -> str:
+        results = getattr(obj, "results_last_hour", None)
+        if results is None:  # the channel's own page: one query for one channel
+            since = timezone.now() - SUCCESS_WINDOW
+            results = charge_results_by_channel(since=since).get(obj.code, ChannelResults())
+        return success_rate(results)
+
+    @admin.display(description="last 14 days")
+    def recent_volume(self, obj: PaymentChannel) -> str:
+        days = channel_recent_volume(channel=obj)
+        if not days:
+            return "no volume yet"
+        rows = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            ((d.day, _minor(d.reserved), d.orders) for d in days),
+        )
+        return format_html(
+            "<table><thead><tr><th>day (UTC)</th><th>reserved</th><th>orders</th></tr></thead>"
+            "<tbody>{}</tbody></table>",
+            rows,
+        )
+
+    def _set_enabled(self, request, queryset, enabled: bool) -> None:
+        changed = 0
+        for channel in queryset:
+            if channel.enabled == enabled:
+                continue
+            channel_set_enabled(channel=channel, enabled=enabled)
+            audit(
+                self, request, channel, "Enabled." if enabled else "Disabled.", action="channel_set_enabled"
+            )
+            changed += 1
+        verb = "enabled" if enabled else "disabled"
+        self.message_user(request, f"{changed} channel(s) {verb}.", messages.SUCCESS)
+
+    @admin.action(description="Enable selected channels")
+    def enable(self, request, queryset):
+        self._set_enabled(request, queryset, True)
+
+    @admin.action(description="Disable selected channels (no new orders are allocated to them)")
+    def disable(self, request, queryset):
+        self._set_enabled(request, queryset, False)
+
+    @admin.action(description="Close circuit (let selected channels take orders again now)")
+    def close_circuit(self, request, queryset):
+        closed = 0
+        for channel in queryset:
+            channel_circuit_close(channel=channel)
+            audit(self, request, channel, "Circuit closed.", action="channel_circuit_close")
+            closed += 1
+        self.message_user(request, f"Circuit closed on {closed} channel(s).", messages.SUCCESS)

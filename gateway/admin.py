@@ -1,0 +1,82 @@
+"""Operators' console for the gateway: charge attempts and provider webhooks, read-only."""
+
+import json
+import uuid
+
+from django.contrib import admin
+from django.db.models import Q
+from django.utils.html import format_html
+
+from config.adminkit import ChannelFilter, EstimatedCountPaginator, ProviderFilter, ReadOnlyAdmin, order_link
+from gateway.models import ChargeAttempt, ProviderWebhook
+
+
+def _exact_order_or(term: str, field: str) -> Q:
+    match = Q(**{field: term})
+    try:
+        match |= Q(order_id=uuid.UUID(term))
+    except ValueError:
+        pass
+    return match
+
+
+@admin.register(ChargeAttempt)
+class ChargeAttemptAdmin(ReadOnlyAdmin):
+    list_display = (
+        "id",
+        "order_display",
+        "channel",
+        "provider",
+        "status",
+        "provider_reference",
+        "http_status",
+        "error",
+        "created_at",
+    )
+    list_filter = ("status", ChannelFilter, ProviderFilter, "created_at")
+    ordering = ("-id",)
+    paginator = EstimatedCountPaginator
+    show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER
+    search_fields = ("=provider_reference",)
+    search_help_text = "Exact provider reference or order id."
+
+    @admin.display(description="order")
+    def order_display(self, obj: ChargeAttempt) -> str:
+        return order_link(obj.order_id)
+
+    def get_search_results(self, request, queryset, search_term):
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        return queryset.filter(_exact_order_or(term, "provider_reference")), False
+
+
+@admin.register(ProviderWebhook)
+class ProviderWebhookAdmin(ReadOnlyAdmin):
+    list_display = ("id", "provider", "event_type", "webhook_id", "order_display", "received_at")
+    list_filter = (ProviderFilter,)
+    ordering = ("-id",)
+    paginator = EstimatedCountPaginator
+    show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER
+    search_fields = ("=webhook_id",)
+    search_help_text = "Exact webhook id or order id."
+    fields = ("provider", "webhook_id", "event_type", "order_display", "received_at", "payload_display")
+    readonly_fields = ("order_display", "payload_display")
+
+    @admin.display(description="order")
+    def order_display(self, obj: ProviderWebhook) -> str:
+        return order_link(obj.order_id) if obj.order_id else "—"
+
+    @admin.display(description="payload")
+    def payload_display(self, obj: ProviderWebhook) -> str:
+        return format_html(
+            "<pre style='margin:0'>{}</pre>", json.dumps(obj.payload, indent=2, sort_keys=True)
+        )
+
+    def get_search_results(self, request, queryset, search_term):
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        return queryset.filter(_exact_order_or(term, "webhook_id")), False

@@ -1,0 +1,100 @@
+"""The operators' console: a logged-in operator, a fake provider adapter, orders in real states.
+
+Only the provider adapter is stubbed (registered under its own provider name for a test channel);
+orders move through the real services and transitions, on the real database.
+"""
+
+import pytest
+
+from allocation.services import order_allocate
+from gateway.models import ChargeAttempt
+from gateway.providers import base
+from gateway.providers.base import (
+    ChargeOutcome,
+    ChargeResult,
+    InvalidWebhook,
+    ProviderAdapter,
+    StatusResult,
+)
+from gateway.services import order_charge, order_confirm
+from orders.models import Order, OrderStatus
+from tests.factories import ChannelFactory
+
+FAKE_PROVIDER = "fake-console"
+
+
+class FakeAdapter(ProviderAdapter):
+    name = FAKE_PROVIDER
+
+    def __init__(self) -> None:
+        self.status = StatusResult("pending")
+        self.status_queries: list[str] = []
+
+    def charge(self, *, channel, request):
+        return ChargeResult(
+            ChargeOutcome.ACCEPTED, provider_reference=f"fake-{request.order_id}", http_status=201
+        )
+
+    def fetch_status(self, *, channel, idempotency_key):
+        self.status_queries.append(idempotency_key)
+        return self.status
+
+    def parse_webhook(self, *, body, headers):
+        raise InvalidWebhook("the fake provider sends no webhooks")
+
+
+@pytest.fixture
+def fake_provider():
+    adapter = FakeAdapter()
+    base.register(adapter)
+    yield adapter
+    base._adapters.pop(FAKE_PROVIDER, None)
+
+
+@pytest.fixture
+def fake_channel(db, fake_provider):
+    return ChannelFactory(
+        code="fake-a", provider=FAKE_PROVIDER, currencies=["USD", "EUR", "JPY"], daily_cap=10**9
+    )
+
+
+@pytest.fixture
+def operator(admin_client):
+    """A logged-in superuser (pytest-django's admin_client)."""
+    return admin_client
+
+
+@pytest.fixture
+def make_order(api, fake_channel):
+    """Create an order through the API and drive it with the real services to `status`."""
+
+    def make(status: str = OrderStatus.PENDING, amount: int = 1050, currency: str = "USD", **extra) -> Order:
+        reference = extra.pop("reference", None) or f"ref-{make.count}"
+        make.count += 1
+        response = api.post(
+            "/api/v1/orders",
+            {"amount": amount, "currency": currency, "reference": reference, **extra},
+            format="json",
+            HTTP_IDEMPOTENCY_KEY=reference,
+        )
+        assert response.status_code == 201, response.content
+        order_id = response.json()["id"]
+        if status != OrderStatus.PENDING:
+            order_allocate(order_id=order_id)
+        if status not in (OrderStatus.PENDING, OrderStatus.ASSIGNED):
+            order_charge(order_id=order_id)
+        if status in (OrderStatus.PAID, OrderStatus.FAILED):
+            attempt = ChargeAttempt.objects.get(order_id=order_id)
+            order_confirm(
+                order_id=order_id,
+                idempotency_key=attempt.idempotency_key,
+                status=status,
+                failure_code="card_declined" if status == OrderStatus.FAILED else "",
+                source="test",
+            )
+        order = Order.objects.get(pk=order_id)
+        assert order.status == status
+        return order
+
+    make.count = 1
+    return make

@@ -1,0 +1,121 @@
+"""Channels in the console: volume against cap, circuit, last hour's success; enable/disable."""
+
+from datetime import timedelta
+
+import pytest
+from django.contrib.admin.models import LogEntry
+from django.utils import timezone
+
+from allocation.models import PaymentChannel
+from allocation.services import channel_reserve, order_allocate
+from gateway.models import ChargeAttempt
+from tests.admin.factories import ChargeAttemptFactory
+from tests.factories import ChannelFactory
+
+pytestmark = pytest.mark.django_db
+
+LIST = "/admin/allocation/paymentchannel/"
+
+
+def _attempts(channel: str, **by_status: int) -> None:
+    """Charge attempts on `channel` in the last hour, by status (one order each)."""
+    for status, n in by_status.items():
+        ChargeAttemptFactory.create_batch(n, channel=channel, status=status)
+
+
+def _row(html: str, code: str) -> str:
+    start = html.index(f">{code}</a>")
+    return html[start : html.index("</tr>", start)]
+
+
+def test_list_shows_volume_against_cap_circuit_and_success_rate(operator):
+    # given
+    busy = ChannelFactory(code="busy", daily_cap=100_000)
+    tripped = ChannelFactory(code="tripped", circuit_open_until=timezone.now() + timedelta(minutes=5))
+    channel_reserve(channel=busy, amount=75_000)
+    _attempts("busy", paid=3, failed=1, accepted=5)  # accepted: no outcome yet, not counted
+    _attempts("busy", rejected=1)
+    ChargeAttempt.objects.filter(channel="busy", status="rejected").update(
+        created_at=timezone.now() - timedelta(hours=2)
+    )  # outside the window
+
+    # when
+    response = operator.get(LIST)
+
+    # then
+    html = response.content.decode()
+    busy_row = _row(html, "busy")
+    assert "75,000 / 100,000" in busy_row and "(75.0%)" in busy_row
+    assert "closed" in busy_row
+    assert "75.0%" in busy_row and "(3 of 4)" in busy_row
+    tripped_row = _row(html, "tripped")
+    assert "open</span> until" in tripped_row
+    assert "0 / no cap" in tripped_row
+    assert response.context["cl"].result_list[0].day_orders == 1  # busy: one reservation
+    assert tripped.code in html
+
+
+def test_success_rate_is_one_aggregate_query_whatever_the_number_of_channels(
+    operator, django_assert_num_queries
+):
+    for i in range(2):
+        ChannelFactory(code=f"few-{i}")
+    with django_assert_num_queries(6):
+        operator.get(LIST)
+    for i in range(20):
+        ChannelFactory(code=f"many-{i}")
+        _attempts(f"many-{i}", paid=1)
+
+    with django_assert_num_queries(6):
+        response = operator.get(LIST)
+
+    assert len(response.context["cl"].result_list) == 22
+
+
+def test_disable_and_enable_through_the_service_with_an_audit_trail(operator, admin_user, make_order):
+    channel = PaymentChannel.objects.get(code="fake-a")
+
+    operator.post(LIST, {"action": "disable", "_selected_action": [channel.pk]})
+
+    channel.refresh_from_db()
+    assert channel.enabled is False
+    order = make_order()
+    order_allocate(order_id=order.pk)
+    order.refresh_from_db()
+    assert (order.status, order.failure_code) == ("failed", "no_channel_available")
+
+    operator.post(LIST, {"action": "enable", "_selected_action": [channel.pk]})
+
+    channel.refresh_from_db()
+    assert channel.enabled is True
+    messages = [
+        e.get_change_message() for e in LogEntry.objects.filter(object_id=str(channel.pk)).order_by("id")
+    ]
+    assert messages == ["Disabled.", "Enabled."]
+    assert LogEntry.objects.filter(object_id=str(channel.pk)).first().user == admin_user
+
+
+def test_close_circuit(operator, redis_client):
+    channel = ChannelFactory(code="tripped", circuit_open_until=timezone.now() + timedelta(minutes=5))
+
+    operator.post(LIST, {"action": "close_circuit", "_selected_action": [channel.pk]})
+
+    channel.refresh_from_db()
+    assert channel.circuit_open_until is None
+    assert "closed" in _row(operator.get(LIST).content.decode(), "tripped")
+
+
+def test_search_and_the_read_only_channel_page(operator):
+    ChannelFactory(code="on-one")
+    off = ChannelFactory(code="off-one", enabled=False, webhook_secret_encrypted="gAAAA-secret-ciphertext")
+
+    assert [c.code for c in operator.get(LIST, {"q": "on-one"}).context["cl"].result_list] == ["on-one"]
+    assert [c.code for c in operator.get(LIST, {"q": "off"}).context["cl"].result_list] == ["off-one"]
+
+    page = operator.get(f"{LIST}{off.pk}/change/")
+
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "gAAAA-secret-ciphertext" not in html and "webhook_secret_encrypted" not in html
+    assert "Last 14 days" in html and "no volume yet" in html
+    assert operator.post(f"{LIST}{off.pk}/change/", {"enabled": "on"}).status_code == 403

@@ -1,0 +1,112 @@
+"""The dashboard: what an operator sees at /admin/dashboard/, and who may see it."""
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from callbacks.services import callback_deliver
+from orders.models import Order, OrderStatus
+from orders.selectors import orders_latency, orders_per_minute
+from tests.admin.factories import ChargeAttemptFactory
+from tests.factories import OrderFactory
+
+pytestmark = pytest.mark.django_db
+
+URL = "/admin/dashboard/"
+
+
+def _completed(*, seconds: float, minutes_ago: int = 5) -> Order:
+    done = timezone.now() - timedelta(minutes=minutes_ago)
+    order = OrderFactory(status=OrderStatus.COMPLETED, outcome="paid", completed_at=done, next_check_at=None)
+    Order.objects.filter(pk=order.pk).update(created_at=done - timedelta(seconds=seconds))
+    return order
+
+
+def test_the_admin_index_links_to_the_dashboard(operator):
+    assert 'href="/admin/dashboard/"' in operator.get("/admin/").content.decode()
+
+
+def test_dashboard_shows_every_section(operator, make_order, settings):
+    # given: open orders in each stage, completed ones, an exhausted callback, a stuck order
+    settings.CALLBACK_RETRY_SCHEDULE = []
+    make_order(OrderStatus.PENDING)
+    make_order(OrderStatus.PROCESSING)
+    exhausted = make_order(OrderStatus.PAID)
+    callback_deliver(order_id=exhausted.pk)
+    stuck = make_order(OrderStatus.PROCESSING)
+    Order.objects.filter(pk=stuck.pk).update(next_check_at=None)  # the sweep gave up on it
+    completed = [_completed(seconds=seconds) for seconds in (1, 2, 3, 4, 10)]
+    for order, status in zip(completed, ("paid", "paid", "paid", "failed"), strict=False):
+        ChargeAttemptFactory(order=order, channel="fake-a", status=status)
+
+    # when
+    response = operator.get(URL)
+
+    # then
+    assert response.status_code == 200
+    html = response.content.decode()
+    context = response.context
+    assert dict((str(badge).split(">")[1].split("<")[0], n) for badge, n in context["statuses"]) == {
+        "pending": 1,
+        "assigned": 0,
+        "processing": 2,
+        "paid": 1,
+        "failed": 0,
+    }
+    assert context["completed_last_hour"] == 5
+    assert context["latency"].count == 5 and context["latency"].p50 == pytest.approx(3.0, abs=0.01)
+    assert context["latency_text"]["p50"] == "3.00 s"
+    assert '<svg class="chart"' in html and "Orders created and completed per minute" in html
+    assert 'src="http' not in html and 'href="http' not in html  # nothing from elsewhere
+    assert context["callbacks"].exhausted == 1
+    assert context["callbacks"].attempts == 1 and context["callback_ratio"] == "0.0%"
+    assert str(stuck.pk) in html and "the sweep gave up" in html
+    assert exhausted.reference and str(exhausted.pk) in html  # in the exhausted callbacks list
+    channel_row = html[html.index(">fake-a</a>") :]
+    # 4 paid (3 here, 1 from the paid order), 1 failed; the processing ones have no outcome yet
+    assert (
+        "80.0%" in channel_row[:2000] and "(4 of 5)" in channel_row[:2000] and "closed" in channel_row[:2000]
+    )
+
+
+def test_an_overdue_order_is_listed_as_stuck(operator, make_order):
+    late = make_order(OrderStatus.PENDING)
+    Order.objects.filter(pk=late.pk).update(next_check_at=timezone.now() - timedelta(minutes=10))
+
+    stuck = operator.get(URL).context["stuck"]
+
+    assert [(s.order.pk, "overdue" in s.why) for s in stuck] == [(late.pk, True)]
+
+
+# Session, user, then one query per number or list on the page (see config/dashboard.py).
+DASHBOARD_QUERIES = 16
+
+
+def test_dashboard_query_count_does_not_grow_with_orders(operator, django_assert_num_queries):
+    with django_assert_num_queries(DASHBOARD_QUERIES):
+        operator.get(URL)
+    for seconds in range(30):
+        _completed(seconds=seconds, minutes_ago=seconds % 50)
+
+    with django_assert_num_queries(DASHBOARD_QUERIES):
+        response = operator.get(URL)
+
+    assert response.status_code == 200
+
+
+def test_per_minute_series_covers_the_hour_with_zeros():
+    # a bounded read: one row per minute, each with created and completed counts
+    now = timezone.now()
+    series = orders_per_minute(since=now - timedelta(hours=1), until=now)
+
+    assert 60 <= len(series) <= 61
+    assert all(created == completed == 0 for _, created, completed in series)
+    assert orders_latency(since=now - timedelta(hours=1)).count == 0
+
+
+def test_anonymous_and_non_staff_users_are_sent_to_the_login(client, django_user_model):
+    assert client.get(URL)["Location"].startswith("/admin/login/")
+    client.force_login(django_user_model.objects.create_user(username="not-staff", password="x" * 12))
+    response = client.get(URL)
+    assert response.status_code == 302 and response["Location"].startswith("/admin/login/")

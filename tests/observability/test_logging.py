@@ -1,0 +1,155 @@
+"""Structured logs: every stage's line carries the order id; keys and secrets never reach a line."""
+
+import io
+import json
+import logging
+
+import pytest
+from pythonjsonlogger.json import JsonFormatter
+
+from allocation.services import order_allocate
+from callbacks.services import callback_deliver
+from config.logging import ContextFilter, order_id_var
+from gateway.models import ChargeAttempt
+from gateway.providers import base
+from gateway.providers.base import ChargeOutcome, ChargeResult, InvalidWebhook, ProviderAdapter, StatusResult
+from gateway.services import order_charge, order_confirm
+from orders.models import Merchant
+from tests.factories import ChannelFactory
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def log_lines(settings):
+    """What the console handler would print: the settings' JSON formatter and filter on the root logger."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    formatter = settings.LOGGING["formatters"]["json"]
+    handler.setFormatter(JsonFormatter(formatter["fmt"], rename_fields=formatter["rename_fields"]))
+    handler.addFilter(ContextFilter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    previous = root.level
+    root.setLevel(logging.INFO)
+    try:
+        yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous)
+
+
+class Adapter(ProviderAdapter):
+    name = "fake-logs"
+
+    def charge(self, *, channel, request):
+        return ChargeResult(ChargeOutcome.ACCEPTED, provider_reference="pr-1", http_status=201)
+
+    def fetch_status(self, *, channel, idempotency_key):
+        return StatusResult("paid")
+
+    def parse_webhook(self, *, body, headers):
+        raise InvalidWebhook("none")
+
+
+def test_each_stage_logs_a_line_with_the_order_id(api, log_lines, settings):
+    # given
+    settings.CALLBACK_RETRY_SCHEDULE = [60]
+    base.register(Adapter())
+    ChannelFactory(code="logs-a", provider="fake-logs")
+    try:
+        order_id = api.post(
+            "/api/v1/orders",
+            {"amount": 1050, "currency": "USD", "reference": "log-1"},
+            format="json",
+            HTTP_IDEMPOTENCY_KEY="log-1",
+        ).json()["id"]
+
+        # when: the four stages, as their tasks call them
+        order_allocate(order_id=order_id)
+        order_charge(order_id=order_id)
+        key = ChargeAttempt.objects.get(order_id=order_id).idempotency_key
+        order_confirm(order_id=order_id, idempotency_key=key, status="paid", source="provider webhook")
+        callback_deliver(order_id=order_id)
+    finally:
+        base._adapters.pop("fake-logs", None)
+
+    # then
+    lines = log_lines()
+    events = {(line["event"], line.get("to")) for line in lines if line.get("order_id") == order_id}
+    assert ("order.created", None) in events
+    assert ("order.transition", "assigned") in events  # allocate
+    assert ("charge.sent", None) in events and ("order.transition", "processing") in events  # charge
+    assert ("order.transition", "paid") in events  # confirm
+    assert ("callback.failed", None) in events  # callback (127.0.0.1:9 refuses)
+    assert all("time" in line and "level" in line for line in lines)
+
+
+def test_a_task_line_without_its_own_order_id_gets_the_context_one(log_lines):
+    token = order_id_var.set("order-from-task-message")
+    try:
+        logging.getLogger("gateway.tasks").info("task.something")
+    finally:
+        order_id_var.reset(token)
+
+    assert log_lines()[-1]["order_id"] == "order-from-task-message"
+
+
+def test_secrets_are_redacted_from_messages_fields_and_tracebacks(log_lines, merchant_creds):
+    api_key, secret = merchant_creds.api_key, merchant_creds.webhook_secret
+    logger = logging.getLogger("tests.redaction")
+
+    logger.info("auth header was Bearer %s", api_key)
+    logger.info(
+        "request.seen",
+        extra={
+            "headers": {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"},
+            "api_key": api_key,
+            "webhook_secret": secret,
+            "note": f"rotated to {secret}",
+            "error": "HTTPConnectionPool: Max retries exceeded with url: /hook?order=1&token=s3cr3t-value",
+        },
+    )
+    try:
+        raise ValueError(f"cannot use {api_key}")
+    except ValueError:
+        logger.exception("boom")
+
+    output = json.dumps(log_lines())
+    assert api_key not in output and secret not in output
+    assert secret.removeprefix("whsec_") not in output
+    prefix = merchant_creds.merchant.api_key_prefix
+    assert f"sk_{prefix}_[redacted]" in output  # the public prefix still names the key
+    lines = {line["event"].split(" ")[0]: line for line in log_lines()}
+    seen = lines["request.seen"]
+    assert seen["headers"] == {"Authorization": "[redacted]", "Content-Type": "application/json"}
+    assert seen["api_key"] == "[redacted]" and seen["webhook_secret"] == "[redacted]"
+    assert seen["error"].endswith("/hook?order=1&token=[redacted]")
+    assert "ValueError: cannot use sk_" in lines["boom"]["exc_info"]
+
+
+def test_the_api_and_the_console_never_log_keys_or_secrets(api, merchant_creds, log_lines, admin_client):
+    api.post(
+        "/api/v1/orders",
+        {"amount": 1050, "currency": "USD", "reference": "log-2"},
+        format="json",
+        HTTP_IDEMPOTENCY_KEY="log-2",
+    )
+    api.get("/api/v1/orders/not-a-uuid")
+    admin_client.post(
+        "/admin/orders/merchant/",
+        {"action": "rotate_api_key", "_selected_action": [merchant_creds.merchant.pk]},
+        follow=True,
+    )
+    admin_client.post(
+        "/admin/orders/merchant/",
+        {"action": "rotate_webhook_secret", "_selected_action": [merchant_creds.merchant.pk]},
+    )
+
+    output = json.dumps(log_lines())
+    merchant = Merchant.objects.get(pk=merchant_creds.merchant.pk)
+    assert "admin.action" in output  # the rotations were logged...
+    for secret in (merchant_creds.api_key, merchant_creds.webhook_secret, merchant.api_key_hash):
+        assert secret not in output  # ...without their values
+    assert "whsec_" not in output.replace("whsec_[redacted]", "")
+    assert "sk_" not in output.replace(f"sk_{merchant.api_key_prefix}_[redacted]", "")
