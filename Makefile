@@ -24,6 +24,7 @@ seed: migrate
 
 run: seed
 	@echo "Starting web :8000, sandbox :8001, workers, beat (Ctrl-C stops all)"
+	@rm -rf .run/prometheus
 	.venv/bin/honcho -f Procfile start
 
 up: seed
