@@ -160,15 +160,48 @@ def _charge_record(*, order: Order, attempt: ChargeAttempt, result: ChargeResult
     return transition
 
 
-def _attempt_with_order(idempotency_key: str) -> ChargeAttempt | None:
-    """The attempt under this key with its order's status and channel, in one plain SELECT."""
+_ATTEMPT_SQL = (
+    "SELECT a.id, a.status, a.channel, a.order_id, o.status, o.channel"
+    " FROM gateway_chargeattempt a JOIN orders_order o ON o.id = a.order_id"
+    " WHERE a.idempotency_key = %s"
+)
+# The read and the settling write of a confirm in one round trip. The SELECT sees the rows as
+# they were before the UPDATE (one snapshot per statement), like the separate read it replaces.
+_SETTLE_SQL = (
+    "WITH settled AS (UPDATE gateway_chargeattempt SET status = %s, failure_code = %s"
+    " WHERE idempotency_key = %s AND order_id = %s AND status NOT IN (%s, %s)) " + _ATTEMPT_SQL
+)
+
+
+def _attempt_with_order(
+    idempotency_key: str,
+    *,
+    settle_order_id: uuid.UUID | None = None,
+    status: str = "",
+    failure_code: str = "",
+) -> ChargeAttempt | None:
+    """The attempt under this key, with its order's status and channel.
+
+    With `settle_order_id`, the same statement also settles the attempt as `status` (paid or
+    failed) if it belongs to that order and is not settled yet.
+    """
     with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT a.id, a.status, a.channel, a.order_id, o.status, o.channel"
-            " FROM gateway_chargeattempt a JOIN orders_order o ON o.id = a.order_id"
-            " WHERE a.idempotency_key = %s",
-            [idempotency_key],
-        )
+        if settle_order_id is None:
+            cursor.execute(_ATTEMPT_SQL, [idempotency_key])
+        else:
+            settled = A.PAID if status == "paid" else A.FAILED
+            cursor.execute(
+                _SETTLE_SQL,
+                [
+                    settled,
+                    failure_code[:64],
+                    idempotency_key,
+                    settle_order_id,
+                    A.PAID,
+                    A.FAILED,
+                    idempotency_key,
+                ],
+            )
         row = cursor.fetchone()
     if row is None:
         return None
@@ -181,16 +214,30 @@ def order_confirm(
     *, order_id, idempotency_key: str, status: str, failure_code: str = "", source: str
 ) -> TransitionResult | None:
     """Apply a provider's final word (webhook or poll) to the order: paid or failed."""
-    attempt = _attempt_with_order(idempotency_key)
-    if attempt is None or str(attempt.order_id) != str(order_id):
-        logger.warning(
-            "confirm.unknown_attempt", extra={"order_id": str(order_id), "idempotency_key": idempotency_key}
-        )
-        return None
-    order = attempt.order
-    if status not in ("paid", "failed"):
-        return TransitionResult(False, order.status, order.channel)
+    final = status in ("paid", "failed")
+    order_uuid = _as_uuid(str(order_id))
+    if not final or order_uuid is None or str(order_uuid) != str(order_id):
+        # Nothing to apply, or an order id that cannot be the attempt's: read, answer, leave.
+        attempt = _attempt_with_order(idempotency_key)
+        if attempt is None or str(attempt.order_id) != str(order_id):
+            logger.warning(
+                "confirm.unknown_attempt",
+                extra={"order_id": str(order_id), "idempotency_key": idempotency_key},
+            )
+            return None
+        return TransitionResult(False, attempt.order.status, attempt.order.channel)
     with transaction.atomic():
+        attempt = _attempt_with_order(
+            idempotency_key, settle_order_id=order_uuid, status=status, failure_code=failure_code
+        )
+        if attempt is None or str(attempt.order_id) != str(order_id):
+            # The settling UPDATE matched nothing either: it is limited to this order's attempt.
+            logger.warning(
+                "confirm.unknown_attempt",
+                extra={"order_id": str(order_id), "idempotency_key": idempotency_key},
+            )
+            return None
+        order = attempt.order
         seen_status = order.status
         if seen_status == OrderStatus.ASSIGNED and order.channel == attempt.channel:
             # The provider's answer outran our own record of the charge request.
@@ -202,19 +249,6 @@ def order_confirm(
                 reason=f"charge accepted by {attempt.channel} (learned from {source})",
             )
             seen_status = OrderStatus.PROCESSING
-        if attempt.status not in (A.PAID, A.FAILED):
-            with connection.cursor() as cursor:
-                cursor.execute(
-                    "UPDATE gateway_chargeattempt SET status = %s, failure_code = %s"
-                    " WHERE id = %s AND status NOT IN (%s, %s)",
-                    [
-                        A.PAID if status == "paid" else A.FAILED,
-                        failure_code[:64],
-                        attempt.pk,
-                        A.PAID,
-                        A.FAILED,
-                    ],
-                )
         fault_point("confirm.before_commit")
         result = order_transition(
             order_id=order.pk,

@@ -144,6 +144,8 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "inte
 # Celery 5.6+ closes the DB connection around every task unless told to reuse it.
 CELERY_DB_REUSE_MAX = env.int("CELERY_DB_REUSE_MAX", default=1_000_000)
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Celery's consumer, except that a Redis restart under load does not kill the worker.
+CELERY_WORKER_CONSUMER = "config.celery_worker:Consumer"
 CELERY_TASK_DEFAULT_QUEUE = "orders"
 SERVICE_QUEUES = ("orders", "allocation", "gateway", "callbacks")
 CELERY_TASK_QUEUES = [Queue(name) for name in SERVICE_QUEUES]

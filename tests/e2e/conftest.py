@@ -20,9 +20,11 @@ from orders.redis_client import get_redis
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = ROOT / ".venv" / "bin"
-WEB = "127.0.0.1:18000"
-SANDBOX = "127.0.0.1:18001"
-RECEIVER_PORT = 18002
+# Ports of the test stack; E2E_PORT_BASE moves them all (two suites on one machine).
+_BASE = int(os.environ.get("E2E_PORT_BASE", "18000"))
+WEB = f"127.0.0.1:{_BASE}"
+SANDBOX = f"127.0.0.1:{_BASE + 1}"
+RECEIVER_PORT = _BASE + 2
 LOGS = ROOT / ".run" / "log" / "e2e"
 QUEUES = ("orders", "allocation", "gateway", "callbacks")
 
@@ -164,7 +166,7 @@ def stack(django_db_setup, django_db_blocker):
         "WEB_WORKERS": "2",
         "SANDBOX_BIND": SANDBOX,
         "SANDBOX_WORKERS": "1",
-        "SANDBOX_DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/test_sandbox_e2e",
+        "SANDBOX_DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/test_sandbox_e2e_{_BASE}",
         "SANDBOX_WEBHOOK_DELAY": "0.3",
         "SANDBOX_SLOW_SECONDS": "3",
         "SANDBOX_SECRET": settings.SANDBOX_SECRET,
@@ -193,7 +195,7 @@ import sys, psycopg2
 dsn = sys.argv[1]
 admin = dsn.rsplit("/", 1)[0] + "/postgres"
 conn = psycopg2.connect(admin); conn.autocommit = True
-conn.cursor().execute("DROP DATABASE IF EXISTS test_sandbox_e2e WITH (FORCE)")
+conn.cursor().execute(f"DROP DATABASE IF EXISTS {dsn.rsplit('/', 1)[1]} WITH (FORCE)")
 """
 
 

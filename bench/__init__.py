@@ -1,0 +1,1 @@
+"""`make bench`: drives orders through the running stack over HTTP and measures it (SPEC 8)."""

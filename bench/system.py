@@ -1,0 +1,149 @@
+"""The machine and the workers: cores, load, CPU busy time, Celery task counters, queue depth."""
+
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import redis
+from celery import Celery
+
+QUEUES = ("orders", "allocation", "gateway", "callbacks")
+# Periodic tasks (config/settings/base.py CELERY_BEAT_SCHEDULE): counted apart from the pipeline's.
+BEAT_TASKS = frozenset(
+    {
+        "orders.relay_outbox",
+        "orders.sweep_orders",
+        "callbacks.sweep_deliveries",
+        "orders.prune_idempotency_keys",
+    }
+)
+
+
+def machine() -> dict:
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "cpu_model": model,
+    }
+
+
+def cpu_sample() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    with open("/proc/stat", encoding="utf-8") as stat:
+        fields = [int(x) for x in stat.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    total = sum(fields[:8])
+    return total - idle, total
+
+
+def cpu_busy_pct(before: tuple[int, int], after: tuple[int, int]) -> float:
+    busy, total = after[0] - before[0], after[1] - before[1]
+    return round(100.0 * busy / total, 1) if total else 0.0
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+STACK_PROCESSES = (
+    "web",
+    "sandbox",
+    "worker-orders",
+    "worker-allocation",
+    "worker-gateway",
+    "worker-callbacks",
+    "beat",
+)
+
+
+def _processes() -> dict[int, tuple[int, str, float]]:
+    """pid -> (parent pid, command line, CPU seconds so far) of every process we may read."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        out[int(entry.name)] = (int(fields[1]), cmdline, (int(fields[11]) + int(fields[12])) / _TICKS)
+    return out
+
+
+def cpu_by_component(run_dir: Path, databases: frozenset[str]) -> Counter:
+    """CPU seconds so far of each part of the stack, by Procfile name, PostgreSQL and Redis.
+
+    PostgreSQL backends are told apart by database name: the stack's databases (the service's
+    and the sandbox provider's) are charged to it, other users of the server (test runs) are not.
+    """
+    roots = {}
+    for name in STACK_PROCESSES:
+        try:
+            roots[int((run_dir / "pids" / f"{name}.pid").read_text().strip())] = name
+        except (OSError, ValueError):
+            pass
+    procs = _processes()
+    me = os.getpid()
+    totals: Counter = Counter()
+    for pid, (_ppid, cmdline, cpu) in procs.items():
+        owner, cursor, hops = None, pid, 0
+        while cursor and hops < 10 and owner is None:
+            owner = roots.get(cursor)
+            cursor = procs.get(cursor, (0, "", 0))[0]
+            hops += 1
+        if owner is None:
+            if pid == me:
+                owner = "bench client"
+            elif cmdline.startswith("postgres: "):
+                words = cmdline.split()
+                if len(words) >= 3 and "(" in cmdline:  # a backend: "postgres: user db host(port) state"
+                    owner = f"postgres ({words[2]})" if words[2] in databases else "postgres (other dbs)"
+                else:
+                    owner = "postgres (background)"
+            elif cmdline.startswith("redis-server"):
+                owner = "redis"
+            else:
+                owner = "other processes"
+        totals[owner] += cpu
+    return totals
+
+
+class Workers:
+    """Celery's own counters (`inspect().stats()["total"]`) and the Redis queue lengths."""
+
+    def __init__(self, broker_url: str) -> None:
+        self.app = Celery("bench", broker=broker_url)
+        self.redis = redis.Redis.from_url(broker_url, socket_timeout=5)
+
+    def task_totals(self) -> tuple[Counter, int]:
+        """Tasks accepted so far, by name, summed over the workers that answered; and how many answered."""
+        stats = self.app.control.inspect(timeout=1.5).stats() or {}
+        totals: Counter = Counter()
+        for worker in stats.values():
+            totals.update(worker.get("total") or {})
+        return totals, len(stats)
+
+    def queued(self) -> int:
+        return sum(self.redis.llen(name) for name in QUEUES)
+
+    def wait_idle(self, *, timeout: float = 60.0) -> bool:
+        """Wait until no message is waiting in any service queue."""
+        deadline = time.monotonic() + timeout
+        while self.queued():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+        return True
+
+    def close(self) -> None:
+        self.redis.close()
+        self.app.close()
