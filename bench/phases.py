@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from bench import load
 from bench.database import Observer, statements_delta
 from bench.stack import RUN
-from bench.system import BEAT_TASKS, Workers, cpu_busy_pct, cpu_by_component, cpu_sample
+from bench.system import BEAT_TASKS, Workers, cpu_busy_pct, cpu_by_process, cpu_delta, cpu_sample
 
 
 @dataclass
@@ -55,7 +55,7 @@ def _measure(ctx: Context, label: str, drive: Callable[[], load.LoadResult]) -> 
     sql_before = ctx.observer.statements()
     own_before = ctx.observer.own_statements
     cpu_before, client_before = cpu_sample(), _client_cpu()
-    parts_before = cpu_by_component(RUN, ctx.databases)
+    parts_before = cpu_by_process(RUN, ctx.databases)
 
     result = drive()
     ctx.log(
@@ -66,7 +66,7 @@ def _measure(ctx: Context, label: str, drive: Callable[[], load.LoadResult]) -> 
     waited = time.time()
 
     cpu_after, client_after = cpu_sample(), _client_cpu()
-    parts_after = cpu_by_component(RUN, ctx.databases)
+    parts_after = cpu_by_process(RUN, ctx.databases)
     own = ctx.observer.own_statements - own_before
     sql = statements_delta(sql_before, ctx.observer.statements(), own=own)
     tasks_after, workers_after = ctx.workers.task_totals()
@@ -83,7 +83,7 @@ def _measure(ctx: Context, label: str, drive: Callable[[], load.LoadResult]) -> 
     }
     pipeline_tasks = sum(count for name, count in tasks.items() if name not in BEAT_TASKS)
     per = max(created, 1)
-    parts = {name: parts_after[name] - parts_before.get(name, 0.0) for name in parts_after}
+    parts = dict(cpu_delta(parts_before, parts_after))
     machine_busy = (cpu_after[0] - cpu_before[0]) / _TICKS
     # Processes that ended within the window and anything the split above cannot see.
     parts["unattributed"] = max(machine_busy - sum(parts.values()), 0.0)

@@ -79,8 +79,8 @@ def _processes() -> dict[int, tuple[int, str, float]]:
     return out
 
 
-def cpu_by_component(run_dir: Path, databases: frozenset[str]) -> Counter:
-    """CPU seconds so far of each part of the stack, by Procfile name, PostgreSQL and Redis.
+def cpu_by_process(run_dir: Path, databases: frozenset[str]) -> dict[int, tuple[str, float]]:
+    """pid -> (part of the stack it belongs to, CPU seconds so far): Procfile name, PostgreSQL, Redis.
 
     PostgreSQL backends are told apart by database name: the stack's databases (the service's
     and the sandbox provider's) are charged to it, other users of the server (test runs) are not.
@@ -93,7 +93,7 @@ def cpu_by_component(run_dir: Path, databases: frozenset[str]) -> Counter:
             pass
     procs = _processes()
     me = os.getpid()
-    totals: Counter = Counter()
+    owners: dict[int, tuple[str, float]] = {}
     for pid, (_ppid, cmdline, cpu) in procs.items():
         owner, cursor, hops = None, pid, 0
         while cursor and hops < 10 and owner is None:
@@ -113,8 +113,18 @@ def cpu_by_component(run_dir: Path, databases: frozenset[str]) -> Counter:
                 owner = "redis"
             else:
                 owner = "other processes"
-        totals[owner] += cpu
-    return totals
+        owners[pid] = (owner, cpu)
+    return owners
+
+
+def cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> Counter:
+    """CPU seconds spent between two cpu_by_process() samples, by part, over the processes alive at
+    the second one (a process that ended in between is not seen: the caller counts it apart)."""
+    spent: Counter = Counter()
+    for pid, (owner, cpu) in after.items():
+        previous = before.get(pid)
+        spent[owner] += cpu - (previous[1] if previous and previous[0] == owner else 0.0)
+    return spent
 
 
 class Workers:

@@ -147,3 +147,11 @@ class OrderListQuerySerializer(serializers.Serializer):
     created_before = serializers.DateTimeField(required=False)
     limit = serializers.IntegerField(min_value=1, max_value=100, required=False)
     cursor = serializers.CharField(required=False)
+
+    def to_internal_value(self, data):
+        # DRF reads `?status=` from a query string as "not given"; a filter left empty is a
+        # client bug that would silently return everything, so it is a 400 like any bad value.
+        blank = sorted(name for name in self.fields if name in data and data.get(name) == "")
+        if blank:
+            raise serializers.ValidationError({name: ["Must not be empty."] for name in blank})
+        return super().to_internal_value(data)

@@ -31,7 +31,6 @@ ALLOWED: frozenset[tuple[str | None, str]] = frozenset(
         (S.ASSIGNED, S.FAILED),
         (S.PROCESSING, S.PAID),
         (S.PROCESSING, S.FAILED),
-        (S.PAID, S.FAILED),
         (S.PAID, S.COMPLETED),
         (S.FAILED, S.COMPLETED),
     }

@@ -154,8 +154,9 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def stack(django_db_setup, django_db_blocker):
+    """Package scope: the workers stop when tests/e2e ends, so later unit tests see quiet queues."""
     db = settings.DATABASES["default"]
     env = {
         **os.environ,
