@@ -4,7 +4,7 @@ PY := .venv/bin/python
 export DJANGO_SETTINGS_MODULE ?= config.settings.local
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run up down status test lint format services migrate seed demo bench clean
+.PHONY: run up down status test test-faults lint format services migrate seed demo bench clean
 
 .venv/.installed: requirements.txt
 	@test -x $(PY) || python3 -m venv .venv
@@ -38,8 +38,14 @@ status:
 	@scripts/services.sh status
 	@scripts/stack.sh status
 
+# The whole suite, plus the fault suite's SIGKILL-inside-charge windows; `make test-faults`
+# runs every fault scenario (Redis and PostgreSQL restarts, web kill, outages, duplicates).
 test: services
-	DJANGO_SETTINGS_MODULE=config.settings.test $(PY) -m pytest $(ARGS)
+	DJANGO_SETTINGS_MODULE=config.settings.test $(PY) -m pytest --ignore=tests/faults --ignore=tests/fuzz $(ARGS)
+	DJANGO_SETTINGS_MODULE=config.settings.test $(PY) -m pytest tests/faults -s -k "stage_window and charge"
+
+test-faults: services
+	DJANGO_SETTINGS_MODULE=config.settings.test $(PY) -m pytest tests/faults -s $(ARGS)
 
 lint: .venv/.installed
 	.venv/bin/ruff check .

@@ -1,0 +1,155 @@
+"""The fault stack: web, sandbox, one worker per queue and beat (as in tests/e2e), on ports 2800x,
+against a PostgreSQL and a Redis of its own (tests/faults/servers.py), so that restarting and
+wiping them disturbs nothing else. Every process carries its fault points (config/faults.py);
+a test arms one by removing its marker. Recovery timings are the test settings' (seconds)."""
+
+import json
+import os
+import subprocess
+
+import psycopg2
+import pytest
+from django.conf import settings
+
+from tests.e2e.conftest import ROOT, VENV
+from tests.faults import harness
+from tests.faults.servers import PgServer, RedisServer
+
+PG_PORT = int(os.environ.get("FAULT_PG_PORT", "55442"))
+REDIS_PORT = int(os.environ.get("FAULT_REDIS_PORT", "56389"))
+DB_NAME = "payments_faults"
+SANDBOX_DB = "test_sandbox_faults"
+
+
+class FaultEnv:
+    def __init__(self, *, stack, pg, redis_server, receiver, api_key, webhook_secret, dsn) -> None:
+        self.stack = stack
+        self.pg = pg
+        self.redis = redis_server
+        self.receiver = receiver
+        self.api_key = api_key
+        self.webhook_secret = webhook_secret
+        self.dsn = dsn
+
+    def load(self, scenario: str) -> harness.Load:
+        return harness.Load(api_key=self.api_key, scenario=scenario, receiver=self.receiver)
+
+    def sql(self, query: str, params=()) -> list[tuple]:
+        conn = psycopg2.connect(self.dsn)
+        try:
+            with conn, conn.cursor() as cursor:
+                cursor.execute(query, params)
+                return cursor.fetchall() if cursor.description else []
+        finally:
+            conn.close()
+
+
+def _manage(env: dict, *args: str) -> str:
+    return subprocess.run(
+        [str(VENV / "python"), "manage.py", *args],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+
+
+@pytest.fixture(scope="session")
+def fault_env():
+    pg = PgServer(harness.FAULTS, PG_PORT)
+    redis_server = RedisServer(harness.FAULTS, REDIS_PORT)
+    harness.LOGS.mkdir(parents=True, exist_ok=True)
+    for old in harness.LOGS.glob("*.log"):
+        if old.name != "postgres.log":  # the cluster, if already running, writes there
+            old.unlink()
+    pg.ensure()
+    redis_server.start()
+    redis_server.client().flushall()
+    pg.recreate_database(DB_NAME)
+    main = settings.DATABASES["default"]
+    sandbox_dsn = f"postgres://{main['USER']}@{main['HOST']}:{main['PORT']}/{SANDBOX_DB}"
+    admin = psycopg2.connect(sandbox_dsn.rsplit("/", 1)[0] + "/postgres")
+    admin.autocommit = True
+    admin.cursor().execute(f"DROP DATABASE IF EXISTS {SANDBOX_DB} WITH (FORCE)")
+    admin.close()
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("FAULT_POINTS", "PROMETHEUS_MULTIPROC_DIR")
+    }
+    env.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "config.settings.test",
+            "DATABASE_URL": pg.dsn(DB_NAME),
+            "TEST_REDIS_URL": redis_server.url,
+            # An unacked message of a dead worker comes back after this long (production: 300 s).
+            "CELERY_VISIBILITY_TIMEOUT": "20",
+            "WEB_BIND": harness.WEB,
+            "WEB_WORKERS": "2",
+            "SANDBOX_BIND": harness.SANDBOX,
+            "SANDBOX_WORKERS": "1",
+            "SANDBOX_DATABASE_URL": sandbox_dsn,
+            "SANDBOX_WEBHOOK_DELAY": "0.3",
+            "SANDBOX_SLOW_SECONDS": "3",
+            "SANDBOX_SECRET": settings.SANDBOX_SECRET,
+            "SANDBOX_URL": f"http://{harness.SANDBOX}",
+            "PUBLIC_BASE_URL": f"http://{harness.WEB}",
+            "GATEWAY_READ_TIMEOUT": "1.5",
+            "POLL_FIRST_SECONDS": "2",
+            "POLL_INTERVAL_SECONDS": "1",
+            # Long enough to ride out a receiver outage of a few seconds without exhausting.
+            "CALLBACK_RETRY_SCHEDULE": "0.5,1,1,2,3,5,8,13",
+            "CALLBACK_CONNECT_TIMEOUT": "1",
+            "CALLBACK_TOTAL_TIMEOUT": "3",
+            # A request killed mid-flight leaves its key in flight; the client's retry takes it over.
+            "IDEMPOTENCY_IN_FLIGHT_TIMEOUT_SECONDS": "5",
+            "FAULT_DIR": str(harness.POINT_DIR),
+            "LOG_LEVEL": "INFO",
+        }
+    )
+    _manage(env, "migrate", "--noinput", "-v", "0")
+    _manage(env, "seed_sandbox")
+    creds = json.loads(_manage(env, "create_merchant", "faults"))
+    harness.disarm_all()
+    receiver = harness.Receiver(harness.RECEIVER_PORT)
+    stack = harness.FaultStack(env, redis_server.url)
+    fault = FaultEnv(
+        stack=stack,
+        pg=pg,
+        redis_server=redis_server,
+        receiver=receiver,
+        api_key=creds["api_key"],
+        webhook_secret=creds["webhook_secret"],
+        dsn=pg.dsn(DB_NAME),
+    )
+    try:
+        stack.start_all()
+        yield fault
+    finally:
+        stack.stop_all()
+        receiver.stop()
+        redis_server.stop()
+        pg.stop()
+
+
+@pytest.fixture
+def faults(fault_env):
+    """The fault stack whole again: servers up, every process running, no point armed, circuits shut."""
+    fault_env.pg.ensure()
+    fault_env.redis.start()
+    fault_env.receiver.start()
+    harness.disarm_all()
+    fault_env.stack.ensure_running()
+    fault_env.sql("UPDATE allocation_paymentchannel SET circuit_open_until = NULL")
+    client = fault_env.redis.client()
+    for key in client.scan_iter("circuit:*"):
+        client.delete(key)
+    return fault_env
+
+
+def pytest_terminal_summary(terminalreporter):
+    if harness.FAULT_LINES:
+        terminalreporter.section("fault injection")
+        for line in harness.FAULT_LINES:
+            terminalreporter.write_line(line)

@@ -1,0 +1,460 @@
+"""The fault stack and its tools: processes, a restartable callback receiver, fault arming, a load
+of orders through the HTTP API, and the invariants every order must satisfy afterwards."""
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import requests
+from celery import Celery
+from standardwebhooks.webhooks import Webhook
+
+from config.faults import marker_path
+from tests.e2e.conftest import QUEUES, ROOT, VENV, Stack, _ok, wait_for
+
+FAULTS = ROOT / ".run" / "faults"
+LOGS = FAULTS / "log"
+POINT_DIR = FAULTS / "points"
+WEB = "127.0.0.1:28000"
+SANDBOX = "127.0.0.1:28001"
+RECEIVER_PORT = 28002
+
+# Which process carries which fault point: a point fires in the first process that reaches it,
+# so each is compiled into the one process whose window it is meant to hit.
+POINTS_BY_PROCESS = {
+    "web": ("outbox.before_publish",),
+    "worker-allocation": ("allocate.before_commit", "allocate.after_commit"),
+    "worker-gateway": (
+        "charge.before_provider",
+        "charge.after_provider",
+        "charge.after_commit",
+        "confirm.before_commit",
+        "confirm.after_commit",
+    ),
+    "worker-callbacks": ("callback.after_post", "callback.after_commit"),
+}
+ALL_POINTS = tuple(itertools.chain.from_iterable(POINTS_BY_PROCESS.values()))
+
+RANK = {"pending": 0, "assigned": 1, "processing": 2, "paid": 3, "failed": 3, "completed": 4}
+
+
+# --- processes ----------------------------------------------------------------------------------------
+
+
+class FaultStack(Stack):
+    """The e2e stack's processes on the fault ports, each started with its own fault points."""
+
+    def __init__(self, env: dict[str, str], broker_url: str) -> None:
+        super().__init__(env)
+        # The project's app speaks to the test Redis; this one, same settings, to the fault Redis.
+        self.celery = Celery("faults", broker=broker_url, set_as_current=False)
+        self.celery.config_from_object("django.conf:settings", namespace="CELERY")
+        LOGS.mkdir(parents=True, exist_ok=True)
+
+    def commands(self) -> dict[str, list[str]]:
+        celery = [str(VENV / "celery"), "-A", "config"]
+        cmds = {
+            "web": [str(VENV / "gunicorn"), "-c", "config/gunicorn_conf.py", "config.wsgi:application"],
+            "sandbox": [
+                str(VENV / "gunicorn"),
+                "-c",
+                "gateway/sandbox_server/gunicorn_conf.py",
+                "gateway.sandbox_server.app:application",
+            ],
+            "beat": [*celery, "beat", "-s", str(LOGS / "beat-schedule"), "--pidfile=", "-l", "warning"],
+        }
+        for queue in QUEUES:
+            cmds[f"worker-{queue}"] = [
+                *celery, "worker", "-Q", queue, "-c", "2", "-n", f"{queue}-faults@%h",
+                "--without-gossip", "--without-mingle", "-l", "warning",
+            ]  # fmt: skip
+        return cmds
+
+    def start(self, name: str) -> None:
+        env = {**self.env, "FAULT_POINTS": ",".join(POINTS_BY_PROCESS.get(name, ()))}
+        with open(LOGS / f"{name}.log", "ab") as log:
+            self.procs[name] = subprocess.Popen(
+                self.commands()[name], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+
+    def alive(self, name: str) -> bool:
+        proc = self.procs.get(name)
+        return proc is not None and proc.poll() is None
+
+    def kill(self, name: str) -> None:
+        """kill -9 the whole process group: the worker's main process and its pool children."""
+        self.stop(name, signal.SIGKILL)
+
+    def start_all(self) -> None:
+        for name in self.commands():
+            self.start(name)
+        self.wait_ready()
+
+    def stop_all(self) -> None:
+        """TERM everything at once, then KILL what is still there after a few seconds."""
+        procs = [self.procs.pop(name) for name in list(self.procs)]
+        for proc in procs:
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+    def ensure_running(self) -> None:
+        """Start whatever a previous test stopped or killed, and wait until all of it answers."""
+        for name in self.commands():
+            if not self.alive(name):
+                self.procs.pop(name, None)
+                self.start(name)
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
+        wait_for(lambda: _ok(f"http://{WEB}/readyz") and _ok(f"http://{SANDBOX}/healthz"), 60, "fault stack")
+        wait_for(lambda: len(self.workers()) >= len(QUEUES), 60, "fault workers consuming")
+
+    def workers(self) -> set[str]:
+        try:
+            replies = self.celery.control.ping(timeout=0.5) or []
+        except Exception:  # the broker is restarting: nobody is known to be consuming yet
+            return set()
+        return {name for reply in replies for name in reply}
+
+    def send_task(self, name: str, message: dict) -> None:
+        """Publish a stage task's message to the fault broker, routed as in production."""
+        from config.celery_app import app
+
+        with self.celery.producer_or_acquire() as producer:
+            app.send_task(name, args=[message], producer=producer)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+class Receiver:
+    """The merchant's callback endpoint; `stop()` closes the port (connections are refused)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        self.server: ThreadingHTTPServer | None = None
+        self.start()
+
+    def start(self) -> None:
+        if self.server is not None:
+            return
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with receiver.lock:
+                    receiver.requests.append(
+                        {"path": self.path, "headers": dict(self.headers.items()), "body": body.decode()}
+                    )
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b'{"ok": true}')
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self.server is None:
+            return
+        self.server.shutdown()
+        self.server.server_close()
+        self.server = None
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def by_order(self, path: str) -> dict[str, list[dict]]:
+        with self.lock:
+            received = [r for r in self.requests if r["path"] == path]
+        result: dict[str, list[dict]] = {}
+        for request in received:
+            result.setdefault(json.loads(request["body"])["data"]["id"], []).append(request)
+        return result
+
+
+# --- fault points -------------------------------------------------------------------------------------
+
+
+def disarm_all() -> None:
+    POINT_DIR.mkdir(parents=True, exist_ok=True)
+    for name in ALL_POINTS:
+        Path(marker_path(str(POINT_DIR), name)).touch()
+
+
+class Armer:
+    """Arms a fault point, waits for it to fire, re-arms it, up to `times` fires (in a thread)."""
+
+    def __init__(self, point: str, times: int, gap: float = 1.0) -> None:
+        self.point = point
+        self.times = times
+        self.gap = gap
+        self.fired: list[tuple[int, float]] = []  # (pid, time) of each kill
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.marker = Path(marker_path(str(POINT_DIR), point))
+
+    def __enter__(self) -> "Armer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.marker.touch()  # disarmed for whatever runs next
+
+    def _run(self) -> None:
+        for _ in range(self.times):
+            self.marker.unlink(missing_ok=True)
+            while not self.marker.exists() or not self.marker.read_text().strip():
+                if self._stop.wait(0.05):
+                    return
+            pid, at = self.marker.read_text().split()
+            self.fired.append((int(pid), float(at)))
+            if self._stop.wait(self.gap):
+                return
+
+    @property
+    def window(self) -> tuple[float, float] | None:
+        return (self.fired[0][1], self.fired[-1][1]) if self.fired else None
+
+
+# --- load and invariants ------------------------------------------------------------------------------
+
+# amount % 100 -> (outcome, failure_code) from SPEC 5's sandbox table
+EXPECTED = {
+    51: ("failed", "card_declined"),
+    52: ("failed", "insufficient_funds"),
+    72: ("failed", "channel_unavailable"),
+}
+MIX = (1000, 1051, 1061, 1071, 1081, 1010, 1052, 1072, 1020, 1062, 1030, 1040)
+
+
+def expected_outcome(amount: int) -> tuple[str, str | None]:
+    return EXPECTED.get(amount % 100, ("paid", None))
+
+
+@dataclass
+class Load:
+    """Orders created through the API by a few client threads, each retried under its own
+    Idempotency-Key until the API answers 201 (a crashed or unavailable server is retried)."""
+
+    api_key: str
+    scenario: str
+    receiver: Receiver
+    orders: dict[str, dict] = field(default_factory=dict)
+    codes: Counter = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.path = f"/hooks/{self.scenario}-{uuid.uuid4().hex[:6]}"
+        self._local = threading.local()
+
+    def session(self) -> requests.Session:
+        if not hasattr(self._local, "session"):
+            self._local.session = requests.Session()
+            self._local.session.headers["Authorization"] = f"Bearer {self.api_key}"
+        return self._local.session
+
+    def create(self, index: int, amount: int, currency: str = "USD") -> dict:
+        reference = f"{self.scenario}-{index}-{uuid.uuid4().hex[:8]}"
+        body = {
+            "amount": amount,
+            "currency": currency,
+            "reference": reference,
+            "callback_url": self.receiver.url(self.path),
+        }
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                response = self.session().post(
+                    f"http://{WEB}/api/v1/orders",
+                    json=body,
+                    headers={"Idempotency-Key": reference},
+                    timeout=10,
+                )
+            except requests.RequestException:
+                self._count("connection_error")
+                time.sleep(0.3)
+                continue
+            self._count(response.status_code)
+            if response.status_code == 201:
+                order = response.json()
+                with self.lock:
+                    self.orders[order["id"]] = order
+                return order
+            if response.status_code in (409, 429, 500, 502, 503):
+                time.sleep(0.3)
+                continue
+            raise AssertionError(f"unexpected answer {response.status_code}: {response.text[:300]}")
+        raise AssertionError(f"order {reference} never got a 201")
+
+    def _count(self, key) -> None:
+        with self.lock:
+            self.codes[key] += 1
+
+    def run(self, count: int = 24, spacing: float = 0.12, during=None) -> None:
+        """Create `count` orders over about count*spacing seconds; `during(index)` is called as the
+        index-th order is submitted (a test injects its fault from there)."""
+        amounts = [MIX[i % len(MIX)] + 100 * (i // len(MIX)) for i in range(count)]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            futures = []
+            for index, amount in enumerate(amounts):
+                if during is not None:
+                    during(index)
+                futures.append(pool.submit(self.create, index, amount))
+                time.sleep(spacing)
+            for future in futures:
+                future.result()
+
+
+def sandbox_charges(order_id: str) -> list[dict]:
+    return requests.get(f"http://{SANDBOX}/sandbox/charges", params={"order": order_id}, timeout=10).json()
+
+
+def _parse(value: str | None) -> float | None:
+    return datetime.fromisoformat(value).timestamp() if value else None
+
+
+@dataclass
+class Report:
+    fault: str
+    orders: int
+    faults_injected: int
+    recovered: int
+    lost: int
+    double_charges: int
+    problems: list[str]
+
+    def line(self) -> str:
+        return (
+            f"fault={self.fault} orders={self.orders} faults_injected={self.faults_injected}"
+            f" recovered={self.recovered} lost={self.lost} double_charges={self.double_charges}"
+        )
+
+
+FAULT_LINES: list[str] = []
+
+
+def verify(
+    load: Load,
+    *,
+    fault: str,
+    faults_injected: int,
+    fault_window: tuple[float, float] | None,
+    webhook_secret: str,
+    timeout: float = 90,
+    outcome_may_be_unavailable: bool = False,
+) -> Report:
+    """Wait for every order to complete, then check every invariant on every order."""
+    session = load.session()
+    final: dict[str, dict] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and len(final) < len(load.orders):
+        for order_id in load.orders:
+            if order_id not in final:
+                order = session.get(f"http://{WEB}/api/v1/orders/{order_id}", timeout=10).json()
+                if order["status"] == "completed":
+                    final[order_id] = order
+        time.sleep(0.5)
+    problems: list[str] = []
+    lost = len(load.orders) - len(final)
+    for order_id in load.orders:
+        if order_id not in final:
+            order = session.get(f"http://{WEB}/api/v1/orders/{order_id}", timeout=10).json()
+            problems.append(f"{order_id} ({order['amount']}) stuck in {order['status']}")
+    double_charges = 0
+    recovered = 0
+    callbacks = load.receiver.by_order(load.path)
+    for order_id, order in final.items():
+        amount = order["amount"]
+        outcome, failure_code = expected_outcome(amount)
+        unavailable = outcome_may_be_unavailable and order["failure_code"] in (
+            "channel_unavailable",
+            "no_channel_available",
+        )
+        if not unavailable and (order["outcome"], order["failure_code"]) != (outcome, failure_code):
+            problems.append(f"{order_id} ({amount}) ended {order['outcome']}/{order['failure_code']}")
+        created, completed = _parse(order["created_at"]), _parse(order["completed_at"])
+        if fault_window and created <= fault_window[1] and completed > fault_window[0]:
+            # in flight while the fault struck (created before it ended, completed after it began)
+            recovered += 1
+        # the transition log: a chain, never backwards, nothing twice
+        events = session.get(f"http://{WEB}/api/v1/orders/{order_id}/events", timeout=10).json()
+        steps = [(e["from"], e["to"], e["channel"]) for e in events]
+        if steps[0][:2] != (None, "pending") or steps[-1][1] != "completed":
+            problems.append(f"{order_id} log does not run from creation to completed: {steps}")
+        for previous, step in itertools.pairwise(steps):
+            if step[0] != previous[1] or RANK[step[1]] < RANK[previous[1]]:
+                problems.append(f"{order_id} log breaks the chain: {previous} -> {step}")
+        pairs = Counter((s[0], s[1]) for s in steps if (s[0], s[1]) != ("assigned", "assigned"))
+        failovers = [s[2] for s in steps if (s[0], s[1]) == ("assigned", "assigned")]
+        if any(n > 1 for n in pairs.values()) or len(failovers) != len(set(failovers)):
+            problems.append(f"{order_id} has a duplicated transition: {steps}")
+        # the provider's ledger: at most one charge, exactly one (and paid) when paid
+        ledger = sandbox_charges(order_id)
+        if len(ledger) > 1:
+            double_charges += 1
+            problems.append(f"{order_id} charged {len(ledger)} times")
+        if order["outcome"] == "paid" and [c["status"] for c in ledger] != ["paid"]:
+            problems.append(f"{order_id} paid but the ledger says {ledger}")
+        if order["outcome"] == "failed" and any(c["status"] == "paid" for c in ledger):
+            problems.append(f"{order_id} failed but was charged: {ledger}")
+        if order["failure_code"] in ("channel_unavailable", "no_channel_available") and ledger:
+            problems.append(f"{order_id} failed before any charge but the ledger has {ledger}")
+        # the merchant's callback: received, signed, one stable webhook-id, the final outcome
+        received = callbacks.get(order_id, [])
+        if not received:
+            problems.append(f"{order_id} completed but no callback was received")
+        if len({r["headers"].get("webhook-id") for r in received}) > 1:
+            problems.append(f"{order_id} callback came with several webhook-ids")
+        for request in received:
+            body = Webhook(webhook_secret).verify(request["body"], request["headers"])
+            if body["type"] != f"order.{order['outcome']}":
+                problems.append(f"{order_id} callback type {body['type']} for outcome {order['outcome']}")
+    report = Report(fault, len(load.orders), faults_injected, recovered, lost, double_charges, problems)
+    FAULT_LINES.append(report.line())
+    print(report.line())
+    return report
+
+
+def fault_log(name: str) -> str:
+    path = LOGS / f"{name}.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def proc_alive(pid: int) -> bool:
+    """True while `pid` runs (a killed child its parent has not reaped yet is a zombie: dead)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
