@@ -59,9 +59,8 @@ def main() -> int:
             f"channel {order['channel']}, failure {order['failure_code']}"
         )
         for step in events:
-            print(
-                f"    {step['at']}  {step['from'] or '-':>10} -> {step['to']:<10} {step['channel'] or '':<10} {step['reason']}"
-            )
+            origin, channel = step["from"] or "-", step["channel"] or ""
+            print(f"    {step['at']}  {origin:>10} -> {step['to']:<10} {channel:<10} {step['reason']}")
         print(f"  sandbox charges: {len(charges)}; callbacks received: {[c['type'] for c in callbacks]}")
     if pending:
         print(f"\nnot completed within 90 s: {sorted(pending)}", file=sys.stderr)
