@@ -24,28 +24,37 @@ _MARK_PUBLISHED_SQL = (
 )
 
 
-def event_emit(*, topic: str, order_id, payload: dict) -> OutboxEvent:
-    """Write an event in the caller's transaction; it is published once that transaction commits."""
+def event_prepare(*, topic: str, order_id, payload: dict) -> OutboxEvent:
+    """The event row to write, not yet written: the payload carries the request id."""
     payload = {**payload, "request_id": request_id_var.get()}
-    has_subscribers = bool(subscribers_for(topic, payload))
     now = timezone.now()
-    event = OutboxEvent(
-        topic=topic,
-        order_id=order_id,
-        payload=payload,
-        created_at=now,
-        # Nobody listens: nothing to deliver, so nothing for the relay to retry either.
-        published_at=None if has_subscribers else now,
+    # Nobody listens: nothing to deliver, so nothing for the relay to retry either.
+    published = None if subscribers_for(topic, payload) else now
+    return OutboxEvent(
+        topic=topic, order_id=order_id, payload=payload, created_at=now, published_at=published
     )
-    # Every transition writes one: a plain INSERT spares the ORM's per-call query compilation.
-    with connection.cursor() as cursor:
-        cursor.execute(_INSERT_SQL, [topic, order_id, json.dumps(payload), now, event.published_at])
-        event.id = cursor.fetchone()[0]
+
+
+def event_written(event: OutboxEvent, event_id: int) -> OutboxEvent:
+    """`event` was inserted as row `event_id` in the caller's transaction: publish it after commit."""
+    event.id = event_id
     event._state.adding, event._state.db = False, connection.alias
-    if has_subscribers:
+    if event.published_at is None:
         transaction.on_commit(lambda: fault_point("outbox.before_publish"))
         transaction.on_commit(lambda: outbox_publish(events=[event]))
     return event
+
+
+def event_emit(*, topic: str, order_id, payload: dict) -> OutboxEvent:
+    """Write an event in the caller's transaction; it is published once that transaction commits."""
+    event = event_prepare(topic=topic, order_id=order_id, payload=payload)
+    # A plain INSERT spares the ORM's per-call query compilation.
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _INSERT_SQL,
+            [topic, order_id, json.dumps(event.payload), event.created_at, event.published_at],
+        )
+        return event_written(event, cursor.fetchone()[0])
 
 
 def _message(event: OutboxEvent) -> dict:

@@ -19,7 +19,7 @@ from orders import crypto, events
 from orders.models import IdempotencyKey, Merchant, Order, OrderStatus
 from orders.outbox import event_emit
 from orders.serializers import OrderSerializer
-from orders.transitions import order_record_created
+from orders.transitions import order_insert
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +132,13 @@ def _claim_key(*, merchant: Merchant, key: str, fingerprint: str) -> int | None:
     return row[0] if row else None
 
 
+# Runs in the statement that inserts the order: the stored answer is written with the order.
+_KEY_DONE_SQL = (
+    "UPDATE orders_idempotencykey SET state = 'done', response_status = 201, response_body = %s::jsonb"
+    " WHERE id = %s"
+)
+
+
 def order_create(
     *, merchant: Merchant, idempotency_key: str, data: dict, request_id: str = ""
 ) -> CreateResult:
@@ -166,26 +173,25 @@ def order_create(
                     409, "idempotency_key_in_use", "A request with this Idempotency-Key is in flight."
                 )
             key_id = existing.pk
+    now = timezone.now()
+    order = Order(
+        merchant=merchant,
+        reference=data["reference"],
+        amount=data["amount"],
+        currency=data["currency"],
+        description=data.get("description", ""),
+        metadata=data.get("metadata", {}),
+        callback_url=data.get("callback_url") or merchant.callback_url,
+        status=OrderStatus.PENDING,
+        request_id=request_id,
+        created_at=now,
+        updated_at=now,
+        next_check_at=now + timedelta(seconds=settings.STAGE_TIMEOUT_SECONDS["pending"]),
+    )
+    body = json.loads(json.dumps(OrderSerializer(order).data, default=str))
     try:
         with transaction.atomic():
-            order = Order.objects.create(
-                merchant=merchant,
-                reference=data["reference"],
-                amount=data["amount"],
-                currency=data["currency"],
-                description=data.get("description", ""),
-                metadata=data.get("metadata", {}),
-                callback_url=data.get("callback_url") or merchant.callback_url,
-                status=OrderStatus.PENDING,
-                request_id=request_id,
-                next_check_at=timezone.now() + timedelta(seconds=settings.STAGE_TIMEOUT_SECONDS["pending"]),
-            )
-            order_record_created(order=order)
-            body = OrderSerializer(order).data
-            body = json.loads(json.dumps(body, default=str))
-            IdempotencyKey.objects.filter(pk=key_id).update(
-                state=IdempotencyKey.State.DONE, response_status=201, response_body=body
-            )
+            order_insert(order=order, then_sql=_KEY_DONE_SQL, then_params=[json.dumps(body), key_id])
     except IntegrityError as exc:
         IdempotencyKey.objects.filter(pk=key_id).delete()
         if "order_reference_unique_per_merchant" in str(exc):

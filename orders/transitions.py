@@ -5,6 +5,7 @@ must still be what the caller saw), the transition row and the outbox event. A s
 arrives late or twice finds the order at or past its target: it is recorded and ignored.
 """
 
+import json
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
@@ -15,8 +16,8 @@ from django.utils import timezone
 
 from config import metrics
 from orders import events
-from orders.models import IgnoredSignal, Order, OrderStatus, OrderTransition, Outcome
-from orders.outbox import event_emit
+from orders.models import IgnoredSignal, Order, OrderStatus, Outcome
+from orders.outbox import event_prepare, event_written
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +62,46 @@ def _due(status: str):
     return timezone.now() + timedelta(seconds=settings.STAGE_TIMEOUT_SECONDS[status])
 
 
-def order_record_created(*, order: Order, reason: str = "order created") -> None:
-    """Write the first transition and the order-created event of a just-inserted order."""
-    OrderTransition.objects.create(order=order, from_status=None, to_status=S.PENDING, reason=reason)
-    event_emit(topic=events.ORDER_CREATED, order_id=order.id, payload=_payload(order.id, S.PENDING, None))
+def order_insert(*, order: Order, then_sql: str = "", then_params: list | None = None) -> None:
+    """Insert a new order with its first transition and its order-created event, in one statement.
+
+    `then_sql`, a data-modifying statement of the caller's, runs in the same statement (the order
+    API stores its idempotent answer there); everything is in the caller's transaction.
+    """
+    order.created_at = order.created_at or timezone.now()
+    order.updated_at = order.updated_at or order.created_at
+    fields = Order._meta.concrete_fields
+    columns = ", ".join(field.column for field in fields)
+    values = [field.get_db_prep_save(getattr(order, field.attname), connection) for field in fields]
+    event = event_prepare(
+        topic=events.ORDER_CREATED, order_id=order.id, payload=_payload(order.id, S.PENDING, None)
+    )
+    sql = (
+        f"WITH created AS (INSERT INTO {Order._meta.db_table} ({columns})"
+        f" VALUES ({', '.join(['%s'] * len(fields))}) RETURNING id),"
+        " logged AS ("
+        "  INSERT INTO orders_ordertransition (order_id, from_status, to_status, reason, channel, created_at)"
+        "  SELECT id, NULL, %s, 'order created', NULL, %s FROM created),"
+        " announced AS ("
+        "  INSERT INTO orders_outboxevent (topic, order_id, payload, created_at, published_at)"
+        "  SELECT %s, id, %s::jsonb, %s, %s FROM created RETURNING id)"
+        + (f", caller AS ({then_sql})" if then_sql else "")
+        + " SELECT id FROM announced"
+    )
+    params = [
+        *values,
+        S.PENDING,
+        order.created_at,
+        event.topic,
+        json.dumps(event.payload),
+        event.created_at,
+        event.published_at,
+        *(then_params or []),
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        event_written(event, cursor.fetchone()[0])
+    order._state.adding, order._state.db = False, connection.alias
     metrics.order_transitioned(order_id=order.id, from_status=None, to=S.PENDING)
 
 
@@ -122,18 +159,15 @@ def order_transition(
         where = {"id": order_id, "status": seen_status}
         if seen_status == S.ASSIGNED:
             where["channel"] = seen_channel
+        topic = events.CHANNEL_ALLOCATED if to == S.ASSIGNED else events.ORDER_UPDATED
+        # The channel in the payload is the one the order ends with; _move writes it from the row.
+        event = event_prepare(topic=topic, order_id=order_id, payload=_payload(order_id, to, None))
         with transaction.atomic(savepoint=False):
-            new_channel = _compare_and_set(where, changes)
-            if new_channel is not _MISSED:
-                OrderTransition.objects.create(
-                    order_id=order_id,
-                    from_status=seen_status,
-                    to_status=to,
-                    reason=reason,
-                    channel=new_channel,
-                )
-                topic = events.CHANNEL_ALLOCATED if to == S.ASSIGNED else events.ORDER_UPDATED
-                event_emit(topic=topic, order_id=order_id, payload=_payload(order_id, to, new_channel))
+            moved = _move(where, changes, seen_status, to, reason, event)
+            if moved is not None:
+                new_channel, event_id = moved
+                event.payload["channel"] = new_channel
+                event_written(event, event_id)
                 logger.info(
                     "order.transition",
                     extra={"order_id": str(order_id), "from": seen_status, "to": to, "channel": new_channel},
@@ -151,26 +185,44 @@ def order_transition(
     raise IllegalTransition(f"order {order_id} kept changing while moving to {to}")
 
 
-_MISSED = object()
+def _move(where: dict, changes: dict, from_status: str, to: str, reason: str, event) -> tuple | None:
+    """One statement for the whole transition, or None if the order is no longer as `where` says.
 
-
-def _compare_and_set(where: dict, changes: dict):
-    """UPDATE the order only if it is still as `where` says; the channel it ends with, or _MISSED.
-
-    Raw SQL for RETURNING: the transition row records the channel without another read.
+    The conditional UPDATE, the transition row and the outbox event go to PostgreSQL together:
+    the two INSERTs only happen if the UPDATE matched, and both take the channel the order ends
+    with from its RETURNING. Returns (channel, outbox event id).
     """
     table = Order._meta.db_table
     sets = ", ".join(f"{Order._meta.get_field(name).column} = %s" for name in changes)
-    conds = " AND ".join(
-        f"{Order._meta.get_field('id' if name == 'id' else name).column} = %s" for name in where
+    conds = " AND ".join(f"{Order._meta.get_field(name).column} = %s" for name in where)
+    sql = (
+        f"WITH moved AS (UPDATE {table} SET {sets} WHERE {conds} RETURNING id, channel),"
+        " logged AS ("
+        "  INSERT INTO orders_ordertransition (order_id, from_status, to_status, reason, channel, created_at)"
+        "  SELECT id, %s, %s, %s, channel, %s FROM moved),"
+        " announced AS ("
+        "  INSERT INTO orders_outboxevent (topic, order_id, payload, created_at, published_at)"
+        "  SELECT %s, id, jsonb_build_object("
+        "    'order_id', id::text, 'status', %s::text, 'channel', channel, 'request_id', %s::text),"
+        "  %s, %s FROM moved RETURNING id)"
+        " SELECT moved.channel, announced.id FROM moved, announced"
     )
+    params = [
+        *changes.values(),
+        *where.values(),
+        from_status,
+        to,
+        reason,
+        changes["updated_at"],
+        event.topic,
+        to,
+        event.payload["request_id"],
+        event.created_at,
+        event.published_at,
+    ]
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {table} SET {sets} WHERE {conds} RETURNING channel",
-            [*changes.values(), *where.values()],
-        )
-        row = cursor.fetchone()
-    return _MISSED if row is None else row[0]
+        cursor.execute(sql, params)
+        return cursor.fetchone()
 
 
 def _record_ignored(order_id, current: str, to: str, reason: str) -> None:

@@ -412,10 +412,10 @@ def test_metrics_are_served_as_prometheus_text(client):
 
 # --- query counts on the hot paths ---------------------------------------------------------
 
-# Create: merchant lookup, claim the key, savepoint, insert order, transition, outbox event,
-# store the answer on the key, release savepoint. The savepoint pair is the test's own
-# transaction showing through; in production the same block is BEGIN/COMMIT.
-CREATE_QUERIES = 8
+# Create: merchant lookup, claim the key, savepoint, one statement inserting the order, its
+# transition and outbox event and storing the answer on the key, release savepoint. The
+# savepoint pair is the test's own transaction showing through; in production it is BEGIN/COMMIT.
+CREATE_QUERIES = 5
 
 
 def test_create_query_count_is_pinned(api, django_assert_max_num_queries):

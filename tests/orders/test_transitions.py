@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from orders import events
 from orders.models import IgnoredSignal, Order, OrderStatus, OrderTransition, OutboxEvent, Outcome
-from orders.transitions import ALLOWED, RANK, IllegalTransition, order_record_created, order_transition
+from orders.transitions import ALLOWED, RANK, IllegalTransition, order_insert, order_transition
 from tests.factories import OrderFactory, make_merchant
 
 pytestmark = pytest.mark.django_db
@@ -55,6 +55,13 @@ def _order(status: str, *, merchant=None, outcome: str | None = None, channel: s
     if merchant is not None:
         fields["merchant"] = merchant
     return OrderFactory(**fields)
+
+
+def _new_order(*, merchant=None) -> Order:
+    """A pending order inserted the way the API does: with its first transition and event."""
+    order = OrderFactory.build(status=S.PENDING, merchant=merchant or make_merchant().merchant)
+    order_insert(order=order)
+    return order
 
 
 def _move(order: Order, to: str, **kwargs):
@@ -304,11 +311,15 @@ def test_unknown_order_raises_does_not_exist():
         order_transition(order_id=uuid.uuid4(), to=S.FAILED, reason="nobody")
 
 
-def test_record_created_writes_the_first_transition_and_event():
-    order = _order(S.PENDING)
+def test_insert_writes_the_order_its_first_transition_and_event_in_one_statement(
+    django_assert_num_queries,
+):
+    order = OrderFactory.build(status=S.PENDING, merchant=make_merchant().merchant)
 
-    order_record_created(order=order)
+    with django_assert_num_queries(1):
+        order_insert(order=order)
 
+    assert Order.objects.get(pk=order.pk).reference == order.reference
     row = OrderTransition.objects.get(order=order)
     assert (row.from_status, row.to_status) == (None, S.PENDING)
     assert OutboxEvent.objects.get(order_id=order.pk).topic == events.ORDER_CREATED
@@ -319,8 +330,7 @@ def test_record_created_writes_the_first_transition_and_event():
 
 def test_transition_log_refuses_update_at_the_database():
     # given
-    order = _order(S.PENDING)
-    order_record_created(order=order)
+    order = _new_order()
     # when / then
     with pytest.raises(Error, match="append-only"), transaction.atomic():
         OrderTransition.objects.filter(order=order).update(reason="rewritten")
@@ -329,8 +339,7 @@ def test_transition_log_refuses_update_at_the_database():
 
 def test_transition_log_refuses_delete_at_the_database():
     # given
-    order = _order(S.PENDING)
-    order_record_created(order=order)
+    order = _new_order()
     # when / then
     with pytest.raises(Error, match="append-only"), transaction.atomic():
         OrderTransition.objects.filter(order=order).delete()
@@ -338,8 +347,7 @@ def test_transition_log_refuses_delete_at_the_database():
 
 
 def test_transition_log_refuses_a_model_save_of_an_existing_row():
-    order = _order(S.PENDING)
-    order_record_created(order=order)
+    order = _new_order()
     row = OrderTransition.objects.get(order=order)
     row.to_status = S.PAID
 
@@ -370,8 +378,7 @@ def merchant(db):
 @given(sequence=signals)
 def test_random_signal_sequences_never_go_backwards(merchant, sequence):
     # given: a fresh order per example
-    order = _order(S.PENDING, merchant=merchant)
-    order_record_created(order=order)
+    order = _new_order(merchant=merchant)
     # when / then: after every signal the order is never lower and its outcome never changes
     for to, channel in sequence:
         before_status, before_outcome = Order.objects.values_list("status", "outcome").get(pk=order.pk)
