@@ -125,6 +125,8 @@ SPECTACULAR_SETTINGS = {
 
 # --- Celery (SPEC 9): Redis only carries work; PostgreSQL is the record.
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL)
+# Kombu's Redis transport sharing one client per channel (see config/broker.py).
+CELERY_BROKER_TRANSPORT = "config.broker:Transport"
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
