@@ -38,7 +38,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-restart",
         action="store_true",
-        help="use the running stack as it is (it must run with SANDBOX_WEBHOOK_DELAY=0)",
+        help="use the running stack as it is (it must have been started with the bench environment)",
     )
     parser.add_argument(
         "--keep-stack",

@@ -13,6 +13,7 @@ TARGETS = (
     ("steady p99 create->completed ms", "steady", "p99_ms", "<=", 500),
     ("SQL statements per order", None, "queries_per_order", "<=", 40),
     ("growth e2e and p99 within 10 %", "growth", "within_10pct", "==", True),
+    ("growth CPU and SQL/order within 10 %", "growth", "work_within_10pct", "==", True),
 )
 
 
@@ -112,7 +113,9 @@ def table(results: dict) -> str:
             lines.append(
                 f"growth vs burst on {_fmt(c['baseline']['stored_orders'])} stored orders:"
                 f" e2e {_fmt(c['e2e_change_pct'])} %, p99 {_fmt(c['p99_change_pct'])} %,"
-                f" create {_fmt(c['api_create_change_pct'])} %"
+                f" create {_fmt(c['api_create_change_pct'])} %,"
+                f" CPU/order {_fmt(c['cpu_per_order_change_pct'])} %,"
+                f" SQL/order {_fmt(c['queries_per_order_change_pct'])} %"
                 + ("" if c["comparable"] else " (baseline table not small: not comparable)")
             )
         else:
@@ -123,6 +126,11 @@ def table(results: dict) -> str:
             parts = ", ".join(f"{name} {value}" for name, value in r["cpu_ms_per_order"].items())
             outside = ", ".join(f"{name} {value}" for name, value in r["cpu_s_outside_stack"].items())
             lines.append(f"{phase} CPU ms/order: {parts}; CPU s outside the stack: {outside}")
+            lines.append(
+                f"{phase}: {m['cores']} cores / {_fmt(r['cpu_ms_per_order']['total'])} ms per order"
+                f" = at most {_fmt(r['cpu_bound_per_s'])} orders/s"
+                " if the stack had the machine alone (estimate)"
+            )
     if results.get("queries_per_order") is not None:
         lines.append(
             f"SQL statements per order: {_fmt(results['queries_per_order'])}"
@@ -134,7 +142,7 @@ def table(results: dict) -> str:
     lines.append("targets:")
     for t in results["targets"]:
         verdict = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
-        lines.append(f"  {t['target']:<34} {t['bound']:<8} {_fmt(t['value']):>10}  {verdict}")
+        lines.append(f"  {t['target']:<37} {t['bound']:<8} {_fmt(t['value']):>10}  {verdict}")
     return "\n".join(lines)
 
 
