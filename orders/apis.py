@@ -2,7 +2,6 @@
 
 import uuid
 
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers, status
 from rest_framework.pagination import CursorPagination
@@ -65,7 +64,13 @@ class OrderListCreateApi(APIView):
         operation_id="orders_create",
         request=OrderCreateSerializer,
         parameters=[
-            OpenApiParameter("Idempotency-Key", OpenApiTypes.STR, OpenApiParameter.HEADER, required=True)
+            OpenApiParameter(
+                "Idempotency-Key",
+                {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x20-\\x7E]+$"},
+                OpenApiParameter.HEADER,
+                required=True,
+                description="1 to 255 printable ASCII characters; the same key replays the first answer.",
+            )
         ],
         responses={201: OrderSerializer, **ERRORS},
     )

@@ -1,0 +1,273 @@
+"""Who may call what: API keys (missing, wrong, revoked), merchants kept apart, body size and
+rate limits, and the admin for staff only (SPEC 3, 8)."""
+
+import json
+import time
+import uuid
+
+import pytest
+from django.contrib.auth.models import User
+from rest_framework.test import APIClient
+
+from orders.models import Order
+from orders.services import merchant_rotate_api_key
+from tests.factories import make_merchant
+
+ORDERS = "/api/v1/orders"
+BODY = {"amount": 1050, "currency": "USD", "reference": "inv-1"}
+
+
+def client_for(api_key: str | None = None, header: str | None = None) -> APIClient:
+    client = APIClient()
+    if header is not None:
+        client.credentials(HTTP_AUTHORIZATION=header)
+    elif api_key is not None:
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key}")
+    return client
+
+
+def create(client: APIClient, reference: str = "inv-1", **extra):
+    return client.post(
+        ORDERS, {**BODY, "reference": reference, **extra}, format="json", HTTP_IDEMPOTENCY_KEY=reference
+    )
+
+
+def every_endpoint(order_id: str) -> list[tuple[str, str]]:
+    return [
+        ("get", ORDERS),
+        ("post", ORDERS),
+        ("get", f"{ORDERS}/{order_id}"),
+        ("get", f"{ORDERS}/{order_id}/events"),
+    ]
+
+
+def call(client: APIClient, method: str, path: str):
+    if method == "post":
+        return client.post(path, BODY, format="json", HTTP_IDEMPOTENCY_KEY=str(uuid.uuid4()))
+    return client.get(path)
+
+
+@pytest.fixture
+def order_of_a(db):
+    creds = make_merchant()
+    response = create(client_for(creds.api_key))
+    assert response.status_code == 201
+    return creds, response.json()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,  # no Authorization header
+        "Bearer",
+        "Bearer ",
+        "Basic dXNlcjpwYXNz",
+        "Token sk_abc",
+        "Bearer sk_000000000000_not-a-real-key",
+        "Bearer not-even-our-format",
+        "Bearer sk_\x00",
+        "Bearer " + "sk_" + "a" * 300,
+    ],
+)
+def test_missing_or_wrong_key_is_401_on_every_endpoint(order_of_a, header):
+    # given
+    _, order = order_of_a
+    client = client_for(header=header) if header is not None else APIClient()
+    count = Order.objects.count()
+    # when / then
+    for method, path in every_endpoint(order["id"]):
+        response = call(client, method, path)
+        assert response.status_code == 401, (method, path, response.content)
+        assert response.json()["error"]["code"] == "unauthorized"
+        assert response["WWW-Authenticate"].startswith("Bearer")
+        assert order["id"] not in response.content.decode()
+    assert Order.objects.count() == count
+
+
+@pytest.mark.django_db
+def test_a_key_with_the_right_prefix_but_wrong_secret_is_401(order_of_a):
+    creds, order = order_of_a
+    prefix, _, secret = creds.api_key.rpartition("_")
+    forged = f"{prefix}_{'x' * len(secret)}"
+    for method, path in every_endpoint(order["id"]):
+        assert call(client_for(forged), method, path).status_code == 401
+
+
+@pytest.mark.django_db
+def test_a_rotated_key_is_revoked_at_once_and_the_new_one_works(order_of_a):
+    # given
+    creds, order = order_of_a
+    # when
+    new_key = merchant_rotate_api_key(merchant=creds.merchant)
+    # then
+    for method, path in every_endpoint(order["id"]):
+        assert call(client_for(creds.api_key), method, path).status_code == 401
+    assert client_for(new_key).get(f"{ORDERS}/{order['id']}").status_code == 200
+
+
+@pytest.mark.django_db
+def test_a_deactivated_merchants_key_is_401_everywhere(order_of_a):
+    # given a key that worked
+    creds, order = order_of_a
+    assert client_for(creds.api_key).get(f"{ORDERS}/{order['id']}").status_code == 200
+    # when its merchant is deactivated
+    creds.merchant.is_active = False
+    creds.merchant.save(update_fields=["is_active"])
+    # then
+    count = Order.objects.count()
+    for method, path in every_endpoint(order["id"]):
+        response = call(client_for(creds.api_key), method, path)
+        assert response.status_code == 401, (method, path)
+        assert order["id"] not in response.content.decode()
+    assert Order.objects.count() == count
+
+
+@pytest.mark.django_db
+def test_another_merchants_order_is_404_everywhere_and_never_listed(order_of_a):
+    # given merchant A's order, and merchant B
+    _, order = order_of_a
+    b = client_for(make_merchant().api_key)
+    # when B asks for it by id, for its events, by reference, or lists everything
+    for path in (f"{ORDERS}/{order['id']}", f"{ORDERS}/{order['id']}/events"):
+        response = b.get(path)
+        # then: as if it did not exist, and nothing of it in the answer
+        assert response.status_code == 404
+        assert response.json() == {"error": {"code": "not_found", "message": "No such order."}}
+    for query in ("", "?reference=inv-1", f"?status={order['status']}"):
+        response = b.get(f"{ORDERS}{query}")
+        assert response.status_code == 200
+        assert response.json()["results"] == []
+    # and B reusing A's reference and Idempotency-Key gets an order of its own, not A's
+    response = create(b, reference="inv-1")
+    assert response.status_code == 201
+    assert response.json()["id"] != order["id"]
+    assert "Idempotent-Replayed" not in response
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("method", ["get", "head", "options", "post", "put", "patch", "delete"])
+@pytest.mark.parametrize("suffix", ["", "/events"])
+def test_another_merchants_order_answers_exactly_as_a_missing_one(order_of_a, method, suffix):
+    # given merchant A's order, merchant B, and an id that exists nowhere
+    _, order = order_of_a
+    b = client_for(make_merchant().api_key)
+    before = Order.objects.values().get(pk=order["id"])
+    missing = str(uuid.uuid4())
+    # when B tries any method on A's order, and on the missing one
+    theirs = getattr(b, method)(f"{ORDERS}/{order['id']}{suffix}", {"amount": 1}, format="json")
+    nobodys = getattr(b, method)(f"{ORDERS}/{missing}{suffix}", {"amount": 1}, format="json")
+    # then B cannot tell them apart (status and body), nothing of A's order shows, nothing changed
+    assert theirs.status_code in (200, 404, 405), theirs.content
+    assert theirs.status_code == nobodys.status_code
+    assert theirs.content.decode().replace(order["id"], missing) == nobodys.content.decode()
+    for value in (order["id"], order["reference"], str(order["amount"])):
+        assert value not in theirs.content.decode()
+    if method == "get":
+        assert theirs.status_code == 404
+    assert Order.objects.values().get(pk=order["id"]) == before
+
+
+@pytest.mark.django_db
+def test_an_unknown_order_id_is_the_same_404_as_another_merchants(order_of_a):
+    creds_a, _ = order_of_a
+    a = client_for(creds_a.api_key)
+    for order_id in (str(uuid.uuid4()), "not-a-uuid", "1 OR 1=1", "%00"):
+        response = a.get(f"{ORDERS}/{order_id}")
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "not_found"
+
+
+def body_of(size: int) -> str:
+    """An order body of exactly `size` bytes (the description pads it)."""
+    skeleton = json.dumps({**BODY, "description": ""})
+    body = json.dumps({**BODY, "description": "x" * (size - len(skeleton))})
+    assert len(body.encode()) == size
+    return body
+
+
+@pytest.mark.django_db
+def test_a_body_over_64_kib_is_413_before_anything_reads_it(merchant_creds):
+    client = client_for(merchant_creds.api_key)
+    # exactly 64 KiB is read and validated (the description is too long: 400, not 413)
+    response = client.post(
+        ORDERS, body_of(64 * 1024), content_type="application/json", HTTP_IDEMPOTENCY_KEY="k"
+    )
+    assert response.status_code == 400
+    assert "description" in response.json()["error"]["fields"]
+    # one byte more is refused unread, whoever sends it: a merchant, anyone, or a provider webhook
+    for client, path in (
+        (client_for(merchant_creds.api_key), ORDERS),
+        (APIClient(), ORDERS),
+        (APIClient(), "/api/v1/gateway/webhooks/sandbox"),
+    ):
+        response = client.post(
+            path, body_of(64 * 1024 + 1), content_type="application/json", HTTP_IDEMPOTENCY_KEY="k"
+        )
+        assert response.status_code == 413, path
+        assert response.json()["error"]["code"] == "payload_too_large"
+    assert Order.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_over_the_rate_limit_is_429_with_retry_after(merchant_creds, settings):
+    # given a limit of 3 requests per second per key
+    settings.API_RATE_LIMIT_PER_SECOND = 3
+    client = client_for(merchant_creds.api_key)
+    # when 12 come as fast as they can: reads, and creations each with a key of its own
+    started = time.time()
+    responses = [client.get(ORDERS) for _ in range(6)] + [
+        create(client, reference=f"burst-{n}") for n in range(6)
+    ]
+    windows = int(time.time()) - int(started) + 1  # one-second windows the burst touched
+    # then at most 3 per window passed, the rest were refused, and a refused create made nothing
+    passed = [r for r in responses if r.status_code in (200, 201)]
+    limited = [r for r in responses if r.status_code == 429]
+    assert len(passed) + len(limited) == len(responses)
+    assert limited
+    assert len(passed) <= 3 * windows
+    for response in limited:
+        assert response.json()["error"]["code"] == "rate_limited"
+        assert response["Retry-After"] == "1"  # the rest of the current one-second window
+    assert Order.objects.count() == sum(r.status_code == 201 for r in responses)
+    # and another merchant's key has its own budget
+    assert client_for(make_merchant().api_key).get(ORDERS).status_code == 200
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/admin/",
+        "/admin/dashboard/",
+        "/admin/orders/order/",
+        "/admin/orders/merchant/",
+        "/admin/allocation/paymentchannel/",
+        "/admin/callbacks/callbackdelivery/",
+        "/admin/gateway/chargeattempt/",
+        "/admin/gateway/providerwebhook/",
+    ],
+)
+def test_admin_sends_anonymous_and_non_staff_to_the_login(client, path, merchant_creds):
+    # anonymous, and anonymous with a merchant's API key (a key is not an admin login)
+    for response in (
+        client.get(path),
+        client.get(path, HTTP_AUTHORIZATION=f"Bearer {merchant_creds.api_key}"),
+    ):
+        assert response.status_code == 302
+        assert response["Location"].startswith("/admin/login/")
+    # a logged-in user who is not staff
+    User.objects.create_user("clerk", password="pw-123456789")
+    client.login(username="clerk", password="pw-123456789")
+    response = client.get(path)
+    assert response.status_code == 302
+    assert response["Location"].startswith("/admin/login/")
+
+
+@pytest.mark.django_db
+def test_admin_opens_for_staff(client):
+    # the refusals above are about who asks, not broken pages
+    User.objects.create_superuser("ops", password="pw-123456789")
+    client.login(username="ops", password="pw-123456789")
+    for path in ("/admin/", "/admin/dashboard/", "/admin/orders/order/", "/admin/orders/merchant/"):
+        assert client.get(path).status_code == 200, path
