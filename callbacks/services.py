@@ -1,6 +1,5 @@
 """Client callbacks: one signed delivery per order outcome, retried on a stored schedule (SPEC 6)."""
 
-import functools
 import json
 import logging
 import random
@@ -17,7 +16,7 @@ from callbacks.signing import signature_headers
 from config import metrics
 from config.faults import fault_point
 from orders.models import Order, OrderStatus
-from orders.serializers import OrderSerializer
+from orders.serializers import order_representation
 from orders.services import merchant_signing_secrets
 from orders.transitions import order_transition
 
@@ -73,16 +72,6 @@ def _record_attempt(*, attempt: list, delivery_id: int, changes: dict) -> None:
         cursor.execute(_RECORD_SQL.format(sets=sets), [*attempt, *changes.values(), delivery_id])
 
 
-@functools.cache
-def _order_serializer() -> OrderSerializer:
-    """One OrderSerializer for every callback body.
-
-    A ModelSerializer builds its fields from the model on first use, which costs more than
-    rendering an order; the fields hold no per-order state, so they are built once.
-    """
-    return OrderSerializer()
-
-
 def _next_delay(attempts: int) -> float | None:
     """Seconds until the next attempt after `attempts` attempts, with ±10 % jitter; None: give up."""
     schedule = settings.CALLBACK_RETRY_SCHEDULE
@@ -104,9 +93,7 @@ def callback_deliver(*, order_id) -> bool:
     if claim is None:
         return False
     delivery_id, webhook_id, attempts = claim
-    body = json.dumps(
-        {"type": event_type, "data": _order_serializer().to_representation(order)}, separators=(",", ":")
-    )
+    body = json.dumps({"type": event_type, "data": order_representation(order)}, separators=(",", ":"))
     headers = signature_headers(
         secrets=merchant_signing_secrets(merchant=order.merchant), msg_id=webhook_id, body=body
     )

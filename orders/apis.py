@@ -15,6 +15,7 @@ from orders.serializers import (
     OrderListQuerySerializer,
     OrderSerializer,
     TransitionSerializer,
+    order_representation,
 )
 
 ErrorSerializer = inline_serializer(
@@ -134,7 +135,7 @@ def _order_or_404(request, order_id: str):
 class OrderDetailApi(APIView):
     @extend_schema(operation_id="orders_retrieve", responses={200: OrderSerializer, **ERRORS})
     def get(self, request, order_id: str):
-        return Response(OrderSerializer(_order_or_404(request, order_id)).data)
+        return Response(order_representation(_order_or_404(request, order_id)))
 
 
 class OrderEventsApi(APIView):

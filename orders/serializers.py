@@ -1,5 +1,6 @@
 """Order API input validation and the order representation (SPEC 3)."""
 
+import functools
 import json
 
 import pycountry
@@ -175,6 +176,18 @@ class OrderSerializer(serializers.ModelSerializer):
             "completed_at",
         )
         read_only_fields = fields
+
+
+@functools.cache
+def _order_serializer() -> OrderSerializer:
+    # A ModelSerializer builds its fields from the model on first use, which costs more than
+    # rendering an order; the fields hold no per-order state, so one instance serves every call.
+    return OrderSerializer()
+
+
+def order_representation(order: Order) -> dict:
+    """The order object of the API (SPEC 3): the create answer, the detail and callback bodies."""
+    return _order_serializer().to_representation(order)
 
 
 class TransitionSerializer(serializers.Serializer):

@@ -18,7 +18,7 @@ from config.errors import ApiError
 from orders import crypto, events
 from orders.models import IdempotencyKey, Merchant, Order, OrderStatus
 from orders.outbox import event_emit
-from orders.serializers import OrderSerializer
+from orders.serializers import order_representation
 from orders.transitions import order_insert
 
 logger = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ def order_create(
         updated_at=now,
         next_check_at=now + timedelta(seconds=settings.STAGE_TIMEOUT_SECONDS["pending"]),
     )
-    body = json.loads(json.dumps(OrderSerializer(order).data, default=str))
+    body = json.loads(json.dumps(order_representation(order), default=str))
     try:
         with transaction.atomic():
             order_insert(order=order, then_sql=_KEY_DONE_SQL, then_params=[json.dumps(body), key_id])
