@@ -155,11 +155,14 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
 
 
 @pytest.fixture(scope="package")
-def stack(django_db_setup, django_db_blocker):
+def stack(django_db_setup, django_db_blocker, tmp_path_factory):
     """Package scope: the workers stop when tests/e2e ends, so later unit tests see quiet queues."""
     db = settings.DATABASES["default"]
     env = {
         **os.environ,
+        # As under `make up`: every process writes its metrics there and the web's /metrics sums
+        # them. A fresh directory per session, so counters start from zero.
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path_factory.mktemp("prometheus")),
         "DJANGO_SETTINGS_MODULE": "config.settings.test",
         "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
         "TEST_REDIS_URL": settings.REDIS_URL,
