@@ -26,9 +26,11 @@ from tests.e2e.conftest import QUEUES, ROOT, VENV, Stack, _ok, wait_for
 FAULTS = ROOT / ".run" / "faults"
 LOGS = FAULTS / "log"
 POINT_DIR = FAULTS / "points"
-WEB = "127.0.0.1:28000"
-SANDBOX = "127.0.0.1:28001"
-RECEIVER_PORT = 28002
+# Ports of the fault stack; FAULT_PORT_BASE moves them all (two suites on one machine).
+_BASE = int(os.environ.get("FAULT_PORT_BASE", "28000"))
+WEB = f"127.0.0.1:{_BASE}"
+SANDBOX = f"127.0.0.1:{_BASE + 1}"
+RECEIVER_PORT = _BASE + 2
 
 # Which process carries which fault point: a point fires in the first process that reaches it,
 # so each is compiled into the one process whose window it is meant to hit.
