@@ -13,6 +13,16 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 
 
+@signals.setup_logging.connect
+def _keep_django_logging(**_) -> None:
+    """Leave logging to Django's LOGGING (JSON lines, secret redaction, LOG_LEVEL).
+
+    Without a receiver here, Celery sets the root logger to the worker's `-l` level and adds its
+    own handler: with `-l warning` every stage's INFO line (SPEC 8: logs carrying the order id)
+    was dropped in the running workers. Celery's own loggers stay at WARNING (LOGGING).
+    """
+
+
 @signals.task_postrun.connect
 def _drop_broken_db_connections(**_) -> None:
     """Close a database connection that failed during the task, if it no longer works.
