@@ -12,6 +12,7 @@ from allocation.selectors import channel_by_code
 from allocation.services import channel_record_failure, order_reallocate
 from config import metrics
 from config.faults import fault_point
+from config.logging import request_id_var
 from gateway.models import ChargeAttempt
 from gateway.providers.base import ChargeOutcome, ChargeRequest, ChargeResult, WebhookEvent, get_adapter
 from orders.models import Order, OrderStatus
@@ -161,7 +162,7 @@ def _charge_record(*, order: Order, attempt: ChargeAttempt, result: ChargeResult
 
 
 _ATTEMPT_SQL = (
-    "SELECT a.id, a.status, a.channel, a.order_id, o.status, o.channel"
+    "SELECT a.id, a.status, a.channel, a.order_id, o.status, o.channel, o.request_id"
     " FROM gateway_chargeattempt a JOIN orders_order o ON o.id = a.order_id"
     " WHERE a.idempotency_key = %s"
 )
@@ -206,7 +207,9 @@ def _attempt_with_order(
     if row is None:
         return None
     attempt = _from_row(ChargeAttempt, ["id", "status", "channel", "order_id"], row[:4])
-    attempt.order = _from_row(Order, ["id", "status", "channel"], (row[3], row[4], row[5]))
+    attempt.order = _from_row(
+        Order, ["id", "status", "channel", "request_id"], (row[3], row[4], row[5], row[6])
+    )
     return attempt
 
 
@@ -238,6 +241,9 @@ def order_confirm(
             )
             return None
         order = attempt.order
+        # A provider's webhook is a request of its own: the order's lines, and the events this
+        # confirm emits, keep the id of the API request that created the order.
+        request_id_var.set(order.request_id or request_id_var.get())
         seen_status = order.status
         if seen_status == OrderStatus.ASSIGNED and order.channel == attempt.channel:
             # The provider's answer outran our own record of the charge request.

@@ -6,11 +6,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from django.db import connection
 
+from config.logging import request_id_var
 from gateway import services
 from gateway.models import ChargeAttempt
 from gateway.providers import base
 from gateway.providers.base import ChargeOutcome, ChargeResult, StatusResult
-from orders.models import Order, OrderTransition
+from orders.models import Order, OrderTransition, OutboxEvent
 from orders.transitions import order_transition
 from tests.factories import ChannelFactory, OrderFactory
 
@@ -249,3 +250,23 @@ def test_provider_webhook_verification(client, settings):
     assert (again.status_code, again.json()["duplicate"]) == (200, True)
     assert order.provider_webhooks.count() == 1
     assert Order.objects.get(pk=order.pk).status == "assigned"  # the confirm task does the rest
+
+
+@pytest.mark.django_db
+def test_confirm_carries_the_creating_requests_id_into_its_event(stub, channels):
+    # given: an order created by API request "req-create", confirmed from a provider webhook,
+    # which runs under no request id of the merchant's
+    order = assigned_order()
+    Order.objects.filter(pk=order.pk).update(request_id="req-create")
+    services.order_charge(order_id=order.pk)
+    token = request_id_var.set(None)
+    try:
+        # when
+        services.order_confirm(
+            order_id=order.pk, idempotency_key=f"{order.pk}:stub-1", status="paid", source="webhook"
+        )
+    finally:
+        request_id_var.reset(token)
+    # then: the paid event, which starts the callback task, names the creating request
+    paid = OutboxEvent.objects.filter(order_id=order.pk, payload__status="paid").get()
+    assert paid.payload["request_id"] == "req-create"
