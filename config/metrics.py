@@ -14,6 +14,11 @@ import os
 import time
 import uuid
 
+# prometheus-client picks multiprocess mode when the variable exists, even empty, and then writes
+# its files into the current directory, where /metrics never reads them. Empty means unset here.
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR") == "":
+    del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+
 import redis
 from django.conf import settings
 from django.db import DatabaseError

@@ -1,6 +1,11 @@
 """GET /metrics: Prometheus text whose counters move with the pipeline, and scrape-time gauges."""
 
+import os
+import subprocess
+import sys
+
 import pytest
+from django.conf import settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from allocation.services import order_allocate
@@ -145,3 +150,20 @@ def test_queue_depth_is_the_length_of_each_queue_in_redis(client, settings, redi
 
     assert value(samples, "celery_queue_depth", queue="metrics-test-q1") == 3
     assert value(samples, "celery_queue_depth", queue="metrics-test-q2") == 0
+
+
+def test_an_empty_multiprocess_directory_variable_means_in_process_metrics(tmp_path):
+    # prometheus-client alone would take "" as a directory and write its files into the cwd
+    script = (
+        "import django; django.setup()\n"
+        "from config import metrics\n"
+        "metrics.ORDERS_CREATED.inc()\n"
+        "from prometheus_client import values\n"
+        "print(values.ValueClass.__name__)\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": "", "PYTHONPATH": str(settings.BASE_DIR)}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "MutexValue"
+    assert list(tmp_path.iterdir()) == []
