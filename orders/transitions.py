@@ -5,6 +5,7 @@ must still be what the caller saw), the transition row and the outbox event. A s
 arrives late or twice finds the order at or past its target: it is recorded and ignored.
 """
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -102,7 +103,14 @@ def order_insert(*, order: Order, then_sql: str = "", then_params: list | None =
         cursor.execute(sql, params)
         event_written(event, cursor.fetchone()[0])
     order._state.adding, order._state.db = False, connection.alias
-    metrics.order_transitioned(order_id=order.id, from_status=None, to=S.PENDING)
+    _count_on_commit(order.id, None, S.PENDING)
+
+
+def _count_on_commit(order_id, from_status: str | None, to: str) -> None:
+    """Count the transition once it is committed: a rolled-back or killed one never happened."""
+    transaction.on_commit(
+        functools.partial(metrics.order_transitioned, order_id=order_id, from_status=from_status, to=to)
+    )
 
 
 def _payload(order_id, status: str, channel: str | None) -> dict:
@@ -172,7 +180,7 @@ def order_transition(
                     "order.transition",
                     extra={"order_id": str(order_id), "from": seen_status, "to": to, "channel": new_channel},
                 )
-                metrics.order_transitioned(order_id=order_id, from_status=seen_status, to=to)
+                _count_on_commit(order_id, seen_status, to)
                 return TransitionResult(True, to, new_channel)
         if to == S.ASSIGNED:
             # An assignment is only valid against the exact state the caller saw: a racing

@@ -17,7 +17,8 @@ from gateway.services import order_charge, order_confirm
 from orders.models import OutboxEvent
 from tests.factories import ChannelFactory
 
-pytestmark = pytest.mark.django_db
+# Transitions are counted when they commit, so these tests commit (and flush afterwards).
+pytestmark = pytest.mark.django_db(transaction=True)
 
 BODY = {"amount": 1050, "currency": "USD", "reference": "metrics-1"}
 
@@ -128,6 +129,7 @@ def test_a_duplicate_confirmation_is_not_counted_again(client, api, fake_channel
         )
 
 
+@pytest.mark.django_db  # no commit: the event stays unpublished in the outbox
 def test_outbox_backlog_is_read_when_scraped(client, api):
     before = value(scrape(client), "outbox_backlog")
     api.post("/api/v1/orders", BODY, format="json", HTTP_IDEMPOTENCY_KEY="m-4")
