@@ -1,11 +1,22 @@
 """Shared fixtures: real PostgreSQL (pytest-django's test database) and real Redis."""
 
+import os
+
 import pytest
+from hypothesis import settings as hypothesis_settings
 from rest_framework.test import APIClient
 
 from allocation.selectors import channel_cache_clear
 from orders.redis_client import get_redis
 from tests.factories import make_merchant
+
+# CI runs the property tests on the same examples every time, so a red build is reproducible
+# rather than a roll of the dice; elsewhere each run explores new ones. HYPOTHESIS_PROFILE=ci
+# replays CI's examples locally.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None)
+hypothesis_settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "default")
+)
 
 
 @pytest.fixture(autouse=True)
