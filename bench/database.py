@@ -191,14 +191,7 @@ def stored_orders_seed(
                 )
                 inserted += cursor.rowcount
             progress(have + inserted)
-        conn.autocommit = True
-        with conn.cursor() as cursor:
-            # Statistics and the visibility map, as a long-lived table would have them.
-            cursor.execute("VACUUM (ANALYZE) orders_order")
-            cursor.execute("VACUUM (ANALYZE) orders_ordertransition")
-            # Written out, as stored orders are: the bulk load's dirty pages would otherwise be
-            # flushed by the checkpointer while the growth burst is being measured.
-            cursor.execute("CHECKPOINT")
+        _settle(conn)
     finally:
         conn.close()
     return inserted
@@ -222,13 +215,20 @@ def stored_orders_unseed(dsn: str, *, merchant_id: str) -> int:
             )
             cursor.execute("DELETE FROM orders_order WHERE merchant_id = %s", [merchant_id])
             deleted = cursor.rowcount
-        conn.autocommit = True
-        with conn.cursor() as cursor:
-            cursor.execute("VACUUM (ANALYZE) orders_order")
-            cursor.execute("VACUUM (ANALYZE) orders_ordertransition")
-            # Written out, as stored orders are: the bulk load's dirty pages would otherwise be
-            # flushed by the checkpointer while the growth burst is being measured.
-            cursor.execute("CHECKPOINT")
+        _settle(conn)
     finally:
         conn.close()
     return deleted
+
+
+def _settle(conn) -> None:
+    """Leave the order tables as a long-lived database has them before anything is measured.
+
+    Statistics and the visibility map are current, and the bulk change is written out: its dirty
+    pages would otherwise be flushed by the checkpointer during the next measured burst.
+    """
+    conn.autocommit = True
+    with conn.cursor() as cursor:
+        cursor.execute("VACUUM (ANALYZE) orders_order")
+        cursor.execute("VACUUM (ANALYZE) orders_ordertransition")
+        cursor.execute("CHECKPOINT")

@@ -6,7 +6,6 @@ arrives late or twice finds the order at or past its target: it is recorded and 
 """
 
 import functools
-import json
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
@@ -78,30 +77,20 @@ def order_insert(*, order: Order, then_sql: str = "", then_params: list | None =
         topic=events.ORDER_CREATED, order_id=order.id, payload=_payload(order.id, S.PENDING, None)
     )
     sql = (
-        f"WITH created AS (INSERT INTO {Order._meta.db_table} ({columns})"
-        f" VALUES ({', '.join(['%s'] * len(fields))}) RETURNING id),"
-        " logged AS ("
-        "  INSERT INTO orders_ordertransition (order_id, from_status, to_status, reason, channel, created_at)"
-        "  SELECT id, NULL, %s, 'order created', NULL, %s FROM created),"
-        " announced AS ("
-        "  INSERT INTO orders_outboxevent (topic, order_id, payload, created_at, published_at)"
-        "  SELECT %s, id, %s::jsonb, %s, %s FROM created RETURNING id)"
+        f"WITH changed AS (INSERT INTO {Order._meta.db_table} ({columns})"
+        f" VALUES ({', '.join(['%s'] * len(fields))}) RETURNING id, channel),"
+        + _LOGGED_AND_ANNOUNCED
         + (f", caller AS ({then_sql})" if then_sql else "")
-        + " SELECT id FROM announced"
+        + _CHANNEL_AND_EVENT
     )
     params = [
         *values,
-        S.PENDING,
-        order.created_at,
-        event.topic,
-        json.dumps(event.payload),
-        event.created_at,
-        event.published_at,
+        *_logged_and_announced_params(None, S.PENDING, "order created", order.created_at, event),
         *(then_params or []),
     ]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        event_written(event, cursor.fetchone()[0])
+        event_written(event, cursor.fetchone()[1])
     order._state.adding, order._state.db = False, connection.alias
     _count_on_commit(order.id, None, S.PENDING)
 
@@ -197,40 +186,54 @@ def _move(where: dict, changes: dict, from_status: str, to: str, reason: str, ev
     """One statement for the whole transition, or None if the order is no longer as `where` says.
 
     The conditional UPDATE, the transition row and the outbox event go to PostgreSQL together:
-    the two INSERTs only happen if the UPDATE matched, and both take the channel the order ends
-    with from its RETURNING. Returns (channel, outbox event id).
+    the two INSERTs only happen if the UPDATE matched. Returns (channel, outbox event id).
     """
     table = Order._meta.db_table
     sets = ", ".join(f"{Order._meta.get_field(name).column} = %s" for name in changes)
     conds = " AND ".join(f"{Order._meta.get_field(name).column} = %s" for name in where)
     sql = (
-        f"WITH moved AS (UPDATE {table} SET {sets} WHERE {conds} RETURNING id, channel),"
-        " logged AS ("
-        "  INSERT INTO orders_ordertransition (order_id, from_status, to_status, reason, channel, created_at)"
-        "  SELECT id, %s, %s, %s, channel, %s FROM moved),"
-        " announced AS ("
-        "  INSERT INTO orders_outboxevent (topic, order_id, payload, created_at, published_at)"
-        "  SELECT %s, id, jsonb_build_object("
-        "    'order_id', id::text, 'status', %s::text, 'channel', channel, 'request_id', %s::text),"
-        "  %s, %s FROM moved RETURNING id)"
-        " SELECT moved.channel, announced.id FROM moved, announced"
+        f"WITH changed AS (UPDATE {table} SET {sets} WHERE {conds} RETURNING id, channel),"
+        + _LOGGED_AND_ANNOUNCED
+        + _CHANNEL_AND_EVENT
     )
     params = [
         *changes.values(),
         *where.values(),
+        *_logged_and_announced_params(from_status, to, reason, changes["updated_at"], event),
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchone()
+
+
+# What every change of an order writes with it, in the same statement: after a CTE `changed`
+# that returns the order's (id, channel), its transition row and its outbox event. The event's
+# payload is built from the row, so it names the channel the order ends with.
+_LOGGED_AND_ANNOUNCED = (
+    " logged AS ("
+    "  INSERT INTO orders_ordertransition (order_id, from_status, to_status, reason, channel, created_at)"
+    "  SELECT id, %s, %s, %s, channel, %s FROM changed),"
+    " announced AS ("
+    "  INSERT INTO orders_outboxevent (topic, order_id, payload, created_at, published_at)"
+    "  SELECT %s, id, jsonb_build_object("
+    "    'order_id', id::text, 'status', %s::text, 'channel', channel, 'request_id', %s::text),"
+    "  %s, %s FROM changed RETURNING id)"
+)
+_CHANNEL_AND_EVENT = " SELECT changed.channel, announced.id FROM changed, announced"
+
+
+def _logged_and_announced_params(from_status: str | None, to: str, reason: str, at, event) -> list:
+    return [
         from_status,
         to,
         reason,
-        changes["updated_at"],
+        at,
         event.topic,
         to,
         event.payload["request_id"],
         event.created_at,
         event.published_at,
     ]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return cursor.fetchone()
 
 
 def _record_ignored(order_id, current: str, to: str, reason: str) -> None:
