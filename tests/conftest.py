@@ -7,8 +7,10 @@ from hypothesis import settings as hypothesis_settings
 from rest_framework.test import APIClient
 
 from allocation.selectors import channel_cache_clear
+from gateway.providers import base
+from gateway.providers.base import ChargeOutcome, ChargeResult, InvalidWebhook, ProviderAdapter, StatusResult
 from orders.redis_client import get_redis
-from tests.factories import make_merchant
+from tests.factories import ChannelFactory, make_merchant
 
 # CI runs the property tests on the same examples every time, so a red build is reproducible
 # rather than a roll of the dice; elsewhere each run explores new ones. HYPOTHESIS_PROFILE=ci
@@ -53,3 +55,26 @@ def other_api(db):
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {creds.api_key}")
     client.creds = creds
     return client
+
+
+class AcceptingAdapter(ProviderAdapter):
+    """A provider that accepts every charge, answers "paid" when asked and sends no webhooks."""
+
+    name = "fake-accepting"
+
+    def charge(self, *, channel, request):
+        return ChargeResult(ChargeOutcome.ACCEPTED, provider_reference="pr-1", http_status=201)
+
+    def fetch_status(self, *, channel, idempotency_key):
+        return StatusResult("paid")
+
+    def parse_webhook(self, *, body, headers):
+        raise InvalidWebhook("the accepting provider sends no webhooks")
+
+
+@pytest.fixture
+def accepting_channel():
+    """The only channel: one of the AcceptingAdapter's (unit tests may stub the provider)."""
+    base.register(AcceptingAdapter())
+    yield ChannelFactory(code="accepting-a", provider=AcceptingAdapter.name)
+    base._adapters.pop(AcceptingAdapter.name, None)

@@ -8,6 +8,7 @@ from factory.django import DjangoModelFactory
 from allocation.models import PaymentChannel
 from orders.models import Order, OrderStatus
 from orders.services import MerchantCredentials, merchant_create
+from orders.transitions import order_transition
 
 _counter = itertools.count(1)
 
@@ -28,6 +29,22 @@ class OrderFactory(DjangoModelFactory):
     currency = "USD"
     callback_url = "http://127.0.0.1:9/hook"
     status = OrderStatus.PENDING
+
+
+def make_paid(order_id) -> None:
+    """Move an order to paid the way the gateway does: processing on a channel, then the provider's word."""
+    Order.objects.filter(pk=order_id).update(status=OrderStatus.PROCESSING, channel="sandbox-a")
+    order_transition(
+        order_id=order_id, to=OrderStatus.PAID, seen_status=OrderStatus.PROCESSING, reason="test"
+    )
+
+
+def make_paid_order(callback_url: str) -> tuple[MerchantCredentials, Order]:
+    """A paid order, its callback due, of a new merchant, both with `callback_url`."""
+    creds = make_merchant(callback_url=callback_url)
+    order = OrderFactory(merchant=creds.merchant, callback_url=callback_url)
+    make_paid(order.pk)
+    return creds, Order.objects.get(pk=order.pk)
 
 
 class ChannelFactory(DjangoModelFactory):

@@ -11,8 +11,7 @@ from standardwebhooks.webhooks import Webhook
 from callbacks import services
 from callbacks.models import CallbackAttempt, CallbackDelivery
 from orders.models import Order
-from orders.transitions import order_transition
-from tests.factories import OrderFactory, make_merchant
+from tests.factories import make_paid_order
 
 
 class Endpoint:
@@ -54,13 +53,6 @@ def endpoint():
         holder["e"].close()
 
 
-def paid_order(url: str):
-    creds = make_merchant(callback_url=url)
-    order = OrderFactory(merchant=creds.merchant, callback_url=url, status="processing", channel="sandbox-a")
-    order_transition(order_id=order.pk, to="paid", seen_status="processing", reason="test")
-    return creds, order
-
-
 def make_due(order):
     CallbackDelivery.objects.filter(order=order).update(next_attempt_at="2000-01-01T00:00:00Z")
 
@@ -68,7 +60,7 @@ def make_due(order):
 @pytest.mark.django_db
 def test_delivered_callback_completes_the_order_signed(endpoint):
     e = endpoint([200])
-    creds, order = paid_order(e.url)
+    creds, order = make_paid_order(e.url)
     assert services.callback_deliver(order_id=order.pk) is True
     order.refresh_from_db()
     assert (order.status, order.outcome) == ("completed", "paid")
@@ -83,7 +75,7 @@ def test_delivered_callback_completes_the_order_signed(endpoint):
 def test_failures_retry_on_the_stored_schedule_then_exhaust(endpoint, settings):
     settings.CALLBACK_RETRY_SCHEDULE = [1, 1]
     e = endpoint([500, 500, 500])
-    _, order = paid_order(e.url)
+    _, order = make_paid_order(e.url)
     assert services.callback_deliver(order_id=order.pk) is False
     # not due yet: a second copy of the task makes no attempt
     assert services.callback_deliver(order_id=order.pk) is False
@@ -106,7 +98,7 @@ def test_failures_retry_on_the_stored_schedule_then_exhaust(endpoint, settings):
 @pytest.mark.django_db(transaction=True)
 def test_two_copies_at_once_make_one_attempt(endpoint):
     e = endpoint([200], delay=0.3)
-    _, order = paid_order(e.url)
+    _, order = make_paid_order(e.url)
     barrier = threading.Barrier(2)
 
     def run():
@@ -134,7 +126,7 @@ def test_private_callback_url_refused_at_delivery_when_not_allowed(endpoint, set
     settings.CALLBACK_ALLOW_PRIVATE_NETWORKS = False
     _session.cache_clear()
     try:
-        _, order = paid_order(e.url)
+        _, order = make_paid_order(e.url)
         services.callback_deliver(order_id=order.pk)
     finally:
         _session.cache_clear()

@@ -1,78 +1,44 @@
 """Structured logs: every stage's line carries the order id; keys and secrets never reach a line."""
 
-import io
 import json
 import logging
 
 import pytest
-from pythonjsonlogger.json import JsonFormatter
 
 from allocation.services import order_allocate
 from callbacks.services import callback_deliver
-from config.logging import ContextFilter, order_id_var
+from config.logging import order_id_var
 from gateway.models import ChargeAttempt
-from gateway.providers import base
-from gateway.providers.base import ChargeOutcome, ChargeResult, InvalidWebhook, ProviderAdapter, StatusResult
 from gateway.services import order_charge, order_confirm
 from orders.models import Merchant
-from tests.factories import ChannelFactory
+from tests.logs import console_output
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def log_lines(settings):
-    """What the console handler would print: the settings' JSON formatter and filter on the root logger."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    formatter = settings.LOGGING["formatters"]["json"]
-    handler.setFormatter(JsonFormatter(formatter["fmt"], rename_fields=formatter["rename_fields"]))
-    handler.addFilter(ContextFilter())
-    root = logging.getLogger()
-    root.addHandler(handler)
-    previous = root.level
-    root.setLevel(logging.INFO)
-    try:
-        yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(previous)
+def log_lines():
+    """What the console handler would print at INFO, one parsed JSON object a line."""
+    with console_output(logging.INFO) as output:
+        yield lambda: [json.loads(line) for line in output().splitlines()]
 
 
-class Adapter(ProviderAdapter):
-    name = "fake-logs"
-
-    def charge(self, *, channel, request):
-        return ChargeResult(ChargeOutcome.ACCEPTED, provider_reference="pr-1", http_status=201)
-
-    def fetch_status(self, *, channel, idempotency_key):
-        return StatusResult("paid")
-
-    def parse_webhook(self, *, body, headers):
-        raise InvalidWebhook("none")
-
-
-def test_each_stage_logs_a_line_with_the_order_id(api, log_lines, settings):
+def test_each_stage_logs_a_line_with_the_order_id(api, log_lines, settings, accepting_channel):
     # given
     settings.CALLBACK_RETRY_SCHEDULE = [60]
-    base.register(Adapter())
-    ChannelFactory(code="logs-a", provider="fake-logs")
-    try:
-        order_id = api.post(
-            "/api/v1/orders",
-            {"amount": 1050, "currency": "USD", "reference": "log-1"},
-            format="json",
-            HTTP_IDEMPOTENCY_KEY="log-1",
-        ).json()["id"]
+    order_id = api.post(
+        "/api/v1/orders",
+        {"amount": 1050, "currency": "USD", "reference": "log-1"},
+        format="json",
+        HTTP_IDEMPOTENCY_KEY="log-1",
+    ).json()["id"]
 
-        # when: the four stages, as their tasks call them
-        order_allocate(order_id=order_id)
-        order_charge(order_id=order_id)
-        key = ChargeAttempt.objects.get(order_id=order_id).idempotency_key
-        order_confirm(order_id=order_id, idempotency_key=key, status="paid", source="provider webhook")
-        callback_deliver(order_id=order_id)
-    finally:
-        base._adapters.pop("fake-logs", None)
+    # when: the four stages, as their tasks call them
+    order_allocate(order_id=order_id)
+    order_charge(order_id=order_id)
+    key = ChargeAttempt.objects.get(order_id=order_id).idempotency_key
+    order_confirm(order_id=order_id, idempotency_key=key, status="paid", source="provider webhook")
+    callback_deliver(order_id=order_id)
 
     # then
     lines = log_lines()

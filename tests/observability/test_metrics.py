@@ -11,11 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from allocation.services import order_allocate
 from callbacks.services import callback_deliver
 from gateway.models import ChargeAttempt
-from gateway.providers import base
-from gateway.providers.base import ChargeOutcome, ChargeResult, InvalidWebhook, ProviderAdapter, StatusResult
 from gateway.services import order_charge, order_confirm
 from orders.models import OutboxEvent
-from tests.factories import ChannelFactory
 
 # Transitions are counted when they commit, so these tests commit (and flush afterwards).
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -38,26 +35,6 @@ def value(samples, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-class AcceptingAdapter(ProviderAdapter):
-    name = "fake-metrics"
-
-    def charge(self, *, channel, request):
-        return ChargeResult(ChargeOutcome.ACCEPTED, provider_reference="pr-1", http_status=201)
-
-    def fetch_status(self, *, channel, idempotency_key):
-        return StatusResult("paid")
-
-    def parse_webhook(self, *, body, headers):
-        raise InvalidWebhook("none")
-
-
-@pytest.fixture
-def fake_channel():
-    base.register(AcceptingAdapter())
-    yield ChannelFactory(code="metrics-a", provider="fake-metrics")
-    base._adapters.pop("fake-metrics", None)
-
-
 def test_creating_an_order_moves_the_created_and_transition_counters(client, api):
     before = scrape(client)
 
@@ -76,7 +53,7 @@ def test_creating_an_order_moves_the_created_and_transition_counters(client, api
     assert value(after, "orders_open", status="pending") == value(before, "orders_open", status="pending") + 1
 
 
-def test_each_stage_moves_its_counter_and_the_stage_histogram(client, api, fake_channel, settings):
+def test_each_stage_moves_its_counter_and_the_stage_histogram(client, api, accepting_channel, settings):
     # given
     settings.CALLBACK_RETRY_SCHEDULE = [60]
     order_id = api.post("/api/v1/orders", BODY, format="json", HTTP_IDEMPOTENCY_KEY="m-2").json()["id"]
@@ -102,15 +79,15 @@ def test_each_stage_moves_its_counter_and_the_stage_histogram(client, api, fake_
     assert moved("order_transitions_total", **{"from": "pending", "to": "assigned"}) == 1
     assert moved("order_transitions_total", **{"from": "assigned", "to": "processing"}) == 1
     assert moved("order_transitions_total", **{"from": "processing", "to": "paid"}) == 1
-    assert moved("charge_attempts_total", result="accepted", channel="metrics-a") == 1
-    assert moved("charge_attempts_total", result="paid", channel="metrics-a") == 1
+    assert moved("charge_attempts_total", result="accepted", channel="accepting-a") == 1
+    assert moved("charge_attempts_total", result="paid", channel="accepting-a") == 1
     assert moved("callback_attempts_total", result="error") == 1
     for stage in ("assigned", "processing", "paid"):
         assert moved("order_stage_seconds_count", stage=stage) == 1
         assert moved("order_stage_seconds_bucket", stage=stage, le="+Inf") == 1
 
 
-def test_a_duplicate_confirmation_is_not_counted_again(client, api, fake_channel):
+def test_a_duplicate_confirmation_is_not_counted_again(client, api, accepting_channel):
     order_id = api.post("/api/v1/orders", BODY, format="json", HTTP_IDEMPOTENCY_KEY="m-3").json()["id"]
     order_allocate(order_id=order_id)
     order_charge(order_id=order_id)
@@ -123,7 +100,7 @@ def test_a_duplicate_confirmation_is_not_counted_again(client, api, fake_channel
 
     after = scrape(client)
     for result in ("paid", "failed"):
-        labels = {"result": result, "channel": "metrics-a"}
+        labels = {"result": result, "channel": "accepting-a"}
         assert value(after, "charge_attempts_total", **labels) == value(
             before, "charge_attempts_total", **labels
         )

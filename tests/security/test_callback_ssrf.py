@@ -19,8 +19,7 @@ from callbacks import http as callback_http
 from callbacks.models import CallbackAttempt, CallbackDelivery
 from callbacks.services import callback_deliver
 from orders.models import Order
-from orders.transitions import order_transition
-from tests.factories import OrderFactory, make_merchant
+from tests.factories import make_merchant, make_paid, make_paid_order
 
 PRIVATE = [
     "http://127.0.0.1:{port}/hook",
@@ -216,10 +215,7 @@ def test_a_name_resolving_to_a_private_address_is_refused_at_creation(
 
 def paid_order_with(url: str) -> Order:
     # The URL was fine when stored (or DNS changed since): delivery must check again.
-    creds = make_merchant(callback_url=url)
-    order = OrderFactory(merchant=creds.merchant, callback_url=url, status="processing", channel="sandbox-a")
-    order_transition(order_id=order.pk, to="paid", seen_status="processing", reason="test")
-    return order
+    return make_paid_order(url)[1]
 
 
 @pytest.mark.django_db
@@ -257,8 +253,7 @@ def test_a_name_that_resolves_privately_at_delivery_is_refused(
     response = create_order(make_merchant(callback_url=url).api_key, url)
     assert response.status_code == 201
     order = Order.objects.get(pk=response.json()["id"])
-    Order.objects.filter(pk=order.pk).update(status="processing", channel="sandbox-a")
-    order_transition(order_id=order.pk, to="paid", seen_status="processing", reason="test")
+    make_paid(order.pk)
     # when the name now points into the private network (DNS rebinding) and the callback is due
     dns["hooks.merchant.example"] = [rebound_to]
     delivered = callback_deliver(order_id=order.pk)

@@ -11,16 +11,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from django.core.management import call_command
 from django.db import connection
-from pythonjsonlogger.json import JsonFormatter
 from rest_framework.test import APIClient
 
 from callbacks import http as callback_http
 from callbacks.services import callback_deliver
-from config.logging import ContextFilter
 from orders import crypto
 from orders.models import Merchant, Order
 from orders.services import merchant_rotate_api_key, merchant_rotate_webhook_secret
-from orders.transitions import order_transition
+from tests.factories import make_paid
+from tests.logs import console_output
 
 
 class Endpoint:
@@ -66,22 +65,10 @@ def secret_forms(api_key: str, webhook_secret: str) -> list[str]:
 
 
 @pytest.fixture
-def log_output(settings):
-    """What the console handler writes: the settings' JSON formatter and filter, every level."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    formatter = settings.LOGGING["formatters"]["json"]
-    handler.setFormatter(JsonFormatter(formatter["fmt"], rename_fields=formatter["rename_fields"]))
-    handler.addFilter(ContextFilter())
-    root = logging.getLogger()
-    previous = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        yield stream.getvalue
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(previous)
+def log_output():
+    """What the console handler writes, at every level."""
+    with console_output(logging.DEBUG) as output:
+        yield output
 
 
 def redis_dump(client) -> str:
@@ -123,8 +110,7 @@ def test_keys_and_secrets_never_reach_a_log_line(endpoint, log_output):
     wrong = APIClient(HTTP_AUTHORIZATION=f"Bearer {creds['api_key']}x")
     assert wrong.get("/api/v1/orders").status_code == 401
     order = Order.objects.get(pk=response.json()["id"])
-    Order.objects.filter(pk=order.pk).update(status="processing", channel="sandbox-a")
-    order_transition(order_id=order.pk, to="paid", seen_status="processing", reason="test")
+    make_paid(order.pk)
     assert callback_deliver(order_id=order.pk) is True
     assert len(endpoint.bodies) == 1
     # and both are rotated (the new ones must not leak either)
@@ -158,8 +144,7 @@ def test_no_database_row_or_redis_value_holds_a_key_or_secret_in_clear(endpoint,
         format="json",
         HTTP_IDEMPOTENCY_KEY="k-1",
     ).json()["id"]
-    Order.objects.filter(pk=order_id).update(status="processing", channel="sandbox-a")
-    order_transition(order_id=order_id, to="paid", seen_status="processing", reason="test")
+    make_paid(order_id)
     assert callback_deliver(order_id=order_id) is True
     # then the merchant row has the key's hash and the secrets encrypted
     merchant.refresh_from_db()
