@@ -213,6 +213,17 @@ def test_a_name_resolving_to_a_private_address_is_refused_at_creation(
     assert connect_guard == []
 
 
+def assert_refused_unsent(delivered, order, receiver, connect_guard, errors: tuple[str, ...]) -> None:
+    """The delivery was refused before any connection: a failed attempt, the order still paid."""
+    assert delivered is False
+    assert receiver.hits == []
+    assert connect_guard == []
+    attempt = CallbackAttempt.objects.get(delivery__order=order)
+    assert attempt.status_code is None
+    assert attempt.error.startswith(errors), attempt.error
+    assert Order.objects.get(pk=order.pk).status == "paid"
+
+
 def paid_order_with(url: str) -> Order:
     # The URL was fine when stored (or DNS changed since): delivery must check again.
     return make_paid_order(url)[1]
@@ -228,15 +239,9 @@ def test_a_private_callback_url_is_refused_at_delivery_and_the_attempt_recorded(
     order = paid_order_with(url)
     # when the callback is delivered
     delivered = callback_deliver(order_id=order.pk)
-    # then nothing was sent, the attempt is recorded as failed, and the order waits for a retry
-    assert delivered is False
-    assert receiver.hits == []
-    assert connect_guard == []
-    attempt = CallbackAttempt.objects.get(delivery__order=order)
-    assert attempt.status_code is None
+    # then nothing was sent, the attempt is recorded as failed, and the order waits for a retry;
     # refused by our URL check or by the client's address filter, not by the network
-    assert attempt.error.startswith(("refused:", "InvalidIPAddress")), attempt.error
-    assert Order.objects.get(pk=order.pk).status == "paid"
+    assert_refused_unsent(delivered, order, receiver, connect_guard, ("refused:", "InvalidIPAddress"))
     delivery = CallbackDelivery.objects.get(order=order)
     assert (delivery.status, delivery.attempts) == ("pending", 1)
     assert delivery.next_attempt_at is not None
@@ -258,13 +263,7 @@ def test_a_name_that_resolves_privately_at_delivery_is_refused(
     dns["hooks.merchant.example"] = [rebound_to]
     delivered = callback_deliver(order_id=order.pk)
     # then the address is refused after resolution: nothing sent, a failed attempt recorded
-    assert delivered is False
-    assert receiver.hits == []
-    assert connect_guard == []
-    attempt = CallbackAttempt.objects.get(delivery__order=order)
-    assert attempt.status_code is None
-    assert attempt.error.startswith("InvalidIPAddress"), attempt.error
-    assert Order.objects.get(pk=order.pk).status == "paid"
+    assert_refused_unsent(delivered, order, receiver, connect_guard, ("InvalidIPAddress",))
 
 
 @pytest.mark.django_db
