@@ -75,10 +75,14 @@ class Receiver:
 
 
 class Stack:
-    def __init__(self, env: dict[str, str]) -> None:
+    """The stack's processes, each in its own session, logging to `logs`; workers named `<queue>-<tag>`."""
+
+    def __init__(self, env: dict[str, str], *, logs: Path = LOGS, tag: str = "e2e") -> None:
         self.env = env
+        self.logs = logs
+        self.tag = tag
         self.procs: dict[str, subprocess.Popen] = {}
-        LOGS.mkdir(parents=True, exist_ok=True)
+        logs.mkdir(parents=True, exist_ok=True)
 
     def commands(self) -> dict[str, list[str]]:
         celery = [str(VENV / "celery"), "-A", "config"]
@@ -90,21 +94,24 @@ class Stack:
                 "gateway/sandbox_server/gunicorn_conf.py",
                 "gateway.sandbox_server.app:application",
             ],
-            "beat": [*celery, "beat", "-s", str(LOGS / "beat-schedule"), "--pidfile=", "-l", "warning"],
+            "beat": [*celery, "beat", "-s", str(self.logs / "beat-schedule"), "--pidfile=", "-l", "warning"],
         }
         for queue in QUEUES:
             cmds[f"worker-{queue}"] = [
-                *celery, "worker", "-Q", queue, "-c", "2", "-n", f"{queue}-e2e@%h",
+                *celery, "worker", "-Q", queue, "-c", "2", "-n", f"{queue}-{self.tag}@%h",
                 "--without-gossip", "--without-mingle", "-l", "warning",
             ]  # fmt: skip
         return cmds
 
+    def process_env(self, name: str) -> dict[str, str]:
+        return self.env
+
     def start(self, name: str) -> None:
-        log = open(LOGS / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen(
-            self.commands()[name], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+        with open(self.logs / f"{name}.log", "ab") as log:
+            self.procs[name] = subprocess.Popen(
+                self.commands()[name], cwd=ROOT, env=self.process_env(name), stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
         proc = self.procs.pop(name, None)

@@ -21,7 +21,7 @@ from celery import Celery
 from standardwebhooks.webhooks import Webhook
 
 from config.faults import marker_path
-from tests.e2e.conftest import QUEUES, ROOT, VENV, Stack, _ok, wait_for
+from tests.e2e.conftest import QUEUES, ROOT, Stack, _ok, wait_for
 
 FAULTS = ROOT / ".run" / "faults"
 LOGS = FAULTS / "log"
@@ -58,38 +58,13 @@ class FaultStack(Stack):
     """The e2e stack's processes on the fault ports, each started with its own fault points."""
 
     def __init__(self, env: dict[str, str], broker_url: str) -> None:
-        super().__init__(env)
+        super().__init__(env, logs=LOGS, tag="faults")
         # The project's app speaks to the test Redis; this one, same settings, to the fault Redis.
         self.celery = Celery("faults", broker=broker_url, set_as_current=False)
         self.celery.config_from_object("django.conf:settings", namespace="CELERY")
-        LOGS.mkdir(parents=True, exist_ok=True)
 
-    def commands(self) -> dict[str, list[str]]:
-        celery = [str(VENV / "celery"), "-A", "config"]
-        cmds = {
-            "web": [str(VENV / "gunicorn"), "-c", "config/gunicorn_conf.py", "config.wsgi:application"],
-            "sandbox": [
-                str(VENV / "gunicorn"),
-                "-c",
-                "gateway/sandbox_server/gunicorn_conf.py",
-                "gateway.sandbox_server.app:application",
-            ],
-            "beat": [*celery, "beat", "-s", str(LOGS / "beat-schedule"), "--pidfile=", "-l", "warning"],
-        }
-        for queue in QUEUES:
-            cmds[f"worker-{queue}"] = [
-                *celery, "worker", "-Q", queue, "-c", "2", "-n", f"{queue}-faults@%h",
-                "--without-gossip", "--without-mingle", "-l", "warning",
-            ]  # fmt: skip
-        return cmds
-
-    def start(self, name: str) -> None:
-        env = {**self.env, "FAULT_POINTS": ",".join(POINTS_BY_PROCESS.get(name, ()))}
-        with open(LOGS / f"{name}.log", "ab") as log:
-            self.procs[name] = subprocess.Popen(
-                self.commands()[name], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
+    def process_env(self, name: str) -> dict[str, str]:
+        return {**self.env, "FAULT_POINTS": ",".join(POINTS_BY_PROCESS.get(name, ()))}
 
     def alive(self, name: str) -> bool:
         proc = self.procs.get(name)
