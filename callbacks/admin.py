@@ -1,13 +1,17 @@
 """Operators' console for client callbacks: deliveries with their attempts; resend in bulk."""
 
-import uuid
-
 from django.contrib import admin, messages
-from django.db.models import Q
 
 from callbacks.models import CallbackAttempt, CallbackDelivery
 from callbacks.services import callback_resend
-from config.adminkit import EstimatedCountPaginator, ReadOnlyAdmin, ReadOnlyInline, audit, order_link
+from config.adminkit import (
+    EstimatedCountPaginator,
+    ReadOnlyAdmin,
+    ReadOnlyInline,
+    audit,
+    exact_or_order_id,
+    order_link,
+)
 
 RESEND_MAX = 1000
 
@@ -76,12 +80,7 @@ class CallbackDeliveryAdmin(ReadOnlyAdmin):
         term = search_term.strip()
         if not term:
             return queryset, False
-        match = Q(webhook_id=term)
-        try:
-            match |= Q(order_id=uuid.UUID(term))
-        except ValueError:
-            pass
-        return queryset.filter(match), False
+        return queryset.filter(exact_or_order_id(term, "webhook_id")), False
 
     @admin.action(description="Resend (make due now, same webhook-id)")
     def resend(self, request, queryset):

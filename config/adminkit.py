@@ -2,11 +2,13 @@
 
 import json
 import logging
+import uuid
 from datetime import UTC, datetime
 
 from django.contrib import admin
 from django.core.paginator import Paginator
 from django.db import connection
+from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.functional import cached_property
@@ -15,6 +17,16 @@ from django.utils.html import format_html
 logger = logging.getLogger(__name__)
 
 EXACT_COUNT_BELOW = 10_000
+
+
+def exact_or_order_id(term: str, field: str, order_field: str = "order_id") -> Q:
+    """Search: `field` equal to the term, or the order whose id the term is (when it is a UUID)."""
+    match = Q(**{field: term})
+    try:
+        match |= Q(**{order_field: uuid.UUID(term)})
+    except ValueError:
+        pass
+    return match
 
 
 class EstimatedCountPaginator(Paginator):

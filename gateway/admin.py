@@ -1,23 +1,19 @@
 """Operators' console for the gateway: charge attempts and provider webhooks, read-only."""
 
 import json
-import uuid
 
 from django.contrib import admin
-from django.db.models import Q
 from django.utils.html import format_html
 
-from config.adminkit import ChannelFilter, EstimatedCountPaginator, ProviderFilter, ReadOnlyAdmin, order_link
+from config.adminkit import (
+    ChannelFilter,
+    EstimatedCountPaginator,
+    ProviderFilter,
+    ReadOnlyAdmin,
+    exact_or_order_id,
+    order_link,
+)
 from gateway.models import ChargeAttempt, ProviderWebhook
-
-
-def _exact_order_or(term: str, field: str) -> Q:
-    match = Q(**{field: term})
-    try:
-        match |= Q(order_id=uuid.UUID(term))
-    except ValueError:
-        pass
-    return match
 
 
 @admin.register(ChargeAttempt)
@@ -49,7 +45,7 @@ class ChargeAttemptAdmin(ReadOnlyAdmin):
         term = search_term.strip()
         if not term:
             return queryset, False
-        return queryset.filter(_exact_order_or(term, "provider_reference")), False
+        return queryset.filter(exact_or_order_id(term, "provider_reference")), False
 
 
 @admin.register(ProviderWebhook)
@@ -79,4 +75,4 @@ class ProviderWebhookAdmin(ReadOnlyAdmin):
         term = search_term.strip()
         if not term:
             return queryset, False
-        return queryset.filter(_exact_order_or(term, "webhook_id")), False
+        return queryset.filter(exact_or_order_id(term, "webhook_id")), False

@@ -7,7 +7,6 @@ and the search answered by an index.
 """
 
 import json
-import uuid
 from collections import Counter
 
 from django import forms
@@ -27,6 +26,7 @@ from config.adminkit import (
     ReadOnlyInline,
     age,
     audit,
+    exact_or_order_id,
     ts,
 )
 from gateway.models import ChargeAttempt
@@ -248,11 +248,7 @@ class OrderAdmin(ReadOnlyAdmin):
         term = search_term.strip()
         if not term:
             return queryset, False
-        match = Q(reference=term[:64])
-        try:
-            match |= Q(pk=uuid.UUID(term))
-        except ValueError:
-            pass
+        match = exact_or_order_id(term[:64], "reference", order_field="pk")
         order_ids = order_ids_by_provider_reference(reference=term[:128])
         if order_ids:
             match |= Q(pk__in=order_ids)
