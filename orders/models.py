@@ -62,6 +62,9 @@ class Order(models.Model):
     # Written by every transition in the same UPDATE, so the happy path pays nothing for it.
     next_check_at = models.DateTimeField(null=True, blank=True)
     check_count = models.PositiveSmallIntegerField(default=0)
+    # The UTC day whose volume of `channel` holds this order's reservation: a refusal gives
+    # back exactly that reservation, even when the refusal arrives after midnight.
+    reserved_on = models.DateField(null=True, blank=True)
 
     class Meta:
         constraints = [
