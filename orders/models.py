@@ -35,6 +35,10 @@ class Merchant(models.Model):
     is_active = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
+    class Meta:
+        # Admin actions, granted apart from the model's view/change (README, operators).
+        permissions = [("rotate_merchant_key", "Can rotate a merchant's API key and webhook secret")]
+
     def __str__(self) -> str:
         return self.name
 
@@ -67,6 +71,7 @@ class Order(models.Model):
     reserved_on = models.DateField(null=True, blank=True)
 
     class Meta:
+        permissions = [("requery_provider", "Can re-query an order's charge status at the provider")]
         constraints = [
             models.UniqueConstraint(
                 fields=["merchant", "reference"], name="order_reference_unique_per_merchant"
