@@ -5,7 +5,7 @@ from django.db import migrations
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("orders", "0003_console_indexes"),
+        ("orders", "0004_order_reserved_on"),
     ]
 
     operations = [
