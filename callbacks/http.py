@@ -1,6 +1,7 @@
 """The SSRF-hardened HTTP client for callbacks: no private networks, no redirects, bounded time and size."""
 
 import functools
+import os
 import socket
 import threading
 import time
@@ -19,48 +20,78 @@ ERROR_CHARS = 500
 
 
 class _Watchdog:
-    """Ends an attempt at its deadline by shutting its socket down, wherever the read is blocked.
+    """Ends an attempt at its deadline by shutting its sockets down, wherever a read is blocked.
 
     Socket timeouts bound each read, not the exchange: a receiver that drips a byte a second
-    never trips them. Shutting the socket down from another thread makes the blocked read
-    return at once, in the status line, the headers or the body alike.
+    never trips them. Shutting a socket down from another thread makes the blocked read (TLS
+    handshake, status line, headers or body) return at once. Each watched socket is held as a
+    duplicate descriptor of our own, so the shutdown reaches it even after TLS wrapping detached
+    the original object, and can never hit a descriptor the process has since reused.
     """
 
     def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
         self.expired = False
-        self._timer: threading.Timer | None = None
-
-    def watch(self, sock: socket.socket) -> None:
-        self.cancel()
-        self._timer = threading.Timer(max(0.0, self.deadline - time.monotonic()), self._expire, [sock])
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._done = False
+        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._expire)
         self._timer.daemon = True
         self._timer.start()
 
-    def _expire(self, sock: socket.socket) -> None:
-        self.expired = True
+    def watch(self, sock: socket.socket) -> None:
+        dup = socket.socket(fileno=os.dup(sock.fileno()))
+        with self._lock:
+            if self._done:
+                dup.close()
+                return
+            self._socks.append(dup)
+            if self.expired:
+                self._shutdown(dup)
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self.expired = True
+            for sock in self._socks:
+                self._shutdown(sock)
+
+    @staticmethod
+    def _shutdown(sock: socket.socket) -> None:
         try:
-            # The plain socket's shutdown, also for TLS: SSLSocket.shutdown would drop its SSL
-            # object under the reading thread's feet.
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            sock.shutdown(socket.SHUT_RDWR)
         except OSError:
-            pass  # already closed: the read it would have ended is over
+            pass  # not connected any more: the read it would have ended is over
 
     def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        self._timer.cancel()
+        with self._lock:
+            self._done = True
+            for sock in self._socks:
+                sock.close()
+            self._socks.clear()
 
 
 _current = threading.local()
 
 
+def _watch(sock: socket.socket | None) -> None:
+    watchdog = getattr(_current, "watchdog", None)
+    if watchdog is not None and sock is not None:
+        watchdog.watch(sock)
+
+
 class _WatchedConnectionMixin:
-    """Hands the connection's socket to this thread's attempt watchdog before waiting for an answer."""
+    """Hands each socket to this thread's attempt watchdog: a new one as soon as it is connected
+    (before any TLS handshake), a pooled one when it is used again."""
+
+    def _new_conn(self):
+        sock = super()._new_conn()
+        _watch(sock)
+        return sock
 
     def getresponse(self):
-        watchdog = getattr(_current, "watchdog", None)
-        if watchdog is not None and self.sock is not None:
-            watchdog.watch(self.sock)
+        _watch(self.sock)
         return super().getresponse()
 
 
@@ -158,9 +189,7 @@ def post_json(*, url: str, body: str, headers: dict[str, str]) -> PostResult:
         ) as response:
             status_code = response.status_code
             excerpt = _read_excerpt(response)
-    except (
-        Exception
-    ) as exc:  # anything the peer provokes (requests', urllib3's, http.client's) is a failed attempt
+    except Exception as exc:  # whatever the peer provokes (requests, urllib3, http.client) is a failure
         error = f"{exc.__class__.__name__}: {exc}"
         if not watchdog.expired:
             return PostResult(status_code, elapsed(), storable_text(error, ERROR_CHARS), "")

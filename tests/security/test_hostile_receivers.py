@@ -26,10 +26,12 @@ TIMEOUT_ERROR = "timeout: total 1 s exceeded"
 
 
 class RawReceiver:
-    """A loopback TCP server that reads each request and hands the socket to `answer(conn, stop)`."""
+    """A loopback TCP server that reads each request (unless told not to) and hands the socket to
+    `answer(conn, stop)`."""
 
-    def __init__(self, answer: Callable[[socket.socket, threading.Event], None]) -> None:
+    def __init__(self, answer: Callable[[socket.socket, threading.Event], None], read: bool = True) -> None:
         self.answer = answer
+        self.read = read
         self.stop = threading.Event()
         self.requests: list[bytes] = []
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -51,7 +53,8 @@ class RawReceiver:
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             try:
-                self.requests.append(_read_request(conn))
+                if self.read:
+                    self.requests.append(_read_request(conn))
                 self.answer(conn, self.stop)
             except OSError:
                 pass  # the client hung up: that is the point of most of these tests
@@ -94,8 +97,8 @@ def drip(conn: socket.socket, stop: threading.Event, data: bytes) -> None:
 def receivers():
     made: list[RawReceiver] = []
 
-    def make(answer) -> RawReceiver:
-        made.append(RawReceiver(answer))
+    def make(answer, read: bool = True) -> RawReceiver:
+        made.append(RawReceiver(answer, read))
         return made[-1]
 
     yield make
@@ -147,6 +150,19 @@ def test_a_dripping_receiver_costs_one_bounded_failed_attempt(small_bounds, rece
     attempt = only_attempt(order)
     assert attempt.error == TIMEOUT_ERROR
     assert CallbackDelivery.objects.get(order=order).last_error == TIMEOUT_ERROR
+    assert_waits_for_retry(order)
+
+
+@pytest.mark.django_db
+def test_a_receiver_dripping_its_tls_handshake_is_bounded_by_the_total(small_bounds, receivers, settings):
+    # given an https receiver that starts a 16 KiB TLS handshake record and drips it, and a
+    # connect timeout (which bounds the handshake) longer than the total: the total must win
+    settings.CALLBACK_CONNECT_TIMEOUT = 5.0
+    receiver = receivers(lambda conn, stop: drip(conn, stop, b"\x16\x03\x03\x40\x00"), read=False)
+    _, order = make_paid_order(receiver.url.replace("http://", "https://"))
+    # when / then
+    assert callback_deliver(order_id=order.pk) is False
+    assert only_attempt(order).error == TIMEOUT_ERROR
     assert_waits_for_retry(order)
 
 
