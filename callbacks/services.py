@@ -208,7 +208,8 @@ def _attempt(*, order: Order, event_type: str, url: str, claim: tuple[int, str, 
         result = PostResult(
             None, 0, storable_text(f"internal error: {exc.__class__.__name__}: {exc}", 500), ""
         )
-    metrics.callback_attempted(status_code=result.status_code)
+    # An answer cut off by the total bound counts as an error, whatever its status line said.
+    metrics.callback_attempted(status_code=None if result.error else result.status_code)
     fault_point("callback.after_post")
     log.update(status_code=result.status_code, latency_ms=result.latency_ms)
     try:

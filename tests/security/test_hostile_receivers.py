@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import pytest
 from django.db import connection
+from django.utils import timezone
 
 from callbacks import http as callback_http
 from callbacks.models import CallbackAttempt, CallbackDelivery
@@ -360,6 +361,7 @@ def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
 def test_a_slow_receiver_holds_no_more_than_its_merchants_share_of_workers(receivers, settings):
     # given one slot per merchant, and merchant A's receiver holding its first callback open
     settings.CALLBACK_RECEIVER_CONCURRENCY = 1
+    settings.CALLBACK_RECEIVER_BUSY_SECONDS = 3600  # a deferred delivery stays not due in this test
     release = threading.Event()
 
     def held_open(conn, stop):
@@ -386,17 +388,20 @@ def test_a_slow_receiver_holds_no_more_than_its_merchants_share_of_workers(recei
         # when a second callback of the same merchant and one of another merchant come up
         second_delivered = callback_deliver(order_id=second.pk)
         other_delivered = callback_deliver(order_id=other.pk)
+        # (and the waiting one, due again while the slot is still held, waits again)
+        CallbackDelivery.objects.filter(order=second).update(next_attempt_at="2000-01-01T00:00:00Z")
+        second_again = callback_deliver(order_id=second.pk)
     finally:
         release.set()
         worker.join()
     # then the other merchant was served; the same merchant's second callback waits its turn,
     # without a request and without spending an attempt
     assert other_delivered is True
-    assert second_delivered is False
+    assert (second_delivered, second_again) == (False, False)
     assert len(slow.requests) == 1
     waiting = CallbackDelivery.objects.get(order=second)
     assert (waiting.status, waiting.attempts) == ("pending", 0)
-    assert waiting.next_attempt_at is not None
+    assert waiting.next_attempt_at > timezone.now()
     assert not CallbackAttempt.objects.filter(delivery=waiting).exists()
     assert Order.objects.get(pk=first.pk).status == "completed"
     # and once the slot is free, its turn comes
