@@ -3,6 +3,7 @@
 import http.client
 import json
 import logging
+import math
 import re
 import time
 from typing import Any
@@ -164,10 +165,22 @@ def _payload_storable(payload: Any) -> bool:
     return True
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("number out of range")
+    return value
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _claimed_channel(body: bytes) -> tuple[dict, str]:
     """The unverified body and the channel it claims to come from; `MalformedWebhook` if unreadable."""
     try:
-        unverified = json.loads(body.decode("utf-8"))
+        # NaN and infinities are not JSON, and PostgreSQL's jsonb would refuse them when stored.
+        unverified = json.loads(body.decode("utf-8"), parse_float=_finite, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested too deep
         raise MalformedWebhook("body is not JSON") from exc
     data = unverified.get("data") if isinstance(unverified, dict) else None

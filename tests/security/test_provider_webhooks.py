@@ -280,6 +280,8 @@ _SIGNED_BUT_MALFORMED = {
     "NUL deep in the payload": lambda p: p.update(extra={"list": [1, {"k": "a\x00b"}]}),
     "NUL in a key": lambda p: p.update({"k\x00": 1}),
     "lone surrogate in the payload": lambda p: p.update(extra="\ud800"),
+    "NaN in the payload": lambda p: p["data"].update(amount=float("nan")),
+    "Infinity in the payload": lambda p: p["data"].update(amount=float("inf")),
 }
 
 
@@ -289,6 +291,15 @@ def test_a_signed_webhook_of_the_wrong_shape_is_a_400_and_changes_nothing(
 ):
     body, headers = _signed_event(processing_order, _SIGNED_BUT_MALFORMED[name])
     response = post(body, headers)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_body"
+    assert_nothing_changed(processing_order, redis_client)
+
+
+def test_a_signed_webhook_with_a_number_out_of_range_is_a_400(processing_order, redis_client):
+    body = event_body(processing_order).replace('"amount":1050', '"amount":1e999')
+    assert '"amount":1e999' in body
+    response = post(body, signed_headers(body, secret=secret_of("sandbox-a")))
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_body"
     assert_nothing_changed(processing_order, redis_client)
