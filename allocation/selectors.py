@@ -50,10 +50,6 @@ def channel_cache_clear() -> None:
         _cache.clear()
 
 
-def channel_cache_size() -> int:
-    return len(_cache)
-
-
 def channels_with_volume(*, day) -> QuerySet[PaymentChannel]:
     """Channels with `day_reserved` / `day_orders` from their volume row of `day`, in one query."""
     volume = ChannelDailyVolume.objects.filter(channel=OuterRef("pk"), day=day)
