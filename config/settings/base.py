@@ -229,3 +229,10 @@ LOGGING = {
 # Key for secrets we must keep recoverable (merchant webhook secrets): Fernet, derived from
 # SECRET_KEY unless given. Rotating SECRET_KEY without FIELD_ENCRYPTION_KEY re-keys them.
 FIELD_ENCRYPTION_KEY = env("FIELD_ENCRYPTION_KEY", default="")
+
+# API hardening
+# Every error under /api/ in the JSON shape, whichever view answered (SPEC 3); right after the
+# request id, so it also rewrites the answers of the middleware below it.
+MIDDLEWARE.insert(
+    MIDDLEWARE.index("config.middleware.RequestIdMiddleware") + 1, "config.middleware.ApiJsonErrorsMiddleware"
+)
