@@ -271,3 +271,85 @@ def test_admin_opens_for_staff(client):
     client.login(username="ops", password="pw-123456789")
     for path in ("/admin/", "/admin/dashboard/", "/admin/orders/order/", "/admin/orders/merchant/"):
         assert client.get(path).status_code == 200, path
+
+
+# --- /metrics (issue 10 item 10) -------------------------------------------------------------
+
+
+@pytest.fixture
+def metrics_in_production(settings):
+    """/metrics as production settings have it: a token is required."""
+    settings.METRICS_REQUIRE_TOKEN = True
+    settings.METRICS_TOKEN = "scrape-token-1"
+    return settings
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        "",
+        "Bearer",
+        "Bearer wrong",
+        "Bearer scrape-token-",
+        "Bearer scrape-token-1x",
+        "Basic scrape-token-1",
+        "scrape-token-1",
+        "Bearer scrape-token-1\xe9",
+    ],
+)
+def test_metrics_in_production_answer_401_without_the_token(client, metrics_in_production, header):
+    extra = {} if header is None else {"HTTP_AUTHORIZATION": header}
+
+    response = client.get("/metrics", **extra)
+
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "unauthorized"
+    assert response["WWW-Authenticate"].startswith("Bearer")
+    assert b"orders_open" not in response.content
+
+
+@pytest.mark.django_db
+def test_metrics_in_production_are_served_with_the_token(client, metrics_in_production):
+    response = client.get("/metrics", HTTP_AUTHORIZATION="Bearer scrape-token-1")
+
+    assert response.status_code == 200
+    assert b"orders_open" in response.content
+
+
+@pytest.mark.django_db
+def test_metrics_required_but_no_token_configured_serves_nobody(client, settings):
+    settings.METRICS_REQUIRE_TOKEN = True
+    settings.METRICS_TOKEN = ""
+
+    for header in ("", "Bearer ", "Bearer"):
+        assert client.get("/metrics", HTTP_AUTHORIZATION=header).status_code == 401
+
+
+@pytest.mark.django_db
+def test_metrics_database_counts_are_reused_for_a_few_seconds(client, settings, django_assert_num_queries):
+    # given counts read by a first scrape, cached for a minute
+    from config.metrics import database_counts
+
+    settings.METRICS_DB_CACHE_SECONDS = 60
+    database_counts.clear()
+    first = client.get("/metrics")
+    assert first.status_code == 200
+    # when scrapes follow at once, even with an order more in the database
+    create(client_for(make_merchant().api_key), reference="after-first-scrape")
+    with django_assert_num_queries(0):
+        again = client.get("/metrics")
+    # then they answer from the cache
+    assert _open_pending(again) == _open_pending(first)
+    # and with the cache off the new order shows
+    settings.METRICS_DB_CACHE_SECONDS = 0
+    assert _open_pending(client.get("/metrics")) == _open_pending(first) + 1
+    database_counts.clear()
+
+
+def _open_pending(response) -> float:
+    for line in response.content.decode().splitlines():
+        if line.startswith('orders_open{status="pending"}'):
+            return float(line.split()[-1])
+    raise AssertionError("orders_open pending not in the scrape")

@@ -257,6 +257,8 @@ for name, kwargs in (
     answers[name] = [r.status_code, r.get("Location"), r.get("Strict-Transport-Security")]
 r = client.get("/healthz")
 answers["healthz"] = [r.status_code, None, None]
+answers["metrics"] = client.get("/metrics").status_code
+answers["metrics_with_token"] = client.get("/metrics", HTTP_AUTHORIZATION="Bearer metrics-token-1").status_code
 r = client.get("/admin/login/", secure=True)
 answers["csrf_cookie_secure"] = bool(r.cookies["csrftoken"]["secure"])
 print(json.dumps(answers))
@@ -276,8 +278,10 @@ def test_production_serves_https_only_and_trusts_x_forwarded_proto_only_when_con
     assert answers["https"][0] == 401
     assert "max-age=31536000" in answers["https"][2]
     assert answers["csrf_cookie_secure"] is True
-    # and the probes stay reachable over plain HTTP from inside the network
+    # and the probes stay reachable over plain HTTP from inside the network; /metrics with its token
     assert answers["healthz"][0] == 200
+    assert answers["metrics"] == 401
+    assert answers["metrics_with_token"] == 200
 
     # given a proxy of ours that sets X-Forwarded-Proto
     result = _python(["-c", _HTTPS_PROBE], _production_env(TRUST_X_FORWARDED_PROTO="true"))
