@@ -250,6 +250,10 @@ METRICS_DB_CACHE_SECONDS = env.float("METRICS_DB_CACHE_SECONDS", default=5.0)
 # Requests without valid credentials per client IP and second (bad or missing API keys, provider
 # webhooks that fail verification, admin login posts); over it: 429 (config/middleware.py).
 UNAUTHENTICATED_RATE_LIMIT_PER_SECOND = env.int("UNAUTHENTICATED_RATE_LIMIT_PER_SECOND", default=20)
+MIDDLEWARE.insert(
+    MIDDLEWARE.index("config.middleware.ApiJsonErrorsMiddleware") + 1,
+    "config.middleware.UnauthenticatedRateLimitMiddleware",
+)
 # The client IP is REMOTE_ADDR, or behind this many proxies of ours the X-Forwarded-For entry
 # they added (counted from the right: entries further left are the client's own claims).
 TRUSTED_PROXY_COUNT = env.int("TRUSTED_PROXY_COUNT", default=0)
