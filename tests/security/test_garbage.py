@@ -9,11 +9,14 @@ query strings) are passed as a WSGI server would pass them.
 
 import base64
 import json
+import socket
+import threading
 import uuid
 
 import pytest
 from django.contrib.auth.models import User
 from django.core.management import call_command
+from django.db import connection
 from django.test import Client
 
 from orders.models import Order
@@ -396,3 +399,49 @@ def test_a_real_cursor_still_pages_after_the_forged_ones_are_refused(world):
         url = page["next"]
     # then every order was listed once
     assert len(seen) == 3 == len(set(seen))
+
+
+@pytest.mark.django_db(transaction=True)  # the request runs on a thread: its own connection
+def test_a_callback_host_whose_dns_never_answers_does_not_hold_the_request(
+    merchant_creds, settings, monkeypatch
+):
+    # given the private-network check on, and a callback host whose name server never answers
+    settings.CALLBACK_ALLOW_PRIVATE_NETWORKS = False
+    settings.CALLBACK_URL_RESOLVE_TIMEOUT_SECONDS = 0.2
+    answer = threading.Event()
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host == "hangs.example":
+            answer.wait(60)
+            raise socket.gaierror("no answer")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    client = _client("merchant", {"key": merchant_creds.api_key})
+    responses = []
+
+    # when an order names that host
+    def post() -> None:
+        try:
+            responses.append(
+                client.post(
+                    ORDERS,
+                    {**VALID, "callback_url": "http://hangs.example/hook"},
+                    content_type="application/json",
+                )
+            )
+        finally:
+            connection.close()
+
+    request = threading.Thread(target=post)
+    try:
+        request.start()
+        request.join(timeout=20)
+        # then the request is answered while the lookup still hangs (delivery checks the host again)
+        assert not request.is_alive(), "the request waited for the hung DNS lookup"
+        assert not answer.is_set()
+    finally:
+        answer.set()
+        request.join(timeout=60)
+    assert responses[0].status_code == 201, responses[0].content
