@@ -259,3 +259,8 @@ MIDDLEWARE.insert(
 TRUSTED_PROXY_COUNT = env.int("TRUSTED_PROXY_COUNT", default=0)
 # The callback URL check at order creation resolves the host in the request thread: bounded.
 CALLBACK_URL_RESOLVE_TIMEOUT_SECONDS = env.float("CALLBACK_URL_RESOLVE_TIMEOUT_SECONDS", default=2.0)
+# The provider webhook endpoint and the probes are plain Django views: described by hand.
+SPECTACULAR_SETTINGS["POSTPROCESSING_HOOKS"] = [
+    "drf_spectacular.hooks.postprocess_schema_enums",
+    "config.openapi.add_plain_django_paths",
+]
