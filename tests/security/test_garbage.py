@@ -270,6 +270,18 @@ ENDPOINTS = [
 WHO = ["anonymous", "merchant"]
 
 
+def _with_who(endpoints: list) -> list:
+    """Each endpoint as anonymous and as a merchant; the probes and the admin login, which no
+    merchant key opens, once with a key they ignore (garbage Authorization is in HEADERS)."""
+    cases = []
+    for endpoint in endpoints:
+        values = endpoint.values if hasattr(endpoint, "values") else endpoint
+        marks = endpoint.marks if hasattr(endpoint, "marks") else ()
+        for who in WHO if values[2] else ["merchant"]:
+            cases.append(pytest.param(who, *values, marks=marks, id=f"{who}-{values[0]}-{values[1]}"))
+    return cases
+
+
 def _client(who: str, world) -> Client:
     client = Client(raise_request_exception=False)
     if who == "merchant":
@@ -299,26 +311,27 @@ def _check(label: str, response, api: bool, problems: list[str]) -> None:
         problems.append(f"{label}: {problem}")
 
 
-# The sandbox adapter's parse_webhook (gateway/providers, another change's) still fails on deep
-# nesting and a NUL channel code (issue 10 item 5); strict, so the marker must go once it is fixed.
-BODY_ENDPOINTS = [
-    pytest.param(
-        *endpoint,
-        marks=pytest.mark.xfail(strict=True, reason="parse_webhook 500s: issue 10 item 5, gateway's fix"),
-    )
-    if endpoint[1] == WEBHOOK
-    else endpoint
-    for endpoint in ENDPOINTS
-]
+# The sandbox adapter's parse_webhook (gateway/providers, another change's) still answers these
+# with a 500 (issue 10 item 5): they have a test of their own below, strictly expected to fail
+# until that fix lands, so the marker must go then; every other body is held to the rule here.
+KNOWN_WEBHOOK_500 = {
+    "nul channel",
+    "open brackets",
+    "open braces",
+    "deep array",
+    "deep object",
+    "deep in data",
+}
 
 
-@pytest.mark.parametrize("who", WHO)
-@pytest.mark.parametrize(("method", "template", "api"), BODY_ENDPOINTS)
+@pytest.mark.parametrize(("who", "method", "template", "api"), _with_who(ENDPOINTS))
 def test_hostile_bodies_never_give_a_500(world, who, method, template, api):
     path = template.format(**world)
     problems: list[str] = []
     # endpoints that do not read a body get a sample: the parsing is the same code for all
     bodies = BODIES if method == "POST" else BODIES[::6]
+    if template == WEBHOOK:
+        bodies = [body for body in bodies if body[0] not in KNOWN_WEBHOOK_500]
     for label, content_type, body in bodies:
         client = _client(who, world)
         response = client.generic(method, path, body, content_type=content_type)
@@ -326,8 +339,17 @@ def test_hostile_bodies_never_give_a_500(world, who, method, template, api):
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("who", WHO)
-@pytest.mark.parametrize(("method", "template", "api"), ENDPOINTS)
+@pytest.mark.xfail(strict=True, reason="parse_webhook 500s: issue 10 item 5, the gateway change fixes them")
+@pytest.mark.parametrize("label", sorted(KNOWN_WEBHOOK_500))
+def test_hostile_webhook_bodies_the_adapter_still_fails_on(world, label):
+    content_type, body = next((ct, raw) for name, ct, raw in BODIES if name == label)
+
+    response = _client("anonymous", world).generic("POST", WEBHOOK, body, content_type=content_type)
+
+    assert _problem(response, api=True) is None
+
+
+@pytest.mark.parametrize(("who", "method", "template", "api"), _with_who(ENDPOINTS))
 def test_hostile_headers_never_give_a_500(world, who, method, template, api):
     path = template.format(**world)
     body = json.dumps(VALID).encode() if method == "POST" else b""
@@ -339,8 +361,7 @@ def test_hostile_headers_never_give_a_500(world, who, method, template, api):
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("who", WHO)
-@pytest.mark.parametrize(("method", "template", "api"), ENDPOINTS)
+@pytest.mark.parametrize(("who", "method", "template", "api"), _with_who(ENDPOINTS))
 def test_hostile_query_strings_never_give_a_500(world, who, method, template, api):
     path = template.format(**world)
     problems: list[str] = []
