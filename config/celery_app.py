@@ -6,7 +6,8 @@ from celery import Celery, signals
 
 from config.logging import order_id_var, request_id_var
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
+# Production unless told otherwise (see config/wsgi.py).
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.production")
 
 app = Celery("payments")
 app.config_from_object("django.conf:settings", namespace="CELERY")

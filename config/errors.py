@@ -46,6 +46,18 @@ def _flatten(detail) -> object:
     return str(detail)
 
 
+def _safe(value: object) -> object:
+    """The error body with every string encodable: messages echo input, which may hold a lone
+    surrogate (JSON allows "\\ud800"), and the renderer's UTF-8 encode would turn that into a 500."""
+    if isinstance(value, dict):
+        return {_safe(key): _safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_safe(item) for item in value]
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
 def api_exception_handler(exc, context) -> Response | None:
     if isinstance(exc, (OperationalError, InterfaceError)):
         # PostgreSQL unreachable or restarting: the client may retry (same Idempotency-Key), so
@@ -61,7 +73,7 @@ def api_exception_handler(exc, context) -> Response | None:
         body = {"error": {"code": exc.code, "message": exc.message}}
         if exc.fields:
             body["error"]["fields"] = exc.fields
-        return Response(body, status=exc.status_code)
+        return Response(_safe(body), status=exc.status_code)
     from rest_framework.views import exception_handler  # late: rest_framework.views imports our auth
 
     response = exception_handler(exc, context)
@@ -82,7 +94,7 @@ def api_exception_handler(exc, context) -> Response | None:
         body = {"error": {"code": code, "message": str(exc.detail)}}
     if response.status_code == status.HTTP_401_UNAUTHORIZED:
         response["WWW-Authenticate"] = 'Bearer realm="api"'
-    response.data = body
+    response.data = _safe(body)
     return response
 
 

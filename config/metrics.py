@@ -9,8 +9,10 @@ depth) are computed when scraped by a custom collector, from PostgreSQL and Redi
 partial indexes, so a scrape costs the same with a million completed orders as with none.
 """
 
+import hmac
 import logging
 import os
+import threading
 import time
 import uuid
 
@@ -33,6 +35,8 @@ from prometheus_client import (
     multiprocess,
 )
 from prometheus_client.core import GaugeMetricFamily
+
+from config.middleware import error_response
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +130,36 @@ def queue_depths() -> dict[str, int]:
     return {queue: sum(lengths[i * per_queue : (i + 1) * per_queue]) for i, queue in enumerate(queues)}
 
 
+class _DatabaseCounts:
+    """The database counts of the last scrape, reused for METRICS_DB_CACHE_SECONDS.
+
+    Per process, one entry: several scrapers (Prometheus pairs, dashboards) polling every web
+    worker cost each worker one pair of queries per interval rather than one per scrape.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._value: tuple[int, dict[str, int]] | None = None
+        self._read_at = 0.0
+
+    def get(self) -> tuple[int, dict[str, int]]:
+        from orders.selectors import orders_open_by_status, outbox_backlog
+
+        with self._lock:
+            now = time.monotonic()
+            if self._value is None or now - self._read_at >= settings.METRICS_DB_CACHE_SECONDS:
+                self._value = (outbox_backlog(), orders_open_by_status())
+                self._read_at = now
+            return self._value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._value = None
+
+
+database_counts = _DatabaseCounts()
+
+
 class SystemCollector:
     """Outbox backlog, open orders by status and Celery queue depth, read when scraped."""
 
@@ -134,11 +168,8 @@ class SystemCollector:
         yield from self._queues()
 
     def _database(self):
-        from orders.selectors import orders_open_by_status, outbox_backlog
-
         try:
-            backlog = outbox_backlog()
-            counts = orders_open_by_status()
+            backlog, counts = database_counts.get()
         except DatabaseError as exc:
             logger.warning("metrics.database_unavailable", extra={"error": repr(exc)})
             yield _scrape_error("database")
@@ -195,6 +226,19 @@ def metrics_registry() -> CollectorRegistry:
     return registry
 
 
+def _token_accepted(request: HttpRequest) -> bool:
+    """SPEC 3: with a token set, or required (production), `Authorization: Bearer <METRICS_TOKEN>`."""
+    token = settings.METRICS_TOKEN
+    if not token:
+        return not settings.METRICS_REQUIRE_TOKEN  # required and unset: nobody reads the metrics
+    presented = request.headers.get("Authorization", "")
+    return hmac.compare_digest(presented.encode("utf-8", "replace"), f"Bearer {token}".encode())
+
+
 def metrics_view(request: HttpRequest) -> HttpResponse:
-    """GET /metrics: Prometheus text. Expose it on an internal network only (no auth here)."""
+    """GET /metrics: Prometheus text."""
+    if not _token_accepted(request):
+        response = error_response(401, "unauthorized", "Use 'Authorization: Bearer <METRICS_TOKEN>'.")
+        response["WWW-Authenticate"] = 'Bearer realm="metrics"'
+        return response
     return HttpResponse(generate_latest(metrics_registry()), content_type=CONTENT_TYPE_LATEST)

@@ -1,5 +1,6 @@
 """Request-wide concerns that must run before any view: request id and the body size limit."""
 
+import ipaddress
 import re
 
 from django.conf import settings
@@ -51,3 +52,127 @@ class BodySizeLimitMiddleware:
         if length > limit:
             return error_response(413, "payload_too_large", f"Request body exceeds {limit} bytes.")
         return self.get_response(request)
+
+
+_API_PREFIX = "/api/"
+# Headers of an error answer that still mean something once its body is replaced.
+_KEPT_HEADERS = ("Allow", "Retry-After", "WWW-Authenticate")
+
+
+class ApiJsonErrorsMiddleware:
+    """Every error under /api/ in the one JSON shape (SPEC 3), whoever wrote the answer.
+
+    DRF's views answer through config.errors; plain Django views (the provider webhook endpoint's
+    `require_POST`, CSRF, a resolver 404) answer HTML or an empty body. Those are rewritten here.
+    """
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        response = self.get_response(request)
+        if (
+            response.status_code < 400
+            or not request.path.startswith(_API_PREFIX)
+            or response.get("Content-Type", "").startswith("application/json")
+        ):
+            return response
+        code = _CODES_BY_STATUS.get(response.status_code, "error")
+        replaced = error_response(response.status_code, code, _MESSAGES.get(code, "The request failed."))
+        for header in _KEPT_HEADERS:
+            if header in response:
+                replaced[header] = response[header]
+        return replaced
+
+
+_CODES_BY_STATUS = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+    500: "internal_error",
+    503: "service_unavailable",
+}
+_MESSAGES = {
+    "bad_request": "The request could not be understood.",
+    "unauthorized": "Authentication is required.",
+    "forbidden": "You do not have permission to do this.",
+    "not_found": "The requested resource was not found.",
+    "method_not_allowed": "This method is not allowed here.",
+    "not_acceptable": "Only application/json answers are available.",
+    "payload_too_large": "The request body is too large.",
+    "unsupported_media_type": "The body must be application/json.",
+    "rate_limited": "Too many requests; retry later.",
+    "internal_error": "An internal error occurred.",
+    "service_unavailable": "Temporarily unavailable; retry shortly.",
+}
+
+
+def client_ip(request: HttpRequest) -> str:
+    """The client's address: REMOTE_ADDR, or behind TRUSTED_PROXY_COUNT proxies of ours the
+    X-Forwarded-For entry the outermost one added. IPv6 clients count per /64, which one
+    subscriber usually holds whole."""
+    candidate = request.META.get("REMOTE_ADDR", "")
+    hops = settings.TRUSTED_PROXY_COUNT
+    if hops > 0:
+        forwarded = [part.strip() for part in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",")]
+        forwarded = [part for part in forwarded if part]
+        if len(forwarded) >= hops:
+            candidate = forwarded[-hops]
+    try:
+        address = ipaddress.ip_address(candidate)
+    except ValueError:
+        return "unknown"
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
+_WEBHOOK_PREFIX = "/api/v1/gateway/webhooks/"
+_ADMIN_LOGIN = "/admin/login/"
+
+
+class UnauthenticatedRateLimitMiddleware:
+    """Per client IP, requests that fail to authenticate: API calls answered 401, provider
+    webhooks refused, admin login posts that did not log in. Over
+    UNAUTHENTICATED_RATE_LIMIT_PER_SECOND in a one-second window, that IP's API calls, webhooks
+    and login posts answer 429 before any work (key lookup, signature check, password hash).
+
+    Failures are what is counted, so a provider delivering webhooks in bulk or merchants behind
+    one NAT with good keys are never slowed; guessing keys, forging webhooks or passwords is.
+    The counter is the Redis fixed window of orders/throttling.py.
+    """
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        path = request.path
+        login_post = path == _ADMIN_LOGIN and request.method == "POST"
+        if not (path.startswith(_API_PREFIX) or login_post):
+            return self.get_response(request)
+        from orders.throttling import window_count  # late: orders imports Django models
+
+        name = f"unauth:{client_ip(request)}"
+        counted = window_count(name, increment=False)
+        if counted is not None and counted[0] >= settings.UNAUTHENTICATED_RATE_LIMIT_PER_SECOND:
+            response = error_response(429, "rate_limited", "Too many unauthenticated requests; retry later.")
+            response["Retry-After"] = "1"
+            return response
+        response = self.get_response(request)
+        if _failed_to_authenticate(path, login_post, response.status_code):
+            window_count(name)
+        return response
+
+
+def _failed_to_authenticate(path: str, login_post: bool, status: int) -> bool:
+    if login_post:
+        return status != 302  # a failed login renders the form again (200); success redirects
+    if path.startswith(_WEBHOOK_PREFIX):
+        return status in (400, 401, 403, 404)
+    return status == 401

@@ -1,11 +1,17 @@
 """The merchant-facing order API (SPEC 3). Thin: validate, call a service or selector, render."""
 
+import base64
 import uuid
+from datetime import UTC
+from urllib import parse
 
+from django.core import signing
+from django.utils.dateparse import parse_datetime
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers, status
-from rest_framework.pagination import CursorPagination
+from rest_framework.pagination import Cursor, CursorPagination
 from rest_framework.response import Response
+from rest_framework.utils.urls import replace_query_param
 from rest_framework.views import APIView
 
 from config.errors import ApiError
@@ -45,19 +51,64 @@ def _idempotency_key(request) -> str:
     return key
 
 
+def _cursor_signer() -> signing.Signer:
+    return signing.Signer(salt="orders.cursor")
+
+
 class OrderCursorPagination(CursorPagination):
+    """DRF's cursor pagination, with cursors signed so only the ones we handed out are read.
+
+    A cursor is base64 of `o=<offset>&r=<reverse>&p=<position>`, and DRF puts the position
+    straight into the query's filter: a forged one (`p=garbage`) reached PostgreSQL and was a 500.
+    Signing (Django's signing, SECRET_KEY with its fallbacks) refuses every cursor we did not
+    write; the position is still parsed as the aware datetime it must be, so a cursor signed
+    before a format change cannot reach the filter either.
+    """
+
     ordering = ("-created_at", "-id")
     page_size = 20
     page_size_query_param = "limit"
     max_page_size = 100
 
-    def decode_cursor(self, request):
+    def encode_cursor(self, cursor: Cursor) -> str:
+        tokens = {}
+        if cursor.offset != 0:
+            tokens["o"] = str(cursor.offset)
+        if cursor.reverse:
+            tokens["r"] = "1"
+        if cursor.position is not None:
+            tokens["p"] = cursor.position
+        querystring = parse.urlencode(tokens, doseq=True)
+        encoded = base64.urlsafe_b64encode(querystring.encode("ascii")).decode("ascii")
+        return replace_query_param(self.base_url, self.cursor_query_param, _cursor_signer().sign(encoded))
+
+    def decode_cursor(self, request) -> Cursor | None:
+        raw = request.query_params.get(self.cursor_query_param)
+        if raw is None:
+            return None
         try:
-            return super().decode_cursor(request)
-        except Exception as exc:  # DRF answers an unreadable cursor with 404; it is a bad filter
+            encoded = _cursor_signer().unsign(raw)
+            tokens = parse.parse_qs(
+                base64.urlsafe_b64decode(encoded.encode("ascii")).decode("ascii"),
+                keep_blank_values=True,
+                strict_parsing=bool(encoded),
+            )
+            offset = int(tokens.get("o", ["0"])[0])
+            reverse = tokens.get("r", ["0"])[0]
+            position = tokens.get("p", [None])[0]
+            if not 0 <= offset <= self.offset_cutoff or reverse not in ("0", "1"):
+                raise ValueError("offset or direction out of range")
+            if position is not None:
+                moment = parse_datetime(position)
+                if moment is None or moment.tzinfo is None:
+                    raise ValueError("position is not an aware datetime")
+                moment.astimezone(UTC)  # OverflowError near year 1 or 9999
+        except (signing.BadSignature, ValueError, TypeError, OverflowError, UnicodeError) as exc:
+            # DRF answers an unreadable cursor with 404; it is a bad filter value (SPEC 3: 400)
             raise ApiError(
                 400, "invalid_request", "Invalid cursor.", {"cursor": ["Invalid cursor."]}
             ) from exc
+        return Cursor(offset=offset, reverse=reverse == "1", position=position)
 
 
 class OrderListCreateApi(APIView):

@@ -7,7 +7,7 @@ import json
 import logging
 import secrets
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
@@ -126,17 +126,56 @@ class CreateResult:
     replayed: bool
 
 
-def _claim_key(*, merchant: Merchant, key: str, fingerprint: str) -> int | None:
+@dataclass(frozen=True)
+class _Claim:
+    """An in-flight idempotency key held by this request: its row and the moment it was claimed.
+
+    The moment, written by the database, tells this claim from a later takeover of the same row.
+    """
+
+    key_id: int
+    claimed_at: datetime
+
+
+def _claim_key(*, merchant: Merchant, key: str, fingerprint: str) -> _Claim | None:
     """Insert the key as in flight and commit at once, so concurrent requests see it. None: taken."""
     with connection.cursor() as cursor:
         cursor.execute(
             "INSERT INTO orders_idempotencykey (merchant_id, key, request_hash, state, created_at)"
             " VALUES (%s, %s, %s, 'in_flight', now())"
-            " ON CONFLICT (merchant_id, key) DO NOTHING RETURNING id",
+            " ON CONFLICT (merchant_id, key) DO NOTHING RETURNING id, created_at",
             [merchant.id, key, fingerprint],
         )
         row = cursor.fetchone()
-    return row[0] if row else None
+    return _Claim(row[0], row[1]) if row else None
+
+
+def _take_over_stale_key(*, key_id: int) -> _Claim | None:
+    """Take over a key left in flight longer than the timeout by a request that died.
+
+    Ages are measured on the database's clock, which wrote `created_at`: a web host whose clock
+    runs ahead would otherwise take over a live request's key.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE orders_idempotencykey SET created_at = now()"
+            " WHERE id = %s AND state = 'in_flight'"
+            " AND created_at < now() - make_interval(secs => %s) RETURNING id, created_at",
+            [key_id, settings.IDEMPOTENCY_IN_FLIGHT_TIMEOUT_SECONDS],
+        )
+        row = cursor.fetchone()
+    return _Claim(row[0], row[1]) if row else None
+
+
+def _release_claim(claim: _Claim) -> None:
+    """Let the client retry with the same key, if the key is still this request's claim.
+
+    After a stale takeover the row belongs to a later request, which may have completed it:
+    deleting it by id would drop that request's stored answer.
+    """
+    IdempotencyKey.objects.filter(
+        pk=claim.key_id, state=IdempotencyKey.State.IN_FLIGHT, created_at=claim.claimed_at
+    ).delete()
 
 
 # Runs in the statement that inserts the order: the stored answer is written with the order.
@@ -151,12 +190,12 @@ def order_create(
 ) -> CreateResult:
     """Create an order once per Idempotency-Key (SPEC 3); replay the stored answer afterwards."""
     fingerprint = request_fingerprint(data)
-    key_id = _claim_key(merchant=merchant, key=idempotency_key, fingerprint=fingerprint)
-    if key_id is None:
+    claim = _claim_key(merchant=merchant, key=idempotency_key, fingerprint=fingerprint)
+    if claim is None:
         existing = IdempotencyKey.objects.filter(merchant=merchant, key=idempotency_key).first()
         if existing is None:  # pruned or released between the two statements: try once more
-            key_id = _claim_key(merchant=merchant, key=idempotency_key, fingerprint=fingerprint)
-            if key_id is None:
+            claim = _claim_key(merchant=merchant, key=idempotency_key, fingerprint=fingerprint)
+            if claim is None:
                 raise ApiError(
                     409, "idempotency_key_in_use", "A request with this Idempotency-Key is in flight."
                 )
@@ -169,17 +208,13 @@ def order_create(
         elif existing.state == IdempotencyKey.State.DONE:
             return CreateResult(existing.response_status, existing.response_body, True)
         else:
-            stale = timezone.now() - timedelta(seconds=settings.IDEMPOTENCY_IN_FLIGHT_TIMEOUT_SECONDS)
             # A request that died mid-flight left its key in flight: the first retry after the
             # timeout takes it over (the dead request's transaction never committed an order).
-            taken = IdempotencyKey.objects.filter(
-                pk=existing.pk, state=IdempotencyKey.State.IN_FLIGHT, created_at__lt=stale
-            ).update(created_at=timezone.now())
-            if not taken:
+            claim = _take_over_stale_key(key_id=existing.pk)
+            if claim is None:
                 raise ApiError(
                     409, "idempotency_key_in_use", "A request with this Idempotency-Key is in flight."
                 )
-            key_id = existing.pk
     now = timezone.now()
     order = Order(
         merchant=merchant,
@@ -198,9 +233,9 @@ def order_create(
     body = json.loads(json.dumps(order_representation(order), default=str))
     try:
         with transaction.atomic():
-            order_insert(order=order, then_sql=_KEY_DONE_SQL, then_params=[json.dumps(body), key_id])
+            order_insert(order=order, then_sql=_KEY_DONE_SQL, then_params=[json.dumps(body), claim.key_id])
     except IntegrityError as exc:
-        IdempotencyKey.objects.filter(pk=key_id).delete()
+        _release_claim(claim)
         if "order_reference_unique_per_merchant" in str(exc):
             raise ApiError(
                 409,
@@ -211,7 +246,7 @@ def order_create(
         raise
     except BaseException:
         # Let the client retry with the same key: nothing was created.
-        IdempotencyKey.objects.filter(pk=key_id).delete()
+        _release_claim(claim)
         raise
     logger.info(
         "order.created",

@@ -18,26 +18,37 @@ from orders.redis_client import get_redis
 logger = logging.getLogger(__name__)
 
 
+def window_count(name: str, *, increment: bool = True) -> tuple[int, float] | None:
+    """Requests counted under `name` in the current one-second window (this one included when
+    `increment`), and the seconds left in the window; None when Redis cannot be reached."""
+    now = time.time()
+    window = int(now)
+    key = f"ratelimit:{name}:{window}"
+    try:
+        if increment:
+            pipe = get_redis().pipeline()
+            pipe.incr(key)
+            pipe.expire(key, 2)
+            count = pipe.execute()[0]
+        else:
+            count = int(get_redis().get(key) or 0)
+    except redis.RedisError as exc:
+        # The limiter protects us; it must not take the API down with Redis.
+        logger.warning("ratelimit.unavailable", extra={"error": repr(exc)})
+        return None
+    return count, window + 1 - now
+
+
 class MerchantKeyRateThrottle(BaseThrottle):
     def allow_request(self, request, view) -> bool:
         merchant = request.user
         if not isinstance(merchant, Merchant):
             return True
-        limit = settings.API_RATE_LIMIT_PER_SECOND
-        now = time.time()
-        window = int(now)
-        key = f"ratelimit:{merchant.api_key_prefix}:{window}"
-        try:
-            pipe = get_redis().pipeline()
-            pipe.incr(key)
-            pipe.expire(key, 2)
-            count = pipe.execute()[0]
-        except redis.RedisError as exc:
-            # The limiter protects us; it must not take the API down with Redis.
-            logger.warning("ratelimit.unavailable", extra={"error": repr(exc)})
+        counted = window_count(merchant.api_key_prefix)
+        if counted is None:
             return True
-        self._wait = window + 1 - now
-        return count <= limit
+        count, self._wait = counted
+        return count <= settings.API_RATE_LIMIT_PER_SECOND
 
     def wait(self) -> float:
         return max(self._wait, 0.001)

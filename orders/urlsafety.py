@@ -1,5 +1,6 @@
 """Which callback URLs may be called: http(s), no userinfo, and not into private networks (SPEC 7)."""
 
+import concurrent.futures
 import ipaddress
 import socket
 from urllib.parse import urlsplit
@@ -25,6 +26,28 @@ def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     )
 
 
+# Order creation resolves the callback host in the request thread. A lookup can hang far longer
+# than a request may take (a dead nameserver: resolver retries, tens of seconds), and it cannot
+# be interrupted. So lookups run on a few threads of their own and the request waits at most
+# CALLBACK_URL_RESOLVE_TIMEOUT_SECONDS; past that the host counts as "not resolvable now", as
+# before, and delivery resolves again and refuses private addresses then (callbacks/http.py),
+# which is the check that matters: DNS may answer differently by then anyway. Resolving only at
+# delivery would lose SPEC 7's 400 at creation for the hosts that answer in time. Four threads
+# per process bound what hung lookups can hold; a request's lookup still queued when it gives up
+# is cancelled, so the queue holds at most one lookup per waiting request.
+_RESOLVER = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="callback-url-dns")
+
+
+def _resolve(host: str, port: int) -> list | None:
+    """getaddrinfo's answer, or None when it did not come within the timeout."""
+    future = _RESOLVER.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    try:
+        return future.result(timeout=settings.CALLBACK_URL_RESOLVE_TIMEOUT_SECONDS)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        return None
+
+
 def callback_url_check(url: str, *, resolve: bool = True) -> None:
     """Raise UnsafeUrl when `url` is not a URL we are willing to POST to."""
     try:
@@ -42,10 +65,10 @@ def callback_url_check(url: str, *, resolve: bool = True) -> None:
         return
     host = parts.hostname
     try:
-        infos = socket.getaddrinfo(
-            host, port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM
-        )
+        infos = _resolve(host, port or (443 if parts.scheme == "https" else 80))
     except (OSError, UnicodeError):
+        infos = None
+    if infos is None:
         # Not resolvable now; delivery resolves again and refuses private addresses then.
         return
     for info in infos:

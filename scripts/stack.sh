@@ -2,6 +2,8 @@
 # Runs the Procfile's processes in the background with pid files: `up` (idempotent), `down`, `status`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The dev stack runs the local settings unless told otherwise (the entry points default to production).
+export DJANGO_SETTINGS_MODULE="${DJANGO_SETTINGS_MODULE:-config.settings.local}"
 RUN=.run
 mkdir -p "$RUN/log" "$RUN/pids"
 PORT=${WEB_BIND:-127.0.0.1:8000}

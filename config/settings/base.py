@@ -232,10 +232,6 @@ LOGGING = {
     },
 }
 
-# Key for secrets we must keep recoverable (merchant webhook secrets): Fernet, derived from
-# SECRET_KEY unless given. Rotating SECRET_KEY without FIELD_ENCRYPTION_KEY re-keys them.
-FIELD_ENCRYPTION_KEY = env("FIELD_ENCRYPTION_KEY", default="")
-
 # Callback delivery bounds
 # (CALLBACK_CONNECT_TIMEOUT and CALLBACK_TOTAL_TIMEOUT above bound one attempt by wall clock.)
 # How many callback attempts to one merchant's receivers may run at once, across all workers:
@@ -243,3 +239,41 @@ FIELD_ENCRYPTION_KEY = env("FIELD_ENCRYPTION_KEY", default="")
 CALLBACK_RECEIVER_CONCURRENCY = env.int("CALLBACK_RECEIVER_CONCURRENCY", default=2)
 # When a merchant's slots are all taken, its due callback waits this long (x1 to 1.5), unspent.
 CALLBACK_RECEIVER_BUSY_SECONDS = env.float("CALLBACK_RECEIVER_BUSY_SECONDS", default=5.0)
+
+# API hardening
+# Every error under /api/ in the JSON shape, whichever view answered (SPEC 3); right after the
+# request id, so it also rewrites the answers of the middleware below it.
+MIDDLEWARE.insert(
+    MIDDLEWARE.index("config.middleware.RequestIdMiddleware") + 1, "config.middleware.ApiJsonErrorsMiddleware"
+)
+# Keys for secrets we must keep recoverable (webhook secrets), orders/crypto.py: comma-separated
+# Fernet keys, the first encrypts and all decrypt, so keys rotate. Empty: a development key
+# derived from SECRET_KEY; production requires them (config/settings/production.py).
+FIELD_ENCRYPTION_KEYS = env.list("FIELD_ENCRYPTION_KEY", default=[])
+FIELD_ENCRYPTION_KEY_REQUIRED = False
+# X-Forwarded-Proto says "https" only when a proxy we run sets it and drops the client's own.
+TRUST_X_FORWARDED_PROTO = env.bool("TRUST_X_FORWARDED_PROTO", default=False)
+# /metrics (SPEC 3): needs `Authorization: Bearer <METRICS_TOKEN>` when a token is set or the
+# settings require one (production, where no token means nobody reads it).
+METRICS_TOKEN = env("METRICS_TOKEN", default="")
+METRICS_REQUIRE_TOKEN = False
+# A scrape's database counts are reused for this long: scrapers and dashboards polling at once
+# cost one query each per interval, not one each per scrape.
+METRICS_DB_CACHE_SECONDS = env.float("METRICS_DB_CACHE_SECONDS", default=5.0)
+# Requests without valid credentials per client IP and second (bad or missing API keys, provider
+# webhooks that fail verification, admin login posts); over it: 429 (config/middleware.py).
+UNAUTHENTICATED_RATE_LIMIT_PER_SECOND = env.int("UNAUTHENTICATED_RATE_LIMIT_PER_SECOND", default=20)
+MIDDLEWARE.insert(
+    MIDDLEWARE.index("config.middleware.ApiJsonErrorsMiddleware") + 1,
+    "config.middleware.UnauthenticatedRateLimitMiddleware",
+)
+# The client IP is REMOTE_ADDR, or behind this many proxies of ours the X-Forwarded-For entry
+# they added (counted from the right: entries further left are the client's own claims).
+TRUSTED_PROXY_COUNT = env.int("TRUSTED_PROXY_COUNT", default=0)
+# The callback URL check at order creation resolves the host in the request thread: bounded.
+CALLBACK_URL_RESOLVE_TIMEOUT_SECONDS = env.float("CALLBACK_URL_RESOLVE_TIMEOUT_SECONDS", default=2.0)
+# The provider webhook endpoint and the probes are plain Django views: described by hand.
+SPECTACULAR_SETTINGS["POSTPROCESSING_HOOKS"] = [
+    "drf_spectacular.hooks.postprocess_schema_enums",
+    "config.openapi.add_plain_django_paths",
+]

@@ -6,6 +6,7 @@ from .base import env
 DEBUG = env.bool("DEBUG", default=False)
 CALLBACK_ALLOW_PRIVATE_NETWORKS = env.bool("CALLBACK_ALLOW_PRIVATE_NETWORKS", default=True)
 API_RATE_LIMIT_PER_SECOND = env.int("API_RATE_LIMIT_PER_SECOND", default=2000)
+UNAUTHENTICATED_RATE_LIMIT_PER_SECOND = env.int("UNAUTHENTICATED_RATE_LIMIT_PER_SECOND", default=1000)
 BEAT_INTERVAL_SECONDS = env.float("BEAT_INTERVAL_SECONDS", default=1.0)
 CELERY_BEAT_SCHEDULE = {
     name: {**entry, "schedule": entry["schedule"] if entry["schedule"] > 60 else BEAT_INTERVAL_SECONDS}

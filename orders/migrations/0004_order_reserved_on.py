@@ -4,15 +4,14 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('orders', '0003_console_indexes'),
+        ("orders", "0003_console_indexes"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='order',
-            name='reserved_on',
+            model_name="order",
+            name="reserved_on",
             field=models.DateField(blank=True, null=True),
         ),
     ]

@@ -1,6 +1,7 @@
 """Idempotency-Key on POST /api/v1/orders (SPEC 3): replay, conflicts, takeover, pruning, races."""
 
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -255,3 +256,120 @@ def test_sixteen_concurrent_requests_with_one_key_create_one_order(merchant_cred
     assert originals[0]["id"] == str(Order.objects.get().pk)
     conflicts = [body for status, body, _ in answers if status == 409]
     assert all(body["error"]["code"] == "idempotency_key_in_use" for body in conflicts)
+
+
+# --- a stale owner and its successor (issue 10 item 11) -------------------------------------
+
+_BLOCKING_TRIGGER = """
+CREATE OR REPLACE FUNCTION test_block_marked_insert() RETURNS trigger AS $$
+BEGIN
+    -- Only the connection that marked itself waits, on an advisory lock the test holds.
+    IF current_setting('test.block_insert', true) = 'on' THEN
+        PERFORM pg_advisory_xact_lock(4242);
+    END IF;
+    RETURN NEW;
+END $$ LANGUAGE plpgsql;
+CREATE TRIGGER test_block_marked_insert BEFORE INSERT ON orders_order
+    FOR EACH ROW EXECUTE FUNCTION test_block_marked_insert();
+"""
+
+
+@pytest.fixture
+def insert_gate(transactional_db):
+    """A database-side pause: an order INSERT from a marked connection waits until released."""
+    from django.db import connections
+
+    holder = connections.create_connection("default")
+    with holder.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_lock(4242)")
+    with connection.cursor() as cursor:
+        cursor.execute(_BLOCKING_TRIGGER)
+
+    def waiting() -> bool:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+            return cursor.fetchone()[0] > 0
+
+    def release() -> None:
+        with holder.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_unlock(4242)")
+
+    yield waiting, release
+    release_quietly = holder.cursor()
+    release_quietly.execute("SELECT pg_advisory_unlock_all()")
+    holder.close()
+    with connection.cursor() as cursor:
+        cursor.execute("DROP TRIGGER IF EXISTS test_block_marked_insert ON orders_order")
+        cursor.execute("DROP FUNCTION IF EXISTS test_block_marked_insert()")
+
+
+def _wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_a_stale_owner_failing_late_leaves_its_successors_key_alone(merchant_creds, insert_gate, settings):
+    waiting, release = insert_gate
+    answers: dict[str, object] = {}
+
+    def stale_request() -> None:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SET test.block_insert = 'on'")
+            client = APIClient()
+            client.credentials(HTTP_AUTHORIZATION=f"Bearer {merchant_creds.api_key}")
+            answers["a"] = _post(client, HTTP_IDEMPOTENCY_KEY="key-1")
+        except BaseException as exc:
+            answers["a"] = exc
+        finally:
+            connection.close()
+
+    # given: request A claimed the key and hangs inside its insert
+    a = threading.Thread(target=stale_request)
+    a.start()
+    _wait_for(waiting, "request A to wait inside its insert")
+    # and its claim grew older than the in-flight timeout meanwhile
+    IdempotencyKey.objects.filter(key="key-1").update(
+        created_at=timezone.now() - timedelta(seconds=settings.IDEMPOTENCY_IN_FLIGHT_TIMEOUT_SECONDS + 5)
+    )
+    # when: the client's retry B takes the key over and creates the order
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {merchant_creds.api_key}")
+    b = _post(client, HTTP_IDEMPOTENCY_KEY="key-1")
+    assert b.status_code == 201, b.content
+    # and A wakes up, fails on the order B created, and runs its error path
+    release()
+    a.join(timeout=60)
+    assert not a.is_alive()
+    assert getattr(answers["a"], "status_code", answers["a"]) == 409
+    # then B's completed key survived A's failure: a further retry replays B's answer
+    key = IdempotencyKey.objects.get(key="key-1")
+    assert key.state == IdempotencyKey.State.DONE
+    replay = _post(client, HTTP_IDEMPOTENCY_KEY="key-1")
+    assert replay.status_code == 201, replay.content
+    assert replay["Idempotent-Replayed"] == "true"
+    assert replay.json() == b.json()
+    assert Order.objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_a_web_host_clock_ahead_of_the_database_does_not_take_over_a_fresh_key(
+    api, merchant_creds, monkeypatch
+):
+    # given: a key claimed a moment ago, on the database's clock (as the API claims it)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO orders_idempotencykey (merchant_id, key, request_hash, state, created_at)"
+            " VALUES (%s, 'key-1', %s, 'in_flight', now())",
+            [merchant_creds.merchant.id, services.request_fingerprint(BODY)],
+        )
+    # and a web host whose own clock runs an hour ahead
+    real_now = timezone.now
+    monkeypatch.setattr(timezone, "now", lambda: real_now() + timedelta(hours=1))
+    # when the retry comes to that host
+    response = _post(api, HTTP_IDEMPOTENCY_KEY="key-1")
+    # then the key is still in flight: ages are measured on one clock, the database's
+    assert response.status_code == 409, response.content
+    assert Order.objects.count() == 0

@@ -271,3 +271,163 @@ def test_admin_opens_for_staff(client):
     client.login(username="ops", password="pw-123456789")
     for path in ("/admin/", "/admin/dashboard/", "/admin/orders/order/", "/admin/orders/merchant/"):
         assert client.get(path).status_code == 200, path
+
+
+# --- /metrics (issue 10 item 10) -------------------------------------------------------------
+
+
+@pytest.fixture
+def metrics_in_production(settings):
+    """/metrics as production settings have it: a token is required."""
+    settings.METRICS_REQUIRE_TOKEN = True
+    settings.METRICS_TOKEN = "scrape-token-1"
+    return settings
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        "",
+        "Bearer",
+        "Bearer wrong",
+        "Bearer scrape-token-",
+        "Bearer scrape-token-1x",
+        "Basic scrape-token-1",
+        "scrape-token-1",
+        "Bearer scrape-token-1\xe9",
+    ],
+)
+def test_metrics_in_production_answer_401_without_the_token(client, metrics_in_production, header):
+    extra = {} if header is None else {"HTTP_AUTHORIZATION": header}
+
+    response = client.get("/metrics", **extra)
+
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "unauthorized"
+    assert response["WWW-Authenticate"].startswith("Bearer")
+    assert b"orders_open" not in response.content
+
+
+@pytest.mark.django_db
+def test_metrics_in_production_are_served_with_the_token(client, metrics_in_production):
+    response = client.get("/metrics", HTTP_AUTHORIZATION="Bearer scrape-token-1")
+
+    assert response.status_code == 200
+    assert b"orders_open" in response.content
+
+
+@pytest.mark.django_db
+def test_metrics_required_but_no_token_configured_serves_nobody(client, settings):
+    settings.METRICS_REQUIRE_TOKEN = True
+    settings.METRICS_TOKEN = ""
+
+    for header in ("", "Bearer ", "Bearer"):
+        assert client.get("/metrics", HTTP_AUTHORIZATION=header).status_code == 401
+
+
+@pytest.mark.django_db
+def test_metrics_database_counts_are_reused_for_a_few_seconds(client, settings, django_assert_num_queries):
+    # given counts read by a first scrape, cached for a minute
+    from config.metrics import database_counts
+
+    settings.METRICS_DB_CACHE_SECONDS = 60
+    database_counts.clear()
+    first = client.get("/metrics")
+    assert first.status_code == 200
+    # when scrapes follow at once, even with an order more in the database
+    create(client_for(make_merchant().api_key), reference="after-first-scrape")
+    with django_assert_num_queries(0):
+        again = client.get("/metrics")
+    # then they answer from the cache
+    assert _open_pending(again) == _open_pending(first)
+    # and with the cache off the new order shows
+    settings.METRICS_DB_CACHE_SECONDS = 0
+    assert _open_pending(client.get("/metrics")) == _open_pending(first) + 1
+    database_counts.clear()
+
+
+def _open_pending(response) -> float:
+    for line in response.content.decode().splitlines():
+        if line.startswith('orders_open{status="pending"}'):
+            return float(line.split()[-1])
+    raise AssertionError("orders_open pending not in the scrape")
+
+
+# --- unauthenticated traffic per client IP (issue 10 item 13) ---------------------------------
+
+
+def _an_ip() -> str:
+    # A fresh address per test: the one-second windows in Redis outlive a test.
+    n = uuid.uuid4().int
+    return f"198.18.{n % 250}.{(n >> 8) % 250 + 1}"
+
+
+def _burst(send, n: int = 12) -> tuple[list, int]:
+    started = time.time()
+    responses = [send() for _ in range(n)]
+    return responses, int(time.time()) - int(started) + 1  # one-second windows the burst touched
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("kind", ["bad_key", "no_key", "forged_webhook", "admin_login"])
+def test_failed_authentication_is_rate_limited_per_client_ip(client, settings, merchant_creds, kind):
+    # given a limit of 3 failures per second per IP
+    settings.UNAUTHENTICATED_RATE_LIMIT_PER_SECOND = 3
+    ip = _an_ip()
+    send = {
+        "bad_key": lambda: client.get(
+            ORDERS, HTTP_AUTHORIZATION="Bearer sk_000000000000_guess", REMOTE_ADDR=ip
+        ),
+        "no_key": lambda: client.get(ORDERS, REMOTE_ADDR=ip),
+        "forged_webhook": lambda: client.post(
+            "/api/v1/gateway/webhooks/sandbox",
+            b'{"data": {"channel": "sandbox-a"}}',
+            content_type="application/json",
+            REMOTE_ADDR=ip,
+        ),
+        "admin_login": lambda: client.post(
+            "/admin/login/", {"username": "ops", "password": "guess"}, REMOTE_ADDR=ip
+        ),
+    }[kind]
+    # when failures come from one IP as fast as they can
+    responses, windows = _burst(send)
+    # then at most 3 per window were looked at, the rest refused before any work
+    limited = [r for r in responses if r.status_code == 429]
+    assert limited, [r.status_code for r in responses]
+    assert len(responses) - len(limited) <= 3 * windows
+    for response in limited:
+        assert response.json()["error"]["code"] == "rate_limited"
+        assert response["Retry-After"] == "1"
+    # and another IP, and a merchant with a good key on the same IP, are not held back
+    assert client.get(ORDERS, REMOTE_ADDR=_an_ip()).status_code == 401
+    assert client_for(merchant_creds.api_key).get(ORDERS, REMOTE_ADDR=_an_ip()).status_code == 200
+
+
+@pytest.mark.django_db
+def test_good_keys_from_one_ip_are_not_counted_as_failures(settings, merchant_creds):
+    settings.UNAUTHENTICATED_RATE_LIMIT_PER_SECOND = 3
+    ip = _an_ip()
+    client = client_for(merchant_creds.api_key)
+
+    responses = [client.get(ORDERS, REMOTE_ADDR=ip) for _ in range(10)]
+
+    assert [r.status_code for r in responses] == [200] * 10
+
+
+@pytest.mark.django_db
+def test_behind_trusted_proxies_the_client_ip_is_the_one_the_proxy_saw(client, settings):
+    # given one proxy of ours in front: it appends the address it saw to X-Forwarded-For
+    settings.UNAUTHENTICATED_RATE_LIMIT_PER_SECOND = 3
+    settings.TRUSTED_PROXY_COUNT = 1
+    attacker, bystander = _an_ip(), _an_ip()
+    # when one client fails again and again, claiming a fresh address of its own each time
+    responses, windows = _burst(
+        lambda: client.get(ORDERS, REMOTE_ADDR="10.0.0.1", HTTP_X_FORWARDED_FOR=f"{_an_ip()}, {attacker}")
+    )
+    # then it is limited by the address the proxy saw, and others behind the same proxy are not
+    limited = [r for r in responses if r.status_code == 429]
+    assert limited
+    assert len(responses) - len(limited) <= 3 * windows
+    assert client.get(ORDERS, REMOTE_ADDR="10.0.0.1", HTTP_X_FORWARDED_FOR=bystander).status_code == 401

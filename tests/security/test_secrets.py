@@ -5,10 +5,16 @@ import hashlib
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
+from cryptography.fernet import Fernet, InvalidToken
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.db import connection
 from rest_framework.test import APIClient
@@ -166,3 +172,157 @@ def test_no_database_row_or_redis_value_holds_a_key_or_secret_in_clear(endpoint,
     for secret in secret_forms(old_key, old_secret) + secret_forms(new_key, new_secret):
         assert secret not in text
         assert secret not in cached
+
+
+# --- settings fail closed (issue 10 item 9) --------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _production_env(**overrides: str | None) -> dict[str, str]:
+    """What a production process needs, with `overrides` (None removes a variable)."""
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "DJANGO_SETTINGS_MODULE": "config.settings.production",
+        "SECRET_KEY": "prod-" + "s" * 60,
+        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+        "REDIS_URL": settings.REDIS_URL,
+        "FIELD_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+        "METRICS_TOKEN": "metrics-token-1",
+    }
+    env.update(overrides)
+    return {name: value for name, value in env.items() if value is not None}
+
+
+def _python(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+@pytest.mark.parametrize(
+    "entry_point",
+    [
+        ["manage.py", "check"],
+        ["-c", "import config.wsgi"],
+        ["-c", "from config.celery_app import app; print(app.conf.broker_url)"],
+    ],
+    ids=["manage.py", "wsgi", "celery"],
+)
+def test_an_entry_point_without_a_settings_module_refuses_to_start_on_defaults(entry_point):
+    # given a process started with no DJANGO_SETTINGS_MODULE and none of production's secrets
+    env = {"PATH": os.environ.get("PATH", "")}
+    # when
+    result = _python(entry_point, env)
+    # then it is production's settings that load, and they refuse: no quiet development defaults
+    assert result.returncode != 0, result.stdout
+    assert "ImproperlyConfigured" in result.stderr, result.stderr[-2000:]
+    assert "SECRET_KEY" in result.stderr
+
+
+@pytest.mark.parametrize("missing", ["SECRET_KEY", "DATABASE_URL", "REDIS_URL", "FIELD_ENCRYPTION_KEY"])
+def test_production_refuses_to_start_without_each_required_variable(missing):
+    result = _python(["-c", "import django; django.setup()"], _production_env(**{missing: None}))
+
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr, result.stderr[-2000:]
+    assert missing in result.stderr
+
+
+def test_production_refuses_a_field_encryption_key_that_is_not_a_fernet_key_without_echoing_it():
+    result = _python(
+        ["-c", "import django; django.setup()"], _production_env(FIELD_ENCRYPTION_KEY="not-a-real-key-42")
+    )
+
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr
+    assert "not-a-real-key-42" not in result.stderr
+
+
+_HTTPS_PROBE = """
+import json, django
+django.setup()
+from django.test import Client
+client = Client()
+answers = {}
+for name, kwargs in (
+    ("http", {}),
+    ("http_claiming_https", {"HTTP_X_FORWARDED_PROTO": "https"}),
+    ("https", {"secure": True}),
+):
+    r = client.get("/api/v1/orders", **kwargs)
+    answers[name] = [r.status_code, r.get("Location"), r.get("Strict-Transport-Security")]
+r = client.get("/healthz")
+answers["healthz"] = [r.status_code, None, None]
+answers["metrics"] = client.get("/metrics").status_code
+answers["metrics_with_token"] = client.get("/metrics", HTTP_AUTHORIZATION="Bearer metrics-token-1").status_code
+r = client.get("/admin/login/", secure=True)
+answers["csrf_cookie_secure"] = bool(r.cookies["csrftoken"]["secure"])
+print(json.dumps(answers))
+"""
+
+
+@pytest.mark.django_db
+def test_production_serves_https_only_and_trusts_x_forwarded_proto_only_when_configured():
+    # given production settings, not told to trust a proxy
+    result = _python(["-c", _HTTPS_PROBE], _production_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = json.loads(result.stdout.strip().splitlines()[-1])
+    # then plain HTTP is redirected to HTTPS, even when the client claims HTTPS itself
+    assert answers["http"][:2] == [301, "https://testserver/api/v1/orders"]
+    assert answers["http_claiming_https"][:2] == [301, "https://testserver/api/v1/orders"]
+    # and over HTTPS the API answers, with HSTS, and cookies are HTTPS-only
+    assert answers["https"][0] == 401
+    assert "max-age=31536000" in answers["https"][2]
+    assert answers["csrf_cookie_secure"] is True
+    # and the probes stay reachable over plain HTTP from inside the network; /metrics with its token
+    assert answers["healthz"][0] == 200
+    assert answers["metrics"] == 401
+    assert answers["metrics_with_token"] == 200
+
+    # given a proxy of ours that sets X-Forwarded-Proto
+    result = _python(["-c", _HTTPS_PROBE], _production_env(TRUST_X_FORWARDED_PROTO="true"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = json.loads(result.stdout.strip().splitlines()[-1])
+    # then its word is taken
+    assert answers["http_claiming_https"][0] == 401
+    assert answers["http"][0] == 301
+
+
+def test_field_encryption_keys_rotate_first_encrypts_all_decrypt(settings):
+    # given a secret stored under the old key
+    old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    settings.FIELD_ENCRYPTION_KEYS = [old]
+    stored = crypto.encrypt("whsec_stored")
+    # when a new key is put first
+    settings.FIELD_ENCRYPTION_KEYS = [new, old]
+    # then the stored secret still reads, and new ones are written under the new key
+    assert crypto.decrypt(stored) == "whsec_stored"
+    written = crypto.encrypt("whsec_new")
+    rotated = crypto.rotate(stored)
+    # and once everything is re-encrypted the old key can go
+    settings.FIELD_ENCRYPTION_KEYS = [new]
+    assert crypto.decrypt(written) == "whsec_new"
+    assert crypto.decrypt(rotated) == "whsec_stored"
+    with pytest.raises(InvalidToken):
+        crypto.decrypt(stored)
+
+
+def test_rotating_secret_key_leaves_stored_secrets_readable(settings):
+    settings.FIELD_ENCRYPTION_KEYS = [Fernet.generate_key().decode()]
+    stored = crypto.encrypt("whsec_stored")
+
+    settings.SECRET_KEY = "a-rotated-secret-key"
+
+    assert crypto.decrypt(stored) == "whsec_stored"
+
+
+def test_without_keys_where_they_are_required_nothing_is_encrypted_under_a_derived_key(settings):
+    settings.FIELD_ENCRYPTION_KEYS = []
+    settings.FIELD_ENCRYPTION_KEY_REQUIRED = True
+
+    with pytest.raises(ImproperlyConfigured):
+        crypto.encrypt("whsec_x")
