@@ -192,6 +192,8 @@ def _production_env(**overrides: str | None) -> dict[str, str]:
         "REDIS_URL": settings.REDIS_URL,
         "FIELD_ENCRYPTION_KEY": Fernet.generate_key().decode(),
         "METRICS_TOKEN": "metrics-token-1",
+        "PUBLIC_BASE_URL": "https://pay.example",
+        "SANDBOX_SECRET": "prod-sandbox-" + "x" * 20,
     }
     env.update(overrides)
     return {name: value for name, value in env.items() if value is not None}
@@ -223,7 +225,10 @@ def test_an_entry_point_without_a_settings_module_refuses_to_start_on_defaults(e
     assert "SECRET_KEY" in result.stderr
 
 
-@pytest.mark.parametrize("missing", ["SECRET_KEY", "DATABASE_URL", "REDIS_URL", "FIELD_ENCRYPTION_KEY"])
+@pytest.mark.parametrize(
+    "missing",
+    ["SECRET_KEY", "DATABASE_URL", "REDIS_URL", "FIELD_ENCRYPTION_KEY", "PUBLIC_BASE_URL", "SANDBOX_SECRET"],
+)
 def test_production_refuses_to_start_without_each_required_variable(missing):
     result = _python(["-c", "import django; django.setup()"], _production_env(**{missing: None}))
 
