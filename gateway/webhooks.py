@@ -8,6 +8,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
 from config.celery_app import app as celery_app
+from config.faults import fault_point
 from config.middleware import error_response
 from gateway import services
 from gateway.providers.base import InvalidWebhook, get_adapter
@@ -48,6 +49,7 @@ def provider_webhook(request: HttpRequest, provider: str) -> JsonResponse:
     with transaction.atomic():
         new = services.webhook_receive(provider=provider, event=event)
         if new:
+            transaction.on_commit(lambda: fault_point("webhook.after_store"))
             transaction.on_commit(lambda: _hand_off(event))
     logger.info(
         "webhook.received",

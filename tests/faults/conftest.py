@@ -63,6 +63,9 @@ def fault_env():
     for old in harness.LOGS.glob("*.log"):
         if old.name != "postgres.log":  # the cluster, if already running, writes there
             old.unlink()
+    harness.TASK_DIR.mkdir(parents=True, exist_ok=True)
+    for old in harness.TASK_DIR.iterdir():
+        old.unlink()
     pg.ensure()
     redis_server.start()
     redis_server.client().flushall()
@@ -96,6 +99,8 @@ def fault_env():
             "SANDBOX_URL": f"http://{harness.SANDBOX}",
             "PUBLIC_BASE_URL": f"http://{harness.WEB}",
             "GATEWAY_READ_TIMEOUT": "1.5",
+            # A breaker opened by an outage or a burst of 503s cools down within the test's wait.
+            "CIRCUIT_COOLDOWN_SECONDS": "3",
             "POLL_FIRST_SECONDS": "2",
             "POLL_INTERVAL_SECONDS": "1",
             # Long enough to ride out a receiver outage of a few seconds without exhausting.
@@ -141,7 +146,8 @@ def faults(fault_env):
     fault_env.receiver.start()
     harness.disarm_all()
     fault_env.stack.ensure_running()
-    fault_env.sql("UPDATE allocation_paymentchannel SET circuit_open_until = NULL")
+    fault_env.sql("UPDATE allocation_paymentchannel SET circuit_open_until = NULL, daily_cap = NULL")
+    harness.RENDEZVOUS.unlink(missing_ok=True)
     client = fault_env.redis.client()
     for key in client.scan_iter("circuit:*"):
         client.delete(key)
