@@ -365,8 +365,12 @@ def test_redis_down_while_orders_are_created(faults):
     assert set(load.codes) <= {201, 503}, load.codes
     assert load.codes[201] >= 12
     # and the orders taken while it was down were announced only once it was back
-    waited = harness.relayed_creations(
-        faults.sql, load.orders, committed=(started, back), published_after=back
+    waited = wait_for(
+        lambda: harness.relayed_creations(
+            faults.sql, load.orders, committed=(started, back), published_after=back
+        ),
+        30,
+        "orders taken while Redis was down to be announced after it came back",
     )
     report = verify(
         load,
