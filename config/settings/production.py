@@ -11,7 +11,13 @@ REDIS_URL = env("REDIS_URL")
 CACHES["default"]["LOCATION"] = REDIS_URL  # noqa: F405
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL)
 DEBUG = False
-CALLBACK_ALLOW_PRIVATE_NETWORKS = env.bool("CALLBACK_ALLOW_PRIVATE_NETWORKS", default=False)
+# Part of every charge request (the provider's webhook address), stored with the attempt before
+# the first send: it must be the same public address on every host, so it has no default here.
+PUBLIC_BASE_URL = env("PUBLIC_BASE_URL")
+CALLBACK_ALLOW_PRIVATE_NETWORKS = env.bool("# Part of every charge request (the provider's webhook address), stored with the attempt before
+# the first send: it must be the same public address on every host, so it has no default here.
+PUBLIC_BASE_URL = env("PUBLIC_BASE_URL")
+CALLBACK_ALLOW_PRIVATE_NETWORKS", default=False)
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SESSION_COOKIE_SECURE = True
 CSRF_COOKIE_SECURE = True
