@@ -5,6 +5,7 @@ a test arms one by removing its marker. Recovery timings are the test settings' 
 
 import json
 import os
+import shutil
 import subprocess
 
 import psycopg2
@@ -63,9 +64,8 @@ def fault_env():
     for old in harness.LOGS.glob("*.log"):
         if old.name != "postgres.log":  # the cluster, if already running, writes there
             old.unlink()
-    harness.TASK_DIR.mkdir(parents=True, exist_ok=True)
-    for old in harness.TASK_DIR.iterdir():
-        old.unlink()
+    shutil.rmtree(harness.TASK_DIR, ignore_errors=True)  # the task markers of an earlier run
+    harness.TASK_DIR.mkdir(parents=True)
     pg.ensure()
     redis_server.start()
     redis_server.client().flushall()

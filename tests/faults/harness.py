@@ -63,7 +63,6 @@ class FaultStack(Stack):
 
     def __init__(self, env: dict[str, str], broker_url: str) -> None:
         super().__init__(env, logs=LOGS, tag="faults")
-        self.overrides: dict[str, dict[str, str]] = {}  # extra environment for one process
         self._send_lock = threading.Lock()
         # The project's app speaks to the test Redis; this one, same settings, to the fault Redis.
         self.celery = Celery("faults", broker=broker_url, set_as_current=False)
@@ -80,7 +79,6 @@ class FaultStack(Stack):
     def process_env(self, name: str) -> dict[str, str]:
         return {
             **self.env,
-            **self.overrides.get(name, {}),
             "FAULT_POINTS": ",".join(POINTS_BY_PROCESS.get(name, ())),
             "FAULT_TASK_DIR": str(TASK_DIR),
         }

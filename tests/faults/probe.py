@@ -40,15 +40,14 @@ def _write(record: dict) -> None:
         os.close(fd)
 
 
-def _starts(task: str, order_id: str) -> int:
-    """How many starts of `task` for `order_id` any process has written so far."""
-    needle = f'"task": "{task}", "order": "{order_id}"'
-    count = 0
-    for name in os.listdir(TASK_DIR):
-        if name.endswith(".log"):
-            with open(os.path.join(TASK_DIR, name)) as log:
-                count += sum(1 for line in log if '"ev": "start"' in line and needle in line)
-    return count
+def _met_twin(task: str, order_id: str, task_id: str) -> None:
+    """Say this copy has started, then wait (bounded) until a second copy has said so too."""
+    meeting = os.path.join(TASK_DIR, "met", f"{task}-{order_id}")
+    os.makedirs(meeting, exist_ok=True)
+    open(os.path.join(meeting, task_id), "w").close()
+    deadline = time.monotonic() + RENDEZVOUS_SECONDS
+    while len(os.listdir(meeting)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 @signals.task_prerun.connect
@@ -67,9 +66,7 @@ def _task_started(task_id=None, task=None, args=None, **_) -> None:
         }
     )
     if order_id and task.name in STAGE_TASKS and os.path.exists(os.path.join(TASK_DIR, "rendezvous")):
-        deadline = time.monotonic() + RENDEZVOUS_SECONDS
-        while _starts(task.name, order_id) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _met_twin(task.name, order_id, task_id)
 
 
 @signals.task_postrun.connect
