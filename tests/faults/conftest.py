@@ -1,7 +1,9 @@
 """The fault stack: web, sandbox, one worker per queue and beat (as in tests/e2e), on ports 2800x,
 against a PostgreSQL and a Redis of its own (tests/faults/servers.py), so that restarting and
 wiping them disturbs nothing else. Every process carries its fault points (config/faults.py);
-a test arms one by removing its marker. Recovery timings are the test settings' (seconds)."""
+a test arms one by removing its marker. Workers load the app through tests/faults/probe.py, which
+writes a start and an end marker for every task they run. Recovery timings are the test
+settings' (seconds)."""
 
 import json
 import os

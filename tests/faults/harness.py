@@ -12,7 +12,6 @@ import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -339,10 +338,6 @@ class Load:
 
 def sandbox_charges(order_id: str) -> list[dict]:
     return requests.get(f"http://{SANDBOX}/sandbox/charges", params={"order": order_id}, timeout=10).json()
-
-
-def _parse(value: str | None) -> float | None:
-    return datetime.fromisoformat(value).timestamp() if value else None
 
 
 # --- evidence -----------------------------------------------------------------------------------------
