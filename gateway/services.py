@@ -235,7 +235,7 @@ def _charge_record(
 
 
 _ATTEMPT_SQL = (
-    "SELECT a.id, a.status, a.channel, a.order_id, o.status, o.channel, o.request_id"
+    "SELECT a.id, a.status, a.channel, a.order_id, o.status, o.channel, o.request_id, a.provider"
     " FROM gateway_chargeattempt a JOIN orders_order o ON o.id = a.order_id"
     " WHERE a.idempotency_key = %s"
 )
@@ -243,7 +243,9 @@ _ATTEMPT_SQL = (
 # they were before the UPDATE (one snapshot per statement), like the separate read it replaces.
 _SETTLE_SQL = (
     "WITH settled AS (UPDATE gateway_chargeattempt SET status = %s, failure_code = %s"
-    " WHERE idempotency_key = %s AND order_id = %s AND status NOT IN (%s, %s)) " + _ATTEMPT_SQL
+    " WHERE idempotency_key = %s AND order_id = %s AND status NOT IN (%s, %s)"
+    # A webhook settles only a charge of the channel (and provider) whose secret signed it.
+    " AND (%s::text IS NULL OR (channel = %s AND provider = %s))) " + _ATTEMPT_SQL
 )
 
 
@@ -253,6 +255,8 @@ def _attempt_with_order(
     settle_order_id: uuid.UUID | None = None,
     status: str = "",
     failure_code: str = "",
+    channel: str | None = None,
+    provider: str | None = None,
 ) -> ChargeAttempt | None:
     """The attempt under this key, with its order's status and channel.
 
@@ -273,13 +277,18 @@ def _attempt_with_order(
                     settle_order_id,
                     A.PAID,
                     A.FAILED,
+                    channel,
+                    channel,
+                    provider,
                     idempotency_key,
                 ],
             )
         row = cursor.fetchone()
     if row is None:
         return None
-    attempt = _from_row(ChargeAttempt, ["id", "status", "channel", "order_id"], row[:4])
+    attempt = _from_row(
+        ChargeAttempt, ["id", "status", "channel", "order_id", "provider"], (*row[:4], row[7])
+    )
     attempt.order = _from_row(
         Order, ["id", "status", "channel", "request_id"], (row[3], row[4], row[5], row[6])
     )
@@ -287,9 +296,20 @@ def _attempt_with_order(
 
 
 def order_confirm(
-    *, order_id, idempotency_key: str, status: str, failure_code: str = "", source: str
+    *,
+    order_id,
+    idempotency_key: str,
+    status: str,
+    failure_code: str = "",
+    source: str,
+    channel: str | None = None,
+    provider: str | None = None,
 ) -> TransitionResult | None:
-    """Apply a provider's final word (webhook or poll) to the order: paid or failed."""
+    """Apply a provider's final word (webhook or poll) to the order: paid or failed.
+
+    `channel` and `provider` name who vouched for it (a webhook's verified signer): the word
+    counts only for that channel's own charge. A poll asks about the attempt itself and names none.
+    """
     final = status in ("paid", "failed")
     order_uuid = _as_uuid(str(order_id))
     if not final or order_uuid is None or str(order_uuid) != str(order_id):
@@ -304,8 +324,21 @@ def order_confirm(
         return TransitionResult(False, attempt.order.status, attempt.order.channel)
     with transaction.atomic():
         attempt = _attempt_with_order(
-            idempotency_key, settle_order_id=order_uuid, status=status, failure_code=failure_code
+            idempotency_key,
+            settle_order_id=order_uuid,
+            status=status,
+            failure_code=failure_code,
+            channel=channel,
+            provider=provider if channel is not None else None,
         )
+        signer = (channel, provider)
+        if attempt is not None and channel is not None and (attempt.channel, attempt.provider) != signer:
+            # The settling UPDATE matched nothing: it is limited to the signer's own charge.
+            logger.warning(
+                "confirm.channel_mismatch",
+                extra={"order_id": str(order_id), "channel": channel, "attempt_channel": attempt.channel},
+            )
+            return None
         if attempt is None or str(attempt.order_id) != str(order_id):
             # The settling UPDATE matched nothing either: it is limited to this order's attempt.
             logger.warning(
@@ -357,9 +390,34 @@ def order_confirm(
     return result
 
 
+class WebhookChannelMismatch(Exception):
+    """A verified webhook about a charge that another channel or provider made."""
+
+
 def webhook_receive(*, provider: str, event: WebhookEvent) -> bool:
-    """Store a verified provider webhook once. True when it is new (and must be confirmed)."""
+    """Store a verified provider webhook once. True when it is new (and must be confirmed).
+
+    A channel's secret vouches for that channel's charges only: a webhook about another
+    channel's attempt raises `WebhookChannelMismatch` and stores nothing.
+    """
     with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT channel, provider FROM gateway_chargeattempt WHERE idempotency_key = %s",
+            [event.idempotency_key],
+        )
+        row = cursor.fetchone()
+        if row is not None and tuple(row) != (event.channel, provider):
+            logger.warning(
+                "webhook.channel_mismatch",
+                extra={
+                    "order_id": event.order_id,
+                    "provider": provider,
+                    "channel": event.channel,
+                    "attempt_channel": row[0],
+                    "attempt_provider": row[1],
+                },
+            )
+            raise WebhookChannelMismatch(event.idempotency_key)
         cursor.execute(
             "INSERT INTO gateway_providerwebhook"
             " (provider, webhook_id, order_id, event_type, payload, received_at)"

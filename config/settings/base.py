@@ -235,3 +235,11 @@ LOGGING = {
 # Key for secrets we must keep recoverable (merchant webhook secrets): Fernet, derived from
 # SECRET_KEY unless given. Rotating SECRET_KEY without FIELD_ENCRYPTION_KEY re-keys them.
 FIELD_ENCRYPTION_KEY = env("FIELD_ENCRYPTION_KEY", default="")
+
+# Callback delivery bounds
+# (CALLBACK_CONNECT_TIMEOUT and CALLBACK_TOTAL_TIMEOUT above bound one attempt by wall clock.)
+# How many callback attempts to one merchant's receivers may run at once, across all workers:
+# a slow receiver holds at most this many worker slots; the others serve everyone else.
+CALLBACK_RECEIVER_CONCURRENCY = env.int("CALLBACK_RECEIVER_CONCURRENCY", default=2)
+# When a merchant's slots are all taken, its due callback waits this long (x1 to 1.5), unspent.
+CALLBACK_RECEIVER_BUSY_SECONDS = env.float("CALLBACK_RECEIVER_BUSY_SECONDS", default=5.0)
