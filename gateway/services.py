@@ -462,6 +462,7 @@ def order_poll(*, order_id) -> TransitionResult | None:
     except Exception as exc:  # provider unreachable: the sweep asks again later
         logger.warning("poll.failed", extra={"order_id": str(order.pk), "error": repr(exc)})
         return None
+    fault_point("poll.after_provider")
     logger.info("poll.answered", extra={"order_id": str(order.pk), "status": status.status})
     if status.status in ("paid", "failed"):
         return order_confirm(

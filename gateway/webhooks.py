@@ -8,6 +8,7 @@ from django.http import HttpRequest, JsonResponse, UnreadablePostError
 from django.views.decorators.csrf import csrf_exempt
 
 from config.celery_app import app as celery_app
+from config.faults import fault_point
 from config.middleware import error_response
 from gateway import services
 from gateway.providers.base import InvalidWebhook, MalformedWebhook, get_adapter
@@ -64,6 +65,7 @@ def provider_webhook(request: HttpRequest, provider: str) -> JsonResponse:
         with transaction.atomic():
             new = services.webhook_receive(provider=provider, event=event)
             if new:
+                transaction.on_commit(lambda: fault_point("webhook.after_store"))
                 transaction.on_commit(lambda: _hand_off(event, provider))
     except services.WebhookChannelMismatch:
         # Signed by a channel that did not make this charge: it may speak only for its own.

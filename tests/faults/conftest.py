@@ -1,10 +1,13 @@
 """The fault stack: web, sandbox, one worker per queue and beat (as in tests/e2e), on ports 2800x,
 against a PostgreSQL and a Redis of its own (tests/faults/servers.py), so that restarting and
 wiping them disturbs nothing else. Every process carries its fault points (config/faults.py);
-a test arms one by removing its marker. Recovery timings are the test settings' (seconds)."""
+a test arms one by removing its marker. Workers load the app through tests/faults/probe.py, which
+writes a start and an end marker for every task they run. Recovery timings are the test
+settings' (seconds)."""
 
 import json
 import os
+import shutil
 import subprocess
 
 import psycopg2
@@ -63,6 +66,8 @@ def fault_env():
     for old in harness.LOGS.glob("*.log"):
         if old.name != "postgres.log":  # the cluster, if already running, writes there
             old.unlink()
+    shutil.rmtree(harness.TASK_DIR, ignore_errors=True)  # the task markers of an earlier run
+    harness.TASK_DIR.mkdir(parents=True)
     pg.ensure()
     redis_server.start()
     redis_server.client().flushall()
@@ -96,6 +101,8 @@ def fault_env():
             "SANDBOX_URL": f"http://{harness.SANDBOX}",
             "PUBLIC_BASE_URL": f"http://{harness.WEB}",
             "GATEWAY_READ_TIMEOUT": "1.5",
+            # A breaker opened by an outage or a burst of 503s cools down within the test's wait.
+            "CIRCUIT_COOLDOWN_SECONDS": "3",
             "POLL_FIRST_SECONDS": "2",
             "POLL_INTERVAL_SECONDS": "1",
             # Long enough to ride out a receiver outage of a few seconds without exhausting.
@@ -141,7 +148,8 @@ def faults(fault_env):
     fault_env.receiver.start()
     harness.disarm_all()
     fault_env.stack.ensure_running()
-    fault_env.sql("UPDATE allocation_paymentchannel SET circuit_open_until = NULL")
+    fault_env.sql("UPDATE allocation_paymentchannel SET circuit_open_until = NULL, daily_cap = NULL")
+    harness.RENDEZVOUS.unlink(missing_ok=True)
     client = fault_env.redis.client()
     for key in client.scan_iter("circuit:*"):
         client.delete(key)

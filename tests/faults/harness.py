@@ -12,7 +12,6 @@ import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -26,6 +25,9 @@ from tests.e2e.conftest import QUEUES, ROOT, Stack, _ok, wait_for
 FAULTS = ROOT / ".run" / "faults"
 LOGS = FAULTS / "log"
 POINT_DIR = FAULTS / "points"
+# Task start/end markers written by the workers' pool processes (tests/faults/probe.py).
+TASK_DIR = FAULTS / "tasks"
+RENDEZVOUS = TASK_DIR / "rendezvous"  # while present, stage copies start in pairs (probe.py)
 # Ports of the fault stack; FAULT_PORT_BASE moves them all (two suites on one machine).
 _BASE = int(os.environ.get("FAULT_PORT_BASE", "28000"))
 WEB = f"127.0.0.1:{_BASE}"
@@ -35,7 +37,7 @@ RECEIVER_PORT = _BASE + 2
 # Which process carries which fault point: a point fires in the first process that reaches it,
 # so each is compiled into the one process whose window it is meant to hit.
 POINTS_BY_PROCESS = {
-    "web": ("outbox.before_publish",),
+    "web": ("outbox.before_publish", "webhook.after_store"),
     "worker-allocation": ("allocate.before_commit", "allocate.after_commit"),
     "worker-gateway": (
         "charge.before_provider",
@@ -43,6 +45,7 @@ POINTS_BY_PROCESS = {
         "charge.after_commit",
         "confirm.before_commit",
         "confirm.after_commit",
+        "poll.after_provider",
     ),
     "worker-callbacks": ("callback.after_post", "callback.after_commit"),
 }
@@ -59,12 +62,29 @@ class FaultStack(Stack):
 
     def __init__(self, env: dict[str, str], broker_url: str) -> None:
         super().__init__(env, logs=LOGS, tag="faults")
+        self._send_lock = threading.Lock()
         # The project's app speaks to the test Redis; this one, same settings, to the fault Redis.
         self.celery = Celery("faults", broker=broker_url, set_as_current=False)
         self.celery.config_from_object("django.conf:settings", namespace="CELERY")
 
+    def commands(self) -> dict[str, list[str]]:
+        """The e2e commands, except that workers load the app through tests/faults/probe.py."""
+        cmds = super().commands()
+        for name, cmd in cmds.items():
+            if name.startswith("worker-"):
+                cmds[name] = [part if part != "config" else "tests.faults.probe" for part in cmd]
+        return cmds
+
     def process_env(self, name: str) -> dict[str, str]:
-        return {**self.env, "FAULT_POINTS": ",".join(POINTS_BY_PROCESS.get(name, ()))}
+        return {
+            **self.env,
+            "FAULT_POINTS": ",".join(POINTS_BY_PROCESS.get(name, ())),
+            "FAULT_TASK_DIR": str(TASK_DIR),
+        }
+
+    def pid(self, name: str) -> int | None:
+        proc = self.procs.get(name)
+        return proc.pid if proc is not None and proc.poll() is None else None
 
     def alive(self, name: str) -> bool:
         proc = self.procs.get(name)
@@ -115,7 +135,7 @@ class FaultStack(Stack):
         """Publish a stage task's message to the fault broker, routed as in production."""
         from config.celery_app import app
 
-        with self.celery.producer_or_acquire() as producer:
+        with self._send_lock, self.celery.producer_or_acquire() as producer:
             app.send_task(name, args=[message], producer=producer)
 
 
@@ -247,6 +267,7 @@ class Load:
     api_key: str
     scenario: str
     receiver: Receiver
+    on_created: object = None  # called with each order as it gets its 201
     orders: dict[str, dict] = field(default_factory=dict)
     codes: Counter = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -287,6 +308,8 @@ class Load:
                 order = response.json()
                 with self.lock:
                     self.orders[order["id"]] = order
+                if self.on_created is not None:
+                    self.on_created(order)
                 return order
             if response.status_code in (409, 429, 500, 502, 503):
                 time.sleep(0.3)
@@ -298,10 +321,10 @@ class Load:
         with self.lock:
             self.codes[key] += 1
 
-    def run(self, count: int = 24, spacing: float = 0.12, during=None) -> None:
+    def run(self, count: int = 24, spacing: float = 0.12, during=None, mix=MIX) -> None:
         """Create `count` orders over about count*spacing seconds; `during(index)` is called as the
         index-th order is submitted (a test injects its fault from there)."""
-        amounts = [MIX[i % len(MIX)] + 100 * (i // len(MIX)) for i in range(count)]
+        amounts = [mix[i % len(mix)] + 100 * (i // len(mix)) for i in range(count)]
         with ThreadPoolExecutor(max_workers=4) as pool:
             futures = []
             for index, amount in enumerate(amounts):
@@ -317,8 +340,119 @@ def sandbox_charges(order_id: str) -> list[dict]:
     return requests.get(f"http://{SANDBOX}/sandbox/charges", params={"order": order_id}, timeout=10).json()
 
 
-def _parse(value: str | None) -> float | None:
-    return datetime.fromisoformat(value).timestamp() if value else None
+# --- evidence -----------------------------------------------------------------------------------------
+# What the harness learns from the processes and the record, never from constants: which task a
+# killed pool child was running (probe markers), where each order was at a given moment (its
+# transition log), what the outbox and the attempts tables say happened.
+
+
+@dataclass
+class TaskRun:
+    task: str
+    order: str | None
+    id: str
+    pid: int
+    start: float
+    end: float | None  # None: the process died while running it
+
+
+def task_runs() -> list[TaskRun]:
+    """Every task start the workers' pool processes wrote, with its end if it had one."""
+    runs: list[TaskRun] = []
+    open_runs: dict[tuple[int, str], TaskRun] = {}
+    for path in TASK_DIR.glob("*.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by kill -9
+                continue
+            key = (record["pid"], record["id"])
+            if record["ev"] == "start":
+                run = TaskRun(record["task"], record["order"], record["id"], record["pid"], record["t"], None)
+                runs.append(run)
+                open_runs[key] = run
+            elif key in open_runs:
+                open_runs.pop(key).end = record["t"]
+    return runs
+
+
+def interrupted_runs(pid: int) -> list[TaskRun]:
+    """The task(s) process `pid` started and never finished: what it was doing when it died."""
+    return [run for run in task_runs() if run.pid == pid and run.end is None]
+
+
+def overlapping_copies(runs: list[TaskRun], task: str) -> set[str]:
+    """Orders for which two copies of `task` ran at once: both started before either ended."""
+    by_order: dict[str, list[TaskRun]] = {}
+    for run in runs:
+        if run.task == task and run.order and run.end is not None:
+            by_order.setdefault(run.order, []).append(run)
+    return {
+        order
+        for order, copies in by_order.items()
+        if any(
+            a.id != b.id and a.pid != b.pid and max(a.start, b.start) < min(a.end, b.end)
+            for a, b in itertools.combinations(copies, 2)
+        )
+    }
+
+
+Step = tuple[str | None, str, str | None, str, float]  # from, to, channel, reason, at (epoch seconds)
+
+
+def transition_logs(sql, order_ids) -> dict[str, list[Step]]:
+    """Each order's transitions from PostgreSQL, oldest first, with when each was decided."""
+    rows = sql(
+        "SELECT order_id::text, from_status, to_status, channel, reason, extract(epoch from created_at)"
+        " FROM orders_ordertransition WHERE order_id = ANY(%s::uuid[]) ORDER BY id",
+        (list(order_ids),),
+    )
+    logs: dict[str, list[Step]] = {str(order_id): [] for order_id in order_ids}
+    for order_id, *step in rows:
+        logs[order_id].append((step[0], step[1], step[2], step[3], float(step[4])))
+    return logs
+
+
+def status_at(log: list[Step], moment: float) -> str | None:
+    """The order's status at `moment` by its log (None: it did not exist yet)."""
+    status = None
+    for step in log:
+        if step[4] > moment:
+            break
+        status = step[1]
+    return status
+
+
+def in_stage_during(log: list[Step], statuses, start: float, end: float) -> bool:
+    """True if the order held one of `statuses` at some moment of [start, end]."""
+    for step, following in itertools.zip_longest(log, log[1:]):
+        held_until = following[4] if following else float("inf")
+        if step[1] in statuses and step[4] <= end and held_until >= start:
+            return True
+    return False
+
+
+def orders_in_stage(sql, order_ids, statuses, start: float, end: float | None = None) -> set[str]:
+    """Orders that were in one of `statuses` at `start` (or at some moment of [start, end])."""
+    logs = transition_logs(sql, order_ids)
+    return {
+        order_id
+        for order_id, log in logs.items()
+        if in_stage_during(log, statuses, start, start if end is None else end)
+    }
+
+
+def relayed_creations(sql, order_ids, *, committed: tuple[float, float], published_after: float) -> set[str]:
+    """Orders whose creation event was committed within `committed` and published only after
+    `published_after`: the announcement waited in the outbox (its publisher died, or the broker
+    was away) until the relay sent it."""
+    rows = sql(
+        "SELECT order_id::text FROM orders_outboxevent WHERE topic = 'order-created'"
+        " AND order_id = ANY(%s::uuid[]) AND extract(epoch from created_at) BETWEEN %s AND %s"
+        " AND extract(epoch from published_at) > %s",
+        (list(order_ids), committed[0], committed[1], published_after),
+    )
+    return {row[0] for row in rows}
 
 
 @dataclass
@@ -326,15 +460,18 @@ class Report:
     fault: str
     orders: int
     faults_injected: int
+    in_flight: int
     recovered: int
     lost: int
     double_charges: int
+    failed_but_charged: int
     problems: list[str]
 
     def line(self) -> str:
         return (
             f"fault={self.fault} orders={self.orders} faults_injected={self.faults_injected}"
-            f" recovered={self.recovered} lost={self.lost} double_charges={self.double_charges}"
+            f" in_flight={self.in_flight} recovered={self.recovered} lost={self.lost}"
+            f" double_charges={self.double_charges} failed_but_charged={self.failed_but_charged}"
         )
 
 
@@ -346,12 +483,18 @@ def verify(
     *,
     fault: str,
     faults_injected: int,
-    fault_window: tuple[float, float] | None,
+    in_flight: set[str],
     webhook_secret: str,
     timeout: float = 90,
-    outcome_may_be_unavailable: bool = False,
+    may_fail=None,
 ) -> Report:
-    """Wait for every order to complete, then check every invariant on every order."""
+    """Wait for every order to complete, then check every invariant on every order.
+
+    `in_flight`: the orders the evidence shows were in the fault's stage when it struck; those that
+    end right are `recovered`. `may_fail(order, ledger)`: True when an order that ended failed,
+    other than as its amount says, did so legitimately in this scenario (the check of why is the
+    scenario's); it is never asked about an order with a charge in the ledger.
+    """
     session = load.session()
     final: dict[str, dict] = {}
     deadline = time.monotonic() + timeout
@@ -363,61 +506,91 @@ def verify(
                     final[order_id] = order
         time.sleep(0.5)
     problems: list[str] = []
+    bad: set[str] = set()
+
+    def problem(order_id: str, text: str) -> None:
+        bad.add(order_id)
+        problems.append(f"{order_id} {text}")
+
     lost = len(load.orders) - len(final)
     for order_id in load.orders:
         if order_id not in final:
             order = session.get(f"http://{WEB}/api/v1/orders/{order_id}", timeout=10).json()
-            problems.append(f"{order_id} ({order['amount']}) stuck in {order['status']}")
-    double_charges = 0
-    recovered = 0
+            problem(order_id, f"({order['amount']}) stuck in {order['status']}")
+    double_charges = failed_but_charged = 0
     callbacks = load.receiver.by_order(load.path)
     for order_id, order in final.items():
         amount = order["amount"]
-        outcome, failure_code = expected_outcome(amount)
-        unavailable = outcome_may_be_unavailable and order["failure_code"] in (
-            "channel_unavailable",
-            "no_channel_available",
-        )
-        if not unavailable and (order["outcome"], order["failure_code"]) != (outcome, failure_code):
-            problems.append(f"{order_id} ({amount}) ended {order['outcome']}/{order['failure_code']}")
-        created, completed = _parse(order["created_at"]), _parse(order["completed_at"])
-        if fault_window and created <= fault_window[1] and completed > fault_window[0]:
-            # in flight while the fault struck (created before it ended, completed after it began)
-            recovered += 1
+        ledger = sandbox_charges(order_id)
         # the transition log: a chain, never backwards, nothing twice
         events = session.get(f"http://{WEB}/api/v1/orders/{order_id}/events", timeout=10).json()
         steps = [(e["from"], e["to"], e["channel"]) for e in events]
         if steps[0][:2] != (None, "pending") or steps[-1][1] != "completed":
-            problems.append(f"{order_id} log does not run from creation to completed: {steps}")
+            problem(order_id, f"log does not run from creation to completed: {steps}")
         for previous, step in itertools.pairwise(steps):
             if step[0] != previous[1] or RANK[step[1]] < RANK[previous[1]]:
-                problems.append(f"{order_id} log breaks the chain: {previous} -> {step}")
+                problem(order_id, f"log breaks the chain: {previous} -> {step}")
         pairs = Counter((s[0], s[1]) for s in steps if (s[0], s[1]) != ("assigned", "assigned"))
         failovers = [s[2] for s in steps if (s[0], s[1]) == ("assigned", "assigned")]
         if any(n > 1 for n in pairs.values()) or len(failovers) != len(set(failovers)):
-            problems.append(f"{order_id} has a duplicated transition: {steps}")
-        # the provider's ledger: at most one charge, exactly one (and paid) when paid
-        ledger = sandbox_charges(order_id)
+            problem(order_id, f"has a duplicated transition: {steps}")
+        outcome, failure_code = expected_outcome(amount)
+        if (order["outcome"], order["failure_code"]) != (outcome, failure_code):
+            legitimate = (
+                order["outcome"] == "failed"
+                and not ledger
+                and may_fail is not None
+                and may_fail(order, ledger)
+            )
+            if not legitimate:
+                problem(order_id, f"({amount}) ended {order['outcome']}/{order['failure_code']}: {steps}")
+        # the provider's ledger: at most one charge, of this order's amount and currency; exactly
+        # one, paid, on the order's channel when paid; nothing taken when failed
         if len(ledger) > 1:
             double_charges += 1
-            problems.append(f"{order_id} charged {len(ledger)} times")
-        if order["outcome"] == "paid" and [c["status"] for c in ledger] != ["paid"]:
-            problems.append(f"{order_id} paid but the ledger says {ledger}")
-        if order["outcome"] == "failed" and any(c["status"] == "paid" for c in ledger):
-            problems.append(f"{order_id} failed but was charged: {ledger}")
+            problem(order_id, f"charged {len(ledger)} times: {ledger}")
+        for charge in ledger:
+            if (charge["order_id"], charge["amount"], charge["currency"]) != (
+                order_id,
+                amount,
+                order["currency"],
+            ):
+                problem(
+                    order_id, f"({amount} {order['currency']}) has a ledger charge that differs: {charge}"
+                )
+        if order["outcome"] == "paid":
+            if [(c["status"], c["channel"]) for c in ledger] != [("paid", order["channel"])]:
+                problem(order_id, f"paid on {order['channel']} but the ledger says {ledger}")
+        elif any(c["status"] != "failed" for c in ledger):
+            failed_but_charged += 1
+            problem(order_id, f"failed ({order['failure_code']}) but was charged: {ledger}")
         if order["failure_code"] in ("channel_unavailable", "no_channel_available") and ledger:
-            problems.append(f"{order_id} failed before any charge but the ledger has {ledger}")
+            problem(order_id, f"failed before any charge but the ledger has {ledger}")
         # the merchant's callback: received, signed, one stable webhook-id, the final outcome
         received = callbacks.get(order_id, [])
         if not received:
-            problems.append(f"{order_id} completed but no callback was received")
+            problem(order_id, "completed but no callback was received")
         if len({r["headers"].get("webhook-id") for r in received}) > 1:
-            problems.append(f"{order_id} callback came with several webhook-ids")
+            problem(order_id, "callback came with several webhook-ids")
         for request in received:
             body = Webhook(webhook_secret).verify(request["body"], request["headers"])
             if body["type"] != f"order.{order['outcome']}":
-                problems.append(f"{order_id} callback type {body['type']} for outcome {order['outcome']}")
-    report = Report(fault, len(load.orders), faults_injected, recovered, lost, double_charges, problems)
+                problem(order_id, f"callback type {body['type']} for outcome {order['outcome']}")
+    unknown = in_flight - set(load.orders)
+    if unknown:
+        problems.append(f"in-flight orders that are not this load's: {sorted(unknown)}")
+    recovered = len({order_id for order_id in in_flight if order_id in final and order_id not in bad})
+    report = Report(
+        fault,
+        len(load.orders),
+        faults_injected,
+        len(in_flight),
+        recovered,
+        lost,
+        double_charges,
+        failed_but_charged,
+        problems,
+    )
     FAULT_LINES.append(report.line())
     print(report.line())
     return report
