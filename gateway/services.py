@@ -484,4 +484,30 @@ def order_poll(*, order_id) -> TransitionResult | None:
         )
         result = adapter.charge(channel=channel, request=request)
         logger.info("poll.resent", extra={"order_id": str(order.pk), "outcome": result.outcome.value})
+        if result.outcome == ChargeOutcome.REJECTED:
+            return _resend_refused(order=order, attempt=attempt, result=result)
     return None
+
+
+def _resend_refused(*, order: Order, attempt: ChargeAttempt, result: ChargeResult) -> TransitionResult | None:
+    """The provider had no charge under the key and refused it when resent: nothing was charged.
+
+    A processing order cannot fail over (SPEC 1), so it fails with channel_unavailable; the
+    reservation goes back once, by the copy that records the refusal.
+    """
+    with transaction.atomic():
+        refused = ChargeAttempt.objects.filter(pk=attempt.pk, status__in=[A.UNKNOWN, A.ACCEPTED]).update(
+            status=A.REJECTED, http_status=result.http_status, error=result.error[:500]
+        )
+        if not refused:
+            return None
+        channel_release(channel_code=attempt.channel, amount=order.amount, day=order.reserved_on)
+        return order_transition(
+            order_id=order.pk,
+            to=OrderStatus.FAILED,
+            seen_status=OrderStatus.PROCESSING,
+            seen_channel=attempt.channel,
+            reason=f"{attempt.channel} had no charge and refused it when resent ({result.error})",
+            failure_code="channel_unavailable",
+            failure_message="The channel refused the charge; nothing was charged.",
+        )

@@ -302,3 +302,42 @@ def test_a_resent_charge_is_the_identical_request_whichever_host_sends_it(settin
     assert len(provider.webhook_urls) == 2
     assert provider.webhook_urls[0] == provider.webhook_urls[1]
     assert provider.webhook_urls[0].startswith("https://pay-a.example/")
+
+
+class LostThenRefusingStub(StubProvider):
+    """The first request's answer is lost (it never arrived); asked again, the channel refuses."""
+
+    def charge(self, *, channel, request):
+        with self.lock:
+            self.calls.append(request.idempotency_key)
+            first = len(self.calls) == 1
+        outcome = ChargeOutcome.UNKNOWN if first else ChargeOutcome.REJECTED
+        return base.ChargeResult(
+            outcome, http_status=None if first else 503, error="" if first else "channel_unavailable"
+        )
+
+
+@pytest.mark.django_db
+def test_a_resent_charge_that_is_refused_fails_the_order_and_gives_the_reservation_back_once():
+    """Found by the fault suite: a refusal of the poll's resend was logged and dropped, so the
+    order polled, resent and was refused until the sweep gave up on it."""
+    provider = LostThenRefusingStub()
+    base.register(provider)
+    try:
+        ChannelFactory(code="stub-1", provider="stub", priority=1)
+        order = assigned_order("stub-1")
+        _reserve(order, "stub-1")
+        _reserve(OrderFactory(), "stub-1")
+        services.order_charge(order_id=order.pk)
+        assert Order.objects.get(pk=order.pk).status == "processing"
+        # when: the poll finds nothing at the provider and resends; twice (a duplicated poll)
+        services.order_poll(order_id=order.pk)
+        services.order_poll(order_id=order.pk)
+    finally:
+        base._adapters.pop("stub", None)
+    # then
+    order.refresh_from_db()
+    assert (order.status, order.outcome, order.failure_code) == ("failed", "failed", "channel_unavailable")
+    assert ChargeAttempt.objects.get(order=order).status == "rejected"
+    assert _reserved("stub-1") == AMOUNT  # the other order's reservation only
+    assert provider.charges == set()
