@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -73,8 +74,8 @@ ROWS = {
     "every_channel_503": 72,
     "paid_then_late_failed": 81,
 }
-# Failover (71) is where decisions race: drawn more often than the others.
-ROW_CHOICE = st.sampled_from([*sorted(ROWS), "first_channel_503", "first_channel_503"])
+# Failover (71) is where decisions race: drawn about half the time.
+ROW_CHOICE = st.one_of(st.just("first_channel_503"), st.sampled_from(sorted(ROWS)))
 READ_TIMEOUT = 0.5
 QUEUES = (
     "allocation",
@@ -185,6 +186,7 @@ class HeldCharge:
     """A copy of the charge stage running in a thread of its own, its request held in the proxy."""
 
     def __init__(self, proxy: HoldingProxy, order_id: str) -> None:
+        self.order_id = order_id
         self.hold = proxy.hold_next()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(order_id,), daemon=True)
@@ -214,6 +216,7 @@ class HeldCharge:
 
 
 _references = itertools.count(1)
+REACHED: Counter[str] = Counter()  # what the examples reached, across one run
 
 
 def settled_ledger(sandbox: Sandbox, order_id: str) -> list[tuple[str, str]]:
@@ -252,7 +255,7 @@ def make_machine(sandbox: Sandbox, receiver: Receiver, proxy: HoldingProxy, merc
         def first_order(self, row, base):
             return self._create(row, base)
 
-        @precondition(lambda self: len(self.order_ids) < 3)
+        @precondition(lambda self: len(self.order_ids) < 2)
         @rule(target=orders, row=ROW_CHOICE, base=st.integers(1, 50))
         def create(self, row, base):
             return self._create(row, base)
@@ -293,11 +296,38 @@ def make_machine(sandbox: Sandbox, receiver: Receiver, proxy: HoldingProxy, merc
         def charge(self, order_id):
             order_charge(order_id=order_id)
 
-        @precondition(lambda self: len(self.held) < 2)
-        @rule(order_id=orders)
-        def charge_held_in_the_network(self, order_id):
+        def _assigned(self) -> list[str]:
+            return [
+                str(pk)
+                for pk in Order.objects.filter(pk__in=self.order_ids, status="assigned").values_list(
+                    "pk", flat=True
+                )
+            ]
+
+        @precondition(lambda self: len(self.held) < 2 and self._assigned())
+        @rule(data=st.data())
+        def charge_held_in_the_network(self, data):
             """A copy of charge sends its request, which the network keeps for a while."""
+            self._charge_held(data.draw(st.sampled_from(sorted(self._assigned()))))
+
+        @precondition(lambda self: not self.held and self._assigned())
+        @rule(data=st.data(), meanwhile=st.lists(st.sampled_from(["advance", "poll", "events"]), max_size=4))
+        def charge_overtaken_while_held(self, data, meanwhile):
+            """A copy of charge is held in the network while other deliveries move the order on."""
+            order_id = data.draw(st.sampled_from(sorted(self._assigned())))
+            self._charge_held(order_id)
+            for step in meanwhile:
+                {
+                    "advance": self.advance,
+                    "poll": self.poll,
+                    "events": lambda order_id: self.events_delivered(),
+                }[step](order_id=order_id)
+            while self.held:
+                self.release_held(which=0)
+
+        def _charge_held(self, order_id: str) -> None:
             copy = HeldCharge(proxy, order_id)
+            REACHED[f"held copy parked: {copy.parked}"] += 1
             if copy.parked:
                 self.held.append(copy)
             else:
@@ -308,6 +338,7 @@ def make_machine(sandbox: Sandbox, receiver: Receiver, proxy: HoldingProxy, merc
         def release_held(self, which):
             copy = self.held[which % len(self.held)]
             self.held.remove(copy)
+            REACHED["held copy released, order " + Order.objects.get(pk=copy.order_id).status] += 1
             copy.finish()
 
         @rule(order_id=orders)
@@ -398,11 +429,13 @@ def test_the_ledger_agrees_with_every_outcome(ledger_sandbox, webhook_receiver, 
     run_state_machine_as_test(
         make_machine(ledger_sandbox, webhook_receiver, proxy, merchant), settings=MACHINE_SETTINGS
     )
+    # and the run did race copies: a copy was held in the network while others moved the order
+    assert REACHED["held copy parked: True"] > 0, dict(REACHED)
 
 
 MACHINE_SETTINGS = settings(
-    max_examples=25,
-    stateful_step_count=25,
+    max_examples=40,
+    stateful_step_count=15,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -424,7 +457,16 @@ def settings_override(settings, proxy, webhook_receiver):
 def test_found_a_charge_copy_held_in_the_network_fails_an_order_paid_on_another_channel(
     ledger_sandbox, webhook_receiver, proxy, settings_override
 ):
-    """The example the machine found before issue 10 item 1 was fixed, kept as an explicit one."""
+    """The example the machine found before issue 10 item 1 was fixed, kept as an explicit one.
+
+    Found as: first_order(row='first_channel_503'), create(row='first_channel_503'),
+    advance(orders_1) (-> assigned to ledger-a), charge_overtaken_while_held(orders_1,
+    meanwhile=['advance', 'events', ...]): ledger-a refuses the unheld copy, the order fails over
+    and is charged and paid on ledger-b; the held copy reaches ledger-a late, is refused too, and
+    its "no channel left" decision, made for `assigned to ledger-a`, was applied to the processing
+    order: failed / channel_unavailable with a paid charge on ledger-b. Below, the same race in
+    its smallest form.
+    """
     for priority, code in enumerate(CHANNELS, 1):
         ChannelFactory(
             code=code,
@@ -436,7 +478,7 @@ def test_found_a_charge_copy_held_in_the_network_fails_an_order_paid_on_another_
     state = make_machine(ledger_sandbox, webhook_receiver, proxy, merchant)()
     orders_0 = state.first_order(row="first_channel_503", base=1)
     state.allocate(order_id=orders_0)
-    state.charge_held_in_the_network(order_id=orders_0)
+    state._charge_held(orders_0)
     state.charge(order_id=orders_0)
     state.charge(order_id=orders_0)
     state.ledger_agrees_with_every_outcome()
