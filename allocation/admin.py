@@ -1,4 +1,8 @@
-"""Operators' console for payment channels: state at a glance; enable, disable, close a circuit."""
+"""Operators' console for payment channels: state at a glance; enable, disable, close a circuit.
+
+The actions need `allocation.manage_paymentchannel`: the page is read-only, so no model
+"change" permission applies, and viewing a channel must not be enough to switch it off.
+"""
 
 from datetime import timedelta
 
@@ -158,6 +162,9 @@ class PaymentChannelAdmin(ReadOnlyAdmin):
             rows,
         )
 
+    def has_manage_paymentchannel_permission(self, request) -> bool:
+        return request.user.has_perm("allocation.manage_paymentchannel")
+
     def _set_enabled(self, request, queryset, enabled: bool) -> None:
         changed = 0
         for channel in queryset:
@@ -171,15 +178,21 @@ class PaymentChannelAdmin(ReadOnlyAdmin):
         verb = "enabled" if enabled else "disabled"
         self.message_user(request, f"{changed} channel(s) {verb}.", messages.SUCCESS)
 
-    @admin.action(description="Enable selected channels")
+    @admin.action(description="Enable selected channels", permissions=["manage_paymentchannel"])
     def enable(self, request, queryset):
         self._set_enabled(request, queryset, True)
 
-    @admin.action(description="Disable selected channels (no new orders are allocated to them)")
+    @admin.action(
+        description="Disable selected channels (no new orders are allocated to them)",
+        permissions=["manage_paymentchannel"],
+    )
     def disable(self, request, queryset):
         self._set_enabled(request, queryset, False)
 
-    @admin.action(description="Close circuit (let selected channels take orders again now)")
+    @admin.action(
+        description="Close circuit (let selected channels take orders again now)",
+        permissions=["manage_paymentchannel"],
+    )
     def close_circuit(self, request, queryset):
         closed = 0
         for channel in queryset:

@@ -26,6 +26,9 @@ class PaymentChannel(models.Model):
 
     class Meta:
         ordering = ("priority", "code")
+        permissions = [
+            ("manage_paymentchannel", "Can enable and disable payment channels and close their circuits")
+        ]
 
     def __str__(self) -> str:
         return self.code

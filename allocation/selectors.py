@@ -1,27 +1,53 @@
 """Reads of channels. Channel rows change rarely and are read on every charge: cache them briefly."""
 
+import re
+import threading
 import time
+from collections import OrderedDict
 
 from django.db.models import OuterRef, QuerySet, Subquery
 
 from allocation.models import ChannelDailyVolume, PaymentChannel
 
 _CACHE_SECONDS = 5.0
-_cache: dict[str, tuple[float, PaymentChannel | None]] = {}
+# Only channels that exist are cached, so the cache is as large as the channel table; the cap
+# (oldest entry out) keeps that true whatever the table grows to.
+_CACHE_MAX = 256
+_cache: OrderedDict[str, tuple[float, PaymentChannel]] = OrderedDict()
+_cache_lock = threading.Lock()
+# PaymentChannel.code is a SlugField(max_length=64): anything else cannot name a channel.
+_CODE = re.compile(r"[-a-zA-Z0-9_]{1,64}")
 
 
 def channel_by_code(code: str) -> PaymentChannel | None:
+    """The channel with this code, cached briefly; None for a code that names none.
+
+    Codes come from the network (provider webhooks) before any signature is checked: a code that
+    cannot be a channel never reaches the database, and one that names no channel is not cached.
+    """
+    if not isinstance(code, str) or not _CODE.fullmatch(code):
+        return None
     now = time.monotonic()
-    hit = _cache.get(code)
-    if hit is not None and hit[0] > now:
-        return hit[1]
+    with _cache_lock:
+        hit = _cache.get(code)
+        if hit is not None and hit[0] > now:
+            _cache.move_to_end(code)
+            return hit[1]
     channel = PaymentChannel.objects.filter(code=code).first()
-    _cache[code] = (now + _CACHE_SECONDS, channel)
+    with _cache_lock:
+        if channel is None:
+            _cache.pop(code, None)
+            return None
+        _cache[code] = (now + _CACHE_SECONDS, channel)
+        _cache.move_to_end(code)
+        while len(_cache) > _CACHE_MAX:
+            _cache.popitem(last=False)
     return channel
 
 
 def channel_cache_clear() -> None:
-    _cache.clear()
+    with _cache_lock:
+        _cache.clear()
 
 
 def channels_with_volume(*, day) -> QuerySet[PaymentChannel]:

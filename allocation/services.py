@@ -2,13 +2,14 @@
 
 import logging
 import random
-from datetime import timedelta
+from datetime import date, timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
 from allocation.models import PaymentChannel
+from allocation.selectors import channel_cache_clear
 from config.faults import fault_point
 from orders.models import Order, OrderStatus
 from orders.redis_client import get_redis
@@ -54,35 +55,63 @@ RETURNING reserved
 """
 
 
-def channel_reserve(*, channel: PaymentChannel, amount: int) -> bool:
-    """Add `amount` to today's volume if the cap allows it; one statement, so never oversold."""
+def channel_reserve(*, channel: PaymentChannel, amount: int, day: date | None = None) -> bool:
+    """Add `amount` to `day`'s (today's) volume if the cap allows it; one statement, never oversold."""
     if channel.daily_cap is not None and amount > channel.daily_cap:
         return False
+    day = day or timezone.now().date()
     with connection.cursor() as cursor:
         cursor.execute(
-            _RESERVE_SQL,
-            {"channel": channel.pk, "day": timezone.now().date(), "amount": amount, "cap": channel.daily_cap},
+            _RESERVE_SQL, {"channel": channel.pk, "day": day, "amount": amount, "cap": channel.daily_cap}
         )
         return cursor.fetchone() is not None
 
 
-def channel_release(*, channel_code: str, amount: int) -> None:
-    """Give back a reservation whose charge was never made (the provider refused it)."""
+def channel_release(*, channel_code: str, amount: int, day: date | None) -> None:
+    """Give back a reservation whose charge was never made (the provider refused it).
+
+    The caller releases once per reservation (gateway: only the copy that records the refusal);
+    `day` is the reservation's own day, so a refusal after midnight gives back the right one.
+    """
     with connection.cursor() as cursor:
         cursor.execute(
             "UPDATE allocation_channeldailyvolume v SET reserved = GREATEST(v.reserved - %s, 0),"
             " orders = GREATEST(v.orders - 1, 0)"
             " FROM allocation_paymentchannel c WHERE v.channel_id = c.id AND c.code = %s AND v.day = %s",
-            [amount, channel_code, timezone.now().date()],
+            [amount, channel_code, day or timezone.now().date()],
         )
+
+
+def _trial_key(code: str) -> str:
+    return f"circuit:{code}:trial"
+
+
+def _trial_seconds() -> int:
+    # As long as one charge can take: the trial's answer (or its timeout) comes within it.
+    return int(settings.GATEWAY_CONNECT_TIMEOUT + settings.GATEWAY_READ_TIMEOUT) + 2
+
+
+def _may_use(channel: PaymentChannel, now) -> bool:
+    """A closed circuit takes every order; a half-open one (cool-down over) one trial at a time."""
+    if channel.circuit_open_until is None:
+        return True
+    try:
+        return bool(get_redis().set(_trial_key(channel.code), "1", nx=True, ex=_trial_seconds()))
+    except Exception as exc:  # no Redis: no trial bookkeeping; let the order try the channel
+        logger.warning("circuit.trial_unavailable", extra={"channel": channel.code, "error": repr(exc)})
+        return True
 
 
 def _assign_first_fitting(
     *, order: Order, candidates: list[PaymentChannel], seen_status: str, seen_channel: str | None, reason: str
 ) -> TransitionResult | None:
+    now = timezone.now()
+    day = now.date()
     for channel in candidates:
+        if not _may_use(channel, now):
+            continue
         with transaction.atomic():
-            if not channel_reserve(channel=channel, amount=order.amount):
+            if not channel_reserve(channel=channel, amount=order.amount, day=day):
                 continue
             fault_point("allocate.before_commit")
             result = order_transition(
@@ -91,6 +120,7 @@ def _assign_first_fitting(
                 seen_status=seen_status,
                 seen_channel=seen_channel,
                 channel=channel.code,
+                reserved_on=day,
                 reason=reason.format(channel=channel.code),
             )
             if not result.applied:
@@ -100,9 +130,71 @@ def _assign_first_fitting(
     return None
 
 
+# Fitting channels (currency, amount, room under today's cap) whose circuit is open or half-open:
+# the earliest moment one of them may take the order again.
+_COOLING_SQL = """
+SELECT min(c.circuit_open_until) FROM allocation_paymentchannel c
+LEFT JOIN allocation_channeldailyvolume v ON v.channel_id = c.id AND v.day = %s
+WHERE c.enabled AND c.currencies @> %s::varchar(3)[] AND c.min_amount <= %s
+  AND (c.max_amount IS NULL OR c.max_amount >= %s)
+  AND c.circuit_open_until IS NOT NULL
+  AND (c.daily_cap IS NULL OR COALESCE(v.reserved, 0) + %s <= c.daily_cap)
+  AND NOT (c.code = ANY(%s::varchar(64)[]))
+"""
+
+
+def _cooling_until(*, order: Order, exclude: tuple[str, ...]):
+    now = timezone.now()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _COOLING_SQL,
+            [now.date(), [order.currency], order.amount, order.amount, order.amount, list(exclude)],
+        )
+        return cursor.fetchone()[0]
+
+
+def _wait_or_fail(
+    *, order: Order, seen_status: str, seen_channel: str | None, exclude: tuple[str, ...], failed_reason: str
+) -> TransitionResult:
+    """No channel can take the order now. Wait for one that is only cooling down, or fail.
+
+    A channel whose breaker is open is coming back: the order keeps its state with a due time
+    (the sweep brings it back here then), until CHANNEL_WAIT_SECONDS after its creation.
+    """
+    reopen = _cooling_until(order=order, exclude=exclude)
+    now = timezone.now()
+    deadline = order.created_at + timedelta(seconds=settings.CHANNEL_WAIT_SECONDS)
+    if reopen is not None and now < deadline:
+        # A half-open channel whose trial is taken: look again when that trial has answered.
+        due = min(max(reopen, now + timedelta(seconds=_trial_seconds())), deadline)
+        waiting = Order.objects.filter(pk=order.pk, status=seen_status, channel=seen_channel).update(
+            next_check_at=due, check_count=0
+        )
+        logger.info(
+            "allocate.waiting_for_channel",
+            extra={"order_id": str(order.pk), "until": due.isoformat(), "moved_on": not waiting},
+        )
+        return TransitionResult(False, seen_status, seen_channel)
+    if reopen is not None:
+        code, message = CHANNEL_UNAVAILABLE, "Every eligible channel stayed unavailable; nothing was charged."
+    elif seen_status == OrderStatus.ASSIGNED:
+        code, message = CHANNEL_UNAVAILABLE, "Every eligible channel refused the charge; nothing was charged."
+    else:
+        code, message = NO_CHANNEL, "No enabled channel supports this currency and amount with capacity left."
+    return order_transition(
+        order_id=order.pk,
+        to=OrderStatus.FAILED,
+        seen_status=seen_status,
+        seen_channel=seen_channel,
+        reason=failed_reason if reopen is None else "channels still unavailable after waiting for them",
+        failure_code=code,
+        failure_message=message,
+    )
+
+
 def _order_for_allocation(order_id) -> Order | None:
     """The fields allocation needs, as QuerySet.only() would load them, from one plain SELECT."""
-    names = ["id", "status", "amount", "currency", "channel"]
+    names = ["id", "status", "amount", "currency", "channel", "created_at"]
     with connection.cursor() as cursor:
         cursor.execute(f"SELECT {', '.join(names)} FROM orders_order WHERE id = %s", [order_id])
         row = cursor.fetchone()
@@ -114,7 +206,7 @@ def _order_for_allocation(order_id) -> Order | None:
 
 
 def order_allocate(*, order_id) -> TransitionResult | None:
-    """Assign a pending order to a channel, or fail it with no_channel_available."""
+    """Assign a pending order to a channel; wait for a cooling channel; or fail it."""
     order = _order_for_allocation(order_id)
     if order is None:
         logger.warning("allocate.order_missing", extra={"order_id": str(order_id)})
@@ -132,20 +224,22 @@ def order_allocate(*, order_id) -> TransitionResult | None:
     fault_point("allocate.after_commit")
     if result is not None:
         return result
-    return order_transition(
-        order_id=order.pk,
-        to=OrderStatus.FAILED,
+    return _wait_or_fail(
+        order=order,
         seen_status=OrderStatus.PENDING,
-        reason="no channel fits the order",
-        failure_code=NO_CHANNEL,
-        failure_message="No enabled channel supports this currency and amount with capacity left.",
+        seen_channel=None,
+        exclude=(),
+        failed_reason="no channel fits the order",
     )
 
 
-def order_reallocate(*, order: Order, failed_channel: str, tried: tuple[str, ...]) -> TransitionResult:
-    """Fail over after a definitive rejection: the next candidate, or failed/channel_unavailable."""
-    channel_release(channel_code=failed_channel, amount=order.amount)
-    candidates = channel_candidates(currency=order.currency, amount=order.amount, exclude=tried)
+def order_reallocate(*, order: Order, failed_channel: str, refused_by: tuple[str, ...]) -> TransitionResult:
+    """Fail over after a definitive refusal: the next channel that has not refused this order.
+
+    Decided for the order as the caller read it (assigned to `failed_channel`): if it has moved
+    on, nothing here applies. The refused channel's reservation was given back by the caller.
+    """
+    candidates = channel_candidates(currency=order.currency, amount=order.amount, exclude=refused_by)
     result = _assign_first_fitting(
         order=order,
         candidates=candidates,
@@ -155,34 +249,75 @@ def order_reallocate(*, order: Order, failed_channel: str, tried: tuple[str, ...
     )
     if result is not None:
         return result
-    return order_transition(
-        order_id=order.pk,
-        to=OrderStatus.FAILED,
+    return _wait_or_fail(
+        order=order,
         seen_status=OrderStatus.ASSIGNED,
         seen_channel=failed_channel,
-        reason=f"{failed_channel} unavailable and no channel left",
-        failure_code=CHANNEL_UNAVAILABLE,
-        failure_message="Every eligible channel refused the charge; nothing was charged.",
+        exclude=refused_by,
+        failed_reason=f"{failed_channel} unavailable and no channel left",
     )
 
 
-def channel_record_failure(*, channel_code: str) -> bool:
-    """Count a technical failure; open the circuit when the window's count passes the threshold."""
+def _circuit_keys(channel_code: str) -> tuple[str, str]:
     window = int(timezone.now().timestamp()) // settings.CIRCUIT_WINDOW_SECONDS
-    key = f"circuit:{channel_code}:{window}"
+    return f"circuit:{channel_code}:{window}", f"circuit:{channel_code}:{window}:ok"
+
+
+def channel_record_success(*, channel: PaymentChannel) -> None:
+    """Count an accepted charge; a half-open circuit whose trial was accepted closes."""
+    failed_key, ok_key = _circuit_keys(channel.code)
     try:
-        pipe = get_redis().pipeline()
-        pipe.incr(key)
-        pipe.expire(key, settings.CIRCUIT_WINDOW_SECONDS * 2)
-        count = pipe.execute()[0]
+        pipe = get_redis().pipeline(transaction=False)
+        pipe.incr(ok_key)
+        pipe.expire(ok_key, settings.CIRCUIT_WINDOW_SECONDS * 2)
+        if channel.circuit_open_until is not None:
+            pipe.delete(failed_key, _trial_key(channel.code))
+        pipe.execute()
+    except Exception as exc:  # the breaker is an optimisation; Redis trouble must not fail a charge
+        logger.warning("circuit.unavailable", extra={"channel": channel.code, "error": repr(exc)})
+    if channel.circuit_open_until is not None:
+        closed = PaymentChannel.objects.filter(
+            code=channel.code, circuit_open_until__lte=timezone.now()
+        ).update(circuit_open_until=None)
+        if closed:
+            channel_cache_clear()
+            logger.info("circuit.closed", extra={"channel": channel.code})
+
+
+def channel_record_failure(*, channel_code: str) -> bool:
+    """Count a failed charge; open the circuit when the window's failures are many and frequent.
+
+    A half-open circuit (cool-down over, trial let through) opens again at its first failure.
+    """
+    now = timezone.now()
+    until = now + timedelta(seconds=settings.CIRCUIT_COOLDOWN_SECONDS)
+    reopened = PaymentChannel.objects.filter(code=channel_code, circuit_open_until__lte=now).update(
+        circuit_open_until=until
+    )
+    if reopened:
+        channel_cache_clear()
+        logger.warning("circuit.reopened", extra={"channel": channel_code})
+        return True
+    failed_key, ok_key = _circuit_keys(channel_code)
+    try:
+        pipe = get_redis().pipeline(transaction=False)
+        pipe.incr(failed_key)
+        pipe.expire(failed_key, settings.CIRCUIT_WINDOW_SECONDS * 2)
+        pipe.get(ok_key)
+        failed, _, ok = pipe.execute()
     except Exception as exc:  # the breaker is an optimisation; Redis trouble must not fail a charge
         logger.warning("circuit.unavailable", extra={"channel": channel_code, "error": repr(exc)})
         return False
-    if count < settings.CIRCUIT_FAILURE_THRESHOLD:
+    ok = int(ok or 0)
+    if failed < settings.CIRCUIT_FAILURE_THRESHOLD or failed < settings.CIRCUIT_FAILURE_RATIO * (failed + ok):
         return False
-    until = timezone.now() + timedelta(seconds=settings.CIRCUIT_COOLDOWN_SECONDS)
     PaymentChannel.objects.filter(code=channel_code).update(circuit_open_until=until)
-    logger.warning("circuit.opened", extra={"channel": channel_code, "failures": count})
+    try:
+        get_redis().delete(failed_key, ok_key)  # the next window starts afresh after the cool-down
+    except Exception:  # noqa: S110 - the counters expire by themselves
+        pass
+    channel_cache_clear()
+    logger.warning("circuit.opened", extra={"channel": channel_code, "failures": failed, "accepted": ok})
     return True
 
 
@@ -196,9 +331,9 @@ def channel_circuit_close(*, channel: PaymentChannel) -> None:
     import redis
 
     PaymentChannel.objects.filter(pk=channel.pk).update(circuit_open_until=None)
-    window = int(timezone.now().timestamp()) // settings.CIRCUIT_WINDOW_SECONDS
+    channel_cache_clear()
     try:
-        get_redis().delete(f"circuit:{channel.code}:{window}")
+        get_redis().delete(*_circuit_keys(channel.code), _trial_key(channel.code))
     except redis.RedisError as exc:  # the counter expires by itself; the circuit is closed anyway
         logger.warning("circuit.reset_unavailable", extra={"channel": channel.code, "error": repr(exc)})
     logger.info("circuit.closed_by_operator", extra={"channel": channel.code})

@@ -1,4 +1,7 @@
-"""Operators' console for client callbacks: deliveries with their attempts; resend in bulk."""
+"""Operators' console for client callbacks: deliveries with their attempts; resend in bulk.
+
+Resending needs `callbacks.resend_callback` (the same permission as the order page's button).
+"""
 
 from django.contrib import admin, messages
 
@@ -82,7 +85,10 @@ class CallbackDeliveryAdmin(ReadOnlyAdmin):
             return queryset, False
         return queryset.filter(exact_or_order_id(term, "webhook_id")), False
 
-    @admin.action(description="Resend (make due now, same webhook-id)")
+    def has_resend_callback_permission(self, request) -> bool:
+        return request.user.has_perm("callbacks.resend_callback")
+
+    @admin.action(description="Resend (make due now, same webhook-id)", permissions=["resend_callback"])
     def resend(self, request, queryset):
         deliveries = list(queryset.exclude(status=CallbackDelivery.Status.DELIVERED)[: RESEND_MAX + 1])
         if len(deliveries) > RESEND_MAX:

@@ -1,16 +1,114 @@
-"""The SSRF-hardened HTTP client for callbacks: no private networks, no redirects, bounded time."""
+"""The SSRF-hardened HTTP client for callbacks: no private networks, no redirects, bounded time and size."""
 
 import functools
+import os
+import socket
+import threading
 import time
 from dataclasses import dataclass
 
 import requests
 from django.conf import settings
 from requests_hardened import Config, Manager
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from orders.urlsafety import UnsafeUrl, callback_url_check
 
 EXCERPT_BYTES = 1024
+ERROR_CHARS = 500
+
+
+class _Watchdog:
+    """Ends an attempt at its deadline by shutting its sockets down, wherever a read is blocked.
+
+    Socket timeouts bound each read, not the exchange: a receiver that drips a byte a second
+    never trips them. Shutting a socket down from another thread makes the blocked read (TLS
+    handshake, status line, headers or body) return at once. Each watched socket is held as a
+    duplicate descriptor of our own, so the shutdown reaches it even after TLS wrapping detached
+    the original object, and can never hit a descriptor the process has since reused.
+    """
+
+    def __init__(self, deadline: float) -> None:
+        self.expired = False
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._done = False
+        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, sock: socket.socket) -> None:
+        dup = socket.socket(fileno=os.dup(sock.fileno()))
+        with self._lock:
+            if self._done:
+                dup.close()
+                return
+            self._socks.append(dup)
+            if self.expired:
+                self._shutdown(dup)
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self.expired = True
+            for sock in self._socks:
+                self._shutdown(sock)
+
+    @staticmethod
+    def _shutdown(sock: socket.socket) -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # not connected any more: the read it would have ended is over
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+        with self._lock:
+            self._done = True
+            for sock in self._socks:
+                sock.close()
+            self._socks.clear()
+
+
+_current = threading.local()
+
+
+def _watch(sock: socket.socket | None) -> None:
+    watchdog = getattr(_current, "watchdog", None)
+    if watchdog is not None and sock is not None:
+        watchdog.watch(sock)
+
+
+class _WatchedConnectionMixin:
+    """Hands each socket to this thread's attempt watchdog: a new one as soon as it is connected
+    (before any TLS handshake), a pooled one when it is used again."""
+
+    def _new_conn(self):
+        sock = super()._new_conn()
+        _watch(sock)
+        return sock
+
+    def getresponse(self):
+        _watch(self.sock)
+        return super().getresponse()
+
+
+class _WatchedHTTPConnection(_WatchedConnectionMixin, HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_WatchedConnectionMixin, HTTPSConnection):
+    pass
+
+
+class _WatchedHTTPConnectionPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSConnectionPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
 
 
 @functools.cache
@@ -23,7 +121,20 @@ def _session() -> requests.Session:
         default_timeout=(settings.CALLBACK_CONNECT_TIMEOUT, settings.CALLBACK_TOTAL_TIMEOUT),
         user_agent_override="payments-callbacks/1.0",
     )
-    return Manager(config).get_session()
+    session = Manager(config).get_session()
+    # Same adapters (and so the same IP filter), only their connections are watched.
+    for adapter in session.adapters.values():
+        adapter.poolmanager.pool_classes_by_scheme = {
+            "http": _WatchedHTTPConnectionPool,
+            "https": _WatchedHTTPSConnectionPool,
+        }
+    return session
+
+
+def storable_text(data: bytes | str, limit: int) -> str:
+    """What a peer sent, made safe for a PostgreSQL text column: valid UTF-8, no NUL, bounded."""
+    text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
+    return text[:limit].replace("\x00", "\ufffd")
 
 
 @dataclass(frozen=True)
@@ -35,11 +146,28 @@ class PostResult:
 
     @property
     def ok(self) -> bool:
-        return self.status_code is not None and 200 <= self.status_code < 300
+        return not self.error and self.status_code is not None and 200 <= self.status_code < 300
+
+
+def _read_excerpt(response: requests.Response) -> bytes:
+    """At most EXCERPT_BYTES of the body as sent (no decompression: a small gzip can be huge)."""
+    chunks, size = [], 0
+    while size < EXCERPT_BYTES:
+        chunk = response.raw.read(EXCERPT_BYTES - size, decode_content=False)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def post_json(*, url: str, body: str, headers: dict[str, str]) -> PostResult:
+    """One attempt, bounded: connect within CALLBACK_CONNECT_TIMEOUT, all of it within
+    CALLBACK_TOTAL_TIMEOUT (status line, headers and the excerpt of the body included).
+    Never raises for anything the receiver does; the error and excerpt are safe to store.
+    """
     started = time.monotonic()
+    total = settings.CALLBACK_TOTAL_TIMEOUT
 
     def elapsed() -> int:
         return int((time.monotonic() - started) * 1000)
@@ -47,17 +175,28 @@ def post_json(*, url: str, body: str, headers: dict[str, str]) -> PostResult:
     try:
         callback_url_check(url, resolve=False)
     except UnsafeUrl as exc:
-        return PostResult(None, elapsed(), f"refused: {exc}", "")
-    deadline = started + settings.CALLBACK_TOTAL_TIMEOUT
+        return PostResult(None, elapsed(), storable_text(f"refused: {exc}", ERROR_CHARS), "")
+    watchdog = _Watchdog(started + total)
+    _current.watchdog = watchdog
+    status_code, excerpt = None, b""
     try:
-        with _session().post(url, data=body.encode(), headers=headers, stream=True) as response:
-            chunks, size = [], 0
-            for chunk in response.iter_content(chunk_size=EXCERPT_BYTES):
-                chunks.append(chunk)
-                size += len(chunk)
-                if size >= EXCERPT_BYTES or time.monotonic() > deadline:
-                    break
-            excerpt = b"".join(chunks)[:EXCERPT_BYTES].decode("utf-8", errors="replace")
-            return PostResult(response.status_code, elapsed(), "", excerpt)
-    except requests.RequestException as exc:
-        return PostResult(None, elapsed(), f"{exc.__class__.__name__}: {exc}"[:500], "")
+        with _session().post(
+            url,
+            data=body.encode(),
+            headers={**headers, "Accept-Encoding": "identity"},
+            stream=True,
+            timeout=(settings.CALLBACK_CONNECT_TIMEOUT, total),
+        ) as response:
+            status_code = response.status_code
+            excerpt = _read_excerpt(response)
+    except Exception as exc:  # whatever the peer provokes (requests, urllib3, http.client) is a failure
+        error = f"{exc.__class__.__name__}: {exc}"
+        if not watchdog.expired:
+            return PostResult(status_code, elapsed(), storable_text(error, ERROR_CHARS), "")
+    finally:
+        watchdog.cancel()
+        _current.watchdog = None
+    text = storable_text(excerpt, EXCERPT_BYTES)
+    if watchdog.expired:
+        return PostResult(status_code, elapsed(), f"timeout: total {total:g} s exceeded", text)
+    return PostResult(status_code, elapsed(), "", text)

@@ -25,6 +25,7 @@ class CallbackDelivery(models.Model):
 
     class Meta:
         verbose_name_plural = "callback deliveries"
+        permissions = [("resend_callback", "Can resend client callbacks")]
         constraints = [models.UniqueConstraint(fields=["order", "event_type"], name="delivery_per_outcome")]
         indexes = [
             models.Index(fields=["next_attempt_at"], name="delivery_due", condition=Q(status="pending")),

@@ -4,13 +4,15 @@ import json
 import logging
 import random
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 
-from callbacks.http import PostResult, post_json
+from callbacks.http import PostResult, post_json, storable_text
 from callbacks.models import CallbackDelivery
 from callbacks.signing import signature_headers
 from config import metrics
@@ -89,30 +91,148 @@ def callback_deliver(*, order_id) -> bool:
     if order.status not in (OrderStatus.PAID, OrderStatus.FAILED):
         return False
     event_type = f"order.{order.status}"
-    claim = _claim(order_id=order.pk, event_type=event_type)
-    if claim is None:
+    url = order.callback_url or order.merchant.callback_url
+    if not url:
+        _complete_without_callback(order=order, event_type=event_type)
         return False
-    delivery_id, webhook_id, attempts = claim
-    body = json.dumps({"type": event_type, "data": order_representation(order)}, separators=(",", ":"))
-    headers = signature_headers(
-        secrets=merchant_signing_secrets(merchant=order.merchant), msg_id=webhook_id, body=body
+    with _receiver_slot(merchant_id=order.merchant_id) as slot:
+        if not slot:
+            _defer(order_id=order.pk, event_type=event_type)
+            return False
+        claim = _claim(order_id=order.pk, event_type=event_type)
+        if claim is None:
+            return False
+        return _attempt(order=order, event_type=event_type, url=url, claim=claim)
+
+
+def _complete_without_callback(*, order: Order, event_type: str) -> None:
+    """Nothing to deliver: the order is done now, not after a schedule of attempts that cannot succeed."""
+    reason = "no callback URL: nothing to deliver"
+    # A delivery made before the URL was removed (or by an operator) must not stay due forever.
+    CallbackDelivery.objects.filter(order_id=order.pk, event_type=event_type, status=D.PENDING).update(
+        next_attempt_at=None, last_error=reason
     )
-    url = order.callback_url
-    attempted_at = timezone.now()
-    if url:
-        result = post_json(url=url, body=body, headers=headers)
-    else:
-        result = PostResult(None, 0, "no callback URL for this order or its merchant", "")
-    metrics.callback_attempted(status_code=result.status_code)
-    fault_point("callback.after_post")
+    result = order_transition(
+        order_id=order.pk, to=OrderStatus.COMPLETED, seen_status=order.status, reason=reason
+    )
+    # applied=False: someone else moved it (only to completed); nothing left to do either way.
+    logger.info(
+        "callback.nothing_to_deliver",
+        extra={"order_id": str(order.pk), "merchant": str(order.merchant_id), "applied": result.applied},
+    )
+
+
+# A receiver's share of callback capacity: session-level advisory locks, one per slot. PostgreSQL
+# drops them with the connection, so a killed worker frees its slot at once, no lease to expire.
+_SLOT_LOCK_SQL = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
+_SLOT_UNLOCK_SQL = "SELECT pg_advisory_unlock(hashtextextended(%s, 0))"
+
+
+@contextmanager
+def _receiver_slot(*, merchant_id) -> Iterator[bool]:
+    """Hold one of the merchant's CALLBACK_RECEIVER_CONCURRENCY slots, or yield False if all are taken.
+
+    Keyed by merchant, not host: the merchant chooses every URL its orders carry, so spreading
+    them over many hosts must not buy more than its share.
+    """
+    held = None
+    with connection.cursor() as cursor:
+        for slot in range(settings.CALLBACK_RECEIVER_CONCURRENCY):
+            key = f"callbacks.receiver:{merchant_id}:{slot}"
+            cursor.execute(_SLOT_LOCK_SQL, [key])
+            if cursor.fetchone()[0]:
+                held = key
+                break
+    if held is None:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(_SLOT_UNLOCK_SQL, [held])
+        except DatabaseError:
+            # The connection is gone, and the lock with it.
+            logger.warning("callback.slot_release_failed", extra={"merchant": str(merchant_id)})
+
+
+_DEFER_SQL = """
+WITH waiting AS (
+    UPDATE callbacks_callbackdelivery SET next_attempt_at = %s
+    WHERE order_id = %s AND event_type = %s AND status = 'pending'
+        AND next_attempt_at <= statement_timestamp()
+    RETURNING id
+)
+INSERT INTO callbacks_callbackdelivery
+    (order_id, event_type, webhook_id, status, attempts, next_attempt_at, last_error, created_at)
+SELECT %s, %s, %s, 'pending', 0, %s, '', now() WHERE NOT EXISTS (SELECT 1 FROM waiting)
+ON CONFLICT (order_id, event_type) DO NOTHING
+"""
+
+
+def _defer(*, order_id, event_type: str) -> None:
+    """The receiver has its share of workers: come back later, without spending an attempt.
+
+    Pushing the due time back (not leaving it due) lets the sweep hand other merchants'
+    deliveries to the free workers first.
+    """
+    due = timezone.now() + timedelta(
+        seconds=settings.CALLBACK_RECEIVER_BUSY_SECONDS * random.uniform(1.0, 1.5)
+    )
+    webhook_id = f"msg_{uuid.uuid4().hex}"
+    with connection.cursor() as cursor:
+        cursor.execute(_DEFER_SQL, [due, order_id, event_type, order_id, event_type, webhook_id, due])
+    logger.info("callback.receiver_busy", extra={"order_id": str(order_id)})
+
+
+def _attempt(*, order: Order, event_type: str, url: str, claim: tuple[int, str, int]) -> bool:
+    """Send the claimed attempt and record it. Whatever fails after the claim is a recorded failure:
+    an exception here would leave the claim to expire and the attempt to repeat unseen."""
+    _, webhook_id, attempts = claim
     log = {
         "order_id": str(order.pk),
         "merchant": str(order.merchant_id),
         "webhook_id": webhook_id,
         "attempt": attempts,
-        "status_code": result.status_code,
-        "latency_ms": result.latency_ms,
     }
+    attempted_at = timezone.now()
+    try:
+        body = json.dumps({"type": event_type, "data": order_representation(order)}, separators=(",", ":"))
+        headers = signature_headers(
+            secrets=merchant_signing_secrets(merchant=order.merchant), msg_id=webhook_id, body=body
+        )
+        result = post_json(url=url, body=body, headers=headers)
+    except Exception as exc:  # our side broke after the claim: recorded below as a failed attempt
+        logger.exception("callback.attempt_error", extra=log)
+        result = PostResult(
+            None, 0, storable_text(f"internal error: {exc.__class__.__name__}: {exc}", 500), ""
+        )
+    # An answer cut off by the total bound counts as an error, whatever its status line said.
+    metrics.callback_attempted(status_code=None if result.error else result.status_code)
+    fault_point("callback.after_post")
+    log.update(status_code=result.status_code, latency_ms=result.latency_ms)
+    try:
+        with transaction.atomic():
+            return _record(
+                order=order, url=url, attempted_at=attempted_at, result=result, claim=claim, log=log
+            )
+    except Exception as exc:  # the answer could not be stored: store that instead, and retry on schedule
+        logger.exception("callback.record_error", extra=log)
+        failed = PostResult(
+            result.status_code,
+            result.latency_ms,
+            storable_text(f"could not record the answer: {exc.__class__.__name__}: {exc}", 500),
+            "",
+        )
+        with transaction.atomic():
+            return _record(
+                order=order, url=url, attempted_at=attempted_at, result=failed, claim=claim, log=log
+            )
+
+
+def _record(*, order: Order, url: str, attempted_at, result: PostResult, claim: tuple, log: dict) -> bool:
+    delivery_id, webhook_id, attempts = claim
     attempt = [
         delivery_id,
         url[:2048],
@@ -122,46 +242,46 @@ def callback_deliver(*, order_id) -> bool:
         result.error[:500],
         result.excerpt,
     ]
-    with transaction.atomic():
-        if result.ok:
-            _record_attempt(
-                attempt=attempt,
-                delivery_id=delivery_id,
-                changes={
-                    "status": D.DELIVERED,
-                    "delivered_at": timezone.now(),
-                    "next_attempt_at": None,
-                    "last_error": "",
-                },
-            )
-            order_transition(
-                order_id=order.pk,
-                to=OrderStatus.COMPLETED,
-                seen_status=order.status,
-                reason=f"callback {webhook_id} answered {result.status_code}",
-            )
-            logger.info("callback.delivered", extra=log)
-            transaction.on_commit(lambda: fault_point("callback.after_commit"))
-            return True
-        error = result.error or f"HTTP {result.status_code}"
-        delay = _next_delay(attempts)
-        if delay is None:
-            _record_attempt(
-                attempt=attempt,
-                delivery_id=delivery_id,
-                changes={"status": D.EXHAUSTED, "next_attempt_at": None, "last_error": error[:500]},
-            )
-            logger.warning("callback.exhausted", extra={**log, "error": error})
-        else:
-            _record_attempt(
-                attempt=attempt,
-                delivery_id=delivery_id,
-                changes={
-                    "next_attempt_at": timezone.now() + timedelta(seconds=delay),
-                    "last_error": error[:500],
-                },
-            )
-            logger.info("callback.failed", extra={**log, "error": error, "retry_in_s": round(delay, 2)})
+    if result.ok:
+        _record_attempt(
+            attempt=attempt,
+            delivery_id=delivery_id,
+            changes={
+                "status": D.DELIVERED,
+                "delivered_at": timezone.now(),
+                "next_attempt_at": None,
+                "last_error": "",
+            },
+        )
+        # applied=False: someone else moved the order (only to completed): the delivery stands.
+        order_transition(
+            order_id=order.pk,
+            to=OrderStatus.COMPLETED,
+            seen_status=order.status,
+            reason=f"callback {webhook_id} answered {result.status_code}",
+        )
+        logger.info("callback.delivered", extra=log)
+        transaction.on_commit(lambda: fault_point("callback.after_commit"))
+        return True
+    error = result.error or f"HTTP {result.status_code}"
+    delay = _next_delay(attempts)
+    if delay is None:
+        _record_attempt(
+            attempt=attempt,
+            delivery_id=delivery_id,
+            changes={"status": D.EXHAUSTED, "next_attempt_at": None, "last_error": error[:500]},
+        )
+        logger.warning("callback.exhausted", extra={**log, "error": error})
+    else:
+        _record_attempt(
+            attempt=attempt,
+            delivery_id=delivery_id,
+            changes={
+                "next_attempt_at": timezone.now() + timedelta(seconds=delay),
+                "last_error": error[:500],
+            },
+        )
+        logger.info("callback.failed", extra={**log, "error": error, "retry_in_s": round(delay, 2)})
     return False
 
 

@@ -1,4 +1,5 @@
-"""Pieces shared by the apps' admin modules: cheap pagination on big tables, read-only pages."""
+"""Pieces shared by the apps' admin modules: cheap pagination on big tables, read-only pages,
+actions that need a permission of their own, secrets shown once without being stored."""
 
 import json
 import logging
@@ -6,11 +7,14 @@ import uuid
 from datetime import UTC, datetime
 
 from django.contrib import admin
+from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import connection
 from django.db.models import Q
+from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.cache import add_never_cache_headers, patch_cache_control
 from django.utils.functional import cached_property
 from django.utils.html import format_html
 
@@ -81,7 +85,33 @@ class ProviderFilter(admin.SimpleListFilter):
         return queryset.filter(provider=self.value()) if self.value() else queryset
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+class GuardedActionsAdmin(admin.ModelAdmin):
+    """Every action names the permission it needs; a POST naming one the user lacks is a 403.
+
+    Django only leaves such an action out of the drop-down (and answers a forged POST with
+    "No action selected" or a plain page). Refusing outright keeps the server the judge whatever
+    the form said, and says so in the response.
+    """
+
+    def changelist_view(self, request, extra_context=None):
+        if request.method == "POST":
+            for name in request.POST.getlist("action"):
+                if not self.action_allowed(request, name):
+                    raise PermissionDenied
+        return super().changelist_view(request, extra_context)
+
+    def action_allowed(self, request, name: str) -> bool:
+        """May this user run the action `name` here? Not an action of this admin: nothing to refuse."""
+        action = self.get_action(name)
+        if action is None:
+            return True
+        needs = getattr(action[0], "allowed_permissions", None)
+        if needs is None:
+            return True  # Django's default; tests/admin require every action to declare permissions
+        return any(getattr(self, f"has_{perm}_permission")(request) for perm in needs)
+
+
+class ReadOnlyAdmin(GuardedActionsAdmin):
     """Pages to look at: every change goes through an action that calls a service."""
 
     def has_add_permission(self, request, obj=None) -> bool:
@@ -110,6 +140,25 @@ class ReadOnlyInline(admin.TabularInline):
 
     def has_delete_permission(self, request, obj=None) -> bool:
         return False
+
+
+def shown_once_response(request, model_admin: admin.ModelAdmin, *, title: str, secrets: list[dict]):
+    """A page, the answer to the operator's own POST, showing new keys or secrets once.
+
+    Never a message: Django's messages cookie is signed, not encrypted, and a message may also land
+    in the session table. The page is the only copy; `no-store` keeps it out of every cache.
+    Each item of `secrets`: {"object": ..., "what": "API key", "value": "sk_..."}.
+    """
+    context = {
+        **model_admin.admin_site.each_context(request),
+        "title": title,
+        "opts": model_admin.opts,
+        "secrets": secrets,
+    }
+    response = TemplateResponse(request, "admin/shown_once.html", context)
+    add_never_cache_headers(response)
+    patch_cache_control(response, private=True)
+    return response
 
 
 def admin_link(obj, text: str | None = None) -> str:

@@ -1,6 +1,7 @@
 """Charge attempts (one per order and channel, keyed before the HTTP call) and provider webhooks."""
 
 from django.db import models
+from django.db.models import Q
 
 from orders.models import Order
 
@@ -23,10 +24,22 @@ class ChargeAttempt(models.Model):
     http_status = models.PositiveSmallIntegerField(null=True, blank=True)
     error = models.CharField(max_length=500, blank=True, default="")
     failure_code = models.CharField(max_length=64, blank=True, default="")
+    # Every fact the charge request is built from is stored with the key before the first send,
+    # so a retry from any host sends the identical request (the provider compares them).
+    webhook_url = models.CharField(max_length=500, blank=True, default="")
+    # While a copy of the charge task holds the lease, no other copy sends this attempt.
+    lease_until = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
+        constraints = [
+            # At most one charge per order: every attempt but refused ones (nothing charged) is
+            # live, and an order has at most one live attempt, whatever races or crashes.
+            models.UniqueConstraint(
+                fields=["order"], condition=~Q(status="rejected"), name="attempt_one_live_per_order"
+            ),
+        ]
         indexes = [
             models.Index(fields=["order", "created_at"], name="attempt_order"),
             models.Index(fields=["provider_reference"], name="attempt_provider_ref"),

@@ -8,8 +8,14 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.urls import reverse
 
+from allocation.models import PaymentChannel
 from allocation.selectors import channel_by_code
-from allocation.services import channel_record_failure, order_reallocate
+from allocation.services import (
+    channel_record_failure,
+    channel_record_success,
+    channel_release,
+    order_reallocate,
+)
 from config import metrics
 from config.faults import fault_point
 from config.logging import request_id_var
@@ -33,23 +39,53 @@ def _webhook_url(provider: str) -> str:
     return settings.PUBLIC_BASE_URL + reverse("provider-webhook", kwargs={"provider": provider})
 
 
-def _claim_attempt(*, order: Order, channel_code: str, provider: str) -> ChargeAttempt:
-    """The attempt for this order and channel, inserted if new; its key is stored before any call."""
+def _lease_seconds() -> float:
+    # Longer than one send can take (connect + read timeouts), so a live sender keeps it throughout.
+    return settings.GATEWAY_CONNECT_TIMEOUT + settings.GATEWAY_READ_TIMEOUT + 2.0
+
+
+# The first claim inserts the attempt with its key, every fact its request is built from, and the
+# sending lease. ON CONFLICT without a target also covers attempt_one_live_per_order: an order
+# that has a live attempt on another channel gets no second one.
+_CLAIM_SQL = (
+    "INSERT INTO gateway_chargeattempt (order_id, channel, provider, idempotency_key, status,"
+    " provider_reference, error, failure_code, webhook_url, lease_until, created_at, updated_at)"
+    " VALUES (%s, %s, %s, %s, 'sending', '', '', '', %s, now() + make_interval(secs => %s), now(), now())"
+    " ON CONFLICT DO NOTHING RETURNING id"
+)
+# A later copy takes the lease of a claimed attempt only if nobody holds it now.
+_RETAKE_SQL = (
+    "UPDATE gateway_chargeattempt SET lease_until = now() + make_interval(secs => %s)"
+    " WHERE idempotency_key = %s AND status = 'sending' AND (lease_until IS NULL OR lease_until < now())"
+    " RETURNING id"
+)
+
+
+def _claim_attempt(*, order: Order, channel_code: str, provider: str) -> tuple[ChargeAttempt | None, bool]:
+    """The attempt for this order and channel, inserted if new, and whether this copy may send it.
+
+    The key and the request's facts are stored before any call. A copy may send only while it
+    holds the attempt's lease, so two copies never send at once. None: the order already has a
+    live attempt on another channel, and must not be charged again.
+    """
     key = _idempotency_key(order.pk, channel_code)
+    webhook_url = _webhook_url(provider)
     with connection.cursor() as cursor:
-        cursor.execute(
-            "INSERT INTO gateway_chargeattempt (order_id, channel, provider, idempotency_key, status,"
-            " provider_reference, error, failure_code, created_at, updated_at)"
-            " VALUES (%s, %s, %s, %s, 'sending', '', '', '', now(), now())"
-            " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
-            [order.pk, channel_code, provider, key],
-        )
+        cursor.execute(_CLAIM_SQL, [order.pk, channel_code, provider, key, webhook_url, _lease_seconds()])
         row = cursor.fetchone()
-    if row is not None:
-        return ChargeAttempt(
-            pk=row[0], order_id=order.pk, channel=channel_code, provider=provider, idempotency_key=key
-        )
-    return ChargeAttempt.objects.get(idempotency_key=key)
+        if row is not None:
+            attempt = ChargeAttempt(
+                pk=row[0],
+                order_id=order.pk,
+                channel=channel_code,
+                provider=provider,
+                idempotency_key=key,
+                webhook_url=webhook_url,
+            )
+            return attempt, True
+        cursor.execute(_RETAKE_SQL, [_lease_seconds(), key])
+        leased = cursor.fetchone() is not None
+    return ChargeAttempt.objects.filter(idempotency_key=key).first(), leased
 
 
 def _from_row(model, names: list[str], row) -> object:
@@ -59,16 +95,17 @@ def _from_row(model, names: list[str], row) -> object:
     return model.from_db(connection.alias, loaded, [values[name] for name in loaded])
 
 
+_CHARGE_FIELDS = ["id", "status", "amount", "currency", "channel", "created_at", "reserved_on"]
+
+
 def _order_for_charge(order_id) -> Order | None:
     """The fields a charge needs, in one plain SELECT (this runs for every order, twice when polled)."""
     with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT id, status, amount, currency, channel FROM orders_order WHERE id = %s", [order_id]
-        )
+        cursor.execute(f"SELECT {', '.join(_CHARGE_FIELDS)} FROM orders_order WHERE id = %s", [order_id])
         row = cursor.fetchone()
     if row is None:
         return None
-    return _from_row(Order, ["id", "status", "amount", "currency", "channel"], row)
+    return _from_row(Order, _CHARGE_FIELDS, row)
 
 
 def order_charge(*, order_id) -> TransitionResult | None:
@@ -88,19 +125,30 @@ def order_charge(*, order_id) -> TransitionResult | None:
     if channel is None or adapter is None:
         logger.error("charge.no_adapter", extra={"order_id": str(order.pk), "channel": order.channel})
         return None
-    attempt = _claim_attempt(order=order, channel_code=channel.code, provider=channel.provider)
+    attempt, leased = _claim_attempt(order=order, channel_code=channel.code, provider=channel.provider)
+    if attempt is None:
+        logger.error(
+            "charge.other_attempt_live",
+            extra={"order_id": str(order.pk), "channel": channel.code},
+        )
+        return None
     if attempt.status == A.REJECTED:
         result = ChargeResult(ChargeOutcome.REJECTED, error=attempt.error)
     elif attempt.status != A.SENDING:
         # Already answered (a crash came between recording and moving the order): move it now.
         result = ChargeResult(ChargeOutcome.ACCEPTED, provider_reference=attempt.provider_reference)
+    elif not leased:
+        # Another copy is sending this very request now; its answer moves the order (and if it
+        # dies, the lease runs out and the sweep's next announcement sends it again).
+        logger.info("charge.in_flight_elsewhere", extra={"order_id": str(order.pk), "channel": channel.code})
+        return TransitionResult(False, order.status, order.channel)
     else:
         request = ChargeRequest(
             order_id=str(order.pk),
             amount=order.amount,
             currency=order.currency,
             idempotency_key=attempt.idempotency_key,
-            webhook_url=_webhook_url(channel.provider),
+            webhook_url=attempt.webhook_url,
         )
         fault_point("charge.before_provider")
         result = adapter.charge(channel=channel, request=request)
@@ -114,26 +162,42 @@ def order_charge(*, order_id) -> TransitionResult | None:
                 "http_status": result.http_status,
             },
         )
-    return _charge_record(order=order, attempt=attempt, result=result)
+    return _charge_record(order=order, channel=channel, attempt=attempt, result=result)
 
 
-def _charge_record(*, order: Order, attempt: ChargeAttempt, result: ChargeResult) -> TransitionResult:
+def _charge_record(
+    *, order: Order, channel: PaymentChannel, attempt: ChargeAttempt, result: ChargeResult
+) -> TransitionResult:
     metrics.charge_answered(attempt=attempt, result=result)
     if result.outcome == ChargeOutcome.REJECTED:
+        refused_here = False
         if attempt.status == A.SENDING:
-            ChargeAttempt.objects.filter(pk=attempt.pk, status=A.SENDING).update(
-                status=A.REJECTED, http_status=result.http_status, error=result.error[:500]
-            )
+            with transaction.atomic():
+                # Only the copy that records the refusal gives the reservation back: exactly once.
+                refused_here = bool(
+                    ChargeAttempt.objects.filter(pk=attempt.pk, status=A.SENDING).update(
+                        status=A.REJECTED, http_status=result.http_status, error=result.error[:500]
+                    )
+                )
+                if refused_here:
+                    channel_release(channel_code=attempt.channel, amount=order.amount, day=order.reserved_on)
+        if refused_here:
             channel_record_failure(channel_code=attempt.channel)
-        tried = tuple(ChargeAttempt.objects.filter(order_id=order.pk).values_list("channel", flat=True))
-        return order_reallocate(order=order, failed_channel=attempt.channel, tried=tried)
+        refused_by = tuple(
+            ChargeAttempt.objects.filter(order_id=order.pk, status=A.REJECTED).values_list(
+                "channel", flat=True
+            )
+        )
+        # Decided for the order as read before the call (assigned to this channel): if a racing
+        # copy has moved it on, the failover and any failure decided here change nothing.
+        return order_reallocate(order=order, failed_channel=attempt.channel, refused_by=refused_by)
     unknown = result.outcome == ChargeOutcome.UNKNOWN
     with transaction.atomic():
         if attempt.status == A.SENDING:
             with connection.cursor() as cursor:
                 cursor.execute(
                     "UPDATE gateway_chargeattempt SET status = %s, provider_reference = %s, http_status = %s,"
-                    " error = %s WHERE id = %s AND status = %s",
+                    " error = %s, lease_until = NULL WHERE id = %s AND status = %s",
                     [
                         A.UNKNOWN if unknown else A.ACCEPTED,
                         result.provider_reference,
@@ -143,6 +207,13 @@ def _charge_record(*, order: Order, attempt: ChargeAttempt, result: ChargeResult
                         A.SENDING,
                     ],
                 )
+                if cursor.rowcount == 0:
+                    # Another copy recorded a refusal of this very attempt while the provider
+                    # accepted it here: never expected (the lease keeps copies apart), shown loudly.
+                    logger.error(
+                        "charge.answer_conflict",
+                        extra={"order_id": str(order.pk), "channel": attempt.channel},
+                    )
         reason = (
             f"outcome unknown at {attempt.channel} ({result.error}); waiting for webhook or poll"
             if unknown
@@ -157,12 +228,14 @@ def _charge_record(*, order: Order, attempt: ChargeAttempt, result: ChargeResult
         )
     if unknown:
         channel_record_failure(channel_code=attempt.channel)
+    else:
+        channel_record_success(channel=channel)
     fault_point("charge.after_commit")
     return transition
 
 
 _ATTEMPT_SQL = (
-    "SELECT a.id, a.status, a.channel, a.order_id, o.status, o.channel, o.request_id"
+    "SELECT a.id, a.status, a.channel, a.order_id, o.status, o.channel, o.request_id, a.provider"
     " FROM gateway_chargeattempt a JOIN orders_order o ON o.id = a.order_id"
     " WHERE a.idempotency_key = %s"
 )
@@ -170,7 +243,9 @@ _ATTEMPT_SQL = (
 # they were before the UPDATE (one snapshot per statement), like the separate read it replaces.
 _SETTLE_SQL = (
     "WITH settled AS (UPDATE gateway_chargeattempt SET status = %s, failure_code = %s"
-    " WHERE idempotency_key = %s AND order_id = %s AND status NOT IN (%s, %s)) " + _ATTEMPT_SQL
+    " WHERE idempotency_key = %s AND order_id = %s AND status NOT IN (%s, %s)"
+    # A webhook settles only a charge of the channel (and provider) whose secret signed it.
+    " AND (%s::text IS NULL OR (channel = %s AND provider = %s))) " + _ATTEMPT_SQL
 )
 
 
@@ -180,6 +255,8 @@ def _attempt_with_order(
     settle_order_id: uuid.UUID | None = None,
     status: str = "",
     failure_code: str = "",
+    channel: str | None = None,
+    provider: str | None = None,
 ) -> ChargeAttempt | None:
     """The attempt under this key, with its order's status and channel.
 
@@ -200,13 +277,18 @@ def _attempt_with_order(
                     settle_order_id,
                     A.PAID,
                     A.FAILED,
+                    channel,
+                    channel,
+                    provider,
                     idempotency_key,
                 ],
             )
         row = cursor.fetchone()
     if row is None:
         return None
-    attempt = _from_row(ChargeAttempt, ["id", "status", "channel", "order_id"], row[:4])
+    attempt = _from_row(
+        ChargeAttempt, ["id", "status", "channel", "order_id", "provider"], (*row[:4], row[7])
+    )
     attempt.order = _from_row(
         Order, ["id", "status", "channel", "request_id"], (row[3], row[4], row[5], row[6])
     )
@@ -214,9 +296,20 @@ def _attempt_with_order(
 
 
 def order_confirm(
-    *, order_id, idempotency_key: str, status: str, failure_code: str = "", source: str
+    *,
+    order_id,
+    idempotency_key: str,
+    status: str,
+    failure_code: str = "",
+    source: str,
+    channel: str | None = None,
+    provider: str | None = None,
 ) -> TransitionResult | None:
-    """Apply a provider's final word (webhook or poll) to the order: paid or failed."""
+    """Apply a provider's final word (webhook or poll) to the order: paid or failed.
+
+    `channel` and `provider` name who vouched for it (a webhook's verified signer): the word
+    counts only for that channel's own charge. A poll asks about the attempt itself and names none.
+    """
     final = status in ("paid", "failed")
     order_uuid = _as_uuid(str(order_id))
     if not final or order_uuid is None or str(order_uuid) != str(order_id):
@@ -231,8 +324,21 @@ def order_confirm(
         return TransitionResult(False, attempt.order.status, attempt.order.channel)
     with transaction.atomic():
         attempt = _attempt_with_order(
-            idempotency_key, settle_order_id=order_uuid, status=status, failure_code=failure_code
+            idempotency_key,
+            settle_order_id=order_uuid,
+            status=status,
+            failure_code=failure_code,
+            channel=channel,
+            provider=provider if channel is not None else None,
         )
+        signer = (channel, provider)
+        if attempt is not None and channel is not None and (attempt.channel, attempt.provider) != signer:
+            # The settling UPDATE matched nothing: it is limited to the signer's own charge.
+            logger.warning(
+                "confirm.channel_mismatch",
+                extra={"order_id": str(order_id), "channel": channel, "attempt_channel": attempt.channel},
+            )
+            return None
         if attempt is None or str(attempt.order_id) != str(order_id):
             # The settling UPDATE matched nothing either: it is limited to this order's attempt.
             logger.warning(
@@ -244,23 +350,33 @@ def order_confirm(
         # A provider's webhook is a request of its own: the order's lines, and the events this
         # confirm emits, keep the id of the API request that created the order.
         request_id_var.set(order.request_id or request_id_var.get())
-        seen_status = order.status
-        if seen_status == OrderStatus.ASSIGNED and order.channel == attempt.channel:
+        seen_status, seen_channel = order.status, order.channel
+        if seen_channel != attempt.channel and seen_status in (OrderStatus.ASSIGNED, OrderStatus.PROCESSING):
+            # The answer is about a charge on another channel than the order's current one: it
+            # settles nothing here. Never expected (one live attempt per order); shown loudly.
+            logger.error(
+                "confirm.attempt_not_current",
+                extra={"order_id": str(order.pk), "channel": attempt.channel, "order_channel": seen_channel},
+            )
+            return TransitionResult(False, seen_status, seen_channel)
+        if seen_status == OrderStatus.ASSIGNED:
             # The provider's answer outran our own record of the charge request.
-            order_transition(
+            moved = order_transition(
                 order_id=order.pk,
                 to=OrderStatus.PROCESSING,
                 seen_status=OrderStatus.ASSIGNED,
-                seen_channel=order.channel,
+                seen_channel=attempt.channel,
                 reason=f"charge accepted by {attempt.channel} (learned from {source})",
             )
-            seen_status = OrderStatus.PROCESSING
+            seen_status, seen_channel = moved.status, moved.channel
+            if seen_status == OrderStatus.ASSIGNED:  # failed over meanwhile: not this charge's order now
+                return moved
         fault_point("confirm.before_commit")
         result = order_transition(
             order_id=order.pk,
             to=OrderStatus.PAID if status == "paid" else OrderStatus.FAILED,
             seen_status=seen_status,
-            seen_channel=order.channel,
+            seen_channel=attempt.channel if seen_status == OrderStatus.PROCESSING else None,
             reason=f"provider says {status}"
             + (f" ({failure_code})" if failure_code else "")
             + f" via {source}",
@@ -274,9 +390,34 @@ def order_confirm(
     return result
 
 
+class WebhookChannelMismatch(Exception):
+    """A verified webhook about a charge that another channel or provider made."""
+
+
 def webhook_receive(*, provider: str, event: WebhookEvent) -> bool:
-    """Store a verified provider webhook once. True when it is new (and must be confirmed)."""
+    """Store a verified provider webhook once. True when it is new (and must be confirmed).
+
+    A channel's secret vouches for that channel's charges only: a webhook about another
+    channel's attempt raises `WebhookChannelMismatch` and stores nothing.
+    """
     with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT channel, provider FROM gateway_chargeattempt WHERE idempotency_key = %s",
+            [event.idempotency_key],
+        )
+        row = cursor.fetchone()
+        if row is not None and tuple(row) != (event.channel, provider):
+            logger.warning(
+                "webhook.channel_mismatch",
+                extra={
+                    "order_id": event.order_id,
+                    "provider": provider,
+                    "channel": event.channel,
+                    "attempt_channel": row[0],
+                    "attempt_provider": row[1],
+                },
+            )
+            raise WebhookChannelMismatch(event.idempotency_key)
         cursor.execute(
             "INSERT INTO gateway_providerwebhook"
             " (provider, webhook_id, order_id, event_type, payload, received_at)"
@@ -338,7 +479,7 @@ def order_poll(*, order_id) -> TransitionResult | None:
             amount=order.amount,
             currency=order.currency,
             idempotency_key=attempt.idempotency_key,
-            webhook_url=_webhook_url(attempt.provider),
+            webhook_url=attempt.webhook_url or _webhook_url(attempt.provider),
         )
         result = adapter.charge(channel=channel, request=request)
         logger.info("poll.resent", extra={"order_id": str(order.pk), "outcome": result.outcome.value})

@@ -21,6 +21,9 @@ def confirm(message: dict) -> None:
         status=message["status"],
         failure_code=message.get("failure_code") or "",
         source="provider webhook",
+        # Messages queued before the channel was carried settle as they always did.
+        channel=message.get("channel"),
+        provider=message.get("provider"),
     )
 
 

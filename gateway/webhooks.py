@@ -2,20 +2,20 @@
 
 import logging
 
+from django.core.exceptions import RequestDataTooBig
 from django.db import transaction
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, JsonResponse, UnreadablePostError
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_POST
 
 from config.celery_app import app as celery_app
 from config.middleware import error_response
 from gateway import services
-from gateway.providers.base import InvalidWebhook, get_adapter
+from gateway.providers.base import InvalidWebhook, MalformedWebhook, get_adapter
 
 logger = logging.getLogger(__name__)
 
 
-def _hand_off(event) -> None:
+def _hand_off(event, provider: str) -> None:
     try:
         celery_app.send_task(
             "gateway.confirm",
@@ -26,6 +26,9 @@ def _hand_off(event) -> None:
                     "status": event.status,
                     "failure_code": event.failure_code,
                     "webhook_id": event.webhook_id,
+                    # The verified channel: confirm settles only that channel's charge.
+                    "channel": event.channel,
+                    "provider": provider,
                 }
             ],
         )
@@ -34,21 +37,39 @@ def _hand_off(event) -> None:
 
 
 @csrf_exempt
-@require_POST
 def provider_webhook(request: HttpRequest, provider: str) -> JsonResponse:
+    # Every refusal is a JSON error and changes nothing: the body is only trusted once its
+    # signature checks out, and only then does anything write to the database.
+    if request.method != "POST":
+        response = error_response(405, "method_not_allowed", "Provider webhooks are POSTed.")
+        response["Allow"] = "POST"
+        return response
     adapter = get_adapter(provider)
     if adapter is None:
-        return error_response(404, "not_found", f"Unknown provider {provider!r}.")
+        return error_response(404, "not_found", "Unknown provider.")
+    try:
+        body = request.body
+    except (RequestDataTooBig, UnreadablePostError):
+        return error_response(400, "invalid_body", "The webhook body could not be read.")
     headers = {key: value for key, value in request.headers.items()}
     try:
-        event = adapter.parse_webhook(body=request.body, headers=headers)
+        event = adapter.parse_webhook(body=body, headers=headers)
+    except MalformedWebhook as exc:
+        logger.warning("webhook.malformed", extra={"provider": provider, "reason": str(exc)})
+        return error_response(400, "invalid_body", "The webhook body is not a readable provider event.")
     except InvalidWebhook as exc:
         logger.warning("webhook.rejected", extra={"provider": provider, "reason": str(exc)})
         return error_response(401, "invalid_signature", "Webhook signature or timestamp is not valid.")
-    with transaction.atomic():
-        new = services.webhook_receive(provider=provider, event=event)
-        if new:
-            transaction.on_commit(lambda: _hand_off(event))
+    try:
+        with transaction.atomic():
+            new = services.webhook_receive(provider=provider, event=event)
+            if new:
+                transaction.on_commit(lambda: _hand_off(event, provider))
+    except services.WebhookChannelMismatch:
+        # Signed by a channel that did not make this charge: it may speak only for its own.
+        return error_response(
+            403, "channel_mismatch", "The signing channel did not make the charge this webhook is about."
+        )
     logger.info(
         "webhook.received",
         extra={

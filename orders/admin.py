@@ -2,6 +2,10 @@
 
 Actions call the owning service and leave an audit trail in Django's LogEntry (who, when,
 what: the object's History page and the admin's "Recent actions"), plus a structured log line.
+Each action needs a permission of its own (the pages are read-only, so no model "change"
+permission applies): `callbacks.resend_callback`, `orders.requery_provider`,
+`orders.rotate_merchant_key`. New keys and secrets are shown on the action's own response page,
+never in a message (the messages cookie is signed, not encrypted).
 The order list is built for a million rows: no full COUNT(*), no per-row query, every filter
 and the search answered by an index.
 """
@@ -22,11 +26,13 @@ from callbacks.services import callback_resend_for_order
 from config.adminkit import (
     ChannelFilter,
     EstimatedCountPaginator,
+    GuardedActionsAdmin,
     ReadOnlyAdmin,
     ReadOnlyInline,
     age,
     audit,
     exact_or_order_id,
+    shown_once_response,
     ts,
 )
 from gateway.models import ChargeAttempt
@@ -254,13 +260,30 @@ class OrderAdmin(ReadOnlyAdmin):
             match |= Q(pk__in=order_ids)
         return queryset.filter(match), False
 
+    # One permission per capability, declared by the app that owns it: resending a callback is the
+    # same power here and on the deliveries page.
+    def has_resend_callback_permission(self, request) -> bool:
+        return request.user.has_perm("callbacks.resend_callback")
+
+    def has_requery_provider_permission(self, request) -> bool:
+        return request.user.has_perm("orders.requery_provider")
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        """The page's buttons only for those who may press them (the action checks again)."""
+        extra_context = {
+            **(extra_context or {}),
+            "can_resend_callback": self.has_resend_callback_permission(request),
+            "can_requery_provider": self.has_requery_provider_permission(request),
+        }
+        return super().change_view(request, object_id, form_url, extra_context)
+
     def _back_to_order(self, request, queryset):
         """Actions started from an order's page return to it."""
         if request.POST.get("_from_order_page") and queryset.count() == 1:
             return HttpResponseRedirect(reverse("admin:orders_order_change", args=[queryset.get().pk]))
         return None
 
-    @admin.action(description="Resend callback (make it due now)")
+    @admin.action(description="Resend callback (make it due now)", permissions=["resend_callback"])
     def resend_callback(self, request, queryset):
         orders = list(queryset.select_related(None).only("id", "reference", "status")[: RESEND_MAX + 1])
         if len(orders) > RESEND_MAX:
@@ -281,7 +304,9 @@ class OrderAdmin(ReadOnlyAdmin):
         )
         return self._back_to_order(request, queryset)
 
-    @admin.action(description="Re-query provider status (processing orders)")
+    @admin.action(
+        description="Re-query provider status (processing orders)", permissions=["requery_provider"]
+    )
     def requery_provider(self, request, queryset):
         orders = list(queryset.select_related(None).only("id", "reference", "status")[: REQUERY_MAX + 1])
         if len(orders) > REQUERY_MAX:
@@ -337,7 +362,7 @@ class MerchantForm(forms.ModelForm):
 
 
 @admin.register(Merchant)
-class MerchantAdmin(admin.ModelAdmin):
+class MerchantAdmin(GuardedActionsAdmin):
     form = MerchantForm
     list_display = (
         "name",
@@ -379,32 +404,41 @@ class MerchantAdmin(admin.ModelAdmin):
             setattr(obj, field.attname, getattr(creds.merchant, field.attname))
         obj._state.adding = False
         obj._state.db = creds.merchant._state.db
-        self._show_once(request, creds.merchant, "API key", creds.api_key)
-        self._show_once(request, creds.merchant, "webhook secret", creds.webhook_secret)
+        # Shown by response_add, in this request only: never a message, never stored.
+        request._merchant_secrets_shown_once = [
+            {"object": creds.merchant, "what": "API key", "value": creds.api_key},
+            {"object": creds.merchant, "what": "webhook secret", "value": creds.webhook_secret},
+        ]
 
-    def _show_once(self, request, merchant: Merchant, what: str, value: str) -> None:
-        self.message_user(
-            request,
-            format_html(
-                "{} of <b>{}</b> (shown once, copy it now; only a hash or ciphertext is kept): "
-                '<code style="user-select:all">{}</code>',
-                what[:1].upper() + what[1:],
-                merchant.name,
-                value,
-            ),
-            messages.WARNING,
-        )
+    def response_add(self, request, obj, post_url_continue=None):
+        secrets = getattr(request, "_merchant_secrets_shown_once", None)
+        if secrets is None:
+            return super().response_add(request, obj, post_url_continue)
+        return shown_once_response(request, self, title=f"Merchant {obj.name} added", secrets=secrets)
 
-    @admin.action(description="Rotate API key (the old key stops working at once)")
+    def has_rotate_merchant_key_permission(self, request) -> bool:
+        return request.user.has_perm("orders.rotate_merchant_key")
+
+    @admin.action(
+        description="Rotate API key (the old key stops working at once)",
+        permissions=["rotate_merchant_key"],
+    )
     def rotate_api_key(self, request, queryset):
+        secrets = []
         for merchant in queryset:
             api_key = merchant_rotate_api_key(merchant=merchant)
             audit(self, request, merchant, "API key rotated.", action="rotate_api_key")
-            self._show_once(request, merchant, "new API key", api_key)
+            secrets.append({"object": merchant, "what": "new API key", "value": api_key})
+        return shown_once_response(request, self, title="API keys rotated", secrets=secrets)
 
-    @admin.action(description="Rotate webhook secret (the old one keeps signing for 24 h)")
+    @admin.action(
+        description="Rotate webhook secret (the old one keeps signing for 24 h)",
+        permissions=["rotate_merchant_key"],
+    )
     def rotate_webhook_secret(self, request, queryset):
+        secrets = []
         for merchant in queryset:
             secret = merchant_rotate_webhook_secret(merchant=merchant)
             audit(self, request, merchant, "Webhook secret rotated.", action="rotate_webhook_secret")
-            self._show_once(request, merchant, "new webhook secret", secret)
+            secrets.append({"object": merchant, "what": "new webhook secret", "value": secret})
+        return shown_once_response(request, self, title="Webhook secrets rotated", secrets=secrets)

@@ -35,6 +35,10 @@ class Merchant(models.Model):
     is_active = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
+    class Meta:
+        # Admin actions, granted apart from the model's view/change (README, operators).
+        permissions = [("rotate_merchant_key", "Can rotate a merchant's API key and webhook secret")]
+
     def __str__(self) -> str:
         return self.name
 
@@ -62,8 +66,12 @@ class Order(models.Model):
     # Written by every transition in the same UPDATE, so the happy path pays nothing for it.
     next_check_at = models.DateTimeField(null=True, blank=True)
     check_count = models.PositiveSmallIntegerField(default=0)
+    # The UTC day whose volume of `channel` holds this order's reservation: a refusal gives
+    # back exactly that reservation, even when the refusal arrives after midnight.
+    reserved_on = models.DateField(null=True, blank=True)
 
     class Meta:
+        permissions = [("requery_provider", "Can re-query an order's charge status at the provider")]
         constraints = [
             models.UniqueConstraint(
                 fields=["merchant", "reference"], name="order_reference_unique_per_merchant"

@@ -8,7 +8,7 @@ arrives late or twice finds the order at or past its target: it is recorded and 
 import functools
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import date, timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -111,75 +111,74 @@ def order_transition(
     order_id,
     to: str,
     reason: str,
-    seen_status: str | None = None,
+    seen_status: str,
     seen_channel: str | None = None,
     channel: str | None = None,
+    reserved_on: date | None = None,
     failure_code: str | None = None,
     failure_message: str | None = None,
 ) -> TransitionResult:
-    """Move an order to `to` if the table allows it from where the order is now.
+    """Move an order to `to`, but only from the exact state the caller decided it for.
 
-    `seen_status`/`seen_channel` are what the caller read; passing them saves a read. For a
-    failover (assigned -> assigned) `seen_channel` is required: only the channel that failed
-    may be replaced, so two failovers racing cannot both move the order.
+    `seen_status` (and `seen_channel`, when given; always for an assigned order) is the state the
+    caller read and based its decision on. A decision is only valid for that state: if the order
+    has moved meanwhile (the compare-and-set matches no row), nothing changes, the signal is
+    recorded as ignored and the result says where the order is now (`applied=False`). The caller
+    decides again from fresh facts if it still has something to do; it never re-applies `to`.
     """
-    if to == S.ASSIGNED and not (channel and seen_status):
-        raise ValueError("assigning needs a channel and the status the caller saw")
-    for _ in range(3):
-        if seen_status is None:
-            row = Order.objects.filter(pk=order_id).values_list("status", "channel").first()
-            if row is None:
-                raise Order.DoesNotExist(order_id)
-            seen_status, seen_channel = row
-        if (seen_status, to) not in ALLOWED:
-            if _is_late(seen_status, to):
-                _record_ignored(order_id, seen_status, to, reason)
-                return TransitionResult(False, seen_status, seen_channel)
-            raise IllegalTransition(f"{seen_status} -> {to}")
-        if seen_status == S.ASSIGNED == to and channel == seen_channel:
+    if to == S.ASSIGNED and not channel:
+        raise ValueError("assigning needs a channel")
+    if seen_status == S.ASSIGNED and not seen_channel:
+        raise ValueError("a decision about an assigned order names the channel it was assigned to")
+    if (seen_status, to) not in ALLOWED:
+        if _is_late(seen_status, to):
             _record_ignored(order_id, seen_status, to, reason)
             return TransitionResult(False, seen_status, seen_channel)
-        now = timezone.now()
-        changes: dict = {"status": to, "updated_at": now, "check_count": 0}
-        if channel:
-            changes["channel"] = channel
-        if to in (S.PAID, S.FAILED):
-            changes["outcome"] = Outcome.PAID if to == S.PAID else Outcome.FAILED
-        if to == S.FAILED:
-            changes["failure_code"] = failure_code
-            changes["failure_message"] = failure_message
-        if to == S.COMPLETED:
-            changes["completed_at"] = now
-            changes["next_check_at"] = None
-        else:
-            changes["next_check_at"] = _due(to)
-        where = {"id": order_id, "status": seen_status}
-        if seen_status == S.ASSIGNED:
-            where["channel"] = seen_channel
-        topic = events.CHANNEL_ALLOCATED if to == S.ASSIGNED else events.ORDER_UPDATED
-        # The channel in the payload is the one the order ends with; _move writes it from the row.
-        event = event_prepare(topic=topic, order_id=order_id, payload=_payload(order_id, to, None))
-        with transaction.atomic(savepoint=False):
-            moved = _move(where, changes, seen_status, to, reason, event)
-            if moved is not None:
-                new_channel, event_id = moved
-                event.payload["channel"] = new_channel
-                event_written(event, event_id)
-                logger.info(
-                    "order.transition",
-                    extra={"order_id": str(order_id), "from": seen_status, "to": to, "channel": new_channel},
-                )
-                _count_on_commit(order_id, seen_status, to)
-                return TransitionResult(True, to, new_channel)
-        if to == S.ASSIGNED:
-            # An assignment is only valid against the exact state the caller saw: a racing
-            # allocation or failover has already moved the order, and this one must not.
-            current = Order.objects.filter(pk=order_id).values_list("status", flat=True).first()
-            _record_ignored(order_id, current, to, reason)
-            return TransitionResult(False, current)
-        # Someone moved the order since the caller looked: look again and decide again.
-        seen_status = seen_channel = None
-    raise IllegalTransition(f"order {order_id} kept changing while moving to {to}")
+        raise IllegalTransition(f"{seen_status} -> {to}")
+    if seen_status == S.ASSIGNED == to and channel == seen_channel:
+        _record_ignored(order_id, seen_status, to, reason)
+        return TransitionResult(False, seen_status, seen_channel)
+    now = timezone.now()
+    changes: dict = {"status": to, "updated_at": now, "check_count": 0}
+    if channel:
+        changes["channel"] = channel
+        changes["reserved_on"] = reserved_on
+    if to in (S.PAID, S.FAILED):
+        changes["outcome"] = Outcome.PAID if to == S.PAID else Outcome.FAILED
+    if to == S.FAILED:
+        changes["failure_code"] = failure_code
+        changes["failure_message"] = failure_message
+    if to == S.COMPLETED:
+        changes["completed_at"] = now
+        changes["next_check_at"] = None
+    else:
+        changes["next_check_at"] = _due(to)
+    where = {"id": order_id, "status": seen_status}
+    if seen_channel is not None:
+        where["channel"] = seen_channel
+    topic = events.CHANNEL_ALLOCATED if to == S.ASSIGNED else events.ORDER_UPDATED
+    # The channel in the payload is the one the order ends with; _move writes it from the row.
+    event = event_prepare(topic=topic, order_id=order_id, payload=_payload(order_id, to, None))
+    with transaction.atomic(savepoint=False):
+        moved = _move(where, changes, seen_status, to, reason, event)
+        if moved is not None:
+            new_channel, event_id = moved
+            event.payload["channel"] = new_channel
+            event_written(event, event_id)
+            logger.info(
+                "order.transition",
+                extra={"order_id": str(order_id), "from": seen_status, "to": to, "channel": new_channel},
+            )
+            _count_on_commit(order_id, seen_status, to)
+            return TransitionResult(True, to, new_channel)
+    # The order is no longer in the state the decision was made for: a racing copy, a webhook or
+    # a failover moved it. Record that and report where it is; the decision does not carry over.
+    row = Order.objects.filter(pk=order_id).values_list("status", "channel").first()
+    if row is None:
+        raise Order.DoesNotExist(order_id)
+    current, current_channel = row
+    _record_ignored(order_id, current, to, f"{reason} (decided for {seen_status}/{seen_channel or '-'})")
+    return TransitionResult(False, current, current_channel)
 
 
 def _move(where: dict, changes: dict, from_status: str, to: str, reason: str, event) -> tuple | None:

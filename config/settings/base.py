@@ -191,9 +191,15 @@ SANDBOX_URL = env("SANDBOX_URL", default="http://127.0.0.1:8001")
 SANDBOX_SECRET = env("SANDBOX_SECRET", default="sandbox-dev-secret")
 GATEWAY_CONNECT_TIMEOUT = env.float("GATEWAY_CONNECT_TIMEOUT", default=3.0)
 GATEWAY_READ_TIMEOUT = env.float("GATEWAY_READ_TIMEOUT", default=10.0)
+# The breaker opens when, within one window, at least THRESHOLD charges failed and they were at
+# least RATIO of the channel's answers; after the cool-down it lets one trial charge through.
 CIRCUIT_FAILURE_THRESHOLD = env.int("CIRCUIT_FAILURE_THRESHOLD", default=10)
+CIRCUIT_FAILURE_RATIO = env.float("CIRCUIT_FAILURE_RATIO", default=0.5)
 CIRCUIT_WINDOW_SECONDS = env.int("CIRCUIT_WINDOW_SECONDS", default=60)
 CIRCUIT_COOLDOWN_SECONDS = env.int("CIRCUIT_COOLDOWN_SECONDS", default=30)
+# How long an order whose only fitting channels are cooling down waits for them (from its
+# creation) before it fails with channel_unavailable.
+CHANNEL_WAIT_SECONDS = env.float("CHANNEL_WAIT_SECONDS", default=300.0)
 
 # --- Callbacks (SPEC 6): Standard Webhooks' schedule, in seconds.
 CALLBACK_RETRY_SCHEDULE = env.list(
@@ -229,3 +235,11 @@ LOGGING = {
 # Key for secrets we must keep recoverable (merchant webhook secrets): Fernet, derived from
 # SECRET_KEY unless given. Rotating SECRET_KEY without FIELD_ENCRYPTION_KEY re-keys them.
 FIELD_ENCRYPTION_KEY = env("FIELD_ENCRYPTION_KEY", default="")
+
+# Callback delivery bounds
+# (CALLBACK_CONNECT_TIMEOUT and CALLBACK_TOTAL_TIMEOUT above bound one attempt by wall clock.)
+# How many callback attempts to one merchant's receivers may run at once, across all workers:
+# a slow receiver holds at most this many worker slots; the others serve everyone else.
+CALLBACK_RECEIVER_CONCURRENCY = env.int("CALLBACK_RECEIVER_CONCURRENCY", default=2)
+# When a merchant's slots are all taken, its due callback waits this long (x1 to 1.5), unspent.
+CALLBACK_RECEIVER_BUSY_SECONDS = env.float("CALLBACK_RECEIVER_BUSY_SECONDS", default=5.0)

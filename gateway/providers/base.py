@@ -42,7 +42,15 @@ class WebhookEvent:
 
 
 class InvalidWebhook(Exception):
-    """Bad signature, stale or future timestamp, or an unreadable body."""
+    """Bad signature, stale or future timestamp, or a channel that cannot be known: not authentic."""
+
+
+class MalformedWebhook(InvalidWebhook):
+    """A body that cannot be read (before verifying), or a verified one of the wrong shape."""
+
+
+class ProviderError(Exception):
+    """The provider could not be reached, or its answer could not be read: ask again later."""
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,19 @@
 """Adapter for the sandbox provider (gateway/sandbox_server), spoken to over HTTP like any gateway."""
 
+import http.client
 import json
 import logging
+import math
+import re
+import time
+from typing import Any
 
 import requests
+import urllib3
+from cryptography.fernet import InvalidToken
 from django.conf import settings
 from requests.adapters import HTTPAdapter
-from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook, WebhookVerificationError
 from urllib3.exceptions import NewConnectionError
 
 from allocation.models import PaymentChannel
@@ -16,7 +23,9 @@ from gateway.providers.base import (
     ChargeRequest,
     ChargeResult,
     InvalidWebhook,
+    MalformedWebhook,
     ProviderAdapter,
+    ProviderError,
     StatusResult,
     WebhookEvent,
     register,
@@ -25,14 +34,160 @@ from orders import crypto
 
 logger = logging.getLogger(__name__)
 
+# The sandbox's answers are well under 1 KiB. Reading a provider's body without a bound lets a
+# broken or hostile peer fill a worker's memory; requests has no such bound, so we count ourselves.
+MAX_ANSWER_BYTES = 64 * 1024
+_CHUNK_BYTES = 8 * 1024
+
+# The 400s of `POST /v1/charges` all come from the sandbox's request validation
+# (`parse_charge_request` in gateway/sandbox_server/app.py), which `create_charge` runs before
+# it looks at its ledger: these codes say the charge was never processed. Any other 400 (another
+# code, no body, a proxy's page) says nothing of the kind and is an unknown outcome.
+_NOT_PROCESSED_400 = frozenset({"invalid_request", "invalid_json", "missing_idempotency_key"})
+_FINAL_OR_PENDING = frozenset({"paid", "failed", "pending"})
+# What a peer's code or id may look like before we log it, store it or compare it.
+_TOKEN = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+# PaymentChannel.code is a SlugField(max_length=64).
+_CHANNEL_CODE = re.compile(r"[-a-zA-Z0-9_]{1,64}")
+
+
+class _Unreadable(Exception):
+    """The answer's body was too large, too slow or cut off."""
+
 
 def _never_sent(exc: requests.ConnectionError) -> bool:
-    """True when the request provably never reached the provider (refused, DNS, connect timeout)."""
+    """True when the request provably never reached the provider (refused, DNS, connect timeout).
+
+    No byte of the request leaves before the TCP (and TLS) handshake completes, so a failure to
+    connect is proof; a reset, an abort or a bad status line after connecting is not.
+    """
     if isinstance(exc, requests.ConnectTimeout):
         return True
     reason = exc.args[0] if exc.args else None
     inner = getattr(reason, "reason", reason)
     return isinstance(inner, (NewConnectionError, ConnectionRefusedError))
+
+
+def _token(value: Any, max_length: int = 128) -> str:
+    """`value` if it is a sane code or id, else ""."""
+    if isinstance(value, str) and len(value) <= max_length and _TOKEN.fullmatch(value):
+        return value
+    return ""
+
+
+def _error_code(data: Any) -> str:
+    error = data.get("error") if isinstance(data, dict) else None
+    return _token(error.get("code"), 64) if isinstance(error, dict) else ""
+
+
+def _read_json(response: requests.Response) -> Any:
+    """The answer's JSON, or None when it is not JSON; `_Unreadable` past the size or time bound."""
+    # The read timeout applies per socket read; a body dripped a byte at a time is cut off here.
+    deadline = time.monotonic() + settings.GATEWAY_READ_TIMEOUT
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > MAX_ANSWER_BYTES:
+        raise _Unreadable(f"answer of {declared} bytes")
+    chunks, size = [], 0
+    try:
+        # read1: one socket read at most per call, so the deadline is checked between them
+        # (iter_content would block until a whole chunk arrived, however slowly).
+        while chunk := response.raw.read1(_CHUNK_BYTES, decode_content=True):
+            size += len(chunk)
+            if size > MAX_ANSWER_BYTES:
+                raise _Unreadable(f"answer over {MAX_ANSWER_BYTES} bytes")
+            if time.monotonic() > deadline:
+                raise _Unreadable("answer too slow")
+            chunks.append(chunk)
+    except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
+        raise _Unreadable(f"answer cut off: {exc.__class__.__name__}") from exc
+    try:
+        return json.loads(b"".join(chunks).decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+
+
+def sort_charge_answer(status_code: int, data: Any) -> ChargeResult:
+    """What an HTTP answer to a charge request says about the money (SPEC 5, 9).
+
+    Only an explicit "nothing was charged" may fail over; every other answer may hide a charge.
+    `data` is the decoded JSON body, or None when it could not be read.
+    """
+    if 200 <= status_code < 300:
+        reference = _token(data.get("id")) if isinstance(data, dict) else ""
+        if reference:
+            return ChargeResult(ChargeOutcome.ACCEPTED, provider_reference=reference, http_status=status_code)
+        return ChargeResult(
+            ChargeOutcome.UNKNOWN, http_status=status_code, error=f"http {status_code} without id"
+        )
+    error_code = _error_code(data)
+    if status_code == 503 and error_code == "channel_unavailable":
+        return ChargeResult(ChargeOutcome.REJECTED, http_status=status_code, error=error_code)
+    if status_code == 400 and error_code in _NOT_PROCESSED_400:
+        return ChargeResult(ChargeOutcome.REJECTED, http_status=status_code, error=error_code)
+    # 409, 422 (idempotency_key_reused), 429, other 4xx and 5xx, 3xx: maybe charged.
+    return ChargeResult(
+        ChargeOutcome.UNKNOWN, http_status=status_code, error=error_code or f"http {status_code}"
+    )
+
+
+def _text(data: dict, name: str, max_length: int, *, required: bool = True) -> str:
+    value = data.get(name)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or len(value) > max_length or not _storable(value):
+        raise MalformedWebhook(f"`{name}` must be a string of at most {max_length} characters")
+    return value
+
+
+def _storable(value: str) -> bool:
+    """PostgreSQL text and jsonb take neither NUL nor lone surrogates."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _payload_storable(payload: Any) -> bool:
+    stack = [payload]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not _storable(item):
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("number out of range")
+    return value
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _claimed_channel(body: bytes) -> tuple[dict, str]:
+    """The unverified body and the channel it claims to come from; `MalformedWebhook` if unreadable."""
+    try:
+        # NaN and infinities are not JSON, and PostgreSQL's jsonb would refuse them when stored.
+        unverified = json.loads(body.decode("utf-8"), parse_float=_finite, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested too deep
+        raise MalformedWebhook("body is not JSON") from exc
+    data = unverified.get("data") if isinstance(unverified, dict) else None
+    code = data.get("channel") if isinstance(data, dict) else None
+    if not isinstance(code, str) or not _CHANNEL_CODE.fullmatch(code):
+        raise MalformedWebhook("body has no `data.channel`")
+    return unverified, code
 
 
 class SandboxAdapter(ProviderAdapter):
@@ -48,6 +203,8 @@ class SandboxAdapter(ProviderAdapter):
             session = requests.Session()
             session.mount("http://", HTTPAdapter(pool_connections=4, pool_maxsize=32, max_retries=0))
             session.mount("https://", HTTPAdapter(pool_connections=4, pool_maxsize=32, max_retries=0))
+            # Compressed answers could expand past any bound we count in raw bytes.
+            session.headers["Accept-Encoding"] = "identity"
             self._session = session
         return self._session
 
@@ -64,80 +221,110 @@ class SandboxAdapter(ProviderAdapter):
             "webhook_url": request.webhook_url,
         }
         try:
+            # No redirects: a 307 would send the charge somewhere else, a 302 turn it into a GET.
             response = self.session.post(
                 f"{settings.SANDBOX_URL}/v1/charges",
                 json=body,
                 headers={"Idempotency-Key": request.idempotency_key},
                 timeout=self._timeout,
+                stream=True,
+                allow_redirects=False,
             )
         except requests.ConnectionError as exc:
             if _never_sent(exc):
                 return ChargeResult(ChargeOutcome.REJECTED, error=f"not sent: {exc.__class__.__name__}")
             return ChargeResult(ChargeOutcome.UNKNOWN, error=f"after sending: {exc.__class__.__name__}")
-        except requests.Timeout as exc:
-            return ChargeResult(ChargeOutcome.UNKNOWN, error=f"timeout: {exc.__class__.__name__}")
-        try:
-            data = response.json()
-        except ValueError:
-            data = {}
-        code = response.status_code
-        if code in (200, 201) and isinstance(data, dict) and data.get("id"):
-            return ChargeResult(ChargeOutcome.ACCEPTED, provider_reference=str(data["id"]), http_status=code)
-        error_code = (data.get("error") or {}).get("code", "") if isinstance(data, dict) else ""
-        if code == 503 and error_code == "channel_unavailable":
-            return ChargeResult(ChargeOutcome.REJECTED, http_status=code, error=error_code)
-        if 400 <= code < 500:
-            # The provider refused the request itself: nothing was charged.
-            return ChargeResult(ChargeOutcome.REJECTED, http_status=code, error=error_code or f"http {code}")
-        return ChargeResult(ChargeOutcome.UNKNOWN, http_status=code, error=error_code or f"http {code}")
+        except (requests.RequestException, http.client.HTTPException, OSError) as exc:
+            # A read timeout, or anything else once the request may have left: maybe charged.
+            return ChargeResult(ChargeOutcome.UNKNOWN, error=f"after sending: {exc.__class__.__name__}")
+        with response:
+            try:
+                data = _read_json(response)
+            except _Unreadable as exc:
+                return ChargeResult(
+                    ChargeOutcome.UNKNOWN,
+                    http_status=response.status_code,
+                    error=f"http {response.status_code}: {exc}",
+                )
+            return sort_charge_answer(response.status_code, data)
 
     def fetch_status(self, *, channel: PaymentChannel, idempotency_key: str) -> StatusResult:
-        response = self.session.get(
-            f"{settings.SANDBOX_URL}/v1/charges",
-            params={"idempotency_key": idempotency_key},
-            timeout=self._timeout,
-        )
-        if response.status_code == 404:
+        """The charge's status; `ProviderError` when the provider cannot be reached or read."""
+        try:
+            response = self.session.get(
+                f"{settings.SANDBOX_URL}/v1/charges",
+                params={"idempotency_key": idempotency_key},
+                timeout=self._timeout,
+                stream=True,
+                allow_redirects=False,
+            )
+        except (requests.RequestException, http.client.HTTPException, OSError) as exc:
+            raise ProviderError(f"status query failed: {exc.__class__.__name__}") from exc
+        with response:
+            code = response.status_code
+            try:
+                data = _read_json(response)
+            except _Unreadable as exc:
+                raise ProviderError(f"status answer http {code}: {exc}") from exc
+        if code == 404 and _error_code(data) == "not_found":
             return StatusResult("not_found")
-        response.raise_for_status()
-        data = response.json()
+        if not 200 <= code < 300 or not isinstance(data, dict):
+            raise ProviderError(f"status answer http {code} unreadable")
+        if data.get("idempotency_key", idempotency_key) != idempotency_key:
+            raise ProviderError("status answer is about another charge")
+        status = data.get("status")
         return StatusResult(
-            status=data.get("status", "pending"),
-            failure_code=data.get("failure_code") or "",
-            provider_reference=data.get("id", ""),
+            # A status we do not know yet is no outcome: keep waiting, never guess.
+            status=status if isinstance(status, str) and status in _FINAL_OR_PENDING else "pending",
+            failure_code=_token(data.get("failure_code"), 64),
+            provider_reference=_token(data.get("id")),
         )
 
     def parse_webhook(self, *, body: bytes, headers: dict[str, str]) -> WebhookEvent:
-        try:
-            unverified = json.loads(body)
-            data = unverified["data"]
-            channel_code = str(data["channel"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InvalidWebhook("unreadable body") from exc
+        # The channel (and so the secret) comes from the unverified body; reading it touches no
+        # database, and only a well-formed code is looked up, through a cache of existing channels.
+        unverified, channel_code = _claimed_channel(body)
         channel = channel_by_code(channel_code)
         if channel is None or channel.provider != self.name or not channel.webhook_secret_encrypted:
             raise InvalidWebhook("unknown channel")
         try:
-            Webhook(crypto.decrypt(channel.webhook_secret_encrypted)).verify(body, headers)
-        except (WebhookVerificationError, ValueError, TypeError) as exc:
+            secret = crypto.decrypt(channel.webhook_secret_encrypted)
+        except (InvalidToken, ValueError) as exc:
+            logger.error("webhook.secret_unreadable", extra={"channel": channel_code})
+            raise InvalidWebhook("channel secret unreadable") from exc
+        try:
+            Webhook(secret).verify(body, headers, json_parse=False)
+        except (WebhookVerificationError, EmptyWebhookSecretError, ValueError, TypeError) as exc:
             # ValueError covers malformed signature lists and bad base64 (binascii.Error).
             raise InvalidWebhook(str(exc) or exc.__class__.__name__) from exc
-        event_type = str(unverified.get("type", ""))
-        status = {"charge.paid": "paid", "charge.failed": "failed"}.get(event_type)
-        if status is None:
-            raise InvalidWebhook(f"unknown event type {event_type!r}")
-        headers_lower = {k.lower(): v for k, v in headers.items()}
-        return WebhookEvent(
-            webhook_id=headers_lower["webhook-id"],
-            event_type=event_type,
-            status=status,
-            order_id=str(data.get("order_id", "")),
-            idempotency_key=str(data.get("idempotency_key", "")),
-            channel=channel_code,
-            failure_code=str(data.get("failure_code") or ""),
-            provider_reference=str(data.get("id", "")),
-            payload=unverified,
-        )
+        return _verified_event(unverified, channel_code, headers)
+
+
+def _verified_event(payload: dict, channel_code: str, headers: dict[str, str]) -> WebhookEvent:
+    """The event of a verified body: every field checked for type and size before anything stores it."""
+    event_type = payload.get("type")
+    status = (
+        {"charge.paid": "paid", "charge.failed": "failed"}.get(event_type)
+        if isinstance(event_type, str)
+        else None
+    )
+    if status is None:
+        raise MalformedWebhook("unknown event type")
+    if not _payload_storable(payload):
+        raise MalformedWebhook("body holds NUL bytes or invalid text")
+    data = payload["data"]
+    webhook_id = {k.lower(): v for k, v in headers.items()}.get("webhook-id", "")
+    return WebhookEvent(
+        webhook_id=_text({"webhook-id": webhook_id}, "webhook-id", 128),
+        event_type=event_type,
+        status=status,
+        order_id=_text(data, "order_id", 64),
+        idempotency_key=_text(data, "idempotency_key", 128),
+        channel=channel_code,
+        failure_code=_text(data, "failure_code", 64, required=False),
+        provider_reference=_text(data, "id", 128, required=False),
+        payload=payload,
+    )
 
 
 register(SandboxAdapter())

@@ -5,6 +5,8 @@ orders move through the real services and transitions, on the real database.
 """
 
 import pytest
+from django.contrib.auth.models import Permission
+from django.test import Client
 
 from allocation.services import order_allocate
 from gateway.models import ChargeAttempt
@@ -62,6 +64,32 @@ def fake_channel(db, fake_provider):
 def operator(admin_client):
     """A logged-in superuser (pytest-django's admin_client)."""
     return admin_client
+
+
+@pytest.fixture
+def staff(db, django_user_model):
+    """Log in a staff user (not a superuser) who holds exactly the permissions named, "app.codename".
+
+    Each call is a new user on a new client, so one test can hold several operators.
+    """
+
+    def login(*perms: str) -> Client:
+        login.count += 1
+        user = django_user_model.objects.create_user(
+            username=f"staff-{login.count}", password="x" * 12, is_staff=True
+        )
+        for perm in perms:
+            app_label, codename = perm.split(".")
+            user.user_permissions.add(
+                Permission.objects.get(content_type__app_label=app_label, codename=codename)
+            )
+        client = Client()
+        client.force_login(user)
+        client.user = user
+        return client
+
+    login.count = 0
+    return login
 
 
 @pytest.fixture

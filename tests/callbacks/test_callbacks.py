@@ -10,8 +10,9 @@ from standardwebhooks.webhooks import Webhook
 
 from callbacks import services
 from callbacks.models import CallbackAttempt, CallbackDelivery
-from orders.models import Order
-from tests.factories import make_paid_order
+from orders.models import Merchant, Order, OrderTransition
+from orders.transitions import order_transition
+from tests.factories import OrderFactory, make_merchant, make_paid, make_paid_order
 
 
 class Endpoint:
@@ -135,3 +136,58 @@ def test_private_callback_url_refused_at_delivery_when_not_allowed(endpoint, set
     assert attempt.status_code is None
     assert attempt.error
     assert Order.objects.get(pk=order.pk).status == "paid"
+
+
+def make_order_without_callback_url(outcome: str) -> Order:
+    creds = make_merchant(callback_url="")
+    order = OrderFactory(merchant=creds.merchant, callback_url="")
+    if outcome == "paid":
+        make_paid(order.pk)
+    else:
+        order_transition(order_id=order.pk, to="failed", seen_status="pending", reason="test")
+    return Order.objects.get(pk=order.pk)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("outcome", ["paid", "failed"])
+def test_an_order_with_no_callback_url_anywhere_completes_at_once_saying_why(outcome):
+    # given an order with an outcome and no callback URL, neither its own nor its merchant's
+    order = make_order_without_callback_url(outcome)
+    # when the callback stage runs (twice, as a redelivery would)
+    assert services.callback_deliver(order_id=order.pk) is False
+    services.callback_deliver(order_id=order.pk)
+    # then it is completed now, once, with the reason; nothing was attempted, nothing is exhausted
+    order.refresh_from_db()
+    assert (order.status, order.outcome) == ("completed", outcome)
+    last = OrderTransition.objects.filter(order=order).latest("id")
+    assert (last.from_status, last.to_status) == (outcome, "completed")
+    assert last.reason == "no callback URL: nothing to deliver"
+    assert OrderTransition.objects.filter(order=order, to_status="completed").count() == 1
+    assert not CallbackDelivery.objects.filter(order=order).exists()
+    assert not CallbackAttempt.objects.filter(delivery__order=order).exists()
+
+
+@pytest.mark.django_db
+def test_a_due_delivery_of_an_order_with_no_callback_url_stops_being_due():
+    # given an operator's resend made before this order could be completed
+    order = make_order_without_callback_url("paid")
+    assert services.callback_resend_for_order(order_id=order.pk) == "scheduled"
+    # when the callback stage runs
+    services.callback_deliver(order_id=order.pk)
+    # then the order is completed and the sweep has nothing left to hand out for it
+    assert Order.objects.get(pk=order.pk).status == "completed"
+    assert services.deliveries_due(batch=100) == []
+
+
+@pytest.mark.django_db
+def test_an_order_without_its_own_url_is_delivered_to_its_merchants(endpoint):
+    # given a merchant whose callback URL was set after the order was taken without one
+    e = endpoint([200])
+    creds = make_merchant(callback_url="")
+    order = OrderFactory(merchant=creds.merchant, callback_url="")
+    make_paid(order.pk)
+    Merchant.objects.filter(pk=creds.merchant.pk).update(callback_url=e.url)
+    # when / then the merchant's URL is used
+    assert services.callback_deliver(order_id=order.pk) is True
+    assert len(e.received) == 1
+    assert Order.objects.get(pk=order.pk).status == "completed"

@@ -186,6 +186,8 @@ def stack(django_db_setup, django_db_blocker, tmp_path_factory):
         "GATEWAY_READ_TIMEOUT": "1.5",
         "POLL_FIRST_SECONDS": "2",
         "POLL_INTERVAL_SECONDS": "1",
+        # A tripped breaker (tests/e2e/test_breaker_burst.py) cools down within a test's patience.
+        "CIRCUIT_COOLDOWN_SECONDS": "3",
         "LOG_LEVEL": "INFO",
     }
     get_redis().flushdb()

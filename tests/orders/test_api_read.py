@@ -309,7 +309,13 @@ def test_events_are_the_transitions_oldest_first(api):
     order_transition(
         order_id=order["id"], to="assigned", seen_status="pending", channel="sandbox-a", reason="allocated"
     )
-    order_transition(order_id=order["id"], to="processing", reason="charge accepted")
+    order_transition(
+        order_id=order["id"],
+        to="processing",
+        seen_status="assigned",
+        seen_channel="sandbox-a",
+        reason="charge accepted",
+    )
     # when
     response = api.get(f"{URL}/{order['id']}/events")
     # then

@@ -123,8 +123,10 @@ def test_each_topic_goes_to_its_subscribers_queue(redis_client):
     order_transition(
         order_id=order.pk, to=OrderStatus.ASSIGNED, seen_status="pending", channel="ch-a", reason="x"
     )
-    order_transition(order_id=order.pk, to=OrderStatus.PROCESSING, reason="charged")
-    order_transition(order_id=order.pk, to=OrderStatus.PAID, reason="paid")
+    order_transition(
+        order_id=order.pk, to=OrderStatus.PROCESSING, seen_status="assigned", seen_channel="ch-a", reason="c"
+    )
+    order_transition(order_id=order.pk, to=OrderStatus.PAID, seen_status="processing", reason="paid")
     # then
     assert [task for task, _ in _messages(redis_client, "gateway", order.pk)] == ["gateway.charge"]
     assert [(task, m["payload"]["status"]) for task, m in _messages(redis_client, "callbacks", order.pk)] == [
@@ -138,7 +140,9 @@ def test_event_without_subscribers_is_stored_already_published(redis_client):
     order = OrderFactory(status=OrderStatus.ASSIGNED, channel="ch-a")
     assert events.subscribers_for(events.ORDER_UPDATED, {"status": "processing"}) == []
     # when
-    order_transition(order_id=order.pk, to=OrderStatus.PROCESSING, reason="charged")
+    order_transition(
+        order_id=order.pk, to=OrderStatus.PROCESSING, seen_status="assigned", seen_channel="ch-a", reason="c"
+    )
     # then
     event = OutboxEvent.objects.get(order_id=order.pk)
     assert event.topic == events.ORDER_UPDATED

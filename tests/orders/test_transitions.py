@@ -65,10 +65,10 @@ def _new_order(*, merchant=None) -> Order:
 
 
 def _move(order: Order, to: str, **kwargs):
-    """Call order_transition the way the pipeline does; assigning always names a channel."""
+    """Call order_transition the way the pipeline does: naming the state the decision was made for."""
+    kwargs.setdefault("seen_status", order.status)
+    kwargs.setdefault("seen_channel", order.channel)
     if to == S.ASSIGNED:
-        kwargs.setdefault("seen_status", order.status)
-        kwargs.setdefault("seen_channel", order.channel)
         kwargs.setdefault("channel", "ch-b")
     return order_transition(order_id=order.pk, to=to, reason=f"test signal to {to}", **kwargs)
 
@@ -232,16 +232,15 @@ def test_failover_moves_to_the_new_channel_when_the_seen_channel_is_current():
     assert OutboxEvent.objects.get(order_id=order.pk).topic == events.CHANNEL_ALLOCATED
 
 
-@pytest.mark.parametrize("seen_channel", ["ch-x", None], ids=["stale", "missing"])
-def test_failover_from_a_channel_that_is_no_longer_current_is_ignored(seen_channel):
-    # given: the order already failed over from ch-x to ch-a (or the caller did not say what it saw)
+def test_failover_from_a_channel_that_is_no_longer_current_is_ignored():
+    # given: the order already failed over from ch-x to ch-a
     order = _order(S.ASSIGNED, channel="ch-a")
     # when
     result = order_transition(
         order_id=order.pk,
         to=S.ASSIGNED,
         seen_status=S.ASSIGNED,
-        seen_channel=seen_channel,
+        seen_channel="ch-x",
         channel="ch-b",
         reason="failover",
     )
@@ -277,40 +276,67 @@ def test_two_racing_failovers_from_one_channel_move_the_order_once():
     assert OrderTransition.objects.filter(order=order).count() == 1
 
 
-def test_assigning_needs_a_channel_and_the_seen_status():
-    order = _order(S.PENDING)
+def test_a_decision_about_an_assigned_order_must_name_its_channel():
+    order = _order(S.ASSIGNED, channel="ch-a")
 
     with pytest.raises(ValueError):
         order_transition(order_id=order.pk, to=S.ASSIGNED, reason="no channel", seen_status=S.PENDING)
     with pytest.raises(ValueError):
-        order_transition(order_id=order.pk, to=S.ASSIGNED, reason="no seen status", channel="ch-a")
+        order_transition(order_id=order.pk, to=S.FAILED, reason="which channel?", seen_status=S.ASSIGNED)
+    with pytest.raises(TypeError):
+        order_transition(order_id=order.pk, to=S.FAILED, reason="no seen status")  # type: ignore[call-arg]
     order.refresh_from_db()
-    assert order.status == S.PENDING
+    assert (order.status, order.channel) == (S.ASSIGNED, "ch-a")
 
 
-def test_a_stale_seen_status_is_read_again():
-    # given: the caller read "assigned", but the charge task moved the order to processing since
-    order = _order(S.PROCESSING, channel="ch-a")
+@pytest.mark.parametrize(
+    "now_status,now_channel,seen_status,seen_channel,to",
+    [
+        # a charge copy decided "failed" while the order sat on ch-a; a racing copy failed over
+        # to ch-b and was accepted there (issue 10 item 1, charge variant)
+        (S.PROCESSING, "ch-b", S.ASSIGNED, "ch-a", S.FAILED),
+        # the same copy, but the racing failover has only reached ch-b's assignment
+        (S.ASSIGNED, "ch-b", S.ASSIGNED, "ch-a", S.FAILED),
+        # an allocate copy found no room and decided "failed" for the pending order that a racing
+        # copy had just assigned (allocation variant)
+        (S.ASSIGNED, "ch-a", S.PENDING, None, S.FAILED),
+        # a "paid" decided for the charge on ch-a cannot settle an order now processing on ch-b
+        (S.PROCESSING, "ch-b", S.PROCESSING, "ch-a", S.PAID),
+    ],
+    ids=[
+        "failed-after-failover-accepted",
+        "failed-after-failover",
+        "no-room-after-assigned",
+        "paid-other-channel",
+    ],
+)
+def test_a_decision_is_not_applied_to_an_order_that_moved_on(
+    now_status, now_channel, seen_status, seen_channel, to
+):
+    # given: the order is no longer in the state the caller decided for
+    order = _order(now_status, channel=now_channel)
+    before = _snapshot(order)
     # when
     result = order_transition(
         order_id=order.pk,
-        to=S.FAILED,
-        seen_status=S.ASSIGNED,
-        seen_channel="ch-a",
-        reason="declined",
-        failure_code="card_declined",
+        to=to,
+        seen_status=seen_status,
+        seen_channel=seen_channel,
+        reason="decided for an older state",
+        failure_code="channel_unavailable" if to == S.FAILED else None,
     )
-    # then: the compare-and-set missed, the order was read again and moved from where it really is
-    assert result.applied is True
-    row = OrderTransition.objects.get(order=order)
-    assert (row.from_status, row.to_status) == (S.PROCESSING, S.FAILED)
-    order.refresh_from_db()
-    assert (order.status, order.outcome, order.failure_code) == (S.FAILED, Outcome.FAILED, "card_declined")
+    # then: nothing changed; the caller is told where the order is now
+    assert (result.applied, result.status, result.channel) == (False, now_status, now_channel)
+    assert _snapshot(order) == before
+    assert not OrderTransition.objects.filter(order=order).exists()
+    assert not OutboxEvent.objects.filter(order_id=order.pk).exists()
+    ignored = IgnoredSignal.objects.get(order=order)
+    assert (ignored.status_at_signal, ignored.requested_status) == (now_status, to)
 
 
 def test_unknown_order_raises_does_not_exist():
     with pytest.raises(Order.DoesNotExist):
-        order_transition(order_id=uuid.uuid4(), to=S.FAILED, reason="nobody")
+        order_transition(order_id=uuid.uuid4(), to=S.FAILED, seen_status=S.PROCESSING, reason="nobody")
 
 
 def test_insert_writes_the_order_its_first_transition_and_event_in_one_statement(

@@ -1,0 +1,431 @@
+"""The sandbox adapter's sorting of answers, against a real HTTP peer in this process (SPEC 5, 9).
+
+Each case scripts what a peer on 127.0.0.1 does with the charge request: the status, headers and
+body it answers, or a connection refused, a handshake that never completes, silence, a reset or
+garbage after the request arrived. Only an explicit "nothing was charged" may fail over (REJECTED);
+whatever may hide a charge is UNKNOWN.
+"""
+
+import json
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from allocation.models import PaymentChannel
+from gateway.providers.base import ChargeOutcome, ChargeRequest, ProviderError
+from gateway.providers.sandbox import MAX_ANSWER_BYTES, SandboxAdapter
+
+ACCEPTED, REJECTED, UNKNOWN = ChargeOutcome.ACCEPTED, ChargeOutcome.REJECTED, ChargeOutcome.UNKNOWN
+TIMEOUT = 0.5  # connect and read timeouts of the adapter under test: short, so the silent cases end
+DEADLINE = 30.0  # how long a peer thread may wait for the test before it gives up
+
+
+@dataclass
+class Peer:
+    """A TCP server on 127.0.0.1 that hands each connection to `script` in a thread of its own."""
+
+    script: Callable[["Peer", socket.socket], None]
+    done: threading.Event = field(default_factory=threading.Event)
+    requests: list[bytes] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        self.server.settimeout(0.2)
+        while not self.done.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                self.script(self, conn)
+            except OSError:
+                pass  # the adapter hung up first: that is its business
+
+    def read_request(self, conn: socket.socket) -> bytes:
+        """The whole request (head and Content-Length body), recorded once it has arrived."""
+        conn.settimeout(DEADLINE)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value.strip())
+        while len(body) < length:
+            body += conn.recv(65536)
+        self.requests.append(head + b"\r\n\r\n" + body)
+        return data
+
+    def close(self) -> None:
+        self.done.set()
+        self.server.close()
+        self.thread.join(timeout=DEADLINE)
+
+
+def answer(status: int, body: bytes | str = b"", headers: dict | None = None):
+    """A peer that answers the request with this status line, headers and body."""
+    payload = body.encode() if isinstance(body, str) else body
+
+    def script(peer: Peer, conn: socket.socket) -> None:
+        peer.read_request(conn)
+        lines = [f"HTTP/1.1 {status} Whatever", "Connection: close"]
+        all_headers = {
+            "Content-Type": "application/json",
+            "Content-Length": str(len(payload)),
+            **(headers or {}),
+        }
+        lines += [f"{name}: {value}" for name, value in all_headers.items() if value is not None]
+        conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + payload)
+
+    return script
+
+
+def raw(data: bytes):
+    """A peer that answers the request with these bytes, whatever they are, then closes."""
+
+    def script(peer: Peer, conn: socket.socket) -> None:
+        peer.read_request(conn)
+        conn.sendall(data)
+
+    return script
+
+
+def silent(peer: Peer, conn: socket.socket) -> None:
+    """Reads the request and never answers: the adapter's read timeout fires after sending."""
+    peer.read_request(conn)
+    peer.done.wait(DEADLINE)
+
+
+def reset(peer: Peer, conn: socket.socket) -> None:
+    """Reads the request, then resets the connection (RST, not FIN)."""
+    peer.read_request(conn)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def hang_up(peer: Peer, conn: socket.socket) -> None:
+    """Reads the request and closes without a word."""
+    peer.read_request(conn)
+
+
+def drip(status: int):
+    """Answers the head at once, then the body a byte at a time, each byte well inside the read timeout."""
+
+    def script(peer: Peer, conn: socket.socket) -> None:
+        peer.read_request(conn)
+        conn.sendall(f"HTTP/1.1 {status} OK\r\nContent-Length: 100000\r\n\r\n".encode() + b'{"id":"ch_1"')
+        # Gives up after DEADLINE, so an adapter that waits for the whole body fails, not hangs.
+        give_up = time.monotonic() + DEADLINE
+        while not peer.done.wait(TIMEOUT / 5) and time.monotonic() < give_up:
+            conn.sendall(b" ")
+
+    return script
+
+
+def endless(status: int):
+    """Answers a chunked body that does not end: 8 MiB, then silence with the connection open.
+
+    The peer stops at 8 MiB so that an adapter without a bound fails this test (a read timeout
+    mid-body) instead of eating the machine's memory.
+    """
+
+    def script(peer: Peer, conn: socket.socket) -> None:
+        peer.read_request(conn)
+        conn.sendall(f"HTTP/1.1 {status} OK\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        chunk = b'{"id":"ch_1","pad":"' + b"x" * 16000
+        sent = 0
+        while not peer.done.is_set() and sent < 8 * 1024 * 1024:
+            conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            sent += len(chunk)
+            chunk = b"x" * 16000
+        peer.done.wait(DEADLINE)
+
+    return script
+
+
+def error(code: str) -> str:
+    return json.dumps({"error": {"code": code, "message": "m"}})
+
+
+# name: (peer script, expected outcome, expected http status)
+ANSWERS = {
+    # the provider took it
+    "201 with an id": (answer(201, '{"id":"ch_1","status":"pending"}'), ACCEPTED, 201),
+    "200 replay with an id": (answer(200, '{"id":"ch_1","status":"paid"}'), ACCEPTED, 200),
+    # an explicit "nothing was charged"
+    "503 channel_unavailable": (answer(503, error("channel_unavailable")), REJECTED, 503),
+    "400 invalid_request (validated before processing)": (
+        answer(400, error("invalid_request")),
+        REJECTED,
+        400,
+    ),
+    "400 invalid_json (validated before processing)": (answer(400, error("invalid_json")), REJECTED, 400),
+    "400 missing_idempotency_key": (answer(400, error("missing_idempotency_key")), REJECTED, 400),
+    # answers that do not say nothing was charged
+    "400 with another code": (answer(400, error("amount_too_large")), UNKNOWN, 400),
+    "400 without a body (a proxy's)": (answer(400, "<html>Bad Request</html>"), UNKNOWN, 400),
+    "401": (answer(401, error("unauthorized")), UNKNOWN, 401),
+    "403": (answer(403, error("forbidden")), UNKNOWN, 403),
+    "404": (answer(404, error("not_found")), UNKNOWN, 404),
+    "409 in flight": (answer(409, error("request_in_flight")), UNKNOWN, 409),
+    "422 idempotency_key_reused": (answer(422, error("idempotency_key_reused")), UNKNOWN, 422),
+    "429 with Retry-After": (answer(429, error("rate_limited"), {"Retry-After": "1"}), UNKNOWN, 429),
+    "500": (answer(500, error("internal_error")), UNKNOWN, 500),
+    "502 from a proxy": (answer(502, "<html>Bad Gateway</html>"), UNKNOWN, 502),
+    "503 with another code": (answer(503, error("overloaded")), UNKNOWN, 503),
+    "503 without a body": (answer(503, ""), UNKNOWN, 503),
+    "504": (answer(504, ""), UNKNOWN, 504),
+    "307 redirect (never followed)": (
+        answer(307, "", {"Location": "http://127.0.0.1:9/v1/charges"}),
+        UNKNOWN,
+        307,
+    ),
+    # 2xx that does not show a charge
+    "201 without an id": (answer(201, '{"status":"pending"}'), UNKNOWN, 201),
+    "201 with an empty id": (answer(201, '{"id":""}'), UNKNOWN, 201),
+    "201 with an id that is a number": (answer(201, '{"id":42}'), UNKNOWN, 201),
+    "201 with an id that holds NUL": (answer(201, '{"id":"ch_\\u0000"}'), UNKNOWN, 201),
+    "201 with an id of 10,000 characters": (answer(201, '{"id":"%s"}' % ("c" * 10000)), UNKNOWN, 201),
+    "201 with a list": (answer(201, '["ch_1"]'), UNKNOWN, 201),
+    "201 not JSON": (answer(201, "ch_1"), UNKNOWN, 201),
+    "201 not UTF-8": (answer(201, b'{"id":"ch_\xff"}'), UNKNOWN, 201),
+    "201 nested 100,000 deep": (answer(201, "[" * 100000), UNKNOWN, 201),
+    "201 over the size bound": (
+        answer(201, '{"id":"ch_1","pad":"%s"}' % ("x" * MAX_ANSWER_BYTES)),
+        UNKNOWN,
+        201,
+    ),
+    "201 declaring 10 GB": (answer(201, '{"id":"ch_1"}', {"Content-Length": str(10**10)}), UNKNOWN, 201),
+    "201 endless chunked body": (endless(201), UNKNOWN, 201),
+    "201 body dripped a byte at a time": (drip(201), UNKNOWN, 201),
+    "201 body cut short": (answer(201, '{"id":"ch_1"}', {"Content-Length": "500"}), UNKNOWN, 201),
+    "503 channel_unavailable cut short": (
+        answer(503, error("channel_unavailable"), {"Content-Length": "500"}),
+        UNKNOWN,
+        503,
+    ),
+    "503 channel_unavailable over the size bound": (
+        answer(503, error("channel_unavailable")[:-1] + ',"pad":"%s"}' % ("x" * MAX_ANSWER_BYTES)),
+        UNKNOWN,
+        503,
+    ),
+    "503 error code that is not a string": (
+        answer(503, '{"error":{"code":["channel_unavailable"]}}'),
+        UNKNOWN,
+        503,
+    ),
+    "503 error that is a string": (answer(503, '{"error":"channel_unavailable"}'), UNKNOWN, 503),
+    # no status line at all, after the request arrived
+    "read timeout after sending": (silent, UNKNOWN, None),
+    "connection reset after sending": (reset, UNKNOWN, None),
+    "closed without an answer": (hang_up, UNKNOWN, None),
+    "garbage instead of a status line": (raw(b"NOT HTTP AT ALL\r\n\r\n"), UNKNOWN, None),
+    "a status code out of range": (raw(b"HTTP/1.1 999999 Odd\r\nContent-Length: 0\r\n\r\n"), UNKNOWN, None),
+}
+
+
+@pytest.fixture
+def adapter(settings):
+    settings.GATEWAY_CONNECT_TIMEOUT = TIMEOUT
+    settings.GATEWAY_READ_TIMEOUT = TIMEOUT
+    return SandboxAdapter()
+
+
+@pytest.fixture
+def peers():
+    started: list[Peer] = []
+
+    def start(script) -> Peer:
+        peer = Peer(script)
+        started.append(peer)
+        return peer
+
+    yield start
+    for peer in started:
+        peer.close()
+
+
+CHANNEL = PaymentChannel(code="sandbox-a", provider="sandbox")
+
+
+def charge(adapter: SandboxAdapter):
+    request = ChargeRequest(
+        order_id="01a22a48-b737-786c-a84c-0b2d41ca6738",
+        amount=1050,
+        currency="USD",
+        idempotency_key="01a22a48-b737-786c-a84c-0b2d41ca6738:sandbox-a",
+        webhook_url="http://127.0.0.1:8000/api/v1/gateway/webhooks/sandbox",
+    )
+    return adapter.charge(channel=CHANNEL, request=request)
+
+
+@pytest.mark.parametrize("name", list(ANSWERS))
+def test_a_charge_answer_is_sorted_by_what_it_says_about_the_money(adapter, peers, settings, name):
+    script, outcome, http_status = ANSWERS[name]
+    peer = peers(script)
+    settings.SANDBOX_URL = peer.url
+    # when
+    result = charge(adapter)
+    # then: the request did reach the peer, and its answer is sorted as the table says
+    assert len(peer.requests) == 1
+    assert b"Idempotency-Key: 01a22a48-b737-786c-a84c-0b2d41ca6738:sandbox-a" in peer.requests[0]
+    assert (result.outcome, result.http_status) == (outcome, http_status), result
+    if outcome == ACCEPTED:
+        assert result.provider_reference == "ch_1"
+    # what we store of a peer's words is short and printable
+    assert len(result.error) <= 500 and "\x00" not in result.error
+
+
+def test_a_refused_connection_is_rejected_nothing_was_sent(adapter, settings):
+    # given: a port that is bound but not listening, so the handshake is refused
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    settings.SANDBOX_URL = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    try:
+        result = charge(adapter)
+    finally:
+        closed.close()
+    assert result.outcome == REJECTED
+    assert result.error.startswith("not sent")
+
+
+def test_a_connect_timeout_is_rejected_nothing_was_sent(adapter, settings):
+    # given: a listening socket that never accepts, its backlog filled, so handshakes go unanswered
+    server = socket.create_server(("127.0.0.1", 0), backlog=0)
+    port = server.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(64):
+            filler = socket.socket()
+            filler.settimeout(TIMEOUT)
+            fillers.append(filler)
+            try:
+                filler.connect(("127.0.0.1", port))
+            except TimeoutError:
+                break
+        else:
+            pytest.fail("the backlog never filled")
+        settings.SANDBOX_URL = f"http://127.0.0.1:{port}"
+        # when
+        result = charge(adapter)
+    finally:
+        for filler in fillers:
+            filler.close()
+        server.close()
+    # then
+    assert result.outcome == REJECTED
+    assert result.error == "not sent: ConnectTimeout"
+
+
+def test_a_kept_alive_connection_serves_the_next_charge(adapter, peers, settings):
+    # The bounded read must leave a fully read connection in the pool, not close it each time.
+    connections = []
+
+    def keep_alive(peer: Peer, conn: socket.socket) -> None:
+        connections.append(conn)
+        body = b'{"id":"ch_1"}'
+        for _ in range(2):
+            peer.read_request(conn)
+            conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        peer.done.wait(DEADLINE)
+
+    peer = peers(keep_alive)
+    settings.SANDBOX_URL = peer.url
+    assert [charge(adapter).outcome for _ in range(2)] == [ACCEPTED, ACCEPTED]
+    assert (len(peer.requests), len(connections)) == (2, 1)
+
+
+# --- status queries: an answer we cannot read is a clean ProviderError, never a guess ----------------
+
+KEY = "01a22a48-b737-786c-a84c-0b2d41ca6738:sandbox-a"
+
+# name: (peer script, expected (status, failure_code, provider_reference) or ProviderError)
+STATUS_ANSWERS = {
+    "paid": (
+        answer(200, json.dumps({"id": "ch_1", "status": "paid", "idempotency_key": KEY})),
+        ("paid", "", "ch_1"),
+    ),
+    "failed with a code": (
+        answer(200, '{"id":"ch_1","status":"failed","failure_code":"card_declined"}'),
+        ("failed", "card_declined", "ch_1"),
+    ),
+    "pending": (answer(200, '{"id":"ch_1","status":"pending"}'), ("pending", "", "ch_1")),
+    "a status we do not know": (answer(200, '{"id":"ch_1","status":"refunded"}'), ("pending", "", "ch_1")),
+    "a status that is a list": (answer(200, '{"id":"ch_1","status":["paid"]}'), ("pending", "", "ch_1")),
+    "no status": (answer(200, '{"id":"ch_1"}'), ("pending", "", "ch_1")),
+    "failure code with NUL": (
+        answer(200, '{"id":"ch_1","status":"failed","failure_code":"x\\u0000"}'),
+        ("failed", "", "ch_1"),
+    ),
+    "404 not_found": (answer(404, error("not_found")), ("not_found", "", "")),
+    "about another charge": (
+        answer(200, '{"id":"ch_2","status":"paid","idempotency_key":"other"}'),
+        ProviderError,
+    ),
+    "404 from a proxy": (answer(404, "<html>Not Found</html>"), ProviderError),
+    "500": (answer(500, error("internal_error")), ProviderError),
+    "429": (answer(429, error("rate_limited")), ProviderError),
+    "200 not JSON": (answer(200, "paid"), ProviderError),
+    "200 a list": (answer(200, '["paid"]'), ProviderError),
+    "200 not UTF-8": (answer(200, b'{"status":"paid\xff"}'), ProviderError),
+    "200 nested 100,000 deep": (answer(200, "[" * 100000), ProviderError),
+    "200 over the size bound": (
+        answer(200, '{"status":"paid","pad":"%s"}' % ("x" * MAX_ANSWER_BYTES)),
+        ProviderError,
+    ),
+    "200 endless chunked body": (endless(200), ProviderError),
+    "200 dripped": (drip(200), ProviderError),
+    "302 redirect": (answer(302, "", {"Location": "http://127.0.0.1:9/"}), ProviderError),
+    "read timeout": (silent, ProviderError),
+    "connection reset": (reset, ProviderError),
+    "garbage status line": (raw(b"\x00\x01\x02\r\n\r\n"), ProviderError),
+}
+
+
+@pytest.mark.parametrize("name", list(STATUS_ANSWERS))
+def test_a_status_answer_is_read_or_refused_cleanly(adapter, peers, settings, name):
+    script, expected = STATUS_ANSWERS[name]
+    peer = peers(script)
+    settings.SANDBOX_URL = peer.url
+    if expected is ProviderError:
+        with pytest.raises(ProviderError):
+            adapter.fetch_status(channel=CHANNEL, idempotency_key=KEY)
+    else:
+        status = adapter.fetch_status(channel=CHANNEL, idempotency_key=KEY)
+        assert (status.status, status.failure_code, status.provider_reference) == expected
+    assert len(peer.requests) == 1
+
+
+def test_a_status_query_to_a_closed_port_is_a_provider_error(adapter, settings):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    settings.SANDBOX_URL = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    try:
+        with pytest.raises(ProviderError):
+            adapter.fetch_status(channel=CHANNEL, idempotency_key=KEY)
+    finally:
+        closed.close()

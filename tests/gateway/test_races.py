@@ -1,0 +1,304 @@
+"""Races between copies of a stage (issue 10 items 1 and 12): a decision applies only to the state
+it was made for, and a refusal gives its reservation back exactly once.
+
+Deterministic: copies are threads on their own connections to the real database, ordered by
+events inside the stub provider (the one thing unit tests may stub) and by PostgreSQL's own
+locks; every step's data is committed.
+"""
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from django.db import IntegrityError, connection, connections, transaction
+from django.utils import timezone
+
+from allocation.models import ChannelDailyVolume, PaymentChannel
+from allocation.services import order_allocate
+from gateway import services
+from gateway.models import ChargeAttempt
+from gateway.providers import base
+from gateway.providers.base import ChargeOutcome
+from orders.models import Order, OrderTransition
+from tests.factories import ChannelFactory, OrderFactory, make_merchant
+from tests.gateway.test_charge import StubProvider, assigned_order, path
+
+AMOUNT = 1050
+
+
+class GatedStub(StubProvider):
+    """The stub provider, whose first call to `gate_channel` waits inside the call until released."""
+
+    def __init__(self, gate_channel: str) -> None:
+        super().__init__()
+        self.gate_channel = gate_channel
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self._gated = False
+
+    def charge(self, *, channel, request):
+        with self.lock:
+            gate = channel.code == self.gate_channel and not self._gated
+            self._gated = self._gated or gate
+        if gate:
+            self.entered.set()
+            assert self.release.wait(30), "the test never released the gated call"
+        return super().charge(channel=channel, request=request)
+
+
+@pytest.fixture
+def gated():
+    provider = GatedStub("stub-1")
+    base.register(provider)
+    yield provider
+    provider.release.set()
+    base._adapters.pop("stub", None)
+
+
+def _in_thread(target, *args, **kwargs) -> tuple[threading.Thread, list]:
+    outcome: list = []
+
+    def run():
+        try:
+            outcome.append(target(*args, **kwargs))
+        except BaseException as exc:  # surfaced by the test's assertions
+            outcome.append(exc)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def _expire_lease(order: Order, channel: str) -> None:
+    """What a sender stalled past its lease (a long GC pause, a stopped VM) looks like to others."""
+    expired = ChargeAttempt.objects.filter(order=order, channel=channel).update(
+        lease_until=timezone.now() - timedelta(seconds=1)
+    )
+    assert expired == 1
+
+
+def _reserved(code: str, day=None) -> int:
+    volume = ChannelDailyVolume.objects.filter(channel__code=code, day=day or timezone.now().date()).first()
+    return volume.reserved if volume else 0
+
+
+def _reserve(order: Order, code: str, day=None) -> None:
+    """The reservation allocation made for `order` on `code` (and the day it is recorded under)."""
+    day = day or timezone.now().date()
+    channel = PaymentChannel.objects.get(code=code)
+    volume, _ = ChannelDailyVolume.objects.get_or_create(channel=channel, day=day)
+    ChannelDailyVolume.objects.filter(pk=volume.pk).update(reserved=volume.reserved + order.amount)
+    Order.objects.filter(pk=order.pk).update(reserved_on=day)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_stalled_charge_copy_does_not_fail_an_order_that_failed_over_and_was_charged(gated):
+    """Issue 10 item 1, charge variant: copy Y is stuck in stub-1's call; copies Z fail over to
+    stub-2, which charges; Y's refusal then arrives and must change nothing. stub-2's cap holds
+    one order, so Y finds no channel left and decides "failed" — for a state that is gone."""
+    # given
+    ChannelFactory(code="stub-1", provider="stub", priority=1)
+    ChannelFactory(code="stub-2", provider="stub", priority=2, daily_cap=AMOUNT)
+    gated.answers["stub-1"] = ChargeOutcome.REJECTED
+    order = assigned_order("stub-1")
+    _reserve(order, "stub-1")
+    # when: Y enters stub-1's call and stalls there past its lease
+    y, y_result = _in_thread(services.order_charge, order_id=order.pk)
+    assert gated.entered.wait(30)
+    _expire_lease(order, "stub-1")
+    # and two other copies are refused by stub-1, fail over and charge at stub-2
+    services.order_charge(order_id=order.pk)
+    services.order_charge(order_id=order.pk)
+    assert Order.objects.get(pk=order.pk).status == "processing"
+    # and Y's refusal comes back
+    gated.release.set()
+    y.join(30)
+    # then: the order is processing at stub-2, charged there once, and never failed
+    assert not isinstance(y_result[0], BaseException), y_result
+    assert y_result[0].applied is False
+    order.refresh_from_db()
+    assert (order.status, order.channel, order.outcome) == ("processing", "stub-2", None)
+    assert gated.charges == {f"{order.pk}:stub-2"}
+    assert ("assigned", "failed", "stub-1") not in path(order)
+    assert not OrderTransition.objects.filter(order=order, to_status="failed").exists()
+    # and the provider's paid webhook then settles it as paid
+    services.order_confirm(
+        order_id=order.pk, idempotency_key=f"{order.pk}:stub-2", status="paid", source="test"
+    )
+    assert Order.objects.get(pk=order.pk).status == "paid"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_duplicated_refusal_gives_the_reservation_back_once(gated):
+    """Issue 10 item 12: two copies both hear stub-1's refusal of one attempt."""
+    # given: two orders with reservations on stub-1, one of them about to be refused
+    ChannelFactory(code="stub-1", provider="stub", priority=1)
+    ChannelFactory(code="stub-2", provider="stub", priority=2)
+    gated.answers["stub-1"] = ChargeOutcome.REJECTED
+    other = assigned_order("stub-1")
+    _reserve(other, "stub-1")
+    order = assigned_order("stub-1")
+    _reserve(order, "stub-1")
+    assert _reserved("stub-1") == 2 * AMOUNT
+    # when: Y stalls in the call, Z hears the refusal and records it, then Y hears it too
+    y, y_result = _in_thread(services.order_charge, order_id=order.pk)
+    assert gated.entered.wait(30)
+    _expire_lease(order, "stub-1")
+    services.order_charge(order_id=order.pk)
+    gated.release.set()
+    y.join(30)
+    # then: only the refused order's reservation went back, once
+    assert not isinstance(y_result[0], BaseException), y_result
+    assert _reserved("stub-1") == AMOUNT
+    assert ChargeAttempt.objects.get(order=order, channel="stub-1").status == "rejected"
+
+
+@pytest.mark.django_db
+def test_a_refusal_after_midnight_gives_back_the_reservation_of_its_own_day(stub, channels):
+    # given: the order's reservation was made yesterday; today's volume belongs to other orders
+    stub.answers["stub-1"] = ChargeOutcome.REJECTED
+    today = timezone.now().date()
+    yesterday = today - timedelta(days=1)
+    order = assigned_order("stub-1")
+    _reserve(order, "stub-1", day=yesterday)
+    _reserve(OrderFactory(), "stub-1", day=today)
+    Order.objects.filter(pk=order.pk).update(reserved_on=yesterday)
+    # when
+    services.order_charge(order_id=order.pk)
+    # then
+    assert _reserved("stub-1", yesterday) == 0
+    assert _reserved("stub-1", today) == AMOUNT
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_second_copy_does_not_send_while_the_first_holds_the_lease(gated):
+    # given
+    ChannelFactory(code="stub-1", provider="stub", priority=1)
+    order = assigned_order("stub-1")
+    y, y_result = _in_thread(services.order_charge, order_id=order.pk)
+    assert gated.entered.wait(30)
+    # when: a duplicate delivery runs while Y is still inside the provider call
+    second = services.order_charge(order_id=order.pk)
+    gated.release.set()
+    y.join(30)
+    # then: one request reached the provider; Y's answer moved the order
+    assert second.applied is False
+    assert gated.calls == [f"{order.pk}:stub-1"]
+    assert y_result[0].applied is True
+    assert Order.objects.get(pk=order.pk).status == "processing"
+
+
+@pytest.mark.django_db
+def test_the_database_refuses_a_second_live_attempt_for_an_order(channels):
+    order = assigned_order("stub-1")
+    ChargeAttempt.objects.create(
+        order=order, channel="stub-1", provider="stub", idempotency_key="k1", status="accepted"
+    )
+    with pytest.raises(IntegrityError), transaction.atomic():
+        ChargeAttempt.objects.create(
+            order=order, channel="stub-2", provider="stub", idempotency_key="k2", status="sending"
+        )
+    # a refused attempt is not live: the order may be charged on another channel after it
+    ChargeAttempt.objects.filter(idempotency_key="k1").update(status="rejected")
+    ChargeAttempt.objects.create(
+        order=order, channel="stub-2", provider="stub", idempotency_key="k2", status="sending"
+    )
+
+
+def _wait_for_lock_waiters(count: int) -> None:
+    """Until `count` other backends wait for the volume table (bounded: fails rather than hangs)."""
+    with connections["default"].cursor() as cursor:
+        for _ in range(600):
+            # pg_locks is read live (pg_stat_activity would be one snapshot per transaction).
+            cursor.execute(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'allocation_channeldailyvolume'::regclass"
+            )
+            if cursor.fetchone()[0] >= count:
+                return
+            time.sleep(0.05)
+    raise AssertionError(f"{count} allocations never reached the capped channel's reservation")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_allocation_that_finds_no_room_does_not_fail_the_order_a_racing_copy_assigned():
+    """Issue 10 item 1, allocation variant: the only channel's cap fits one order; two copies of
+    allocate read the order pending; one reserves and assigns; the other finds no room."""
+    # given
+    ChannelFactory(code="tight", daily_cap=AMOUNT)
+    order = OrderFactory(merchant=make_merchant().merchant, amount=AMOUNT)
+    # when: both copies read the pending order and queue on the volume table; then go
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("LOCK TABLE allocation_channeldailyvolume IN EXCLUSIVE MODE")
+        copies = [_in_thread(order_allocate, order_id=order.pk) for _ in range(2)]
+        _wait_for_lock_waiters(2)
+    for thread, _ in copies:
+        thread.join(30)
+    # then: one copy assigned it; the other's "failed" was for a pending order that is gone
+    results = [outcome[0] for _, outcome in copies]
+    assert not any(isinstance(result, BaseException) for result in results), results
+    assert sorted(result.applied for result in results) == [False, True]
+    order.refresh_from_db()
+    assert (order.status, order.channel, order.outcome) == ("assigned", "tight", None)
+    assert list(OrderTransition.objects.filter(order=order).values_list("from_status", "to_status")) == [
+        ("pending", "assigned")
+    ]
+    assert _reserved("tight") == AMOUNT
+
+
+@pytest.fixture
+def stub():
+    provider = StubProvider()
+    base.register(provider)
+    yield provider
+    base._adapters.pop("stub", None)
+
+
+@pytest.fixture
+def channels(db):
+    return [
+        ChannelFactory(code="stub-1", provider="stub", priority=1),
+        ChannelFactory(code="stub-2", provider="stub", priority=2),
+    ]
+
+
+class RecordingStub(StubProvider):
+    """Records each request's webhook address; its first answer is lost (unknown), nothing charged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.webhook_urls: list[str] = []
+
+    def charge(self, *, channel, request):
+        with self.lock:
+            self.webhook_urls.append(request.webhook_url)
+            first = len(self.webhook_urls) == 1
+        if first:
+            return base.ChargeResult(ChargeOutcome.UNKNOWN, error="timeout: ReadTimeout")
+        return super().charge(channel=channel, request=request)
+
+
+@pytest.mark.django_db
+def test_a_resent_charge_is_the_identical_request_whichever_host_sends_it(settings):
+    """Issue 10 item 2: the retry of a charge must not depend on the sending host's settings."""
+    # given: a charge sent from host A, whose answer was lost
+    provider = RecordingStub()
+    base.register(provider)
+    try:
+        ChannelFactory(code="stub-1", provider="stub", priority=1)
+        settings.PUBLIC_BASE_URL = "https://pay-a.example"
+        order = assigned_order("stub-1")
+        services.order_charge(order_id=order.pk)
+        assert Order.objects.get(pk=order.pk).status == "processing"
+        # when: a worker on host B, configured differently, polls and finds nothing there
+        settings.PUBLIC_BASE_URL = "http://10.0.0.7:8000"
+        services.order_poll(order_id=order.pk)
+    finally:
+        base._adapters.pop("stub", None)
+    # then: the resent request is the first one, byte for byte in what the provider compares
+    assert len(provider.webhook_urls) == 2
+    assert provider.webhook_urls[0] == provider.webhook_urls[1]
+    assert provider.webhook_urls[0].startswith("https://pay-a.example/")

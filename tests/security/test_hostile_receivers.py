@@ -1,0 +1,411 @@
+"""Hostile callback receivers (SPEC 9): a slow, huge or malformed answer costs one bounded, recorded
+attempt, counts toward exhaustion, and never takes more than its merchant's share of the workers.
+
+Each receiver is a raw socket on loopback speaking as much HTTP as it likes, served by threads in
+the test process. A receiver that drips "forever" drips until the test ends; a safety cap closes
+it after SAFETY_SECONDS, so a regression fails (wrong error) instead of hanging the suite.
+"""
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from callbacks import http as callback_http
+from callbacks.models import CallbackAttempt, CallbackDelivery
+from callbacks.services import callback_deliver
+from orders.models import Order, OrderTransition
+from tests.factories import OrderFactory, make_paid, make_paid_order
+
+SAFETY_SECONDS = 60.0
+DRIP_INTERVAL = 0.05
+TIMEOUT_ERROR = "timeout: total 1 s exceeded"
+
+
+class RawReceiver:
+    """A loopback TCP server that reads each request (unless told not to) and hands the socket to
+    `answer(conn, stop)`."""
+
+    def __init__(self, answer: Callable[[socket.socket, threading.Event], None], read: bool = True) -> None:
+        self.answer = answer
+        self.read = read
+        self.stop = threading.Event()
+        self.requests: list[bytes] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.05)
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                if self.read:
+                    self.requests.append(_read_request(conn))
+                self.answer(conn, self.stop)
+            except OSError:
+                pass  # the client hung up: that is the point of most of these tests
+
+    def close(self) -> None:
+        self.stop.set()
+        self.listener.close()
+
+
+def _read_request(conn: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        ),
+        0,
+    )
+    while len(body) < length:
+        body += conn.recv(65536)
+    return head
+
+
+def drip(conn: socket.socket, stop: threading.Event, data: bytes) -> None:
+    """Send `data` now, then one byte every DRIP_INTERVAL until the test ends."""
+    conn.sendall(data)
+    started = time.monotonic()
+    while not stop.wait(DRIP_INTERVAL) and time.monotonic() - started < SAFETY_SECONDS:
+        conn.sendall(b"x")
+
+
+@pytest.fixture
+def receivers():
+    made: list[RawReceiver] = []
+
+    def make(answer, read: bool = True) -> RawReceiver:
+        made.append(RawReceiver(answer, read))
+        return made[-1]
+
+    yield make
+    for receiver in made:
+        receiver.close()
+
+
+@pytest.fixture
+def small_bounds(settings):
+    settings.CALLBACK_CONNECT_TIMEOUT = 1.0
+    settings.CALLBACK_TOTAL_TIMEOUT = 1.0
+    callback_http._session.cache_clear()  # its default timeouts are built from the settings
+    yield
+    callback_http._session.cache_clear()
+
+
+def only_attempt(order) -> CallbackAttempt:
+    return CallbackAttempt.objects.get(delivery__order=order)
+
+
+def assert_waits_for_retry(order, attempts: int = 1) -> None:
+    delivery = CallbackDelivery.objects.get(order=order)
+    assert (delivery.status, delivery.attempts) == ("pending", attempts)
+    assert delivery.next_attempt_at is not None
+    assert Order.objects.get(pk=order.pk).status == "paid"
+
+
+# --- slow receivers: the whole attempt is bounded by wall clock --------------------------------
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "sent_first",
+    [
+        pytest.param(b"", id="nothing-then-drips-the-status-line"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nX-Slow: ", id="slow-headers"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", id="dripping-body-after-200"),
+    ],
+)
+def test_a_dripping_receiver_costs_one_bounded_failed_attempt(small_bounds, receivers, sent_first):
+    # given a receiver that answers a byte every 50 ms, forever: no single read ever times out
+    receiver = receivers(lambda conn, stop: drip(conn, stop, sent_first))
+    _, order = make_paid_order(receiver.url)
+    # when the callback is delivered (with a 1 s total bound)
+    delivered = callback_deliver(order_id=order.pk)
+    # then the call came back, the attempt is recorded as a timeout, and it counts toward exhaustion
+    assert delivered is False
+    assert len(receiver.requests) == 1
+    attempt = only_attempt(order)
+    assert attempt.error == TIMEOUT_ERROR
+    assert CallbackDelivery.objects.get(order=order).last_error == TIMEOUT_ERROR
+    assert_waits_for_retry(order)
+
+
+@pytest.mark.django_db
+def test_a_receiver_dripping_its_tls_handshake_is_bounded_by_the_total(small_bounds, receivers, settings):
+    # given an https receiver that starts a 16 KiB TLS handshake record and drips it, and a
+    # connect timeout (which bounds the handshake) longer than the total: the total must win
+    settings.CALLBACK_CONNECT_TIMEOUT = 5.0
+    receiver = receivers(lambda conn, stop: drip(conn, stop, b"\x16\x03\x03\x40\x00"), read=False)
+    _, order = make_paid_order(receiver.url.replace("http://", "https://"))
+    # when / then
+    assert callback_deliver(order_id=order.pk) is False
+    assert only_attempt(order).error == TIMEOUT_ERROR
+    assert_waits_for_retry(order)
+
+
+@pytest.mark.django_db
+def test_a_dripping_receiver_exhausts_the_delivery_on_schedule(small_bounds, receivers, settings):
+    # given one retry allowed and a receiver that never finishes its status line
+    settings.CALLBACK_RETRY_SCHEDULE = [1]
+    receiver = receivers(lambda conn, stop: drip(conn, stop, b"HTTP/1.1 2"))
+    _, order = make_paid_order(receiver.url)
+    # when both attempts are made
+    callback_deliver(order_id=order.pk)
+    CallbackDelivery.objects.filter(order=order).update(next_attempt_at="2000-01-01T00:00:00Z")
+    callback_deliver(order_id=order.pk)
+    # then both are recorded timeouts and the delivery is exhausted, for an operator to see
+    errors = list(CallbackAttempt.objects.filter(delivery__order=order).values_list("error", flat=True))
+    assert errors == [TIMEOUT_ERROR, TIMEOUT_ERROR]
+    delivery = CallbackDelivery.objects.get(order=order)
+    assert (delivery.status, delivery.attempts, delivery.next_attempt_at) == ("exhausted", 2, None)
+    assert Order.objects.get(pk=order.pk).status == "paid"
+
+
+@pytest.mark.django_db
+def test_a_silent_receiver_is_bounded_too(small_bounds, receivers):
+    # given a receiver that reads the request and never answers a byte
+    receiver = receivers(lambda conn, stop: stop.wait(SAFETY_SECONDS))
+    _, order = make_paid_order(receiver.url)
+    # when / then: a failed attempt, recorded (a read timeout or the total bound, whichever first)
+    assert callback_deliver(order_id=order.pk) is False
+    assert only_attempt(order).error
+    assert only_attempt(order).status_code is None
+    assert_waits_for_retry(order)
+
+
+# --- huge answers: bounded reads -----------------------------------------------------------------
+
+
+def endless_body(conn: socket.socket, stop: threading.Event) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+    block = b"A" * 65536
+    started = time.monotonic()
+    while not stop.is_set() and time.monotonic() - started < SAFETY_SECONDS:
+        conn.sendall(block)
+
+
+@pytest.mark.django_db
+def test_an_endless_body_is_read_only_as_far_as_the_excerpt(receivers):
+    # given a receiver that accepts and then streams body without end
+    receiver = receivers(endless_body)
+    _, order = make_paid_order(receiver.url)
+    # when
+    delivered = callback_deliver(order_id=order.pk)
+    # then the 200 counts, and 1 KiB of the body is kept
+    assert delivered is True
+    attempt = only_attempt(order)
+    assert (attempt.status_code, attempt.error, attempt.response_excerpt) == (200, "", "A" * 1024)
+    assert Order.objects.get(pk=order.pk).status == "completed"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param(b"HTTP/1.1 200 OK\r\n" + b"X-Big: y\r\n" * 5000 + b"\r\n", id="too-many-headers"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nX-Big: " + b"y" * 200_000 + b"\r\n\r\n", id="huge-header"),
+        pytest.param(b"HTTP/1.1 200 " + b"O" * 200_000 + b"\r\n\r\n", id="huge-status-line"),
+    ],
+)
+def test_huge_headers_are_a_recorded_failed_attempt(receivers, head):
+    receiver = receivers(lambda conn, stop: conn.sendall(head))
+    _, order = make_paid_order(receiver.url)
+    assert callback_deliver(order_id=order.pk) is False
+    attempt = only_attempt(order)
+    assert attempt.error
+    assert len(attempt.error) <= 500
+    assert_waits_for_retry(order)
+
+
+# --- malformed bytes: stored safely ------------------------------------------------------------
+
+
+def answer(raw: bytes):
+    return lambda conn, stop: conn.sendall(raw)
+
+
+@pytest.mark.django_db
+def test_a_nul_bearing_accepted_answer_completes_the_order_with_a_safe_excerpt(receivers):
+    # given a receiver that accepts with a body holding NUL bytes and invalid UTF-8
+    body = b"ok\x00\x00accepted\xff\xfe\xc3("
+    receiver = receivers(answer(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)))
+    _, order = make_paid_order(receiver.url)
+    # when
+    delivered = callback_deliver(order_id=order.pk)
+    # then the delivery and the move to completed stand, and what the peer said is kept, made safe
+    assert delivered is True
+    assert Order.objects.get(pk=order.pk).status == "completed"
+    attempt = only_attempt(order)
+    assert attempt.status_code == 200
+    assert "\x00" not in attempt.response_excerpt
+    assert attempt.response_excerpt.startswith("ok\ufffd\ufffdaccepted")
+    assert CallbackDelivery.objects.get(order=order).status == "delivered"
+
+
+@pytest.mark.django_db
+def test_a_nul_bearing_refusal_is_a_recorded_failed_attempt(receivers):
+    body = b"\x00" * 2000
+    receiver = receivers(answer(b"HTTP/1.1 500 Oops\x00\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)))
+    _, order = make_paid_order(receiver.url)
+    assert callback_deliver(order_id=order.pk) is False
+    attempt = only_attempt(order)
+    assert attempt.status_code == 500
+    assert attempt.response_excerpt == "\ufffd" * 1024
+    assert_waits_for_retry(order)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b"HTTP/1.1 2\x0000 OK\r\n\r\n", id="nul-in-status"),
+        pytest.param(b"\x00\xff\xfe garbage \x00\r\n\r\n", id="not-http"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\x00\r\n", id="bad-chunk"),
+        pytest.param(b"", id="hangs-up"),
+    ],
+)
+def test_a_malformed_answer_is_a_recorded_failed_attempt(receivers, raw):
+    receiver = receivers(answer(raw))
+    _, order = make_paid_order(receiver.url)
+    assert callback_deliver(order_id=order.pk) is False
+    attempt = only_attempt(order)
+    assert attempt.error
+    assert "\x00" not in attempt.error + attempt.response_excerpt
+    assert_waits_for_retry(order)
+
+
+@pytest.mark.django_db
+def test_an_answer_that_cannot_be_stored_becomes_a_recorded_failed_attempt(receivers):
+    # given a receiver whose answer the database refuses to store (a constraint stands in for any
+    # storage error after the claim; it is rolled back with the test)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "ALTER TABLE callbacks_callbackattempt ADD CONSTRAINT test_refuse_poison"
+            " CHECK (response_excerpt NOT LIKE '%%poison%%')"
+        )
+    receiver = receivers(answer(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\npoison"))
+    _, order = make_paid_order(receiver.url)
+    # when
+    delivered = callback_deliver(order_id=order.pk)
+    # then no exception, no silent lease-and-resend: a failed attempt saying why, retried on schedule
+    assert delivered is False
+    attempt = only_attempt(order)
+    assert attempt.status_code == 200
+    assert attempt.error.startswith("could not record the answer: IntegrityError"), attempt.error
+    assert_waits_for_retry(order)
+
+
+# --- redirects: never followed ------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_a_redirecting_receiver_is_not_followed(receivers):
+    # given a receiver that redirects to itself (a loop) and then keeps talking
+    holder: dict[str, RawReceiver] = {}
+
+    def redirect(conn, stop):
+        conn.sendall(
+            b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:%d/again\r\n"
+            b"Content-Length: 0\r\n\r\n" % holder["r"].port
+        )
+
+    holder["r"] = receivers(redirect)
+    _, order = make_paid_order(holder["r"].url)
+    # when
+    delivered = callback_deliver(order_id=order.pk)
+    # then one request only, a failed attempt with the redirect's status
+    assert delivered is False
+    assert len(holder["r"].requests) == 1
+    assert holder["r"].requests[0].startswith(b"POST /hook ")
+    attempt = only_attempt(order)
+    assert (attempt.status_code, attempt.error) == (307, "")
+    assert_waits_for_retry(order)
+
+
+# --- capacity: one receiver gets its share, not the workers ------------------------------------
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.01)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_slow_receiver_holds_no_more_than_its_merchants_share_of_workers(receivers, settings):
+    # given one slot per merchant, and merchant A's receiver holding its first callback open
+    settings.CALLBACK_RECEIVER_CONCURRENCY = 1
+    settings.CALLBACK_RECEIVER_BUSY_SECONDS = 3600  # a deferred delivery stays not due in this test
+    release = threading.Event()
+
+    def held_open(conn, stop):
+        release.wait(SAFETY_SECONDS)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    slow = receivers(held_open)
+    fast = receivers(answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))
+    creds_a, first = make_paid_order(slow.url)
+    second = OrderFactory(merchant=creds_a.merchant, callback_url=slow.url)
+    make_paid(second.pk)
+    _, other = make_paid_order(fast.url)
+
+    def deliver_first():
+        try:
+            callback_deliver(order_id=first.pk)
+        finally:
+            connection.close()
+
+    worker = threading.Thread(target=deliver_first)
+    worker.start()
+    try:
+        wait_until(lambda: len(slow.requests) == 1)
+        # when a second callback of the same merchant and one of another merchant come up
+        second_delivered = callback_deliver(order_id=second.pk)
+        other_delivered = callback_deliver(order_id=other.pk)
+        # (and the waiting one, due again while the slot is still held, waits again)
+        CallbackDelivery.objects.filter(order=second).update(next_attempt_at="2000-01-01T00:00:00Z")
+        second_again = callback_deliver(order_id=second.pk)
+    finally:
+        release.set()
+        worker.join()
+    # then the other merchant was served; the same merchant's second callback waits its turn,
+    # without a request and without spending an attempt
+    assert other_delivered is True
+    assert (second_delivered, second_again) == (False, False)
+    assert len(slow.requests) == 1
+    waiting = CallbackDelivery.objects.get(order=second)
+    assert (waiting.status, waiting.attempts) == ("pending", 0)
+    assert waiting.next_attempt_at > timezone.now()
+    assert not CallbackAttempt.objects.filter(delivery=waiting).exists()
+    assert Order.objects.get(pk=first.pk).status == "completed"
+    # and once the slot is free, its turn comes
+    CallbackDelivery.objects.filter(pk=waiting.pk).update(next_attempt_at="2000-01-01T00:00:00Z")
+    assert callback_deliver(order_id=second.pk) is True
+    assert len(slow.requests) == 2
+    assert OrderTransition.objects.filter(order_id=second.pk, to_status="completed").count() == 1
