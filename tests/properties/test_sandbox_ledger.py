@@ -439,6 +439,10 @@ def test_the_ledger_agrees_with_every_outcome(ledger_sandbox, webhook_receiver, 
     assert REACHED["held copy parked: True"] > 0, dict(REACHED)
 
 
+# CI: 40 examples of up to 15 steps against the real sandbox, 1-2 minutes on a loaded machine.
+# Enough because every commit runs a different 40 (tests/conftest.py seeds from the commit), the
+# rule that races a held copy reaches the interleaving in most examples (the run asserts it did),
+# and what a run finds stays as an explicit test below.
 MACHINE_SETTINGS = settings(
     max_examples=40,
     stateful_step_count=15,
