@@ -241,7 +241,9 @@ def make_machine(sandbox: Sandbox, receiver: Receiver, proxy: HoldingProxy, merc
 
         def __init__(self) -> None:
             super().__init__()
+            # Each example starts alone: closed circuits, earlier examples' orders no longer due.
             PaymentChannel.objects.filter(code__in=CHANNELS).update(circuit_open_until=None)
+            Order.objects.filter(merchant=merchant).update(next_check_at=None)
             for key in get_redis().scan_iter("circuit:ledger-*"):
                 get_redis().delete(key)
             self.order_ids: list[str] = []
