@@ -1,8 +1,11 @@
 """Shared fixtures: real PostgreSQL (pytest-django's test database) and real Redis."""
 
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
+from hypothesis import core as hypothesis_core
 from hypothesis import settings as hypothesis_settings
 from rest_framework.test import APIClient
 
@@ -12,13 +15,47 @@ from gateway.providers.base import ChargeOutcome, ChargeResult, InvalidWebhook, 
 from orders.redis_client import get_redis
 from tests.factories import ChannelFactory, make_merchant
 
-# CI runs the property tests on the same examples every time, so a red build is reproducible
-# rather than a roll of the dice; elsewhere each run explores new ones. HYPOTHESIS_PROFILE=ci
-# replays CI's examples locally.
-hypothesis_settings.register_profile("ci", derandomize=True, database=None)
-hypothesis_settings.load_profile(
-    os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "default")
+
+def _commit_seed() -> int | None:
+    """The seed of this commit: the first 8 hex digits of HEAD, or None outside a git checkout."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return int(head[:8], 16)
+
+
+# Property tests in CI: the same examples for one commit (a red build is reproducible: re-run it,
+# or HYPOTHESIS_SEED=<seed shown in the header> locally), new ones with every commit (the seed is
+# the commit's hash), so CI explores instead of repeating the same cases forever. No example
+# database in CI: a failure found there is kept as an explicit @example (or, for a state
+# machine, a replayed step list) in the test itself. Outside CI each run explores afresh and
+# remembers failures in .hypothesis/. HYPOTHESIS_PROFILE=ci replays CI's examples locally.
+IN_CI = bool(os.environ.get("CI"))
+hypothesis_settings.register_profile("ci", database=None, print_blob=True)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if IN_CI else "default"))
+HYPOTHESIS_SEED = os.environ.get("HYPOTHESIS_SEED") or (
+    str(_commit_seed() or "") if hypothesis_settings.get_current_profile_name() == "ci" else ""
 )
+if HYPOTHESIS_SEED:
+    hypothesis_core.global_force_seed = int(HYPOTHESIS_SEED)
+elif hypothesis_settings.get_current_profile_name() == "ci":
+    # No git (a tarball): fixed examples rather than unreproducible ones.
+    hypothesis_settings.register_profile("ci", database=None, print_blob=True, derandomize=True)
+    hypothesis_settings.load_profile("ci")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    profile = hypothesis_settings.get_current_profile_name()
+    terminalreporter.write_line(
+        f"hypothesis profile {profile}, HYPOTHESIS_SEED={HYPOTHESIS_SEED or '(random)'} (set it to replay)"
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -79,9 +79,11 @@ def _snapshot(order: Order) -> tuple:
 
 
 def test_the_table_is_the_spec():
-    assert {pair for pair in ALLOWED if pair[0] is not None} == SPEC_ALLOWED
-    assert (None, S.PENDING) in ALLOWED
-    assert len(SPEC_LATE) == 36 - len(SPEC_ALLOWED) - len(SPEC_ILLEGAL)
+    # Exactly the spec's moves, plus the birth of an order (order_insert); nothing else.
+    assert ALLOWED == SPEC_ALLOWED | {(None, S.PENDING)}
+    # The three classes below are written by hand: a pair in two of them would be tested twice,
+    # with contradictory expectations, and a pair in none of them not at all.
+    assert not SPEC_ALLOWED & SPEC_ILLEGAL
 
 
 @pytest.mark.parametrize("current,to", sorted(SPEC_ILLEGAL))

@@ -187,6 +187,36 @@ class Sandbox:
         assert response.status_code == 200, response.text
         return response.json()
 
+    def query(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """Rows of the sandbox's own database: its record of what it charged and what it sent."""
+        conn = psycopg2.connect(self.database_url)
+        try:
+            with conn, conn.cursor() as cur:
+                cur.execute(sql, params)
+                names = [column.name for column in cur.description]
+                return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+        finally:
+            conn.close()
+
+    def webhooks_to(self, url: str) -> list[dict[str, Any]]:
+        """Every webhook the sandbox queued for `url`, oldest first (queued with its charge, in the
+        same statement: once the charge request is answered, this list is complete)."""
+        return self.query(
+            "SELECT w.*, c.final_at FROM sandbox_webhooks w JOIN sandbox_charges c ON c.id = w.charge_id"
+            " WHERE w.url = %(url)s ORDER BY w.due_at, w.msg_id",
+            {"url": url},
+        )
+
+    def settled_webhooks(self, url: str, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """The webhooks for `url` once none is pending any more: after this the sandbox sends nothing
+        more there, so what a receiver got by now is all it will get (no "quiet for a while" guess)."""
+        return wait_until(
+            lambda: (
+                (rows := self.webhooks_to(url)) and all(row["status"] != "pending" for row in rows) and rows
+            ),
+            timeout,
+        )
+
 
 def _admin_execute(sql: str) -> None:
     conn = psycopg2.connect(ADMIN_URL)
@@ -253,8 +283,8 @@ def run_sandbox(database_url: str, log_path: Path, port: int) -> Iterator[Sandbo
             try:
                 if session.get(sandbox.url("/healthz"), timeout=1).status_code == 200:
                     break
-            except requests.ConnectionError:
-                pass  # not listening yet
+            except (requests.ConnectionError, requests.Timeout):
+                pass  # not listening yet, or too busy starting to answer within the probe's timeout
             if time.monotonic() > deadline:
                 pytest.fail(f"sandbox did not become healthy:\n{log_path.read_text()}")
             time.sleep(0.1)
