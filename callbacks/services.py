@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, OperationalError, connection, transaction
 from django.utils import timezone
 
 from callbacks.http import PostResult, post_json, storable_text
@@ -126,6 +126,7 @@ def _complete_without_callback(*, order: Order, event_type: str) -> None:
 # drops them with the connection, so a killed worker frees its slot at once, no lease to expire.
 _SLOT_LOCK_SQL = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
 _SLOT_UNLOCK_SQL = "SELECT pg_advisory_unlock(hashtextextended(%s, 0))"
+_SLOT_WAIT_SQL = "SELECT pg_advisory_lock(hashtextextended(%s, 0))"
 
 
 @contextmanager
@@ -136,13 +137,31 @@ def _receiver_slot(*, merchant_id) -> Iterator[bool]:
     them over many hosts must not buy more than its share.
     """
     held = None
+    keys = [
+        f"callbacks.receiver:{merchant_id}:{slot}" for slot in range(settings.CALLBACK_RECEIVER_CONCURRENCY)
+    ]
     with connection.cursor() as cursor:
-        for slot in range(settings.CALLBACK_RECEIVER_CONCURRENCY):
-            key = f"callbacks.receiver:{merchant_id}:{slot}"
+        for key in keys:
             cursor.execute(_SLOT_LOCK_SQL, [key])
             if cursor.fetchone()[0]:
                 held = key
                 break
+    if held is None and settings.CALLBACK_RECEIVER_WAIT_SECONDS > 0:
+        # A healthy receiver frees its slots within milliseconds: wait a moment for one rather
+        # than push the callback back by seconds; a slow receiver's slots stay taken, and then
+        # the wait ends at lock_timeout (the session-level lock outlives the transaction).
+        key = random.choice(keys)
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT set_config('lock_timeout', %s, true)",
+                    [f"{int(settings.CALLBACK_RECEIVER_WAIT_SECONDS * 1000)}ms"],
+                )
+                cursor.execute(_SLOT_WAIT_SQL, [key])
+                cursor.execute("SET LOCAL lock_timeout TO DEFAULT")
+            held = key
+        except OperationalError:
+            held = None
     if held is None:
         yield False
         return

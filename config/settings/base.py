@@ -239,6 +239,9 @@ LOGGING = {
 CALLBACK_RECEIVER_CONCURRENCY = env.int("CALLBACK_RECEIVER_CONCURRENCY", default=2)
 # When a merchant's slots are all taken, its due callback waits this long (x1 to 1.5), unspent.
 CALLBACK_RECEIVER_BUSY_SECONDS = env.float("CALLBACK_RECEIVER_BUSY_SECONDS", default=5.0)
+# Before that, a worker waits this long for one of the slots: a healthy receiver frees one within
+# milliseconds, so a burst of one merchant's callbacks is not pushed back by seconds.
+CALLBACK_RECEIVER_WAIT_SECONDS = env.float("CALLBACK_RECEIVER_WAIT_SECONDS", default=0.5)
 
 # API hardening
 # Every error under /api/ in the JSON shape, whichever view answered (SPEC 3); right after the

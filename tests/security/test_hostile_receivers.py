@@ -409,3 +409,50 @@ def test_a_slow_receiver_holds_no_more_than_its_merchants_share_of_workers(recei
     assert callback_deliver(order_id=second.pk) is True
     assert len(slow.requests) == 2
     assert OrderTransition.objects.filter(order_id=second.pk, to_status="completed").count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_healthy_receivers_burst_waits_a_moment_for_a_slot_instead_of_being_pushed_back(
+    receivers, settings
+):
+    # given one slot per merchant, held by a callback whose answer comes when we say so
+    settings.CALLBACK_RECEIVER_CONCURRENCY = 1
+    settings.CALLBACK_RECEIVER_WAIT_SECONDS = SAFETY_SECONDS
+    release = threading.Event()
+
+    def answers_when_released(conn, stop):
+        release.wait(SAFETY_SECONDS)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    receiver = receivers(answers_when_released)
+    creds, first = make_paid_order(receiver.url)
+    second = OrderFactory(merchant=creds.merchant, callback_url=receiver.url)
+    make_paid(second.pk)
+    results: dict[str, bool] = {}
+
+    def deliver(name, order_id):
+        try:
+            results[name] = callback_deliver(order_id=order_id)
+        finally:
+            connection.close()
+
+    holder = threading.Thread(target=deliver, args=("first", first.pk))
+    holder.start()
+    wait_until(lambda: len(receiver.requests) == 1)
+    # when the merchant's next callback comes up while the slot is taken
+    waiter = threading.Thread(target=deliver, args=("second", second.pk))
+    waiter.start()
+    with connection.cursor() as cursor:  # it queues for the slot (pg_locks is read live)
+        wait_until(
+            lambda: (
+                cursor.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+                or cursor.fetchone()[0] >= 1
+            )
+        )
+    release.set()
+    holder.join()
+    waiter.join()
+    # then it was sent as soon as the slot was free, not pushed back by seconds
+    assert results == {"first": True, "second": True}
+    assert len(receiver.requests) == 2
+    assert Order.objects.get(pk=second.pk).status == "completed"
