@@ -14,6 +14,7 @@ from gateway.providers import base
 from gateway.providers.base import ChargeOutcome, ChargeResult, InvalidWebhook, ProviderAdapter, StatusResult
 from orders.redis_client import get_redis
 from tests.factories import ChannelFactory, make_merchant
+from tests.stub_provider import StubProvider
 
 
 def _commit_seed() -> int | None:
@@ -115,3 +116,21 @@ def accepting_channel():
     base.register(AcceptingAdapter())
     yield ChannelFactory(code="accepting-a", provider=AcceptingAdapter.name)
     base._adapters.pop(AcceptingAdapter.name, None)
+
+
+@pytest.fixture
+def stub():
+    """The stub provider (tests/stub_provider.py), registered under the name "stub"."""
+    provider = StubProvider()
+    base.register(provider)
+    yield provider
+    base._adapters.pop("stub", None)
+
+
+@pytest.fixture
+def channels(db):
+    """Two channels of the stub provider: stub-1 tried first, then stub-2."""
+    return [
+        ChannelFactory(code="stub-1", provider="stub", priority=1),
+        ChannelFactory(code="stub-2", provider="stub", priority=2),
+    ]

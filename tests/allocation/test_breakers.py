@@ -18,7 +18,7 @@ from gateway import services
 from gateway.providers.base import ChargeOutcome
 from orders.models import Order, OrderTransition
 from tests.factories import ChannelFactory, OrderFactory, make_merchant
-from tests.gateway.test_charge import assigned_order
+from tests.stub_provider import assigned_order
 
 
 @pytest.fixture
@@ -173,14 +173,3 @@ def test_a_refused_order_waits_for_a_cooling_channel_then_fails_over_to_it(break
     assert (order.status, order.channel) == ("processing", "stub-2")
     assert stub.charges == {f"{order.pk}:stub-2"}
     assert stub.calls.count(f"{order.pk}:stub-1") == 1
-
-
-@pytest.fixture
-def stub():
-    from gateway.providers import base
-    from tests.gateway.test_charge import StubProvider
-
-    provider = StubProvider()
-    base.register(provider)
-    yield provider
-    base._adapters.pop("stub", None)

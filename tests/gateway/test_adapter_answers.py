@@ -9,82 +9,43 @@ whatever may hide a charge is UNKNOWN.
 import json
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import pytest
 
 from allocation.models import PaymentChannel
 from gateway.providers.base import ChargeOutcome, ChargeRequest, ProviderError
 from gateway.providers.sandbox import MAX_ANSWER_BYTES, SandboxAdapter
+from tests.peers import LoopbackServer, read_http_request
 
 ACCEPTED, REJECTED, UNKNOWN = ChargeOutcome.ACCEPTED, ChargeOutcome.REJECTED, ChargeOutcome.UNKNOWN
 TIMEOUT = 0.5  # connect and read timeouts of the adapter under test: short, so the silent cases end
 DEADLINE = 30.0  # how long a peer thread may wait for the test before it gives up
 
 
-@dataclass
-class Peer:
-    """A TCP server on 127.0.0.1 that hands each connection to `script` in a thread of its own."""
+class Peer(LoopbackServer):
+    """A peer that hands each connection to `script(peer, conn)`; `requests` records what arrived."""
 
-    script: Callable[["Peer", socket.socket], None]
-    done: threading.Event = field(default_factory=threading.Event)
-    requests: list[bytes] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+    def __init__(self, script: Callable[["Peer", socket.socket], None]) -> None:
+        self.script = script
+        self.requests: list[bytes] = []
+        super().__init__()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _serve(self) -> None:
-        self.server.settimeout(0.2)
-        while not self.done.is_set():
-            try:
-                conn, _ = self.server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
-        with conn:
-            try:
-                self.script(self, conn)
-            except OSError:
-                pass  # the adapter hung up first: that is its business
+    def handle(self, conn: socket.socket) -> None:
+        self.script(self, conn)
 
     def read_request(self, conn: socket.socket) -> bytes:
         """The whole request (head and Content-Length body), recorded once it has arrived."""
         conn.settimeout(DEADLINE)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = conn.recv(65536)
-            if not chunk:
-                return data
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value.strip())
-        while len(body) < length:
-            body += conn.recv(65536)
-        self.requests.append(head + b"\r\n\r\n" + body)
-        return data
-
-    def close(self) -> None:
-        self.done.set()
-        self.server.close()
-        self.thread.join(timeout=DEADLINE)
+        request = read_http_request(conn)
+        if b"\r\n\r\n" in request:
+            self.requests.append(request)
+        return request
 
 
 def answer(status: int, body: bytes | str = b"", headers: dict | None = None):

@@ -9,72 +9,9 @@ from django.db import connection
 from config.logging import request_id_var
 from gateway import services
 from gateway.models import ChargeAttempt
-from gateway.providers import base
-from gateway.providers.base import ChargeOutcome, ChargeResult, StatusResult
+from gateway.providers.base import ChargeOutcome
 from orders.models import Order, OrderTransition, OutboxEvent
-from orders.transitions import order_transition
-from tests.factories import ChannelFactory, OrderFactory
-
-
-class StubProvider(base.ProviderAdapter):
-    """A provider that honours idempotency keys like a real one and answers as told per channel."""
-
-    name = "stub"
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.calls: list[str] = []
-        self.charges: set[str] = set()
-        self.answers: dict[str, ChargeOutcome] = {}
-        self.status = "pending"
-
-    def charge(self, *, channel, request):
-        with self.lock:
-            self.calls.append(request.idempotency_key)
-            outcome = self.answers.get(channel.code, ChargeOutcome.ACCEPTED)
-            if outcome != ChargeOutcome.REJECTED:
-                self.charges.add(request.idempotency_key)
-        return ChargeResult(outcome, provider_reference=f"ch_{request.idempotency_key}", http_status=201)
-
-    def fetch_status(self, *, channel, idempotency_key):
-        if idempotency_key not in self.charges:
-            return StatusResult("not_found")
-        return StatusResult(self.status)
-
-    def parse_webhook(self, *, body, headers):
-        raise base.InvalidWebhook("stub has no webhooks")
-
-
-@pytest.fixture
-def stub():
-    provider = StubProvider()
-    base.register(provider)
-    yield provider
-    base._adapters.pop("stub", None)
-
-
-@pytest.fixture
-def channels(db):
-    return [
-        ChannelFactory(code="stub-1", provider="stub", priority=1),
-        ChannelFactory(code="stub-2", provider="stub", priority=2),
-    ]
-
-
-def assigned_order(channel_code: str = "stub-1") -> Order:
-    order = OrderFactory()
-    order_transition(
-        order_id=order.pk, to="assigned", seen_status="pending", channel=channel_code, reason="test"
-    )
-    return Order.objects.get(pk=order.pk)
-
-
-def path(order: Order) -> list[tuple]:
-    return list(
-        OrderTransition.objects.filter(order=order)
-        .order_by("id")
-        .values_list("from_status", "to_status", "channel")
-    )
+from tests.stub_provider import assigned_order, path
 
 
 @pytest.mark.django_db

@@ -22,7 +22,7 @@ from gateway.providers import base
 from gateway.providers.base import ChargeOutcome
 from orders.models import Order, OrderTransition
 from tests.factories import ChannelFactory, OrderFactory, make_merchant
-from tests.gateway.test_charge import StubProvider, assigned_order, path
+from tests.stub_provider import StubProvider, assigned_order, path
 
 AMOUNT = 1050
 
@@ -247,97 +247,3 @@ def test_an_allocation_that_finds_no_room_does_not_fail_the_order_a_racing_copy_
         ("pending", "assigned")
     ]
     assert _reserved("tight") == AMOUNT
-
-
-@pytest.fixture
-def stub():
-    provider = StubProvider()
-    base.register(provider)
-    yield provider
-    base._adapters.pop("stub", None)
-
-
-@pytest.fixture
-def channels(db):
-    return [
-        ChannelFactory(code="stub-1", provider="stub", priority=1),
-        ChannelFactory(code="stub-2", provider="stub", priority=2),
-    ]
-
-
-class RecordingStub(StubProvider):
-    """Records each request's webhook address; its first answer is lost (unknown), nothing charged."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.webhook_urls: list[str] = []
-
-    def charge(self, *, channel, request):
-        with self.lock:
-            self.webhook_urls.append(request.webhook_url)
-            first = len(self.webhook_urls) == 1
-        if first:
-            return base.ChargeResult(ChargeOutcome.UNKNOWN, error="timeout: ReadTimeout")
-        return super().charge(channel=channel, request=request)
-
-
-@pytest.mark.django_db
-def test_a_resent_charge_is_the_identical_request_whichever_host_sends_it(settings):
-    """Issue 10 item 2: the retry of a charge must not depend on the sending host's settings."""
-    # given: a charge sent from host A, whose answer was lost
-    provider = RecordingStub()
-    base.register(provider)
-    try:
-        ChannelFactory(code="stub-1", provider="stub", priority=1)
-        settings.PUBLIC_BASE_URL = "https://pay-a.example"
-        order = assigned_order("stub-1")
-        services.order_charge(order_id=order.pk)
-        assert Order.objects.get(pk=order.pk).status == "processing"
-        # when: a worker on host B, configured differently, polls and finds nothing there
-        settings.PUBLIC_BASE_URL = "http://10.0.0.7:8000"
-        services.order_poll(order_id=order.pk)
-    finally:
-        base._adapters.pop("stub", None)
-    # then: the resent request is the first one, byte for byte in what the provider compares
-    assert len(provider.webhook_urls) == 2
-    assert provider.webhook_urls[0] == provider.webhook_urls[1]
-    assert provider.webhook_urls[0].startswith("https://pay-a.example/")
-
-
-class LostThenRefusingStub(StubProvider):
-    """The first request's answer is lost (it never arrived); asked again, the channel refuses."""
-
-    def charge(self, *, channel, request):
-        with self.lock:
-            self.calls.append(request.idempotency_key)
-            first = len(self.calls) == 1
-        outcome = ChargeOutcome.UNKNOWN if first else ChargeOutcome.REJECTED
-        return base.ChargeResult(
-            outcome, http_status=None if first else 503, error="" if first else "channel_unavailable"
-        )
-
-
-@pytest.mark.django_db
-def test_a_resent_charge_that_is_refused_fails_the_order_and_gives_the_reservation_back_once():
-    """Found by the fault suite: a refusal of the poll's resend was logged and dropped, so the
-    order polled, resent and was refused until the sweep gave up on it."""
-    provider = LostThenRefusingStub()
-    base.register(provider)
-    try:
-        ChannelFactory(code="stub-1", provider="stub", priority=1)
-        order = assigned_order("stub-1")
-        _reserve(order, "stub-1")
-        _reserve(OrderFactory(), "stub-1")
-        services.order_charge(order_id=order.pk)
-        assert Order.objects.get(pk=order.pk).status == "processing"
-        # when: the poll finds nothing at the provider and resends; twice (a duplicated poll)
-        services.order_poll(order_id=order.pk)
-        services.order_poll(order_id=order.pk)
-    finally:
-        base._adapters.pop("stub", None)
-    # then
-    order.refresh_from_db()
-    assert (order.status, order.outcome, order.failure_code) == ("failed", "failed", "channel_unavailable")
-    assert ChargeAttempt.objects.get(order=order).status == "rejected"
-    assert _reserved("stub-1") == AMOUNT  # the other order's reservation only
-    assert provider.charges == set()

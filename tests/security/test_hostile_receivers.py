@@ -20,70 +20,29 @@ from callbacks.models import CallbackAttempt, CallbackDelivery
 from callbacks.services import callback_deliver
 from orders.models import Order, OrderTransition
 from tests.factories import OrderFactory, make_paid, make_paid_order
+from tests.peers import LoopbackServer, read_http_request
 
 SAFETY_SECONDS = 60.0
 DRIP_INTERVAL = 0.05
 TIMEOUT_ERROR = "timeout: total 1 s exceeded"
 
 
-class RawReceiver:
-    """A loopback TCP server that reads each request (unless told not to) and hands the socket to
+class RawReceiver(LoopbackServer):
+    """A loopback receiver that reads each request (unless told not to) and hands the socket to
     `answer(conn, stop)`."""
 
     def __init__(self, answer: Callable[[socket.socket, threading.Event], None], read: bool = True) -> None:
         self.answer = answer
         self.read = read
-        self.stop = threading.Event()
         self.requests: list[bytes] = []
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.05)
-        self.port = self.listener.getsockname()[1]
+        super().__init__()
+        self.stop = self.done
         self.url = f"http://127.0.0.1:{self.port}/hook"
-        threading.Thread(target=self._accept, daemon=True).start()
 
-    def _accept(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            try:
-                if self.read:
-                    self.requests.append(_read_request(conn))
-                self.answer(conn, self.stop)
-            except OSError:
-                pass  # the client hung up: that is the point of most of these tests
-
-    def close(self) -> None:
-        self.stop.set()
-        self.listener.close()
-
-
-def _read_request(conn: socket.socket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(
-        (
-            int(line.split(b":")[1])
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"content-length")
-        ),
-        0,
-    )
-    while len(body) < length:
-        body += conn.recv(65536)
-    return head
+    def handle(self, conn: socket.socket) -> None:
+        if self.read:
+            self.requests.append(read_http_request(conn).partition(b"\r\n\r\n")[0])
+        self.answer(conn, self.stop)
 
 
 def drip(conn: socket.socket, stop: threading.Event, data: bytes) -> None:
