@@ -307,20 +307,30 @@ def make_machine(sandbox: Sandbox, receiver: Receiver, proxy: HoldingProxy, merc
                 )
             ]
 
-        @precondition(lambda self: len(self.held) < 2 and self._assigned())
-        @rule(data=st.data())
-        def charge_held_in_the_network(self, data):
-            """A copy of charge sends its request, which the network keeps for a while."""
-            self._charge_held(data.draw(st.sampled_from(sorted(self._assigned()))))
+        # Which orders are assigned, and whether a copy got parked, depend on the real sandbox and
+        # on timing: these rules draw the same shape of data whatever they find and do nothing
+        # when there is nothing to do, so Hypothesis sees one consistent generation (preconditions
+        # on that state made it report FlakyStrategyDefinition now and then).
+        def _pick_assigned(self, pick: int) -> str | None:
+            assigned = sorted(self._assigned())
+            return assigned[pick % len(assigned)] if assigned else None
 
-        @precondition(lambda self: not self.held and self._assigned())
+        @rule(pick=st.integers(0, 1))
+        def charge_held_in_the_network(self, pick):
+            """A copy of charge sends its request, which the network keeps for a while."""
+            order_id = self._pick_assigned(pick)
+            if order_id is not None and len(self.held) < 2:
+                self._charge_held(order_id)
+
         @rule(
-            data=st.data(),
+            pick=st.integers(0, 1),
             meanwhile=st.lists(st.sampled_from(["advance", "advance", "events", "poll"]), max_size=4),
         )
-        def charge_overtaken_while_held(self, data, meanwhile):
+        def charge_overtaken_while_held(self, pick, meanwhile):
             """A copy of charge is held in the network while other deliveries move the order on."""
-            order_id = data.draw(st.sampled_from(sorted(self._assigned())))
+            order_id = self._pick_assigned(pick)
+            if order_id is None or self.held:
+                return
             self._charge_held(order_id)
             for step in meanwhile:
                 {
@@ -339,9 +349,10 @@ def make_machine(sandbox: Sandbox, receiver: Receiver, proxy: HoldingProxy, merc
             else:
                 copy.finish()
 
-        @precondition(lambda self: self.held)
         @rule(which=st.integers(0, 1))
         def release_held(self, which):
+            if not self.held:
+                return
             copy = self.held[which % len(self.held)]
             self.held.remove(copy)
             REACHED["held copy released, order " + Order.objects.get(pk=copy.order_id).status] += 1
