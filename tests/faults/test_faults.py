@@ -147,7 +147,8 @@ def test_worker_killed_in_a_stage_window(faults, point):
     with Armer(point, times=2) as armer:
         # when the pool child running the task dies there, twice
         load.run()
-        wait_for(lambda: len(armer.fired) == 2, 40, f"{point} to fire twice")
+        # generous: under a loaded machine the second poll (or stage) can come late
+        wait_for(lambda: len(armer.fired) == 2, 120, f"{point} to fire twice")
     assert_dead(armer.fired)
     # and the task markers of the dead children name the orders they were running, in that stage
     in_flight = killed_in_stage(faults, point, armer.fired)
