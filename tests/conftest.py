@@ -1,8 +1,6 @@
 """Shared fixtures: real PostgreSQL (pytest-django's test database) and real Redis."""
 
 import os
-import subprocess
-from pathlib import Path
 
 import pytest
 from hypothesis import core as hypothesis_core
@@ -14,22 +12,14 @@ from gateway.providers import base
 from gateway.providers.base import ChargeOutcome, ChargeResult, InvalidWebhook, ProviderAdapter, StatusResult
 from orders.redis_client import get_redis
 from tests.factories import ChannelFactory, make_merchant
+from tests.seeds import commit_hash
 from tests.stub_provider import StubProvider
 
 
 def _commit_seed() -> int | None:
-    """The seed of this commit: the first 8 hex digits of HEAD, or None outside a git checkout."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return int(head[:8], 16)
+    """The first 8 hex digits of the commit under test, or None outside a git checkout."""
+    head = commit_hash()
+    return int(head[:8], 16) if head else None
 
 
 # Property tests in CI: the same examples for one commit (a red build is reproducible: re-run it,

@@ -21,9 +21,7 @@ import contextlib
 import hashlib
 import os
 import re
-import subprocess
 from collections import Counter
-from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
@@ -46,24 +44,15 @@ from schemathesis.checks import (
 from config.wsgi import application
 from orders.serializers import CURRENCY_CODES
 from tests.factories import OrderFactory, make_merchant
+from tests.seeds import commit_hash
 
 
 def _seed() -> int:
     """FUZZ_SEED, else the commit under test: new cases per commit, the same ones for a commit."""
     if os.environ.get("FUZZ_SEED"):
         return int(os.environ["FUZZ_SEED"])
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        return int(commit[:12], 16)
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return 20261130  # no git (a source tarball): a fixed seed
+    commit = commit_hash()
+    return int(commit[:12], 16) if commit else 20261130  # no git (a source tarball): a fixed seed
 
 
 SEED = _seed()
