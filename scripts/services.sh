@@ -34,7 +34,8 @@ ensure_packages() {
 
 # PostgreSQL refuses to run as root: when we are root, the cluster belongs to 'postgres'.
 as_pg() {
-  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+  # From /: postgres may not be allowed into the checkout we run from.
+  if [ "$(id -u)" = 0 ]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
 }
 
 # Where the cluster lives. As root, PostgreSQL runs as 'postgres', which must be able to walk

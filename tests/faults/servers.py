@@ -37,7 +37,9 @@ def _chown_postgres(path: Path) -> None:
 
 def _postgres_can_enter(path: Path) -> bool:
     return (
-        subprocess.run(["runuser", "-u", "postgres", "--", "test", "-x", str(path)], check=False).returncode
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", "test", "-x", str(path)], check=False, cwd="/"
+        ).returncode
         == 0
     )
 
@@ -98,6 +100,7 @@ class PgServer:
                 ),
                 check=True,
                 stdout=subprocess.DEVNULL,
+                cwd="/",  # postgres may not be allowed into the checkout
             )
             with open(self.data / "postgresql.conf", "a") as conf:
                 conf.write(
@@ -127,6 +130,7 @@ class PgServer:
             ),
             check=True,
             stdout=subprocess.DEVNULL,
+            cwd="/",
         )
 
     def stop(self) -> None:
@@ -135,6 +139,7 @@ class PgServer:
                 _as_postgres([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"]),
                 check=True,
                 stdout=subprocess.DEVNULL,
+                cwd="/",
             )
 
     def recreate_database(self, name: str) -> None:
