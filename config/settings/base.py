@@ -3,7 +3,8 @@
 from pathlib import Path
 
 import environ
-from kombu import Queue
+
+from config.broker import broker_settings
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 env = environ.Env()
@@ -70,10 +71,14 @@ DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env("REDIS_URL", default="redis://127.0.0.1:56379/0")
+# Rate limits, circuit breakers and the cache (orders/redis_client.py, CACHES): soft state, on a
+# Redis of their own when CACHE_URL names one, else on REDIS_URL (a plain redis:// URL, also under
+# a sentinel:// or amqp:// broker: losing it costs counts and cached values, never an order).
+CACHE_URL = env("CACHE_URL", default=REDIS_URL)
 CACHES = {
     "default": {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
-        "LOCATION": REDIS_URL,
+        "LOCATION": CACHE_URL,
         "OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 1},
     }
 }
@@ -123,10 +128,12 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
 }
 
-# --- Celery (SPEC 9): Redis only carries work; PostgreSQL is the record.
+# --- Celery (SPEC 9): the broker only carries work; PostgreSQL is the record.
+# The broker is chosen by its URL alone (SPEC 12, config/broker.py): redis://, rediss://,
+# sentinel://h1:p;sentinel://h2:p (master CELERY_BROKER_SENTINEL_MASTER), amqp:// (RabbitMQ).
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL)
-# Kombu's Redis transport sharing one client per channel (see config/broker.py).
-CELERY_BROKER_TRANSPORT = "config.broker:Transport"
+CELERY_BROKER_SENTINEL_MASTER = env("CELERY_BROKER_SENTINEL_MASTER", default="mymaster")
+CELERY_VISIBILITY_TIMEOUT = env.int("CELERY_VISIBILITY_TIMEOUT", default=300)
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
@@ -135,12 +142,6 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
-CELERY_BROKER_TRANSPORT_OPTIONS = {
-    # An unacked message comes back after this long if its worker died; longer than any task.
-    "visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=300),
-    "socket_connect_timeout": 2,
-    "socket_timeout": 5,
-}
 # The web process must not hang on a dead Redis: the outbox relay publishes later.
 CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2}
 # Celery 5.6+ closes the DB connection around every task unless told to reuse it.
@@ -150,7 +151,15 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_WORKER_CONSUMER = "config.celery_worker:Consumer"
 CELERY_TASK_DEFAULT_QUEUE = "orders"
 SERVICE_QUEUES = ("orders", "allocation", "gateway", "callbacks")
-CELERY_TASK_QUEUES = [Queue(name) for name in SERVICE_QUEUES]
+# CELERY_BROKER_TRANSPORT(_OPTIONS), CELERY_TASK_QUEUES, ...: what the broker's kind asks for.
+globals().update(
+    broker_settings(
+        CELERY_BROKER_URL,
+        sentinel_master=CELERY_BROKER_SENTINEL_MASTER,
+        visibility_timeout=CELERY_VISIBILITY_TIMEOUT,
+        queues=SERVICE_QUEUES,
+    )
+)
 # A task named "<app>.<name>" runs on the queue of its app.
 CELERY_TASK_ROUTES = {f"{name}.*": {"queue": name} for name in SERVICE_QUEUES}
 CELERY_TASK_TIME_LIMIT = 120
