@@ -166,6 +166,14 @@ CELERY_TASK_TIME_LIMIT = 120
 CELERY_TASK_SOFT_TIME_LIMIT = 100
 
 # --- Beat: the outbox relay and the recovery sweeps (SPEC 8).
+# Beat may run on several machines; one schedules at a time, holding a PostgreSQL advisory lock
+# (config/beat.py). A session lock: via PgBouncer in transaction mode, BEAT_LOCK_DATABASE_URL
+# must name PostgreSQL itself. Standbys try every BEAT_LOCK_RETRY_SECONDS; a holder that vanished
+# without closing its socket loses the lock after about BEAT_LOCK_KEEPALIVE_SECONDS.
+CELERY_BEAT_SCHEDULER = "config.beat:LockedScheduler"
+BEAT_LOCK_DATABASE_URL = env("BEAT_LOCK_DATABASE_URL", default="")
+BEAT_LOCK_RETRY_SECONDS = env.float("BEAT_LOCK_RETRY_SECONDS", default=5.0)
+BEAT_LOCK_KEEPALIVE_SECONDS = env.float("BEAT_LOCK_KEEPALIVE_SECONDS", default=30.0)
 BEAT_INTERVAL_SECONDS = env.float("BEAT_INTERVAL_SECONDS", default=5.0)
 CELERY_BEAT_SCHEDULE = {
     "outbox-relay": {"task": "orders.relay_outbox", "schedule": BEAT_INTERVAL_SECONDS},
