@@ -6,6 +6,7 @@ from django.db import OperationalError
 
 from callbacks import services
 from config.celery_app import app as celery_app
+from config.retention import retention_cutoff
 
 
 @shared_task(
@@ -25,3 +26,11 @@ def sweep_deliveries() -> int:
     for order_id in due:
         celery_app.send_task("callbacks.callback", args=[{"order_id": order_id, "redelivery": True}])
     return len(due)
+
+
+@shared_task(name="callbacks.prune_history")
+def prune_history() -> dict[str, int]:
+    """Retention of this service's history (SPEC 12), asked for by orders.prune_history."""
+    return services.attempts_prune(
+        before=retention_cutoff(), batch=settings.RETENTION_BATCH, max_batches=settings.RETENTION_MAX_BATCHES
+    )

@@ -1,8 +1,10 @@
 """Gateway stages: charge an assigned order, confirm a provider's answer, poll a silent provider."""
 
 from celery import shared_task
+from django.conf import settings
 from django.db import OperationalError
 
+from config.retention import retention_cutoff
 from gateway import services
 
 RETRY = {"autoretry_for": (OperationalError,), "retry_backoff": 1, "retry_backoff_max": 30, "max_retries": 5}
@@ -30,3 +32,11 @@ def confirm(message: dict) -> None:
 @shared_task(name="gateway.poll", **RETRY)
 def poll(event: dict) -> None:
     services.order_poll(order_id=event["order_id"])
+
+
+@shared_task(name="gateway.prune_history")
+def prune_history() -> dict[str, int]:
+    """Retention of this service's history (SPEC 12), asked for by orders.prune_history."""
+    return services.webhooks_prune(
+        before=retention_cutoff(), batch=settings.RETENTION_BATCH, max_batches=settings.RETENTION_MAX_BATCHES
+    )
