@@ -16,6 +16,8 @@ ensure_packages() {
   local missing=()
   [ -n "$(pg_bindir)" ] || missing+=(postgresql)
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  # The scale tests (tests/scale) start a RabbitMQ node of their own; the stack itself does not.
+  [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" = 0 ]; then
     echo "Installing Debian packages: ${missing[*]}"
@@ -25,6 +27,7 @@ ensure_packages() {
     # The Debian package starts its own cluster on 5432; we run our own, so stop it.
     if command -v pg_ctlcluster >/dev/null 2>&1; then service postgresql stop >/dev/null 2>&1 || true; fi
     service redis-server stop >/dev/null 2>&1 || true
+    service rabbitmq-server stop >/dev/null 2>&1 || true
   else
     echo "Missing: ${missing[*]}. Install them with:" >&2
     echo "  sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2

@@ -172,7 +172,8 @@ class RabbitNode:
             timeout=timeout,
         ).stdout
 
-    def start(self) -> None:
+    def launch(self) -> None:
+        """Start the node without waiting for it (it boots in about ten seconds): see ready()."""
         shutil.rmtree(self.root, ignore_errors=True)
         for sub in ("home", "mnesia", "log"):
             (self.root / sub).mkdir(parents=True)
@@ -187,6 +188,8 @@ class RabbitNode:
                 start_new_session=True,
                 cwd=self.root,
             )
+
+    def ready(self) -> None:
         self.ctl("wait", "--timeout", "90", self.env["RABBITMQ_PID_FILE"], timeout=100)
 
     def queues(self) -> dict[str, str]:

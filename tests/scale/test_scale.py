@@ -76,7 +76,7 @@ def test_two_beats_one_schedules_and_the_other_takes_over(sentinel_stack):
     # both beats alive: each sweep runs once per interval, not twice
     time.sleep(1)
     start = time.time()
-    time.sleep(8)
+    time.sleep(6)
     end = time.time()
     periods = (end - start) / interval
     both_alive = _runs(stack, start, end)
@@ -116,9 +116,9 @@ def test_two_beats_one_schedules_and_the_other_takes_over(sentinel_stack):
     # and the survivor alone schedules once per interval
     time.sleep(1)
     start = time.time()
-    time.sleep(4)
+    time.sleep(3)
     alone = _runs(stack, start, time.time())
-    assert all(2 <= runs <= 5 for runs in alone.values()), alone
+    assert all(1 <= runs <= 4 for runs in alone.values()), alone
 
 
 def test_rabbitmq_quorum_queues_worker_killed_mid_charge(rabbit_stack):
@@ -128,7 +128,7 @@ def test_rabbitmq_quorum_queues_worker_killed_mid_charge(rabbit_stack):
     stack = rabbit_stack
     name = "worker-gateway-a"
     stack.arm(name, "charge.after_provider")
-    stack.stop(name)
+    stack.kill(name)  # restarted below with the point
     stack.ensure_running()
     queues = stack.node.queues()
     assert {queue: queues.get(queue) for queue in QUEUES} == dict.fromkeys(QUEUES, "quorum"), queues
@@ -156,8 +156,7 @@ def test_rabbitmq_quorum_queues_worker_killed_mid_charge(rabbit_stack):
         webhook_secret=stack.webhook_secret,
     )  # fmt: skip
     assert_clean(report)
-    stack.env.pop(f"POINTS_{name}")
-    stack.ensure_running()
+    stack.env.pop(f"POINTS_{name}")  # the next start of the worker carries no point
 
 
 def _runs_of(stack, pid: int) -> list[dict]:
@@ -200,4 +199,3 @@ def test_rabbitmq_two_hosts_one_sigkilled_mid_load(rabbit_stack):
     assert_clean(report)
     # host b alone finished the load: every queue still had a consumer
     assert {f"{queue}@host-b" for queue in QUEUES} <= stack.workers()
-    stack.ensure_running()
