@@ -362,9 +362,9 @@ def callback_resend_for_order(*, order_id) -> str:
 
 # --- Retention (SPEC 12): attempts are history; each delivery keeps its count and last error.
 _PRUNE_ATTEMPTS_SQL = """
-DELETE FROM callbacks_callbackattempt WHERE id IN (
+DELETE FROM callbacks_callbackattempt WHERE id = ANY(ARRAY(
     SELECT id FROM callbacks_callbackattempt WHERE attempted_at < %(before)s
-    ORDER BY attempted_at LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
+    ORDER BY attempted_at LIMIT %(batch)s FOR UPDATE SKIP LOCKED))
 """
 
 

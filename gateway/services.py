@@ -518,9 +518,9 @@ def _resend_refused(*, order: Order, attempt: ChargeAttempt, result: ChargeResul
 # --- Retention (SPEC 12): provider webhooks are history once their confirm ran. Charge attempts
 # stay: they are the record of what the provider was asked to take.
 _PRUNE_WEBHOOKS_SQL = """
-DELETE FROM gateway_providerwebhook WHERE id IN (
+DELETE FROM gateway_providerwebhook WHERE id = ANY(ARRAY(
     SELECT id FROM gateway_providerwebhook WHERE received_at < %(before)s
-    ORDER BY received_at LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
+    ORDER BY received_at LIMIT %(batch)s FOR UPDATE SKIP LOCKED))
 """
 
 

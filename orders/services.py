@@ -325,14 +325,14 @@ def orders_sweep(*, batch: int) -> int:
 
 # --- Retention (SPEC 12): history-only rows of the orders service. Orders and transitions stay.
 _PRUNE_OUTBOX_SQL = """
-DELETE FROM orders_outboxevent WHERE id IN (
+DELETE FROM orders_outboxevent WHERE id = ANY(ARRAY(
     SELECT id FROM orders_outboxevent WHERE published_at < %(before)s
-    ORDER BY published_at LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
+    ORDER BY published_at LIMIT %(batch)s FOR UPDATE SKIP LOCKED))
 """
 _PRUNE_IGNORED_SQL = """
-DELETE FROM orders_ignoredsignal WHERE id IN (
+DELETE FROM orders_ignoredsignal WHERE id = ANY(ARRAY(
     SELECT id FROM orders_ignoredsignal WHERE created_at < %(before)s
-    ORDER BY created_at LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
+    ORDER BY created_at LIMIT %(batch)s FOR UPDATE SKIP LOCKED))
 """
 
 

@@ -147,3 +147,4 @@ def test_each_batch_finds_its_rows_through_an_index(sql, index):
         cursor.execute("EXPLAIN " + sql, {"before": timezone.now(), "batch": 100})
         plan = "\n".join(row[0] for row in cursor.fetchall())
     assert re.search(rf"Index Scan (using|on) {index}\b", plan), plan
+    assert "Seq Scan" not in plan, plan
