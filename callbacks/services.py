@@ -15,9 +15,9 @@ from django.utils import timezone
 from callbacks.http import PostResult, post_json, storable_text
 from callbacks.models import CallbackDelivery
 from callbacks.signing import signature_headers
-from config import metrics
-from config.faults import fault_point
-from config.retention import delete_in_batches
+from core import metrics
+from core.faults import fault_point
+from core.retention import delete_in_batches
 from orders.models import Order, OrderStatus
 from orders.serializers import order_representation
 from orders.services import merchant_signing_secrets

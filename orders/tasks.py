@@ -3,7 +3,7 @@
 from celery import current_app, shared_task
 from django.conf import settings
 
-from config.retention import retention_cutoff
+from core.retention import retention_cutoff
 from orders import outbox, services
 
 

@@ -1,4 +1,4 @@
-"""One beat schedules at a time (SPEC 12): the PostgreSQL advisory lock of config/beat.py, on the
+"""One beat schedules at a time (SPEC 12): the PostgreSQL advisory lock of core/beat.py, on the
 test database. tests/scale/test_scale.py runs two real beats and kills the active one."""
 
 import time
@@ -6,7 +6,7 @@ import time
 import psycopg2
 import pytest
 
-from config.beat import LOCK_KEY, BeatLock, _connect
+from core.beat import LOCK_KEY, BeatLock, _connect
 
 
 @pytest.fixture
