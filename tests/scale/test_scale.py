@@ -16,6 +16,7 @@ import json
 import time
 
 import pytest
+import requests
 
 from tests.e2e.conftest import QUEUES, wait_for
 from tests.faults import harness
@@ -25,6 +26,14 @@ pytestmark = [pytest.mark.faults]
 
 OPEN = ("pending", "assigned", "processing", "paid", "failed")
 SWEEPS = ("orders.relay_outbox", "orders.sweep_orders", "callbacks.sweep_deliveries")
+
+
+def assert_queue_depths_scraped(stack) -> None:
+    """/metrics reads the depth of every service queue from the stack's broker."""
+    text = requests.get(f"http://{stack.web}/metrics", timeout=10).text
+    assert "metrics_scrape_error" not in text, text[-2000:]
+    for queue in QUEUES:
+        assert f'celery_queue_depth{{queue="{queue}"}}' in text, queue
 
 
 def in_flight_at(stack, load, moment: float) -> set[str]:
@@ -199,3 +208,4 @@ def test_rabbitmq_two_hosts_one_sigkilled_mid_load(rabbit_stack):
     assert_clean(report)
     # host b alone finished the load: every queue still had a consumer
     assert {f"{queue}@host-b" for queue in QUEUES} <= stack.workers()
+    assert_queue_depths_scraped(stack)
