@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Owns the embedded PostgreSQL and Redis under .run/: install (Debian packages), init, start, stop.
-# Usage: scripts/services.sh {ensure|start|stop|status}
+# Usage: scripts/services.sh {ensure|ensure-test|start|stop|status}
+# (ensure-test: also installs rabbitmq-server, which tests/scale runs a node of)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -17,7 +18,7 @@ ensure_packages() {
   [ -n "$(pg_bindir)" ] || missing+=(postgresql)
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
   # The scale tests (tests/scale) start a RabbitMQ node of their own; the stack itself does not.
-  [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
+  if [ "${1:-}" = test ]; then [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server); fi
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" = 0 ]; then
     echo "Installing Debian packages: ${missing[*]}"
@@ -113,8 +114,9 @@ stop_all() {
 
 case "${1:-ensure}" in
   ensure) ensure_packages; start_pg; start_redis ;;
+  ensure-test) ensure_packages test; start_pg; start_redis ;;
   start) start_pg; start_redis ;;
   stop) stop_all ;;
   status) pg_running && echo "postgres: up" || echo "postgres: down"; redis_running && echo "redis: up" || echo "redis: down" ;;
-  *) echo "usage: $0 {ensure|start|stop|status}" >&2; exit 2 ;;
+  *) echo "usage: $0 {ensure|ensure-test|start|stop|status}" >&2; exit 2 ;;
 esac

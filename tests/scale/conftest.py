@@ -322,7 +322,9 @@ def sentinel_stack(scale_template, cache_redis, sentinel_group, rabbit_node):
 def rabbit_node():
     """Launched, not waited for: rabbit_stack waits until it is ready."""
     if not RabbitNode.available():
-        pytest.fail("rabbitmq-server is not installed (scripts/services.sh ensure installs it)")
+        pytest.fail(
+            "rabbitmq-server is not installed (scripts/services.sh ensure-test, run by make test, installs it)"
+        )
     node = RabbitNode(SCALE / "rabbitmq-node", port=BASE + 35, dist_port=BASE + 36, epmd_port=BASE + 37)
     try:
         node.launch()
