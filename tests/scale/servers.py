@@ -9,6 +9,7 @@ distribution port, cookie (HOME) and data directory, so it never meets another n
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -204,10 +205,20 @@ class RabbitNode:
                 pass
             self.proc.wait(timeout=10)
             self.proc = None
-        # the node's own Erlang port mapper, a daemon on our port: asked to go, by that port
-        subprocess.run(
-            ["epmd", "-port", self.env["ERL_EPMD_PORT"], "-kill"],
-            capture_output=True,
-            check=False,
-            timeout=10,
-        )
+        # the node's own Erlang port mapper, a daemon on our port: asked to go, by that port,
+        # until its port closes (it refuses while the killed node is still registered)
+        deadline = time.monotonic() + 10
+        while _listening(int(self.env["ERL_EPMD_PORT"])) and time.monotonic() < deadline:
+            subprocess.run(
+                ["epmd", "-port", self.env["ERL_EPMD_PORT"], "-kill"],
+                capture_output=True,
+                check=False,
+                timeout=5,
+            )
+            time.sleep(0.2)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
