@@ -350,3 +350,13 @@ def rabbit_stack(scale_template, cache_redis, rabbit_node):
         yield stack
     finally:
         stack.teardown()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The scenarios' count lines, unless tests/faults' summary (which prints every line) runs too."""
+    import sys
+
+    if harness.FAULT_LINES and "tests.faults.conftest" not in sys.modules:
+        terminalreporter.section("scale scenarios")
+        for line in harness.FAULT_LINES:
+            terminalreporter.write_line(line)
