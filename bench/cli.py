@@ -17,7 +17,7 @@ from bench.stack import (
     stack_env_differences,
     stack_restart,
 )
-from bench.system import Workers, machine
+from bench.system import Servers, Workers, machine, parent_pid
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -124,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
             timeout=args.timeout,
             log=_log,
             databases=frozenset({observer.database_name(), endpoints.sandbox_database_name}),
+            product_database=observer.database_name(),
+            servers=Servers(
+                postmaster=parent_pid(observer.backend_pid()),
+                redis=workers.server_pid(),
+                own_backends=frozenset({observer.backend_pid()}),
+            ),
         )
         stored_id = creds["stored"]["id"]
         if args.mode == "all" and ctx.observer.merchant_order_count(stored_id):
