@@ -54,8 +54,13 @@ _FOREIGN_ENV = (
 def source_dir(explicit: str | None = None) -> Path | None:
     """The shared reference folder: --ceiling-dir, $BENCH_CEILING_DIR, or `shared/bench/ceiling`
     beside the checkout (/work/main) or beside its worktree folder (/work/wt/<name>)."""
-    candidates = [explicit, os.environ.get("BENCH_CEILING_DIR")]
-    candidates += [str(base / "shared" / "bench" / "ceiling") for base in (ROOT.parent, ROOT.parent.parent)]
+    named = explicit or os.environ.get("BENCH_CEILING_DIR")
+    # A folder named by the caller is the only one tried: a wrong name is an error, not a fallback.
+    candidates = (
+        [named]
+        if named
+        else [str(b / "shared" / "bench" / "ceiling") for b in (ROOT.parent, ROOT.parent.parent)]
+    )
     for candidate in candidates:
         if candidate and (Path(candidate) / "ceiling.py").is_file():
             return Path(candidate)
@@ -188,7 +193,11 @@ def run(
     }
     folder = source_dir(source)
     if folder is None:
-        out["error"] = "reference folder shared/bench/ceiling not found (--ceiling-dir or BENCH_CEILING_DIR)"
+        named = source or os.environ.get("BENCH_CEILING_DIR") or "shared/bench/ceiling"
+        out["error"] = (
+            f"reference folder not found: {named}"
+            " (no ceiling.py there; --ceiling-dir or BENCH_CEILING_DIR name it)"
+        )
         return out
     out["source"] = str(folder)
     started_services = False
