@@ -6,13 +6,14 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# Issue 5's targets for this 2-core machine: (name, section, key, comparison, bound).
+# The targets for this 2-core machine: (name, section, key, comparison, bound). Issue 5's, with
+# issue 15's where it restated them (end to end >= 65/s with refunds, Stripe and scale-out in).
 TARGETS = (
-    ("burst end-to-end orders/s", "burst", "e2e_per_s", ">=", 70),
+    ("burst end-to-end orders/s", "burst", "e2e_per_s", ">=", 65),
     ("burst API create orders/s", "burst", "api_create_per_s", ">=", 400),
     ("steady p99 create->completed ms", "steady", "p99_ms", "<=", 500),
     ("SQL statements per order", None, "queries_per_order", "<=", 40),
-    # Issue 15's: our own processes' CPU per completed order in the burst.
+    # Our own processes' CPU per completed order in the burst.
     ("burst product CPU ms per order", "burst", "product_cpu_ms_per_order", "<=", 25),
     ("growth e2e and p99 within 10 %", "growth", "within_10pct", "==", True),
     ("growth CPU and SQL/order within 10 %", "growth", "work_within_10pct", "==", True),
