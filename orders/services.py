@@ -277,7 +277,6 @@ def idempotency_keys_prune(*, older_than_hours: int) -> int:
     return deleted
 
 
-MAX_SWEEP_BACKOFF_SECONDS = 3600.0
 MAX_SWEEP_CHECKS = 30
 
 
@@ -310,7 +309,7 @@ def orders_sweep(*, batch: int) -> int:
                 if order.status == OrderStatus.PROCESSING
                 else settings.STAGE_TIMEOUT_SECONDS[order.status]
             )
-            delay = min(base * (2 ** min(order.check_count, 16)), MAX_SWEEP_BACKOFF_SECONDS)
+            delay = min(base * (2 ** min(order.check_count, 16)), settings.SWEEP_MAX_BACKOFF_SECONDS)
             Order.objects.filter(pk=order.pk).update(
                 next_check_at=now + timedelta(seconds=delay), check_count=order.check_count + 1
             )
