@@ -6,7 +6,9 @@ from dataclasses import dataclass
 ORDER_CREATED = "order-created"
 CHANNEL_ALLOCATED = "payment-channel-allocated"
 ORDER_UPDATED = "order-updated"
-TOPICS = (ORDER_CREATED, CHANNEL_ALLOCATED, ORDER_UPDATED)
+REFUND_CREATED = "refund-created"
+REFUND_UPDATED = "refund-updated"
+TOPICS = (ORDER_CREATED, CHANNEL_ALLOCATED, ORDER_UPDATED, REFUND_CREATED, REFUND_UPDATED)
 
 
 @dataclass(frozen=True)
