@@ -8,6 +8,15 @@ from rest_framework import exceptions, status
 from rest_framework.response import Response
 
 from config.middleware import error_response
+from orders import errors as domain
+
+# The API layer's mapping of domain errors (raised by services, which know no HTTP) to statuses.
+_DOMAIN_STATUS = (
+    (domain.NotFound, 404),
+    (domain.Conflict, 409),
+    (domain.Unprocessable, 422),
+    (domain.InvalidRequest, 400),
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +78,9 @@ def api_exception_handler(exc, context) -> Response | None:
         )
         response["Retry-After"] = "1"
         return response
+    if isinstance(exc, domain.DomainError):
+        status_code = next((code for cls, code in _DOMAIN_STATUS if isinstance(exc, cls)), 400)
+        exc = ApiError(status_code, exc.code, exc.message, exc.fields)
     if isinstance(exc, ApiError):
         body = {"error": {"code": exc.code, "message": exc.message}}
         if exc.fields:

@@ -7,7 +7,7 @@ from django.db import connection
 from django.db.models import Count, QuerySet
 from django.db.models.functions import TruncMinute
 
-from orders.models import Merchant, Order, OrderStatus, OrderTransition, OutboxEvent
+from orders.models import Merchant, Order, OrderStatus, OrderTransition, OutboxEvent, Refund, RefundTransition
 
 
 def order_list(*, merchant: Merchant, filters: dict) -> QuerySet[Order]:
@@ -28,6 +28,19 @@ def order_get(*, merchant: Merchant, order_id) -> Order | None:
 
 def order_transitions(*, order: Order) -> QuerySet[OrderTransition]:
     return OrderTransition.objects.filter(order=order).order_by("id")
+
+
+def refunds_of_order(*, order: Order) -> QuerySet[Refund]:
+    """The order's refunds, oldest first (the refund_order index)."""
+    return Refund.objects.filter(order=order).order_by("created_at", "id")
+
+
+def refund_get(*, merchant: Merchant, refund_id) -> Refund | None:
+    return Refund.objects.filter(merchant=merchant, pk=refund_id).first()
+
+
+def refund_transitions(*, refund: Refund) -> QuerySet[RefundTransition]:
+    return RefundTransition.objects.filter(refund=refund).order_by("id")
 
 
 # --- operators' console (admin, dashboard) -----------------------------------------------------

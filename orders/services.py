@@ -6,6 +6,7 @@ import hmac
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -14,12 +15,19 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from config import metrics
-from config.errors import ApiError
 from orders import crypto, events
-from orders.models import IdempotencyKey, Merchant, Order, OrderStatus
+from orders.errors import (
+    AmountExceedsRefundable,
+    DuplicateReference,
+    IdempotencyKeyInUse,
+    IdempotencyKeyReused,
+    NotFound,
+    OrderNotRefundable,
+)
+from orders.models import IdempotencyKey, Merchant, Order, OrderStatus, Outcome, Refund, RefundStatus
 from orders.outbox import event_emit
-from orders.serializers import order_representation
-from orders.transitions import order_insert
+from orders.serializers import order_representation, refund_representation
+from orders.transitions import order_insert, refund_insert
 
 logger = logging.getLogger(__name__)
 
@@ -185,75 +193,164 @@ _KEY_DONE_SQL = (
 )
 
 
-def order_create(
-    *, merchant: Merchant, idempotency_key: str, data: dict, request_id: str = ""
+def _idempotent(
+    *, merchant: Merchant, idempotency_key: str, fingerprint: str, create: Callable[[_Claim], CreateResult]
 ) -> CreateResult:
-    """Create an order once per Idempotency-Key (SPEC 3); replay the stored answer afterwards."""
-    fingerprint = request_fingerprint(data)
+    """Run `create` once per Idempotency-Key (SPEC 3, 10); replay its stored answer afterwards.
+
+    `create` gets the claim and must store its answer with `_KEY_DONE_SQL` in the transaction
+    that creates the thing; if it raises, the key is released so the client may retry with it.
+    """
     claim = _claim_key(merchant=merchant, key=idempotency_key, fingerprint=fingerprint)
     if claim is None:
         existing = IdempotencyKey.objects.filter(merchant=merchant, key=idempotency_key).first()
         if existing is None:  # pruned or released between the two statements: try once more
             claim = _claim_key(merchant=merchant, key=idempotency_key, fingerprint=fingerprint)
             if claim is None:
-                raise ApiError(
-                    409, "idempotency_key_in_use", "A request with this Idempotency-Key is in flight."
-                )
+                raise IdempotencyKeyInUse("A request with this Idempotency-Key is in flight.")
         elif existing.request_hash != fingerprint:
-            raise ApiError(
-                422,
-                "idempotency_key_reused",
-                "This Idempotency-Key was used with a different request body.",
-            )
+            raise IdempotencyKeyReused("This Idempotency-Key was used with a different request body.")
         elif existing.state == IdempotencyKey.State.DONE:
             return CreateResult(existing.response_status, existing.response_body, True)
         else:
             # A request that died mid-flight left its key in flight: the first retry after the
-            # timeout takes it over (the dead request's transaction never committed an order).
+            # timeout takes it over (the dead request's transaction never committed anything).
             claim = _take_over_stale_key(key_id=existing.pk)
             if claim is None:
-                raise ApiError(
-                    409, "idempotency_key_in_use", "A request with this Idempotency-Key is in flight."
-                )
-    now = timezone.now()
-    order = Order(
-        merchant=merchant,
-        reference=data["reference"],
-        amount=data["amount"],
-        currency=data["currency"],
-        description=data.get("description", ""),
-        metadata=data.get("metadata", {}),
-        callback_url=data.get("callback_url") or merchant.callback_url,
-        status=OrderStatus.PENDING,
-        request_id=request_id,
-        created_at=now,
-        updated_at=now,
-        next_check_at=now + timedelta(seconds=settings.STAGE_TIMEOUT_SECONDS["pending"]),
-    )
-    body = json.loads(json.dumps(order_representation(order), default=str))
+                raise IdempotencyKeyInUse("A request with this Idempotency-Key is in flight.")
     try:
-        with transaction.atomic():
-            order_insert(order=order, then_sql=_KEY_DONE_SQL, then_params=[json.dumps(body), claim.key_id])
-    except IntegrityError as exc:
-        _release_claim(claim)
-        if "order_reference_unique_per_merchant" in str(exc):
-            raise ApiError(
-                409,
-                "duplicate_reference",
-                "An order with this reference already exists.",
-                {"reference": ["Already used by another order."]},
-            ) from exc
-        raise
+        return create(claim)
     except BaseException:
         # Let the client retry with the same key: nothing was created.
         _release_claim(claim)
         raise
-    logger.info(
-        "order.created",
-        extra={"order_id": str(order.id), "merchant": str(merchant.id), "amount": order.amount},
+
+
+def order_create(
+    *, merchant: Merchant, idempotency_key: str, data: dict, request_id: str = ""
+) -> CreateResult:
+    """Create an order once per Idempotency-Key (SPEC 3); replay the stored answer afterwards."""
+
+    def create(claim: _Claim) -> CreateResult:
+        now = timezone.now()
+        order = Order(
+            merchant=merchant,
+            reference=data["reference"],
+            amount=data["amount"],
+            currency=data["currency"],
+            description=data.get("description", ""),
+            metadata=data.get("metadata", {}),
+            callback_url=data.get("callback_url") or merchant.callback_url,
+            status=OrderStatus.PENDING,
+            request_id=request_id,
+            created_at=now,
+            updated_at=now,
+            next_check_at=now + timedelta(seconds=settings.STAGE_TIMEOUT_SECONDS["pending"]),
+        )
+        body = json.loads(json.dumps(order_representation(order), default=str))
+        try:
+            with transaction.atomic():
+                order_insert(
+                    order=order, then_sql=_KEY_DONE_SQL, then_params=[json.dumps(body), claim.key_id]
+                )
+        except IntegrityError as exc:
+            if "order_reference_unique_per_merchant" in str(exc):
+                raise DuplicateReference(
+                    "An order with this reference already exists.",
+                    {"reference": ["Already used by another order."]},
+                ) from exc
+            raise
+        logger.info(
+            "order.created",
+            extra={"order_id": str(order.id), "merchant": str(merchant.id), "amount": order.amount},
+        )
+        metrics.ORDERS_CREATED.inc()
+        return CreateResult(201, body, False)
+
+    return _idempotent(
+        merchant=merchant,
+        idempotency_key=idempotency_key,
+        fingerprint=request_fingerprint(data),
+        create=create,
     )
-    metrics.ORDERS_CREATED.inc()
-    return CreateResult(201, body, False)
+
+
+_ORDER_FOR_REFUND_SQL = (
+    "SELECT amount, currency, outcome, channel, refund_held FROM orders_order"
+    " WHERE id = %s AND merchant_id = %s FOR UPDATE"
+)
+_HOLD_SQL = "UPDATE orders_order SET refund_held = refund_held + %s WHERE id = %s"
+
+
+def refund_create(
+    *, merchant: Merchant, order_id, idempotency_key: str, data: dict, request_id: str = ""
+) -> CreateResult:
+    """Create a refund of a paid order once per Idempotency-Key (SPEC 10).
+
+    The order's row is locked while what is left to refund is read and the refund's amount taken
+    into `refund_held`, so concurrent requests are counted one after another; the CHECK on the
+    order (refund_held <= amount) refuses anything that would slip past this.
+    """
+
+    def create(claim: _Claim) -> CreateResult:
+        try:
+            with transaction.atomic():
+                with connection.cursor() as cursor:
+                    cursor.execute(_ORDER_FOR_REFUND_SQL, [order_id, merchant.pk])
+                    row = cursor.fetchone()
+                if row is None:
+                    raise NotFound("No such order.")
+                amount, currency, outcome, channel, held = row
+                if outcome != Outcome.PAID:
+                    raise OrderNotRefundable("Only a paid order can be refunded.")
+                left = amount - held
+                wanted = data.get("amount", left)
+                if left <= 0 or wanted > left:
+                    raise AmountExceedsRefundable(
+                        f"At most {left} is still refundable.",
+                        {"amount": [f"At most {left} is still refundable."]},
+                    )
+                now = timezone.now()
+                refund = Refund(
+                    order_id=order_id,
+                    merchant=merchant,
+                    amount=wanted,
+                    currency=currency,
+                    status=RefundStatus.PENDING,
+                    reason=data.get("reason"),
+                    reference=data.get("reference"),
+                    metadata=data.get("metadata", {}),
+                    channel=channel,
+                    request_id=request_id,
+                    created_at=now,
+                    updated_at=now,
+                )
+                body = json.loads(json.dumps(refund_representation(refund), default=str))
+                with connection.cursor() as cursor:
+                    cursor.execute(_HOLD_SQL, [wanted, order_id])
+                refund_insert(
+                    refund=refund, then_sql=_KEY_DONE_SQL, then_params=[json.dumps(body), claim.key_id]
+                )
+        except IntegrityError as exc:
+            if "refund_reference_unique_per_merchant" in str(exc):
+                raise DuplicateReference(
+                    "A refund with this reference already exists.",
+                    {"reference": ["Already used by another refund."]},
+                ) from exc
+            raise
+        logger.info(
+            "refund.created",
+            extra={"order_id": str(order_id), "refund_id": str(refund.id), "amount": refund.amount},
+        )
+        return CreateResult(201, body, False)
+
+    return _idempotent(
+        merchant=merchant,
+        idempotency_key=idempotency_key,
+        # The order is part of the request: the same key and body for another order is another request.
+        fingerprint=request_fingerprint({"refund_of_order": str(order_id), **data}),
+        create=create,
+    )
 
 
 def idempotency_keys_prune(*, older_than_hours: int) -> int:
