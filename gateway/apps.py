@@ -17,3 +17,11 @@ class GatewayConfig(AppConfig):
             "gateway.poll",
             when=lambda p: p.get("status") == "processing" and bool(p.get("redelivery")),
         )
+        # Refunds: sent when created (and when the sweep finds one still pending); a processing
+        # refund re-announced by the sweep is polled.
+        events.subscribe(events.REFUND_CREATED, "gateway.refund")
+        events.subscribe(
+            events.REFUND_UPDATED,
+            "gateway.refund_poll",
+            when=lambda p: p.get("status") == "processing" and bool(p.get("redelivery")),
+        )

@@ -17,6 +17,9 @@ logger = logging.getLogger(__name__)
 
 
 def _hand_off(event, provider: str) -> None:
+    if event.kind == "refund":
+        _hand_off_refund(event, provider)
+        return
     try:
         celery_app.send_task(
             "gateway.confirm",
@@ -34,6 +37,26 @@ def _hand_off(event, provider: str) -> None:
             ],
         )
     except Exception as exc:  # broker down: the stored webhook stays, status polling settles the order
+        logger.warning("webhook.handoff_failed", extra={"order_id": event.order_id, "error": repr(exc)})
+
+
+def _hand_off_refund(event, provider: str) -> None:
+    try:
+        celery_app.send_task(
+            "gateway.refund_confirm",
+            args=[
+                {
+                    "order_id": event.order_id,
+                    "idempotency_key": event.idempotency_key,
+                    "status": event.status,
+                    "failure_code": event.failure_code,
+                    "webhook_id": event.webhook_id,
+                    "channel": event.channel,
+                    "provider": provider,
+                }
+            ],
+        )
+    except Exception as exc:  # broker down: the stored webhook stays, refund polling settles it
         logger.warning("webhook.handoff_failed", extra={"order_id": event.order_id, "error": repr(exc)})
 
 

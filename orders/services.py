@@ -417,3 +417,82 @@ def orders_sweep(*, batch: int) -> int:
     if stuck:
         logger.info("orders.swept", extra={"count": len(stuck)})
     return len(stuck)
+
+
+# --- refunds: due times (SPEC 9: waiting is stored on the row, swept by beat) ---------------------------
+
+# How each stage's overdue refunds are re-announced: pending ones are sent (again), processing
+# ones polled, settled ones handed to the callback stage (its delivery row takes over from there).
+_REFUND_REANNOUNCE = {
+    RefundStatus.PENDING: events.REFUND_CREATED,
+    RefundStatus.PROCESSING: events.REFUND_UPDATED,
+    RefundStatus.SUCCEEDED: events.REFUND_UPDATED,
+    RefundStatus.FAILED: events.REFUND_UPDATED,
+}
+
+
+def refunds_sweep(*, batch: int) -> int:
+    """Re-announce refunds whose stage is overdue; each subscriber is idempotent.
+
+    Reads through the partial index on next_check_at, so settled refunds cost nothing.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        due = list(
+            Refund.objects.select_for_update(skip_locked=True)
+            .filter(next_check_at__lte=now)
+            .order_by("next_check_at")
+            .only("id", "order_id", "status", "channel", "check_count")[:batch]
+        )
+        for refund in due:
+            processing = refund.status == RefundStatus.PROCESSING
+            limit = settings.POLL_MAX_COUNT if processing else MAX_SWEEP_CHECKS
+            if refund.check_count >= limit:
+                Refund.objects.filter(pk=refund.pk).update(next_check_at=None)
+                logger.warning(
+                    "refund.sweep_gave_up",
+                    extra={
+                        "order_id": str(refund.order_id),
+                        "refund_id": str(refund.pk),
+                        "status": refund.status,
+                    },
+                )
+                continue
+            stage = {RefundStatus.PENDING: "pending", RefundStatus.PROCESSING: "processing"}.get(
+                refund.status, "paid"
+            )
+            base = settings.POLL_INTERVAL_SECONDS if processing else settings.STAGE_TIMEOUT_SECONDS[stage]
+            delay = min(base * (2 ** min(refund.check_count, 16)), MAX_SWEEP_BACKOFF_SECONDS)
+            Refund.objects.filter(pk=refund.pk).update(
+                next_check_at=now + timedelta(seconds=delay), check_count=refund.check_count + 1
+            )
+            event_emit(
+                topic=_REFUND_REANNOUNCE[refund.status],
+                order_id=refund.order_id,
+                payload={
+                    "order_id": str(refund.order_id),
+                    "refund_id": str(refund.pk),
+                    "status": refund.status,
+                    "channel": refund.channel,
+                    "redelivery": True,
+                },
+            )
+    if due:
+        logger.info("refunds.swept", extra={"count": len(due)})
+    return len(due)
+
+
+def refund_retry_later(*, refund_id, seconds: float) -> bool:
+    """A pending refund the provider asked us to send again later: due then (not a countdown)."""
+    return bool(
+        Refund.objects.filter(pk=refund_id, status=RefundStatus.PENDING).update(
+            next_check_at=timezone.now() + timedelta(seconds=seconds)
+        )
+    )
+
+
+def refund_callback_scheduled(*, refund_id) -> None:
+    """The refund's callback has its delivery row: its own schedule takes over from the sweep."""
+    Refund.objects.filter(pk=refund_id, status__in=(RefundStatus.SUCCEEDED, RefundStatus.FAILED)).update(
+        next_check_at=None
+    )
