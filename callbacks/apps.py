@@ -12,3 +12,8 @@ class CallbacksConfig(AppConfig):
         events.subscribe(
             events.ORDER_UPDATED, "callbacks.callback", when=lambda p: p.get("status") in ("paid", "failed")
         )
+        events.subscribe(
+            events.REFUND_UPDATED,
+            "callbacks.refund_callback",
+            when=lambda p: p.get("status") in ("succeeded", "failed"),
+        )

@@ -1,9 +1,10 @@
-"""Client callback deliveries (one per order outcome, one stable webhook-id) and their attempts."""
+"""Client callback deliveries (one per order outcome or refund outcome, one stable webhook-id each)
+and their attempts. Order and refund callbacks share the one delivery model and its machinery."""
 
 from django.db import models
 from django.db.models import Q
 
-from orders.models import Order
+from orders.models import Order, Refund
 
 
 class CallbackDelivery(models.Model):
@@ -13,6 +14,12 @@ class CallbackDelivery(models.Model):
         EXHAUSTED = "exhausted"
 
     order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="callback_deliveries")
+    # Set for a refund's callback (refund.succeeded / refund.failed); the order is the refund's.
+    refund = models.ForeignKey(
+        Refund, on_delete=models.PROTECT, related_name="callback_deliveries", null=True, blank=True
+    )
+    # What the callback is about: the order's id, or the refund's. One delivery per subject and type.
+    subject_id = models.UUIDField()
     event_type = models.CharField(max_length=32)
     webhook_id = models.CharField(max_length=64, unique=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
@@ -26,7 +33,9 @@ class CallbackDelivery(models.Model):
     class Meta:
         verbose_name_plural = "callback deliveries"
         permissions = [("resend_callback", "Can resend client callbacks")]
-        constraints = [models.UniqueConstraint(fields=["order", "event_type"], name="delivery_per_outcome")]
+        constraints = [
+            models.UniqueConstraint(fields=["subject_id", "event_type"], name="delivery_per_subject_outcome")
+        ]
         indexes = [
             models.Index(fields=["next_attempt_at"], name="delivery_due", condition=Q(status="pending")),
             models.Index(

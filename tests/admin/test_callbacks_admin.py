@@ -25,8 +25,10 @@ def exhausted(make_order, settings):
 
 def test_filter_by_status_shows_exhausted_deliveries(operator, exhausted, make_order):
     make_order(OrderStatus.PAID)
+    order = make_order(OrderStatus.PAID)
     pending = CallbackDelivery.objects.create(
-        order=make_order(OrderStatus.PAID),
+        order=order,
+        subject_id=order.pk,
         event_type="order.paid",
         webhook_id="msg_pending",
         next_attempt_at=timezone.now(),
