@@ -20,7 +20,7 @@ class PaymentChannel(models.Model):
     )
     enabled = models.BooleanField(default=True)
     circuit_open_until = models.DateTimeField(null=True, blank=True)
-    # The provider's webhook signing secret for this channel, encrypted (orders/crypto.py).
+    # The provider's webhook signing secret for this channel, encrypted (core/crypto.py).
     webhook_secret_encrypted = models.TextField(blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
 

@@ -17,9 +17,10 @@ from django.utils import timezone
 from callbacks.http import PostResult, post_json, storable_text
 from callbacks.models import CallbackDelivery
 from callbacks.signing import signature_headers
-from config import metrics
-from config.faults import fault_point
-from orders.models import Order, OrderStatus, Refund, RefundStatus
+from core import metrics
+from core.faults import fault_point
+from orders.models import Order, OrderStatus, RefundStatus
+from orders.selectors import refund_by_id
 from orders.serializers import order_representation, refund_representation
 from orders.services import merchant_signing_secrets, refund_callback_scheduled
 from orders.transitions import order_transition
@@ -145,7 +146,7 @@ def callback_deliver(*, order_id) -> bool:
 
 def refund_callback_deliver(*, refund_id) -> bool:
     """Make the due attempt of the refund's callback (SPEC 10), if any. True when the client took it."""
-    refund = Refund.objects.filter(pk=refund_id).first()
+    refund = refund_by_id(refund_id=refund_id)
     if refund is None:
         logger.warning("callback.refund_missing", extra={"refund_id": str(refund_id)})
         return False

@@ -8,20 +8,3 @@ class GatewayConfig(AppConfig):
 
     def ready(self) -> None:
         from gateway.providers import sandbox  # noqa: F401  (registers the adapter)
-        from orders import events
-
-        events.subscribe(events.CHANNEL_ALLOCATED, "gateway.charge")
-        # A processing order re-announced by the sweep: ask the provider (PSync-like polling).
-        events.subscribe(
-            events.ORDER_UPDATED,
-            "gateway.poll",
-            when=lambda p: p.get("status") == "processing" and bool(p.get("redelivery")),
-        )
-        # Refunds: sent when created (and when the sweep finds one still pending); a processing
-        # refund re-announced by the sweep is polled.
-        events.subscribe(events.REFUND_CREATED, "gateway.refund")
-        events.subscribe(
-            events.REFUND_UPDATED,
-            "gateway.refund_poll",
-            when=lambda p: p.get("status") == "processing" and bool(p.get("redelivery")),
-        )

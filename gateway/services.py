@@ -17,9 +17,9 @@ from allocation.services import (
     channel_release,
     order_reallocate,
 )
-from config import metrics
-from config.faults import fault_point
-from config.logging import request_id_var
+from core import metrics
+from core.faults import fault_point
+from core.logging import request_id_var
 from gateway.models import ChargeAttempt, RefundAttempt
 from gateway.providers.base import (
     ChargeOutcome,
@@ -31,6 +31,7 @@ from gateway.providers.base import (
     get_adapter,
 )
 from orders.models import Order, OrderStatus, Refund, RefundStatus
+from orders.selectors import order_fields, refund_fields
 from orders.services import refund_retry_later
 from orders.transitions import TransitionResult, order_transition, refund_transition
 
@@ -105,17 +106,7 @@ def _from_row(model, names: list[str], row) -> object:
     return model.from_db(connection.alias, loaded, [values[name] for name in loaded])
 
 
-_CHARGE_FIELDS = ["id", "status", "amount", "currency", "channel", "created_at", "reserved_on"]
-
-
-def _order_for_charge(order_id) -> Order | None:
-    """The fields a charge needs, in one plain SELECT (this runs for every order, twice when polled)."""
-    with connection.cursor() as cursor:
-        cursor.execute(f"SELECT {', '.join(_CHARGE_FIELDS)} FROM orders_order WHERE id = %s", [order_id])
-        row = cursor.fetchone()
-    if row is None:
-        return None
-    return _from_row(Order, _CHARGE_FIELDS, row)
+_CHARGE_FIELDS = ("id", "status", "amount", "currency", "channel", "created_at", "reserved_on")
 
 
 def order_charge(*, order_id) -> TransitionResult | None:
@@ -124,7 +115,7 @@ def order_charge(*, order_id) -> TransitionResult | None:
     No lock is held across the HTTP call: the attempt row (and its key) is committed first,
     so a crash anywhere leads to the same request being sent again under the same key.
     """
-    order = _order_for_charge(order_id)
+    order = order_fields(order_id=order_id, fields=_CHARGE_FIELDS)
     if order is None:
         logger.warning("charge.order_missing", extra={"order_id": str(order_id)})
         return None
@@ -455,7 +446,7 @@ def _as_uuid(value: str) -> uuid.UUID | None:
 
 def order_poll(*, order_id) -> TransitionResult | None:
     """Ask the provider about a processing order's charge (PSync); resend it if it never arrived."""
-    order = _order_for_charge(order_id)
+    order = order_fields(order_id=order_id, fields=_CHARGE_FIELDS)
     if order is None or order.status != OrderStatus.PROCESSING:
         return None
     attempt = (
@@ -595,9 +586,7 @@ def refund_send(*, refund_id) -> TransitionResult | None:
     As for charges: the attempt (its key and every fact of the request) is committed before the
     call, no lock is held across it, and the answer is recorded in a second transaction.
     """
-    refund = (
-        Refund.objects.filter(pk=refund_id).only("id", "order_id", "status", "amount", "currency").first()
-    )
+    refund = refund_fields(refund_id=refund_id, fields=("id", "order_id", "status", "amount", "currency"))
     if refund is None:
         logger.warning("refund.missing", extra={"refund_id": str(refund_id)})
         return None
@@ -743,7 +732,7 @@ def refund_confirm(
         RefundAttempt.objects.filter(pk=attempt.pk).exclude(status__in=(RA.SUCCEEDED, RA.FAILED)).update(
             status=status, failure_code=failure_code[:64], lease_until=None
         )
-        seen = Refund.objects.filter(pk=attempt.refund_id).values_list("status", flat=True).first()
+        seen = refund_fields(refund_id=attempt.refund_id, fields=("id", "status")).status
         if seen == RS.PENDING:
             # The provider's answer outran our own record of the refund request.
             seen = _refund_processing(
@@ -767,8 +756,8 @@ def refund_confirm(
 def refund_poll(*, refund_id) -> TransitionResult | None:
     """Ask the provider about a processing refund; resend it under its key if it never arrived."""
     attempt = RefundAttempt.objects.filter(refund_id=refund_id).first()
-    refund_status = Refund.objects.filter(pk=refund_id).values_list("status", flat=True).first()
-    if attempt is None or refund_status != RS.PROCESSING:
+    refund = refund_fields(refund_id=refund_id, fields=("id", "status"))
+    if attempt is None or refund is None or refund.status != RS.PROCESSING:
         return None
     channel = channel_by_code(attempt.channel)
     adapter = get_adapter(attempt.provider)

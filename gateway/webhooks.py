@@ -2,27 +2,27 @@
 
 import logging
 
+from celery import current_app as celery_app
 from django.core.exceptions import RequestDataTooBig
 from django.db import transaction
 from django.http import HttpRequest, JsonResponse, UnreadablePostError
 from django.views.decorators.csrf import csrf_exempt
 
-from config.celery_app import app as celery_app
-from config.faults import fault_point
-from config.middleware import error_response
+from core.faults import fault_point
+from core.middleware import error_response
 from gateway import services
 from gateway.providers.base import InvalidWebhook, MalformedWebhook, get_adapter
+from orders import events
 
 logger = logging.getLogger(__name__)
 
 
 def _hand_off(event, provider: str) -> None:
-    if event.kind == "refund":
-        _hand_off_refund(event, provider)
-        return
+    # A refund's word goes to the refund's confirm stage, a charge's to the order's.
+    task = events.REFUND_CONFIRM if event.kind == "refund" else events.CONFIRM
     try:
         celery_app.send_task(
-            "gateway.confirm",
+            task,
             args=[
                 {
                     "order_id": event.order_id,
@@ -30,33 +30,13 @@ def _hand_off(event, provider: str) -> None:
                     "status": event.status,
                     "failure_code": event.failure_code,
                     "webhook_id": event.webhook_id,
-                    # The verified channel: confirm settles only that channel's charge.
+                    # The verified channel: confirm settles only that channel's charge or refund.
                     "channel": event.channel,
                     "provider": provider,
                 }
             ],
         )
-    except Exception as exc:  # broker down: the stored webhook stays, status polling settles the order
-        logger.warning("webhook.handoff_failed", extra={"order_id": event.order_id, "error": repr(exc)})
-
-
-def _hand_off_refund(event, provider: str) -> None:
-    try:
-        celery_app.send_task(
-            "gateway.refund_confirm",
-            args=[
-                {
-                    "order_id": event.order_id,
-                    "idempotency_key": event.idempotency_key,
-                    "status": event.status,
-                    "failure_code": event.failure_code,
-                    "webhook_id": event.webhook_id,
-                    "channel": event.channel,
-                    "provider": provider,
-                }
-            ],
-        )
-    except Exception as exc:  # broker down: the stored webhook stays, refund polling settles it
+    except Exception as exc:  # broker down: the stored webhook stays, status polling settles it
         logger.warning("webhook.handoff_failed", extra={"order_id": event.order_id, "error": repr(exc)})
 
 

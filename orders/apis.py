@@ -14,7 +14,7 @@ from rest_framework.response import Response
 from rest_framework.utils.urls import replace_query_param
 from rest_framework.views import APIView
 
-from config.errors import ApiError
+from core.exception_handlers import ApiError
 from orders import selectors, services
 from orders.serializers import (
     OrderCreateSerializer,
@@ -141,10 +141,17 @@ class OrderListCreateApi(APIView):
         key = _idempotency_key(request)
         serializer = OrderCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
         result = services.order_create(
             merchant=request.user,
             idempotency_key=key,
-            data=serializer.validated_data,
+            fingerprint=services.request_fingerprint(data),
+            reference=data["reference"],
+            amount=data["amount"],
+            currency=data["currency"],
+            description=data.get("description", ""),
+            metadata=data.get("metadata"),
+            callback_url=data.get("callback_url", ""),
             request_id=getattr(request._request, "request_id", ""),
         )
         return _created(result)
@@ -229,11 +236,17 @@ class OrderRefundsApi(APIView):
             raise ApiError(status.HTTP_404_NOT_FOUND, "not_found", "No such order.")
         serializer = RefundCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        order_id = str(uuid.UUID(order_id))
         result = services.refund_create(
             merchant=request.user,
-            order_id=str(uuid.UUID(order_id)),
+            order_id=order_id,
             idempotency_key=key,
-            data=serializer.validated_data,
+            fingerprint=services.refund_fingerprint(order_id=order_id, data=data),
+            amount=data.get("amount"),
+            reason=data.get("reason"),
+            reference=data.get("reference"),
+            metadata=data.get("metadata"),
             request_id=getattr(request._request, "request_id", ""),
         )
         return _created(result)

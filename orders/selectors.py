@@ -22,6 +22,22 @@ def order_list(*, merchant: Merchant, filters: dict) -> QuerySet[Order]:
     return qs
 
 
+def order_fields(*, order_id, fields: tuple[str, ...]) -> Order | None:
+    """The order with only `fields` loaded (as QuerySet.only() loads them), from one plain SELECT.
+
+    Every stage reads its order through here once per task; a plain SELECT spares the ORM's
+    query compilation on that path. Other apps read orders' table only through this module.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {', '.join(fields)} FROM {Order._meta.db_table} WHERE id = %s", [order_id])
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    values = dict(zip(fields, row, strict=True))
+    loaded = [field.attname for field in Order._meta.concrete_fields if field.attname in values]
+    return Order.from_db(connection.alias, loaded, [values[name] for name in loaded])
+
+
 def order_get(*, merchant: Merchant, order_id) -> Order | None:
     return Order.objects.filter(merchant=merchant, pk=order_id).first()
 
@@ -33,6 +49,16 @@ def order_transitions(*, order: Order) -> QuerySet[OrderTransition]:
 def refunds_of_order(*, order: Order) -> QuerySet[Refund]:
     """The order's refunds, oldest first (the refund_order index)."""
     return Refund.objects.filter(order=order).order_by("created_at", "id")
+
+
+def refund_fields(*, refund_id, fields: tuple[str, ...]) -> Refund | None:
+    """The refund with only `fields` loaded: how other apps' stages read a refund row."""
+    return Refund.objects.filter(pk=refund_id).only(*fields).first()
+
+
+def refund_by_id(*, refund_id) -> Refund | None:
+    """The whole refund row, whoever's it is (stages and the console, not the merchant API)."""
+    return Refund.objects.filter(pk=refund_id).first()
 
 
 def refund_get(*, merchant: Merchant, refund_id) -> Refund | None:

@@ -1,4 +1,4 @@
-"""Writes of the orders service: merchants, order creation with idempotency, sweeps, pruning."""
+"""Writes of the orders service: merchants, order and refund creation with idempotency, sweeps, pruning."""
 
 import base64
 import hashlib
@@ -14,16 +14,10 @@ from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from config import metrics
-from orders import crypto, events
-from orders.errors import (
-    AmountExceedsRefundable,
-    DuplicateReference,
-    IdempotencyKeyInUse,
-    IdempotencyKeyReused,
-    NotFound,
-    OrderNotRefundable,
-)
+from core import crypto, metrics
+from core.errors import Conflict, InvalidRequest, NotFound, Unprocessable
+from core.urlsafety import UnsafeUrl, callback_url_check
+from orders import events
 from orders.models import IdempotencyKey, Merchant, Order, OrderStatus, Outcome, Refund, RefundStatus
 from orders.outbox import event_emit
 from orders.serializers import order_representation, refund_representation
@@ -55,7 +49,19 @@ class MerchantCredentials:
     webhook_secret: str
 
 
+def callback_url_validate(url: str) -> None:
+    """The one rule for a callback URL, wherever it is set (API, console, command line): public
+    http(s) only (core/urlsafety.py). Raises InvalidRequest naming the `callback_url` field."""
+    if not url:
+        return
+    try:
+        callback_url_check(url)
+    except UnsafeUrl as exc:
+        raise InvalidRequest("invalid_request", str(exc), {"callback_url": [str(exc)]}) from exc
+
+
 def merchant_create(*, name: str, callback_url: str = "") -> MerchantCredentials:
+    callback_url_validate(callback_url)
     prefix, api_key = _new_api_key()
     webhook_secret = _new_webhook_secret()
     merchant = Merchant.objects.create(
@@ -186,20 +192,15 @@ def _release_claim(claim: _Claim) -> None:
     ).delete()
 
 
-# Runs in the statement that inserts the order: the stored answer is written with the order.
-_KEY_DONE_SQL = (
-    "UPDATE orders_idempotencykey SET state = 'done', response_status = 201, response_body = %s::jsonb"
-    " WHERE id = %s"
-)
-
-
 def _idempotent(
     *, merchant: Merchant, idempotency_key: str, fingerprint: str, create: Callable[[_Claim], CreateResult]
 ) -> CreateResult:
-    """Run `create` once per Idempotency-Key (SPEC 3, 10); replay its stored answer afterwards.
+    """Run `create` once per Idempotency-Key (SPEC 3, 10: orders and refunds share this); replay
+    its stored answer afterwards.
 
-    `create` gets the claim and must store its answer with `_KEY_DONE_SQL` in the transaction
-    that creates the thing; if it raises, the key is released so the client may retry with it.
+    `fingerprint` identifies the request the key was sent with: the same key with another
+    fingerprint is refused. `create` gets the claim and stores its answer under the claim's key in
+    the transaction that creates the thing; if it raises, the key is released for a retry.
     """
     claim = _claim_key(merchant=merchant, key=idempotency_key, fingerprint=fingerprint)
     if claim is None:
@@ -207,9 +208,12 @@ def _idempotent(
         if existing is None:  # pruned or released between the two statements: try once more
             claim = _claim_key(merchant=merchant, key=idempotency_key, fingerprint=fingerprint)
             if claim is None:
-                raise IdempotencyKeyInUse("A request with this Idempotency-Key is in flight.")
+                raise Conflict("idempotency_key_in_use", "A request with this Idempotency-Key is in flight.")
         elif existing.request_hash != fingerprint:
-            raise IdempotencyKeyReused("This Idempotency-Key was used with a different request body.")
+            raise Unprocessable(
+                "idempotency_key_reused",
+                "This Idempotency-Key was used with a different request body.",
+            )
         elif existing.state == IdempotencyKey.State.DONE:
             return CreateResult(existing.response_status, existing.response_body, True)
         else:
@@ -217,7 +221,7 @@ def _idempotent(
             # timeout takes it over (the dead request's transaction never committed anything).
             claim = _take_over_stale_key(key_id=existing.pk)
             if claim is None:
-                raise IdempotencyKeyInUse("A request with this Idempotency-Key is in flight.")
+                raise Conflict("idempotency_key_in_use", "A request with this Idempotency-Key is in flight.")
     try:
         return create(claim)
     except BaseException:
@@ -227,20 +231,35 @@ def _idempotent(
 
 
 def order_create(
-    *, merchant: Merchant, idempotency_key: str, data: dict, request_id: str = ""
+    *,
+    merchant: Merchant,
+    idempotency_key: str,
+    fingerprint: str,
+    reference: str,
+    amount: int,
+    currency: str,
+    description: str = "",
+    metadata: dict | None = None,
+    callback_url: str = "",
+    request_id: str = "",
 ) -> CreateResult:
-    """Create an order once per Idempotency-Key (SPEC 3); replay the stored answer afterwards."""
+    """Create an order once per Idempotency-Key (SPEC 3); replay the stored answer afterwards.
+
+    `fingerprint` identifies the request the key was sent with (request_fingerprint of its
+    body): the same key with another fingerprint is refused.
+    """
+    callback_url_validate(callback_url)
 
     def create(claim: _Claim) -> CreateResult:
         now = timezone.now()
         order = Order(
             merchant=merchant,
-            reference=data["reference"],
-            amount=data["amount"],
-            currency=data["currency"],
-            description=data.get("description", ""),
-            metadata=data.get("metadata", {}),
-            callback_url=data.get("callback_url") or merchant.callback_url,
+            reference=reference,
+            amount=amount,
+            currency=currency,
+            description=description,
+            metadata=metadata or {},
+            callback_url=callback_url or merchant.callback_url,
             status=OrderStatus.PENDING,
             request_id=request_id,
             created_at=now,
@@ -250,12 +269,11 @@ def order_create(
         body = json.loads(json.dumps(order_representation(order), default=str))
         try:
             with transaction.atomic():
-                order_insert(
-                    order=order, then_sql=_KEY_DONE_SQL, then_params=[json.dumps(body), claim.key_id]
-                )
+                order_insert(order=order, answer_key_id=claim.key_id, answer=body)
         except IntegrityError as exc:
             if "order_reference_unique_per_merchant" in str(exc):
-                raise DuplicateReference(
+                raise Conflict(
+                    "duplicate_reference",
                     "An order with this reference already exists.",
                     {"reference": ["Already used by another order."]},
                 ) from exc
@@ -268,11 +286,14 @@ def order_create(
         return CreateResult(201, body, False)
 
     return _idempotent(
-        merchant=merchant,
-        idempotency_key=idempotency_key,
-        fingerprint=request_fingerprint(data),
-        create=create,
+        merchant=merchant, idempotency_key=idempotency_key, fingerprint=fingerprint, create=create
     )
+
+
+def refund_fingerprint(*, order_id, data: dict) -> str:
+    """A refund request's fingerprint: the order is part of it (the same body for another order is
+    another request), and so is the operation (an order's key is never a refund's)."""
+    return request_fingerprint({"refund_of_order": str(order_id), **data})
 
 
 _ORDER_FOR_REFUND_SQL = (
@@ -283,13 +304,23 @@ _HOLD_SQL = "UPDATE orders_order SET refund_held = refund_held + %s WHERE id = %
 
 
 def refund_create(
-    *, merchant: Merchant, order_id, idempotency_key: str, data: dict, request_id: str = ""
+    *,
+    merchant: Merchant,
+    order_id,
+    idempotency_key: str,
+    fingerprint: str,
+    amount: int | None = None,
+    reason: str | None = None,
+    reference: str | None = None,
+    metadata: dict | None = None,
+    request_id: str = "",
 ) -> CreateResult:
-    """Create a refund of a paid order once per Idempotency-Key (SPEC 10).
+    """Create a refund of a paid order once per Idempotency-Key (SPEC 10); `amount` None: all
+    that is still refundable.
 
-    The order's row is locked while what is left to refund is read and the refund's amount taken
-    into `refund_held`, so concurrent requests are counted one after another; the CHECK on the
-    order (refund_held <= amount) refuses anything that would slip past this.
+    The order's row is locked (SELECT ... FOR UPDATE) while what is left to refund is read and the
+    refund's amount is taken into `refund_held`, so concurrent requests are counted one after
+    another; the CHECK on the order (refund_held <= amount) refuses anything that slipped past.
     """
 
     def create(claim: _Claim) -> CreateResult:
@@ -299,17 +330,15 @@ def refund_create(
                     cursor.execute(_ORDER_FOR_REFUND_SQL, [order_id, merchant.pk])
                     row = cursor.fetchone()
                 if row is None:
-                    raise NotFound("No such order.")
-                amount, currency, outcome, channel, held = row
+                    raise NotFound("not_found", "No such order.")
+                order_amount, currency, outcome, channel, held = row
                 if outcome != Outcome.PAID:
-                    raise OrderNotRefundable("Only a paid order can be refunded.")
-                left = amount - held
-                wanted = data.get("amount", left)
+                    raise Conflict("order_not_refundable", "Only a paid order can be refunded.")
+                left = order_amount - held
+                wanted = left if amount is None else amount
                 if left <= 0 or wanted > left:
-                    raise AmountExceedsRefundable(
-                        f"At most {left} is still refundable.",
-                        {"amount": [f"At most {left} is still refundable."]},
-                    )
+                    message = f"At most {left} is still refundable."
+                    raise InvalidRequest("amount_exceeds_refundable", message, {"amount": [message]})
                 now = timezone.now()
                 refund = Refund(
                     order_id=order_id,
@@ -317,9 +346,9 @@ def refund_create(
                     amount=wanted,
                     currency=currency,
                     status=RefundStatus.PENDING,
-                    reason=data.get("reason"),
-                    reference=data.get("reference"),
-                    metadata=data.get("metadata", {}),
+                    reason=reason,
+                    reference=reference,
+                    metadata=metadata or {},
                     channel=channel,
                     request_id=request_id,
                     created_at=now,
@@ -328,12 +357,11 @@ def refund_create(
                 body = json.loads(json.dumps(refund_representation(refund), default=str))
                 with connection.cursor() as cursor:
                     cursor.execute(_HOLD_SQL, [wanted, order_id])
-                refund_insert(
-                    refund=refund, then_sql=_KEY_DONE_SQL, then_params=[json.dumps(body), claim.key_id]
-                )
+                refund_insert(refund=refund, answer_key_id=claim.key_id, answer=body)
         except IntegrityError as exc:
             if "refund_reference_unique_per_merchant" in str(exc):
-                raise DuplicateReference(
+                raise Conflict(
+                    "duplicate_reference",
                     "A refund with this reference already exists.",
                     {"reference": ["Already used by another refund."]},
                 ) from exc
@@ -342,14 +370,11 @@ def refund_create(
             "refund.created",
             extra={"order_id": str(order_id), "refund_id": str(refund.id), "amount": refund.amount},
         )
+        metrics.REFUNDS_CREATED.inc()
         return CreateResult(201, body, False)
 
     return _idempotent(
-        merchant=merchant,
-        idempotency_key=idempotency_key,
-        # The order is part of the request: the same key and body for another order is another request.
-        fingerprint=request_fingerprint({"refund_of_order": str(order_id), **data}),
-        create=create,
+        merchant=merchant, idempotency_key=idempotency_key, fingerprint=fingerprint, create=create
     )
 
 
@@ -359,14 +384,6 @@ def idempotency_keys_prune(*, older_than_hours: int) -> int:
     return deleted
 
 
-# How each stage's stuck orders are re-announced: the event whose subscribers move it on.
-_REANNOUNCE = {
-    OrderStatus.PENDING: events.ORDER_CREATED,
-    OrderStatus.ASSIGNED: events.CHANNEL_ALLOCATED,
-    OrderStatus.PROCESSING: events.ORDER_UPDATED,
-    OrderStatus.PAID: events.ORDER_UPDATED,
-    OrderStatus.FAILED: events.ORDER_UPDATED,
-}
 MAX_SWEEP_BACKOFF_SECONDS = 3600.0
 MAX_SWEEP_CHECKS = 30
 
@@ -387,7 +404,7 @@ def orders_sweep(*, batch: int) -> int:
             .only("id", "status", "channel", "check_count")[:batch]
         )
         for order in stuck:
-            topic = _REANNOUNCE.get(order.status)
+            topic = events.REANNOUNCE.get(order.status)
             limit = settings.POLL_MAX_COUNT if order.status == OrderStatus.PROCESSING else MAX_SWEEP_CHECKS
             if topic is None or order.check_count >= limit:
                 Order.objects.filter(pk=order.pk).update(next_check_at=None)
@@ -420,15 +437,6 @@ def orders_sweep(*, batch: int) -> int:
 
 
 # --- refunds: due times (SPEC 9: waiting is stored on the row, swept by beat) ---------------------------
-
-# How each stage's overdue refunds are re-announced: pending ones are sent (again), processing
-# ones polled, settled ones handed to the callback stage (its delivery row takes over from there).
-_REFUND_REANNOUNCE = {
-    RefundStatus.PENDING: events.REFUND_CREATED,
-    RefundStatus.PROCESSING: events.REFUND_UPDATED,
-    RefundStatus.SUCCEEDED: events.REFUND_UPDATED,
-    RefundStatus.FAILED: events.REFUND_UPDATED,
-}
 
 
 def refunds_sweep(*, batch: int) -> int:
@@ -467,7 +475,7 @@ def refunds_sweep(*, batch: int) -> int:
                 next_check_at=now + timedelta(seconds=delay), check_count=refund.check_count + 1
             )
             event_emit(
-                topic=_REFUND_REANNOUNCE[refund.status],
+                topic=events.REFUND_REANNOUNCE[refund.status],
                 order_id=refund.order_id,
                 payload={
                     "order_id": str(refund.order_id),

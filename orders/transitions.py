@@ -9,6 +9,7 @@ table, the event's payload).
 """
 
 import functools
+import json
 import logging
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -17,10 +18,10 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from config import metrics
+from core import metrics
 from orders import events
 from orders.models import IgnoredSignal, Order, OrderStatus, Outcome, Refund, RefundStatus
-from orders.outbox import event_prepare, event_written
+from orders.outbox import OUTBOX_INSERT, event_prepare, event_written
 
 logger = logging.getLogger(__name__)
 
@@ -117,22 +118,31 @@ def _due(status: str):
     return timezone.now() + timedelta(seconds=settings.STAGE_TIMEOUT_SECONDS[status])
 
 
-def order_insert(*, order: Order, then_sql: str = "", then_params: list | None = None) -> None:
+# The API's idempotency key gets its stored answer in the statement that inserts the order or refund.
+_KEY_DONE = (
+    "UPDATE orders_idempotencykey SET state = 'done', response_status = 201,"
+    " response_body = %s::jsonb WHERE id = %s"
+)
+
+
+def order_insert(*, order: Order, answer_key_id: int | None = None, answer: dict | None = None) -> None:
     """Insert a new order with its first transition and its order-created event, in one statement.
 
-    `then_sql`, a data-modifying statement of the caller's, runs in the same statement (the order
-    API stores its idempotent answer there); everything is in the caller's transaction.
+    With `answer_key_id`, that idempotency key is marked done with `answer` (a 201's body) in the
+    same statement; everything is in the caller's transaction.
     """
     order.created_at = order.created_at or timezone.now()
     order.updated_at = order.updated_at or order.created_at
     event = event_prepare(
         topic=events.ORDER_CREATED, order_id=order.id, payload=_payload(order.id, S.PENDING, None)
     )
-    _insert(ORDER_LIFECYCLE, order, "order created", event, then_sql, then_params)
+    _insert(ORDER_LIFECYCLE, order, "order created", event, answer_key_id, answer)
     _count_on_commit(order.id, None, S.PENDING)
 
 
-def _insert(lifecycle: Lifecycle, row, reason: str, event, then_sql: str, then_params: list | None) -> None:
+def _insert(
+    lifecycle: Lifecycle, row, reason: str, event, answer_key_id: int | None, answer: dict | None
+) -> None:
     """INSERT `row` with its first transition and its created event, in one statement."""
     fields = lifecycle.model._meta.concrete_fields
     columns = ", ".join(field.column for field in fields)
@@ -141,13 +151,13 @@ def _insert(lifecycle: Lifecycle, row, reason: str, event, then_sql: str, then_p
         f"WITH changed AS (INSERT INTO {lifecycle.model._meta.db_table} ({columns})"
         f" VALUES ({', '.join(['%s'] * len(fields))}) RETURNING {lifecycle.returning}),"
         + _logged_and_announced(lifecycle)
-        + (f", caller AS ({then_sql})" if then_sql else "")
+        + (f", key_done AS ({_KEY_DONE})" if answer_key_id is not None else "")
         + _CHANNEL_AND_EVENT.format(order_id=lifecycle.order_id_column)
     )
     params = [
         *values,
         *_logged_and_announced_params(None, event.payload["status"], reason, row.created_at, event),
-        *(then_params or []),
+        *([json.dumps(answer), answer_key_id] if answer_key_id is not None else []),
     ]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
@@ -287,7 +297,7 @@ def _logged_and_announced(lifecycle: Lifecycle) -> str:
         f"  ({lifecycle.log_fk}, from_status, to_status, reason, channel, created_at)"
         "  SELECT id, %s, %s, %s, channel, %s FROM changed),"
         " announced AS ("
-        "  INSERT INTO orders_outboxevent (topic, order_id, payload, created_at, published_at)"
+        f"  {OUTBOX_INSERT}"
         f"  SELECT %s, {lifecycle.order_id_column}, jsonb_build_object({lifecycle.subject_sql},"
         "    'status', %s::text, 'channel', channel, 'request_id', %s::text),"
         "  %s, %s FROM changed RETURNING id)"
@@ -333,7 +343,7 @@ def _refund_due(status: str):
     return timezone.now() + timedelta(seconds=settings.STAGE_TIMEOUT_SECONDS[stage])
 
 
-def refund_insert(*, refund: Refund, then_sql: str = "", then_params: list | None = None) -> None:
+def refund_insert(*, refund: Refund, answer_key_id: int | None = None, answer: dict | None = None) -> None:
     """Insert a new refund with its first transition and its refund-created event, in one statement.
 
     The caller holds the order's row lock and has taken the amount into `refund_held`.
@@ -346,7 +356,7 @@ def refund_insert(*, refund: Refund, then_sql: str = "", then_params: list | Non
         order_id=refund.order_id,
         payload=_refund_payload(refund.id, refund.order_id, R.PENDING, refund.channel),
     )
-    _insert(REFUND_LIFECYCLE, refund, "refund created", event, then_sql, then_params)
+    _insert(REFUND_LIFECYCLE, refund, "refund created", event, answer_key_id, answer)
 
 
 # The money a refund's end moves on its order, in the transition's own statement: a success adds

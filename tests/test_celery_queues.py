@@ -65,4 +65,6 @@ def test_subscriptions_wire_the_refund_pipeline():
         "gateway.refund_poll"
     ]
     for status in ("succeeded", "failed"):
-        assert events.subscribers_for(events.REFUND_UPDATED, {"status": status}) == ["callbacks.refund_callback"]
+        assert events.subscribers_for(events.REFUND_UPDATED, {"status": status}) == [
+            "callbacks.refund_callback"
+        ]

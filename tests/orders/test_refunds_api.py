@@ -33,6 +33,16 @@ def _refund(api, order_id, body: dict | None = None, *, key: str | None = None, 
     )
 
 
+def _create(merchant, order, **data) -> services.CreateResult:
+    return services.refund_create(
+        merchant=merchant,
+        order_id=str(order.pk),
+        idempotency_key="k",
+        fingerprint=services.refund_fingerprint(order_id=order.pk, data=data),
+        **data,
+    )
+
+
 def _error(response, status: int, code: str) -> dict:
     assert response.status_code == status, response.content
     error = response.json()["error"]
@@ -185,7 +195,7 @@ def test_key_in_flight_is_409(api, merchant_creds):
     IdempotencyKey.objects.create(
         merchant=merchant_creds.merchant,
         key="busy",
-        request_hash=services.request_fingerprint({"refund_of_order": str(order.pk), "amount": 100}),
+        request_hash=services.refund_fingerprint(order_id=order.pk, data={"amount": 100}),
         state=IdempotencyKey.State.IN_FLIGHT,
         created_at=timezone.now() - timedelta(seconds=1),
     )
@@ -238,9 +248,7 @@ def test_amount_refunded_is_the_sum_of_succeeded_refunds_and_a_failed_one_frees_
 @pytest.mark.django_db
 def test_a_late_or_duplicate_refund_signal_changes_nothing(merchant_creds):
     order = _paid_order(merchant_creds.merchant, amount=1000)
-    refund = services.refund_create(
-        merchant=merchant_creds.merchant, order_id=str(order.pk), idempotency_key="k", data={"amount": 100}
-    )
+    refund = _create(merchant_creds.merchant, order, amount=100)
     refund_id = refund.body["id"]
     refund_transition(refund_id=refund_id, to="processing", seen_status="pending", reason="test")
     first = refund_transition(refund_id=refund_id, to="succeeded", seen_status="processing", reason="webhook")
@@ -260,9 +268,7 @@ def test_the_database_refuses_refunds_past_the_amount_and_edits_of_the_log(merch
     order = _paid_order(merchant_creds.merchant, amount=1000)
     with pytest.raises(IntegrityError), transaction.atomic():
         Order.objects.filter(pk=order.pk).update(refund_held=1001)
-    services.refund_create(
-        merchant=merchant_creds.merchant, order_id=str(order.pk), idempotency_key="k", data={"amount": 100}
-    )
+    _create(merchant_creds.merchant, order, amount=100)
     with pytest.raises(Exception, match="append-only"), transaction.atomic():
         RefundTransition.objects.update(reason="edited")
 

@@ -32,13 +32,14 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from allocation.services import order_allocate
 from config.celery_app import app as celery_app
+from core import crypto
+from core.errors import InvalidRequest
+from core.redis import get_redis
+from gateway.models import RefundAttempt
 from gateway.sandbox_server.secrets import channel_webhook_secret
 from gateway.services import order_charge, order_poll, refund_poll, refund_send
-from orders import crypto
-from orders.errors import AmountExceedsRefundable
 from orders.models import Order, Refund
-from orders.redis_client import get_redis
-from orders.services import order_create, refund_create
+from orders.services import order_create, refund_create, refund_fingerprint
 from tests.factories import ChannelFactory, make_merchant
 from tests.properties.pipeline import Pipeline, VirtualClock
 from tests.sandbox.conftest import (
@@ -104,18 +105,21 @@ def make_machine(sandbox: Sandbox, hooks: Receiver, merchant):
             self.requests: list[tuple[str, dict]] = []
             self.order_id = ""
 
-        @initialize()
+        @initialize(row=st.sampled_from(ROWS), base=st.integers(0, 45), everything=st.booleans())
+        def a_paid_order_and_a_refund(self, row, base, everything):
+            self.a_paid_order()
+            self.request_refund(row=row, base=base, everything=everything)
+
         def a_paid_order(self):
             reference = f"refprop-{os.getpid()}-{next(_references)}"
             result = order_create(
                 merchant=merchant,
                 idempotency_key=reference,
-                data={
-                    "amount": CHARGED,
-                    "currency": "USD",
-                    "reference": reference,
-                    "callback_url": hooks.url("m"),
-                },
+                fingerprint=reference,
+                reference=reference,
+                amount=CHARGED,
+                currency="USD",
+                callback_url=hooks.url("m"),
             )
             self.order_id = result.body["id"]
             order_allocate(order_id=self.order_id)
@@ -144,10 +148,20 @@ def make_machine(sandbox: Sandbox, hooks: Receiver, merchant):
             key = f"rk-{next(_references)}"
             self.requests.append((key, data))
             try:
-                refund_create(merchant=merchant, order_id=self.order_id, idempotency_key=key, data=data)
+                self._refund(key, data)
                 REACHED["refund created"] += 1
-            except AmountExceedsRefundable:
+            except InvalidRequest as exc:
+                assert exc.code == "amount_exceeds_refundable"
                 REACHED["more than refundable refused"] += 1
+
+        def _refund(self, key: str, data: dict) -> None:
+            refund_create(
+                merchant=merchant,
+                order_id=self.order_id,
+                idempotency_key=key,
+                fingerprint=refund_fingerprint(order_id=self.order_id, data=data),
+                **data,
+            )
 
         @rule(pick=st.integers(0, 50))
         def replay_a_request(self, pick):
@@ -156,8 +170,8 @@ def make_machine(sandbox: Sandbox, hooks: Receiver, merchant):
             key, data = self.requests[pick % len(self.requests)]
             before = Refund.objects.filter(order_id=self.order_id).count()
             try:
-                refund_create(merchant=merchant, order_id=self.order_id, idempotency_key=key, data=data)
-            except AmountExceedsRefundable:
+                self._refund(key, data)
+            except InvalidRequest:
                 pass
             assert Refund.objects.filter(order_id=self.order_id).count() == before
 
@@ -195,17 +209,24 @@ def make_machine(sandbox: Sandbox, hooks: Receiver, merchant):
             if (refund_id := self._pick(pick)) is not None:
                 refund_poll(refund_id=refund_id)
 
-        @rule(data=st.data())
-        def provider_webhook(self, data):
-            """One of the sandbox's refund webhooks, first time, again or late, through our endpoint."""
-            received = [
+        def _refund_webhooks(self) -> list:
+            return [
                 r
                 for r in hooks.records[self.seen_hooks :]
                 if b'"refund.' in r.body[:40] and "/webhooks/" in r.path
             ]
+
+        @rule(which=st.integers(0, 50), confirm_again=st.booleans())
+        def provider_webhook(self, which, confirm_again):
+            """One of the sandbox's refund webhooks, first time, again or late, through our endpoint."""
+            received = self._refund_webhooks()
+            if not received and RefundAttempt.objects.filter(order_id=self.order_id, sends__gt=0).exists():
+                # the provider took a refund: its webhook is on the way, due after the sandbox's delay
+                time.sleep(WEBHOOK_DELAY + 0.1)
+                received = self._refund_webhooks()
             if not received:
                 return
-            delivery = data.draw(st.sampled_from(received))
+            delivery = received[which % len(received)]
             headers = {
                 f"HTTP_{k.upper().replace('-', '_')}": v
                 for k, v in delivery.headers.items()
@@ -215,8 +236,10 @@ def make_machine(sandbox: Sandbox, hooks: Receiver, merchant):
                 delivery.path, data=delivery.body, content_type="application/json", **headers
             )
             assert response.status_code == 200, response.content
-            REACHED[f"webhook duplicate: {response.json()['duplicate']}"] += 1
-            if not response.json()["duplicate"] or data.draw(st.booleans()):
+            duplicate = response.json()["duplicate"]
+            REACHED[f"webhook duplicate: {duplicate}"] += 1
+            # our duplicate filter took it before: the confirm task may still run twice
+            if not duplicate or confirm_again:
                 event = json.loads(delivery.body)
                 refund = event["data"]
                 celery_app.tasks["gateway.refund_confirm"].run(
@@ -229,6 +252,11 @@ def make_machine(sandbox: Sandbox, hooks: Receiver, merchant):
                         "provider": "sandbox",
                     }
                 )
+
+        @rule()
+        def the_provider_settles(self):
+            """Real time passes at the sandbox: what it accepted is final, its webhooks are out."""
+            time.sleep(WEBHOOK_DELAY + 0.05)
 
         @rule()
         def events_delivered(self):
@@ -289,12 +317,12 @@ def make_machine(sandbox: Sandbox, hooks: Receiver, merchant):
     return RefundsNeverExceedCharges
 
 
-# CI: 12 examples of up to 10 steps against the real sandbox, ~20-30 s. Every commit draws a
+# CI: 12 examples of up to 12 steps against the real sandbox, ~20-30 s. Every commit draws a
 # different 12 (tests/conftest.py seeds from the commit); the rules that race copies and replay
 # webhooks do so in most examples, since every rule is drawn for one shared order.
 MACHINE_SETTINGS = settings(
     max_examples=12,
-    stateful_step_count=10,
+    stateful_step_count=12,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -316,14 +344,9 @@ def test_refunds_never_exceed_what_was_charged(refund_sandbox, hooks, settings):
     try:
         # when / then
         run_state_machine_as_test(make_machine(refund_sandbox, hooks, merchant), settings=MACHINE_SETTINGS)
-        # and the run reached what it is about: refunds made and refused, webhooks new and repeated
-        for reached in (
-            "refund succeeded",
-            "refund failed",
-            "more than refundable refused",
-            "webhook duplicate: True",
-        ):
-            assert REACHED[reached] > 0, dict(REACHED)
+        # and the run made refunds (what the random run may not reach, the explicit test below does)
+        assert REACHED["refund succeeded"] > 0, dict(REACHED)
+        print("reached:", dict(REACHED))
     finally:
         # No workers here: drop what the committed transitions published to the broker.
         redis = get_redis()
@@ -331,3 +354,48 @@ def test_refunds_never_exceed_what_was_charged(refund_sandbox, hooks, settings):
             redis.scan_iter("circuit:refprop-*"), ("orders", "allocation", "gateway", "callbacks")
         ):
             redis.delete(key)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_every_row_with_repeated_stages_and_webhooks(refund_sandbox, hooks, settings):
+    """Every row of SPEC 10's table in one example, each stage and webhook delivered more than
+    once, so what the random run may miss is always covered: a declined refund (51), a silent one
+    (61), a timed-out one (62), a 503 then retried one (72), duplicate and late webhooks."""
+    settings.SANDBOX_URL = refund_sandbox.base_url
+    settings.PUBLIC_BASE_URL = f"http://127.0.0.1:{hooks.port}"
+    settings.GATEWAY_READ_TIMEOUT = READ_TIMEOUT
+    ChannelFactory(
+        code=CHANNEL,
+        currencies=["USD"],
+        webhook_secret_encrypted=crypto.encrypt(channel_webhook_secret(CHANNEL, MASTER_SECRET)),
+    )
+    merchant = make_merchant(callback_url=hooks.url("merchant")).merchant
+    state = make_machine(refund_sandbox, hooks, merchant)()
+    state.a_paid_order_and_a_refund(row=0, base=10, everything=False)
+    for row, base in ((51, 10), (61, 10), (62, 10), (72, 10), (0, 60)):  # the last: more than is left
+        state.request_refund(row=row, base=base, everything=False)
+        state.refunded_never_exceeds_charged()
+    state.events_delivered()
+    state.refunded_never_exceeds_charged()
+    for pick in range(5):
+        state.two_copies_of_the_refund_stage_at_once(pick=pick)
+        state.refunded_never_exceeds_charged()
+    state.the_provider_settles()
+    for which in range(8):
+        state.provider_webhook(which=which, confirm_again=True)
+        state.provider_webhook(which=which, confirm_again=True)
+        state.refunded_never_exceeds_charged()
+    for pick in range(5):
+        state.poll(pick=pick)
+        state.refunded_never_exceeds_charged()
+    state.time_passes_to_the_next_due_check()
+    state.teardown()
+    statuses = sorted(Refund.objects.filter(order_id=state.order_id).values_list("amount", "status"))
+    assert statuses == [
+        (1000, "succeeded"),
+        (1051, "failed"),
+        (1061, "succeeded"),
+        (1062, "succeeded"),
+        (1072, "succeeded"),
+    ]
+    assert Order.objects.get(pk=state.order_id).amount_refunded == 1000 + 1061 + 1062 + 1072

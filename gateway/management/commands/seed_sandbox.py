@@ -4,8 +4,8 @@ from django.conf import settings
 from django.core.management.base import BaseCommand
 
 from allocation.models import PaymentChannel
-from gateway.sandbox_server.secrets import channel_webhook_secret
-from orders import crypto
+from core import crypto
+from gateway.providers.sandbox import sandbox_channel_secret
 
 CHANNELS = (
     {
@@ -31,7 +31,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options):
         for spec in CHANNELS:
-            secret = channel_webhook_secret(spec["code"], settings.SANDBOX_SECRET)
+            secret = sandbox_channel_secret(spec["code"], settings.SANDBOX_SECRET)
             channel, created = PaymentChannel.objects.update_or_create(
                 code=spec["code"],
                 defaults={
