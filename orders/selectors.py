@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.db import connection
-from django.db.models import Count, QuerySet
+from django.db.models import Count, QuerySet, Sum
 from django.db.models.functions import TruncMinute
 
 from orders.models import Merchant, Order, OrderStatus, OrderTransition, OutboxEvent, Refund, RefundTransition
@@ -181,6 +181,23 @@ def orders_stuck(*, overdue_before: datetime, limit: int = 50) -> list[StuckOrde
     ]
     result += [StuckOrder(order, "its next check is overdue: is beat running?") for order in overdue]
     return result[:limit]
+
+
+def refunds_by_status() -> dict[str, int]:
+    """Refunds by status (the refund_status_created index; refunds are far fewer than orders)."""
+    rows = Refund.objects.values_list("status").annotate(n=Count("id")).order_by()
+    return {status: n for status, n in rows}
+
+
+def refunded_by_currency() -> dict[str, int]:
+    """The amounts of succeeded refunds, summed per currency, in minor units."""
+    rows = (
+        Refund.objects.filter(status="succeeded")
+        .values_list("currency")
+        .annotate(total=Sum("amount"))
+        .order_by()
+    )
+    return {currency: int(total) for currency, total in rows}
 
 
 def outbox_backlog() -> int:
