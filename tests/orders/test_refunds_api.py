@@ -303,3 +303,20 @@ def test_sixteen_concurrent_refunds_of_30_percent_make_exactly_three(merchant_cr
     assert sorted(statuses) == [201] * 3 + [400] * 13
     assert Refund.objects.filter(order=order).count() == 3
     assert Order.objects.get(pk=order.pk).refund_held == 900
+
+
+def test_openapi_documents_the_refund_api(client):
+    schema = client.get("/api/schema/", {"format": "json"}).json()
+    paths = schema["paths"]
+    assert {"get", "post"} <= set(paths["/api/v1/orders/{order_id}/refunds"])
+    assert "get" in paths["/api/v1/refunds/{refund_id}"]
+    assert "get" in paths["/api/v1/refunds/{refund_id}/events"]
+    post = paths["/api/v1/orders/{order_id}/refunds"]["post"]
+    assert any(p["name"] == "Idempotency-Key" and p["required"] for p in post["parameters"])
+    assert {"201", "400", "404", "409", "422"} <= set(post["responses"])
+    body = schema["components"]["schemas"]["RefundCreateRequest"]
+    assert body["additionalProperties"] is False
+    assert set(body["properties"]) == {"amount", "reason", "reference", "metadata"}
+    assert body["properties"]["reason"]["maxLength"] == 500
+    assert "amount_refunded" in schema["components"]["schemas"]["Order"]["properties"]
+    assert set(schema["components"]["schemas"]["Refund"]["properties"]) >= {"id", "order_id", "status"}
