@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
     dependencies = [
         ("callbacks", "0003_delivery_resend_permission"),
-        ("orders", "0006_refunds"),
+        ("orders", "0007_refunds"),
     ]
 
     operations = [

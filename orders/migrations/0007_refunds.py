@@ -8,7 +8,7 @@ import core.ids
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("orders", "0005_merchant_order_action_permissions"),
+        ("orders", "0006_history_retention_indexes"),
     ]
 
     operations = [

@@ -6,8 +6,8 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("gateway", "0003_attempt_lease_and_one_live"),
-        ("orders", "0006_refunds"),
+        ("gateway", "0004_history_retention_indexes"),
+        ("orders", "0007_refunds"),
     ]
 
     operations = [
