@@ -3,6 +3,7 @@ and their attempts. Order and refund callbacks share the one delivery model and 
 
 from django.db import models
 from django.db.models import Q
+from django.db.models.functions import Coalesce
 
 from orders.models import Order, Refund
 
@@ -18,8 +19,6 @@ class CallbackDelivery(models.Model):
     refund = models.ForeignKey(
         Refund, on_delete=models.PROTECT, related_name="callback_deliveries", null=True, blank=True
     )
-    # What the callback is about: the order's id, or the refund's. One delivery per subject and type.
-    subject_id = models.UUIDField()
     event_type = models.CharField(max_length=32)
     webhook_id = models.CharField(max_length=64, unique=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
@@ -34,7 +33,11 @@ class CallbackDelivery(models.Model):
         verbose_name_plural = "callback deliveries"
         permissions = [("resend_callback", "Can resend client callbacks")]
         constraints = [
-            models.UniqueConstraint(fields=["subject_id", "event_type"], name="delivery_per_subject_outcome")
+            # One delivery per subject (the refund's id for a refund's callback, else the order's)
+            # and event type; rows written before refunds existed need no change.
+            models.UniqueConstraint(
+                Coalesce("refund", "order"), "event_type", name="delivery_per_subject_outcome"
+            )
         ]
         indexes = [
             models.Index(fields=["next_attempt_at"], name="delivery_due", condition=Q(status="pending")),

@@ -47,15 +47,15 @@ class _Subject:
 
 _CLAIM_NEW_SQL = """
 INSERT INTO callbacks_callbackdelivery
-    (order_id, refund_id, subject_id, event_type, webhook_id, status, attempts, next_attempt_at, last_error,
-     created_at)
-VALUES (%s, %s, %s, %s, %s, 'pending', 1, %s, '', now())
-ON CONFLICT (subject_id, event_type) DO NOTHING
+    (order_id, refund_id, event_type, webhook_id, status, attempts, next_attempt_at, last_error, created_at)
+VALUES (%s, %s, %s, %s, 'pending', 1, %s, '', now())
+ON CONFLICT ((COALESCE(refund_id, order_id)), event_type) DO NOTHING
 RETURNING id, webhook_id, attempts
 """
 _CLAIM_DUE_SQL = """
 UPDATE callbacks_callbackdelivery SET attempts = attempts + 1, next_attempt_at = %s
-WHERE subject_id = %s AND event_type = %s AND status = 'pending' AND next_attempt_at <= statement_timestamp()
+WHERE COALESCE(refund_id, order_id) = %s AND event_type = %s AND status = 'pending'
+    AND next_attempt_at <= statement_timestamp()
 RETURNING id, webhook_id, attempts
 """
 
@@ -73,7 +73,6 @@ def _claim(*, subject: _Subject) -> tuple[int, str, int] | None:
             [
                 subject.order.pk,
                 subject.refund_id,
-                subject.subject_id,
                 subject.event_type,
                 f"msg_{uuid.uuid4().hex}",
                 lease,
@@ -263,15 +262,14 @@ def _receiver_slot(*, merchant_id) -> Iterator[bool]:
 _DEFER_SQL = """
 WITH waiting AS (
     UPDATE callbacks_callbackdelivery SET next_attempt_at = %s
-    WHERE subject_id = %s AND event_type = %s AND status = 'pending'
+    WHERE COALESCE(refund_id, order_id) = %s AND event_type = %s AND status = 'pending'
         AND next_attempt_at <= statement_timestamp()
     RETURNING id
 )
 INSERT INTO callbacks_callbackdelivery
-    (order_id, refund_id, subject_id, event_type, webhook_id, status, attempts, next_attempt_at, last_error,
-     created_at)
-SELECT %s, %s, %s, %s, %s, 'pending', 0, %s, '', now() WHERE NOT EXISTS (SELECT 1 FROM waiting)
-ON CONFLICT (subject_id, event_type) DO NOTHING
+    (order_id, refund_id, event_type, webhook_id, status, attempts, next_attempt_at, last_error, created_at)
+SELECT %s, %s, %s, %s, 'pending', 0, %s, '', now() WHERE NOT EXISTS (SELECT 1 FROM waiting)
+ON CONFLICT ((COALESCE(refund_id, order_id)), event_type) DO NOTHING
 """
 
 
@@ -294,7 +292,6 @@ def _defer(*, subject: _Subject) -> None:
                 subject.event_type,
                 subject.order.pk,
                 subject.refund_id,
-                subject.subject_id,
                 subject.event_type,
                 webhook_id,
                 due,
@@ -437,10 +434,10 @@ def callback_resend_for_order(*, order_id) -> str:
     if order.status == OrderStatus.COMPLETED:
         return "delivered"
     delivery, created = CallbackDelivery.objects.get_or_create(
-        subject_id=order.pk,
+        order_id=order.pk,
+        refund__isnull=True,
         event_type=f"order.{order.status}",
         defaults={
-            "order_id": order.pk,
             "webhook_id": f"msg_{uuid.uuid4().hex}",
             "status": D.PENDING,
             "attempts": 0,

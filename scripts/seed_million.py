@@ -78,9 +78,9 @@ a AS (
     FROM o
 ),
 d AS (
-    INSERT INTO callbacks_callbackdelivery (order_id, subject_id, event_type, webhook_id, status, attempts,
+    INSERT INTO callbacks_callbackdelivery (order_id, event_type, webhook_id, status, attempts,
         next_attempt_at, last_error, created_at, delivered_at)
-    SELECT id, id, 'order.' || outcome, 'msg_' || md5(id::text), 'delivered', 1, NULL, '',
+    SELECT id, 'order.' || outcome, 'msg_' || md5(id::text), 'delivered', 1, NULL, '',
         completed_at - interval '40 milliseconds', completed_at
     FROM o
     RETURNING id, delivered_at

@@ -1,6 +1,8 @@
-"""Refund callbacks share the delivery model: a delivery is about a subject (order or refund)."""
+"""Refund callbacks share the delivery model: a delivery is about a subject, the refund when it
+has one, else the order; one delivery per subject and event type."""
 
 import django.db.models.deletion
+import django.db.models.functions.comparison
 from django.db import migrations, models
 
 
@@ -22,18 +24,13 @@ class Migration(migrations.Migration):
                 to="orders.refund",
             ),
         ),
-        migrations.AddField(
-            model_name="callbackdelivery", name="subject_id", field=models.UUIDField(null=True)
-        ),
-        migrations.RunSQL(
-            "UPDATE callbacks_callbackdelivery SET subject_id = order_id", migrations.RunSQL.noop
-        ),
-        migrations.AlterField(model_name="callbackdelivery", name="subject_id", field=models.UUIDField()),
         migrations.RemoveConstraint(model_name="callbackdelivery", name="delivery_per_outcome"),
         migrations.AddConstraint(
             model_name="callbackdelivery",
             constraint=models.UniqueConstraint(
-                fields=("subject_id", "event_type"), name="delivery_per_subject_outcome"
+                django.db.models.functions.comparison.Coalesce("refund", "order"),
+                models.F("event_type"),
+                name="delivery_per_subject_outcome",
             ),
         ),
     ]

@@ -25,10 +25,8 @@ def exhausted(make_order, settings):
 
 def test_filter_by_status_shows_exhausted_deliveries(operator, exhausted, make_order):
     make_order(OrderStatus.PAID)
-    order = make_order(OrderStatus.PAID)
     pending = CallbackDelivery.objects.create(
-        order=order,
-        subject_id=order.pk,
+        order=make_order(OrderStatus.PAID),
         event_type="order.paid",
         webhook_id="msg_pending",
         next_attempt_at=timezone.now(),
