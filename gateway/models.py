@@ -80,6 +80,8 @@ class RefundAttempt(models.Model):
     error = models.CharField(max_length=500, blank=True, default="")
     failure_code = models.CharField(max_length=64, blank=True, default="")
     lease_until = models.DateTimeField(null=True, blank=True)
+    # After a 503 (nothing refunded): no copy sends again before this (the provider's backoff).
+    retry_after = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

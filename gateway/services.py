@@ -4,11 +4,12 @@ import json
 import logging
 import random
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
 from django.urls import reverse
+from django.utils import timezone
 
 from allocation.models import PaymentChannel
 from allocation.selectors import channel_by_code
@@ -570,6 +571,10 @@ def _claim_refund_attempt(*, refund: Refund, charge: ChargeAttempt) -> tuple[Ref
     return RefundAttempt.objects.get(refund_id=refund.pk), leased
 
 
+def _release_refund_lease(attempt: RefundAttempt) -> None:
+    RefundAttempt.objects.filter(pk=attempt.pk, status=RA.SENDING).update(lease_until=None)
+
+
 def _refund_request(attempt: RefundAttempt) -> RefundRequest:
     return RefundRequest(
         refund_id=str(attempt.refund_id),
@@ -611,6 +616,12 @@ def refund_send(*, refund_id) -> TransitionResult | None:
     if not leased:
         logger.info("refund.in_flight_elsewhere", extra=log)
         return TransitionResult(False, refund.status)
+    if attempt.retry_after and attempt.retry_after > timezone.now():
+        # The provider asked us to wait (503): a duplicate delivery does not cut the backoff short;
+        # the sweep sends it again when the refund is due.
+        _release_refund_lease(attempt)
+        logger.info("refund.backing_off", extra=log)
+        return TransitionResult(False, refund.status)
     channel = channel_by_code(attempt.channel)
     adapter = get_adapter(attempt.provider)
     if channel is None or adapter is None:
@@ -640,13 +651,18 @@ def _refund_record(*, attempt: RefundAttempt, result: RefundResult) -> Transitio
             if sends < settings.REFUND_MAX_SENDS:
                 # Nothing refunded and the provider asks again later: the same request, the same
                 # channel, after a backoff stored on the refund (never a failover).
-                RefundAttempt.objects.filter(pk=attempt.pk, status=RA.SENDING).update(
-                    sends=sends, lease_until=None, http_status=result.http_status, error=result.error[:500]
-                )
                 delay = min(
                     settings.REFUND_RETRY_SECONDS * 2 ** (sends - 1), settings.REFUND_RETRY_MAX_SECONDS
                 )
-                refund_retry_later(refund_id=attempt.refund_id, seconds=delay * random.uniform(1.0, 1.2))
+                delay *= random.uniform(1.0, 1.2)
+                RefundAttempt.objects.filter(pk=attempt.pk, status=RA.SENDING).update(
+                    sends=sends,
+                    lease_until=None,
+                    retry_after=timezone.now() + timedelta(seconds=delay),
+                    http_status=result.http_status,
+                    error=result.error[:500],
+                )
+                refund_retry_later(refund_id=attempt.refund_id, seconds=delay)
                 logger.info(
                     "refund.retry_later",
                     extra={

@@ -48,6 +48,7 @@ class Migration(migrations.Migration):
                 ("error", models.CharField(blank=True, default="", max_length=500)),
                 ("failure_code", models.CharField(blank=True, default="", max_length=64)),
                 ("lease_until", models.DateTimeField(blank=True, null=True)),
+                ("retry_after", models.DateTimeField(blank=True, null=True)),
                 ("created_at", models.DateTimeField(auto_now_add=True)),
                 ("updated_at", models.DateTimeField(auto_now=True)),
                 (

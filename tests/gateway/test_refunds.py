@@ -28,6 +28,13 @@ def _paid_order(stub) -> Order:
     return Order.objects.get(pk=order.pk)
 
 
+def _time_passes(refund: Refund) -> None:
+    """The provider's backoff is over and the refund is due (what the sweep waits for)."""
+    past = timezone.now() - timedelta(seconds=1)
+    Refund.objects.filter(pk=refund.pk).update(next_check_at=past)
+    RefundAttempt.objects.filter(refund=refund).update(retry_after=past)
+
+
 def _refund(order: Order, amount: int = 500) -> Refund:
     result = refund_create(
         merchant=order.merchant,
@@ -88,7 +95,11 @@ def test_a_503_waits_on_the_row_and_goes_to_the_same_channel_never_another(stub,
     assert waiting.status == "pending"
     assert waiting.next_check_at >= before + timedelta(seconds=30)
     assert RefundAttempt.objects.get(refund=refund).sends == 1
-    # and the retry goes to the same channel under the same key
+    # a duplicate delivery meanwhile does not cut the wait short
+    services.refund_send(refund_id=refund.pk)
+    assert len(stub.refund_calls) == 1
+    # and when it is due, the retry goes to the same channel under the same key
+    _time_passes(refund)
     services.refund_send(refund_id=refund.pk)
     assert stub.refund_calls == [("stub-1", f"refund:{refund.pk}")] * 2
     assert Refund.objects.get(pk=refund.pk).status == "processing"
@@ -114,6 +125,7 @@ def test_a_503_every_time_fails_after_the_bound_with_nothing_refunded(stub, chan
     refund = _refund(order)
     stub.refund_answers = [UNAVAILABLE] * 3
     for _ in range(3):
+        _time_passes(refund)
         services.refund_send(refund_id=refund.pk)
     failed = Refund.objects.get(pk=refund.pk)
     assert (failed.status, failed.failure_code) == ("failed", "channel_unavailable")
