@@ -77,10 +77,12 @@ def test_valid_order_is_created_with_the_spec_representation(api, merchant_creds
         "callback_url",
         "description",
         "metadata",
+        "amount_refunded",
         "created_at",
         "updated_at",
         "completed_at",
     }
+    assert data["amount_refunded"] == 0
     assert data["amount"] == 1050
     assert data["currency"] == "USD"
     assert data["reference"] == "inv-2041"
