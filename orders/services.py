@@ -470,7 +470,7 @@ def refunds_sweep(*, batch: int) -> int:
                 refund.status, "paid"
             )
             base = settings.POLL_INTERVAL_SECONDS if processing else settings.STAGE_TIMEOUT_SECONDS[stage]
-            delay = min(base * (2 ** min(refund.check_count, 16)), MAX_SWEEP_BACKOFF_SECONDS)
+            delay = min(base * (2 ** min(refund.check_count, 16)), settings.SWEEP_MAX_BACKOFF_SECONDS)
             Refund.objects.filter(pk=refund.pk).update(
                 next_check_at=now + timedelta(seconds=delay), check_count=refund.check_count + 1
             )
