@@ -38,13 +38,15 @@ status:
 	@scripts/services.sh status
 	@scripts/stack.sh status
 
-# The whole suite: unit, e2e, properties, API fuzzing, security and every fault scenario
-# (about 12 minutes on 2 cores, plus about 2.5 for tests/scale, which starts its own Redis Sentinel
-# group and RabbitMQ node); the fault counts are printed in the summary at the end.
-# `make test-faults` runs the fault scenarios alone.
+# The whole suite: unit, e2e, properties, API fuzzing, security, every fault scenario and
+# tests/scale (its own Redis Sentinel group and RabbitMQ node); the fault counts are printed in the
+# summary at the end. Two pytest workers (XDIST): the fault suite runs whole on one, the e2e and
+# scale stacks on the other, everything else on both (tests/conftest.py). `make test XDIST=` runs
+# it in one process. `make test-faults` runs the fault scenarios alone.
+XDIST ?= -n 2
 test: .venv/.installed
 	@scripts/services.sh ensure-test
-	DJANGO_SETTINGS_MODULE=config.settings.test $(PY) -m pytest $(ARGS)
+	DJANGO_SETTINGS_MODULE=config.settings.test $(PY) -m pytest $(XDIST) $(ARGS)
 
 test-faults: services
 	DJANGO_SETTINGS_MODULE=config.settings.test $(PY) -m pytest tests/faults -s $(ARGS)

@@ -1,5 +1,9 @@
 """pytest: the local settings, with the waits of the pipeline in seconds."""
 
+import os
+import re
+import sys
+
 from .local import *  # noqa: F403
 from .local import broker_settings, env
 
@@ -12,6 +16,14 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 # Tests use their own Redis database, so a running dev stack's queues are left alone.
 REDIS_URL = env("TEST_REDIS_URL", default="redis://127.0.0.1:56379/1")
+# `make test` runs two pytest workers (pytest-xdist): each gets the next Redis database, as it
+# gets a database of its own from pytest-django. Only the pytest process itself shifts: the
+# stacks it starts are handed the shifted URL (TEST_REDIS_URL) and must not shift it again.
+_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if "pytest" in sys.modules and _XDIST_WORKER.startswith("gw"):
+    REDIS_URL = re.sub(
+        r"/(\d+)$", lambda m: f"/{int(m.group(1)) + int(_XDIST_WORKER[2:])}", REDIS_URL.rstrip("/")
+    )
 CACHE_URL = env("TEST_CACHE_URL", default=REDIS_URL)
 CACHES["default"]["LOCATION"] = CACHE_URL  # noqa: F405
 # TEST_CELERY_BROKER_URL: tests/scale runs stacks on Sentinel and RabbitMQ brokers of their own.

@@ -159,8 +159,10 @@ def faults(fault_env):
     return fault_env
 
 
-def pytest_terminal_summary(terminalreporter):
-    if harness.FAULT_LINES:
-        terminalreporter.section("fault injection")
-        for line in harness.FAULT_LINES:
-            terminalreporter.write_line(line)
+@pytest.fixture(autouse=True)
+def _report_fault_lines(request):
+    """Put the count lines this test's scenarios printed on its report (tests/conftest.py's summary)."""
+    before = len(harness.FAULT_LINES)
+    yield
+    for line in harness.FAULT_LINES[before:]:
+        request.node.user_properties.append(("fault_line", line))
