@@ -45,9 +45,27 @@ def channel_by_code(code: str) -> PaymentChannel | None:
     return channel
 
 
+_by_provider: dict[str, tuple[float, list[PaymentChannel]]] = {}
+
+
+def channels_of_provider(provider: str) -> list[PaymentChannel]:
+    """The channels of one provider (Stripe's webhooks name none: each one's secret is tried), cached
+    briefly like channel_by_code; `provider` is one of our adapters' names, never a peer's text."""
+    now = time.monotonic()
+    with _cache_lock:
+        hit = _by_provider.get(provider)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+    channels = list(PaymentChannel.objects.filter(provider=provider).order_by("code")[:_CACHE_MAX])
+    with _cache_lock:
+        _by_provider[provider] = (now + _CACHE_SECONDS, channels)
+    return channels
+
+
 def channel_cache_clear() -> None:
     with _cache_lock:
         _cache.clear()
+        _by_provider.clear()
 
 
 def channels_with_volume(*, day) -> QuerySet[PaymentChannel]:

@@ -20,6 +20,21 @@ logger = logging.getLogger(__name__)
 NO_CHANNEL = "no_channel_available"
 CHANNEL_UNAVAILABLE = "channel_unavailable"
 
+# Providers that charge a payer's payment-method token (SPEC 11), by the token's prefix. An order
+# with a token goes only to these providers' channels; one without, only to the others.
+TOKEN_PROVIDERS = {"pm_": ("stripe",)}
+_ALL_TOKEN_PROVIDERS = sorted({p for providers in TOKEN_PROVIDERS.values() for p in providers})
+
+
+def _providers_filter(payment_method: str | None) -> tuple[bool, list[str]]:
+    """(include, providers): channels whose provider is (include) or is not (exclude) in the list."""
+    if not payment_method:
+        return False, _ALL_TOKEN_PROVIDERS
+    for prefix, providers in TOKEN_PROVIDERS.items():
+        if payment_method.startswith(prefix):
+            return True, list(providers)
+    return True, []  # a token no provider takes: no channel fits
+
 
 # The same query the ORM would build from filters (and the model's ordering), written once:
 # it runs for every order, and building it was about a fifth of the allocation worker's CPU.
@@ -29,15 +44,24 @@ WHERE enabled AND currencies @> %s::varchar(3)[] AND min_amount <= %s
   AND (max_amount IS NULL OR max_amount >= %s)
   AND (circuit_open_until IS NULL OR circuit_open_until <= %s)
   AND NOT (code = ANY(%s::varchar(64)[]))
+  AND (provider = ANY(%s::varchar(32)[])) = %s
 ORDER BY priority, code
 """
 
 
-def channel_candidates(*, currency: str, amount: int, exclude: tuple[str, ...] = ()) -> list[PaymentChannel]:
-    """Eligible channels in the order to try them: priority ascending, weighted random within one."""
+def channel_candidates(
+    *, currency: str, amount: int, exclude: tuple[str, ...] = (), payment_method: str | None = None
+) -> list[PaymentChannel]:
+    """Eligible channels in the order to try them: priority ascending, weighted random within one.
+
+    Only channels whose provider can charge the order's payment method (SPEC 11): a `pm_` token
+    goes to Stripe channels only, an order without a token to the providers that need none.
+    """
+    include, providers = _providers_filter(payment_method)
     channels = list(
         PaymentChannel.objects.raw(
-            _CANDIDATES_SQL, [[currency], amount, amount, timezone.now(), list(exclude)]
+            _CANDIDATES_SQL,
+            [[currency], amount, amount, timezone.now(), list(exclude), providers, include],
         )
     )
     # Weighted shuffle (Efraimidis-Spirakis): sort by u^(1/w), u uniform; heavier weights first more often.
@@ -140,15 +164,26 @@ WHERE c.enabled AND c.currencies @> %s::varchar(3)[] AND c.min_amount <= %s
   AND c.circuit_open_until IS NOT NULL
   AND (c.daily_cap IS NULL OR COALESCE(v.reserved, 0) + %s <= c.daily_cap)
   AND NOT (c.code = ANY(%s::varchar(64)[]))
+  AND (c.provider = ANY(%s::varchar(32)[])) = %s
 """
 
 
 def _cooling_until(*, order: Order, exclude: tuple[str, ...]):
     now = timezone.now()
+    include, providers = _providers_filter(order.payment_method)
     with connection.cursor() as cursor:
         cursor.execute(
             _COOLING_SQL,
-            [now.date(), [order.currency], order.amount, order.amount, order.amount, list(exclude)],
+            [
+                now.date(),
+                [order.currency],
+                order.amount,
+                order.amount,
+                order.amount,
+                list(exclude),
+                providers,
+                include,
+            ],
         )
         return cursor.fetchone()[0]
 
@@ -194,7 +229,7 @@ def _wait_or_fail(
 
 def _order_for_allocation(order_id) -> Order | None:
     """The fields allocation needs, as QuerySet.only() would load them, from one plain SELECT."""
-    names = ["id", "status", "amount", "currency", "channel", "created_at"]
+    names = ["id", "status", "amount", "currency", "channel", "created_at", "payment_method"]
     with connection.cursor() as cursor:
         cursor.execute(f"SELECT {', '.join(names)} FROM orders_order WHERE id = %s", [order_id])
         row = cursor.fetchone()
@@ -213,7 +248,9 @@ def order_allocate(*, order_id) -> TransitionResult | None:
         return None
     if order.status != OrderStatus.PENDING:
         return TransitionResult(False, order.status, order.channel)
-    candidates = channel_candidates(currency=order.currency, amount=order.amount)
+    candidates = channel_candidates(
+        currency=order.currency, amount=order.amount, payment_method=order.payment_method
+    )
     result = _assign_first_fitting(
         order=order,
         candidates=candidates,
@@ -239,7 +276,9 @@ def order_reallocate(*, order: Order, failed_channel: str, refused_by: tuple[str
     Decided for the order as the caller read it (assigned to `failed_channel`): if it has moved
     on, nothing here applies. The refused channel's reservation was given back by the caller.
     """
-    candidates = channel_candidates(currency=order.currency, amount=order.amount, exclude=refused_by)
+    candidates = channel_candidates(
+        currency=order.currency, amount=order.amount, exclude=refused_by, payment_method=order.payment_method
+    )
     result = _assign_first_fitting(
         order=order,
         candidates=candidates,

@@ -22,6 +22,7 @@ from config.logging import request_id_var
 from gateway.models import ChargeAttempt
 from gateway.providers.base import ChargeOutcome, ChargeRequest, ChargeResult, WebhookEvent, get_adapter
 from orders.models import Order, OrderStatus
+from orders.services import order_provider_reference_set
 from orders.transitions import TransitionResult, order_transition
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,16 @@ def _from_row(model, names: list[str], row) -> object:
     return model.from_db(connection.alias, loaded, [values[name] for name in loaded])
 
 
-_CHARGE_FIELDS = ["id", "status", "amount", "currency", "channel", "created_at", "reserved_on"]
+_CHARGE_FIELDS = [
+    "id",
+    "status",
+    "amount",
+    "currency",
+    "channel",
+    "created_at",
+    "reserved_on",
+    "payment_method",
+]
 
 
 def _order_for_charge(order_id) -> Order | None:
@@ -149,6 +159,7 @@ def order_charge(*, order_id) -> TransitionResult | None:
             currency=order.currency,
             idempotency_key=attempt.idempotency_key,
             webhook_url=attempt.webhook_url,
+            payment_method=order.payment_method or "",
         )
         fault_point("charge.before_provider")
         result = adapter.charge(channel=channel, request=request)
@@ -214,6 +225,7 @@ def _charge_record(
                         "charge.answer_conflict",
                         extra={"order_id": str(order.pk), "channel": attempt.channel},
                     )
+        order_provider_reference_set(order_id=order.pk, reference=result.provider_reference)
         reason = (
             f"outcome unknown at {attempt.channel} ({result.error}); waiting for webhook or poll"
             if unknown
@@ -231,6 +243,20 @@ def _charge_record(
     else:
         channel_record_success(channel=channel)
     fault_point("charge.after_commit")
+    if result.outcome == ChargeOutcome.ACCEPTED and result.status in ("paid", "failed"):
+        # The provider settled the charge in the same call (Stripe confirms at once): apply its
+        # word now rather than wait for the webhook, which then finds the order settled.
+        return (
+            order_confirm(
+                order_id=order.pk,
+                idempotency_key=attempt.idempotency_key,
+                status=result.status,
+                failure_code=result.failure_code,
+                source="charge answer",
+                provider_reference=result.provider_reference,
+            )
+            or transition
+        )
     return transition
 
 
@@ -304,6 +330,7 @@ def order_confirm(
     source: str,
     channel: str | None = None,
     provider: str | None = None,
+    provider_reference: str = "",
 ) -> TransitionResult | None:
     """Apply a provider's final word (webhook or poll) to the order: paid or failed.
 
@@ -347,6 +374,12 @@ def order_confirm(
             )
             return None
         order = attempt.order
+        if provider_reference:
+            # The provider named its charge (a webhook may be the first to: a lost create answer).
+            ChargeAttempt.objects.filter(pk=attempt.pk, provider_reference="").update(
+                provider_reference=provider_reference[:128]
+            )
+            order_provider_reference_set(order_id=order.pk, reference=provider_reference)
         # A provider's webhook is a request of its own: the order's lines, and the events this
         # confirm emits, keep the id of the API request that created the order.
         request_id_var.set(order.request_id or request_id_var.get())
@@ -458,7 +491,11 @@ def order_poll(*, order_id) -> TransitionResult | None:
     channel = channel_by_code(attempt.channel)
     adapter = get_adapter(attempt.provider)
     try:
-        status = adapter.fetch_status(channel=channel, idempotency_key=attempt.idempotency_key)
+        status = adapter.fetch_status(
+            channel=channel,
+            idempotency_key=attempt.idempotency_key,
+            provider_reference=attempt.provider_reference,
+        )
     except Exception as exc:  # provider unreachable: the sweep asks again later
         logger.warning("poll.failed", extra={"order_id": str(order.pk), "error": repr(exc)})
         return None
@@ -471,6 +508,7 @@ def order_poll(*, order_id) -> TransitionResult | None:
             status=status.status,
             failure_code=status.failure_code,
             source="status poll",
+            provider_reference=status.provider_reference,
         )
     if status.status == "not_found":
         # The request never reached the provider. Sending it again under the same key is safe:
@@ -481,11 +519,28 @@ def order_poll(*, order_id) -> TransitionResult | None:
             currency=order.currency,
             idempotency_key=attempt.idempotency_key,
             webhook_url=attempt.webhook_url or _webhook_url(attempt.provider),
+            payment_method=order.payment_method or "",
         )
         result = adapter.charge(channel=channel, request=request)
         logger.info("poll.resent", extra={"order_id": str(order.pk), "outcome": result.outcome.value})
         if result.outcome == ChargeOutcome.REJECTED:
             return _resend_refused(order=order, attempt=attempt, result=result)
+        if result.outcome == ChargeOutcome.ACCEPTED and result.status in ("paid", "failed"):
+            # Stripe answers the resent create with the first request's result (or the new one's).
+            return order_confirm(
+                order_id=order.pk,
+                idempotency_key=attempt.idempotency_key,
+                status=result.status,
+                failure_code=result.failure_code,
+                source="resent charge answer",
+                provider_reference=result.provider_reference,
+            )
+        if result.provider_reference:
+            with transaction.atomic():
+                ChargeAttempt.objects.filter(pk=attempt.pk, provider_reference="").update(
+                    provider_reference=result.provider_reference[:128]
+                )
+                order_provider_reference_set(order_id=order.pk, reference=result.provider_reference)
     return None
 
 

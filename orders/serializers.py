@@ -8,6 +8,7 @@ from drf_spectacular.extensions import OpenApiSerializerExtension
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from orders import payment_methods
 from orders.models import Order, OrderStatus, Outcome
 from orders.urlsafety import UnsafeUrl, callback_url_check
 
@@ -89,6 +90,19 @@ class CallbackUrlField(StrictCharField):
     pass
 
 
+@extend_schema_field(
+    {
+        "type": "string",
+        "pattern": "^pm_[A-Za-z0-9_]{1,200}$",
+        "description": "The payer's payment method as a provider's token (Stripe: `pm_…`, e.g. the test"
+        " tokens `pm_card_visa`, `pm_card_chargeCustomerFail`). An order with one is charged only on"
+        " `stripe` channels; without one, only on providers that need none.",
+    }
+)
+class PaymentMethodField(StrictCharField):
+    pass
+
+
 def _printable(value: str) -> None:
     if not value.isprintable():
         raise serializers.ValidationError("Must not contain control characters.")
@@ -101,6 +115,9 @@ class OrderCreateSerializer(serializers.Serializer):
     callback_url = CallbackUrlField(max_length=2048, required=False, allow_blank=False, trim_whitespace=False)
     description = StrictCharField(max_length=1000, required=False, allow_blank=True, trim_whitespace=False)
     metadata = MetadataField(child=StrictCharField(allow_blank=True, trim_whitespace=False), required=False)
+    payment_method = PaymentMethodField(
+        max_length=payment_methods.MAX_LENGTH, required=False, allow_blank=False, trim_whitespace=False
+    )
 
     def to_internal_value(self, data):
         if not isinstance(data, dict):
@@ -119,6 +136,14 @@ class OrderCreateSerializer(serializers.Serializer):
     def validate_reference(self, value: str) -> str:
         if not value.strip():
             raise serializers.ValidationError("Must not be blank.")
+        return value
+
+    def validate_payment_method(self, value: str) -> str:
+        if not payment_methods.is_valid(value):
+            # The value itself is not echoed: it is the payer's token.
+            raise serializers.ValidationError(
+                "Must be a payment method token: `pm_` and letters, digits or _."
+            )
         return value
 
     def validate_callback_url(self, value: str) -> str:
@@ -171,6 +196,8 @@ class OrderSerializer(serializers.ModelSerializer):
             "callback_url",
             "description",
             "metadata",
+            "payment_method",
+            "provider_reference",
             "created_at",
             "updated_at",
             "completed_at",

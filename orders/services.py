@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from config import metrics
 from config.errors import ApiError
-from orders import crypto, events
+from orders import crypto, events, payment_methods
 from orders.models import IdempotencyKey, Merchant, Order, OrderStatus
 from orders.outbox import event_emit
 from orders.serializers import order_representation
@@ -223,6 +223,7 @@ def order_create(
         currency=data["currency"],
         description=data.get("description", ""),
         metadata=data.get("metadata", {}),
+        payment_method=data.get("payment_method"),
         callback_url=data.get("callback_url") or merchant.callback_url,
         status=OrderStatus.PENDING,
         request_id=request_id,
@@ -250,10 +251,32 @@ def order_create(
         raise
     logger.info(
         "order.created",
-        extra={"order_id": str(order.id), "merchant": str(merchant.id), "amount": order.amount},
+        extra={
+            "order_id": str(order.id),
+            "merchant": str(merchant.id),
+            "amount": order.amount,
+            "payment_method": payment_methods.mask(order.payment_method),
+        },
     )
     metrics.ORDERS_CREATED.inc()
     return CreateResult(201, body, False)
+
+
+def order_provider_reference_set(*, order_id, reference: str) -> bool:
+    """Record the provider's id for the order's charge once it is known; a known one never changes.
+
+    Not a transition (the status is transitions.py's alone): a fact about the charge, written by
+    the gateway as soon as the provider names it.
+    """
+    if not reference:
+        return False
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE orders_order SET provider_reference = %s, updated_at = now()"
+            " WHERE id = %s AND provider_reference IS NULL",
+            [reference[:128], order_id],
+        )
+        return cursor.rowcount == 1
 
 
 def idempotency_keys_prune(*, older_than_hours: int) -> int:

@@ -17,19 +17,9 @@ import os
 from aiohttp import web
 from localstripe import resources, server, webhooks
 
-from gateway.sandbox_server.secrets import stripe_endpoint_secret
+from gateway.sandbox_server.secrets import STRIPE_WEBHOOK_EVENTS, stripe_endpoint_secret
 
 WEBHOOK_PATH = "/api/v1/gateway/webhooks/stripe"
-# The events the gateway acts on; localstripe would otherwise post every event it makes.
-WEBHOOK_EVENTS = [
-    "payment_intent.succeeded",
-    "payment_intent.payment_failed",
-    "charge.refunded",
-    "charge.refund.updated",
-    "refund.created",
-    "refund.updated",
-    "refund.failed",
-]
 
 
 def _no_disk(self) -> None:
@@ -43,7 +33,9 @@ def main() -> None:
     host, _, port = os.environ.get("LOCALSTRIPE_BIND", "127.0.0.1:8420").rpartition(":")
     channel = os.environ.get("LOCALSTRIPE_CHANNEL", "stripe-test")
     base = os.environ.get("PUBLIC_BASE_URL") or "http://127.0.0.1:8000"
-    webhooks.register_webhook(channel, base + WEBHOOK_PATH, stripe_endpoint_secret(channel), WEBHOOK_EVENTS)
+    webhooks.register_webhook(
+        channel, base + WEBHOOK_PATH, stripe_endpoint_secret(channel), STRIPE_WEBHOOK_EVENTS
+    )
     web.run_app(server.app, host=host or "127.0.0.1", port=int(port), access_log=None, print=None)
 
 

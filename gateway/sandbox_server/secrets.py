@@ -27,6 +27,16 @@ def channel_webhook_secret(channel_code: str, master: str | None = None) -> str:
     return "whsec_" + base64.b64encode(digest).decode("ascii")
 
 
+# The Stripe events our endpoint at localstripe is registered for (the gateway acts on these; the
+# launcher and seed_sandbox register the same list).
+STRIPE_WEBHOOK_EVENTS = [
+    "payment_intent.succeeded",
+    "payment_intent.payment_failed",
+    "charge.refunded",
+    "charge.refund.updated",
+]
+
+
 def stripe_endpoint_secret(channel_code: str, master: str | None = None) -> str:
     """The Stripe webhook endpoint secret (`whsec_…`) of a channel pointed at localstripe.
 

@@ -77,10 +77,14 @@ def test_valid_order_is_created_with_the_spec_representation(api, merchant_creds
         "callback_url",
         "description",
         "metadata",
+        "payment_method",
+        "provider_reference",
         "created_at",
         "updated_at",
         "completed_at",
     }
+    assert data["payment_method"] is None
+    assert data["provider_reference"] is None
     assert data["amount"] == 1050
     assert data["currency"] == "USD"
     assert data["reference"] == "inv-2041"
