@@ -1,0 +1,77 @@
+"""A Stripe order through the gateway's charge stage, Stripe played by a real HTTP peer answering
+Stripe's recorded answers: the answer of the create-and-confirm call settles the order at once."""
+
+import pytest
+
+from gateway.models import ChargeAttempt
+from gateway.services import order_charge
+from orders import crypto
+from orders.models import Order, OrderStatus
+from tests.factories import ChannelFactory
+from tests.gateway.test_adapter_answers import Peer, answer
+from tests.gateway.test_stripe_adapter import recorded
+from tests.stub_provider import assigned_order, path
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def stripe_peer(settings):
+    settings.GATEWAY_CONNECT_TIMEOUT = settings.GATEWAY_READ_TIMEOUT = 1.0
+    peers = []
+
+    def start(status: int, name: str) -> Peer:
+        peer = Peer(answer(status, recorded(name)))
+        peers.append(peer)
+        ChannelFactory(
+            code="stripe-test",
+            provider="stripe",
+            currencies=["USD", "EUR"],
+            api_base=peer.url,
+            api_key_encrypted=crypto.encrypt("sk_test_recorded"),
+        )
+        return peer
+
+    yield start
+    for peer in peers:
+        peer.close()
+
+
+def _charged(status: int, name: str, stripe_peer) -> Order:
+    stripe_peer(status, name)
+    order = assigned_order("stripe-test")
+    Order.objects.filter(pk=order.pk).update(payment_method="pm_card_visa")
+    order_charge(order_id=order.pk)
+    return Order.objects.get(pk=order.pk)
+
+
+def test_a_succeeded_intent_is_paid_with_the_intent_as_provider_reference(stripe_peer):
+    order = _charged(200, "payment_intent_succeeded", stripe_peer)
+    assert (order.status, order.outcome) == (OrderStatus.PAID, "paid")
+    assert order.provider_reference == "pi_3QxS2vLkdIwHu7ix0b7mYqLx"
+    attempt = ChargeAttempt.objects.get(order=order)
+    assert (attempt.status, attempt.provider_reference) == ("paid", "pi_3QxS2vLkdIwHu7ix0b7mYqLx")
+    assert [step[1] for step in path(order)] == ["assigned", "processing", "paid"]
+
+
+def test_a_card_decline_is_failed_with_the_decline_code_and_no_failover(stripe_peer):
+    ChannelFactory(code="stripe-two", provider="stripe", currencies=["USD"], priority=2)
+    order = _charged(402, "error_card_declined_insufficient_funds", stripe_peer)
+    assert (order.status, order.failure_code) == (OrderStatus.FAILED, "insufficient_funds")
+    assert order.provider_reference == "pi_3QxS5cLkdIwHu7ix1Fa1LeDd"
+    assert {step[2] for step in path(order)} == {"stripe-test"}
+
+
+@pytest.mark.parametrize(
+    ("status", "name"),
+    [
+        (409, "error_idempotency_key_in_use"),
+        (400, "error_idempotency_params_mismatch"),
+        (500, "error_api_error"),
+    ],
+)
+def test_an_answer_that_may_hide_a_charge_leaves_it_processing_never_failover(stripe_peer, status, name):
+    ChannelFactory(code="stripe-two", provider="stripe", currencies=["USD"], priority=2)
+    order = _charged(status, name, stripe_peer)
+    assert (order.status, order.channel, order.outcome) == (OrderStatus.PROCESSING, "stripe-test", None)
+    assert ChargeAttempt.objects.get(order=order).status == "unknown"
