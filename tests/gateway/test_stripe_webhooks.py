@@ -210,3 +210,22 @@ def test_garbage_is_a_4xx_json_error_never_a_500(channels, body, signature):
     assert 400 <= response.status_code < 500
     assert "error" in response.json()
     assert ProviderWebhook.objects.count() == 0
+
+
+def test_the_whole_garbage_battery_signed_is_never_a_500(channels):
+    # The bodies the whole-surface garbage test throws at every endpoint, signed with the channel's
+    # secret, so they pass verification and reach the event parser (unsigned, they stop before).
+    from tests.security.test_garbage import BODIES
+
+    problems = []
+    for label, content_type, body in BODIES:
+        text = body.decode("utf-8", "replace")
+        response = APIClient().generic(
+            "POST", URL, body, content_type=content_type, HTTP_STRIPE_SIGNATURE=sign(text)
+        )
+        if not 400 <= response.status_code < 500 and response.status_code != 200:
+            problems.append(f"{label}: {response.status_code}")
+        elif response.status_code >= 400 and "error" not in response.json():
+            problems.append(f"{label}: not a JSON error")
+    assert not problems, problems
+    assert ProviderWebhook.objects.count() == 0
