@@ -24,6 +24,8 @@ def _allocate(**fields) -> Order:
 
 
 def test_a_pm_order_goes_to_a_stripe_channel(both):
+    # a sandbox channel of the same priority that weighs a thousand times more
+    ChannelFactory(code="sandbox-a", provider="sandbox", currencies=["USD"], priority=1, weight=1000)
     order = _allocate(payment_method="pm_card_visa")
     assert (order.status, order.channel) == (OrderStatus.ASSIGNED, "stripe-test")
 
