@@ -5,9 +5,11 @@ import threading
 import time
 from collections import OrderedDict
 
+from cryptography.fernet import InvalidToken
 from django.db.models import OuterRef, QuerySet, Subquery
 
 from allocation.models import ChannelDailyVolume, PaymentChannel
+from orders import crypto
 
 _CACHE_SECONDS = 5.0
 # Only channels that exist are cached, so the cache is as large as the channel table; the cap
@@ -87,3 +89,15 @@ def channel_codes() -> list[str]:
 
 def channel_providers() -> list[str]:
     return list(PaymentChannel.objects.order_by("provider").values_list("provider", flat=True).distinct())
+
+
+def credential_hint(encrypted: str) -> str:
+    """A stored credential as operators see it: its kind and last four characters, never more."""
+    if not encrypted:
+        return "not set"
+    try:
+        value = crypto.decrypt(encrypted)
+    except (InvalidToken, ValueError):  # a key rotated away: say so, never show the token
+        return "set, unreadable with the current FIELD_ENCRYPTION_KEY"
+    prefix = value.split("_", 1)[0] + "_" if "_" in value[:8] else ""
+    return f"{prefix}…{value[-4:]}" if len(value) >= len(prefix) + 12 else f"{prefix}… (set)"

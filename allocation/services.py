@@ -11,6 +11,7 @@ from django.utils import timezone
 from allocation.models import PaymentChannel
 from allocation.selectors import channel_cache_clear
 from config.faults import fault_point
+from orders import crypto
 from orders.models import Order, OrderStatus
 from orders.redis_client import get_redis
 from orders.transitions import TransitionResult, order_transition
@@ -358,6 +359,46 @@ def channel_record_failure(*, channel_code: str) -> bool:
     channel_cache_clear()
     logger.warning("circuit.opened", extra={"channel": channel_code, "failures": failed, "accepted": ok})
     return True
+
+
+class InvalidCredential(ValueError):
+    """A channel credential that cannot be what the provider issues (the message never echoes it)."""
+
+
+# What each provider's credentials look like (Stripe: secret or restricted keys, endpoint secrets).
+_CREDENTIAL_PREFIXES = {
+    "stripe": {"api_key": ("sk_", "rk_"), "webhook_secret": ("whsec_",)},
+}
+
+
+def _check_credential(provider: str, kind: str, value: str) -> None:
+    if not value or len(value) > 500 or not value.isprintable() or not value.isascii() or " " in value:
+        raise InvalidCredential(f"The {kind.replace('_', ' ')} must be 1 to 500 printable characters.")
+    prefixes = _CREDENTIAL_PREFIXES.get(provider, {}).get(kind)
+    if prefixes and not value.startswith(prefixes):
+        raise InvalidCredential(f"A {provider} {kind.replace('_', ' ')} starts with {' or '.join(prefixes)}.")
+
+
+def channel_credentials_set(
+    *, channel: PaymentChannel, api_key: str | None = None, webhook_secret: str | None = None
+) -> list[str]:
+    """Set or rotate a channel's API key and/or webhook endpoint secret, stored encrypted.
+
+    None leaves a credential as it is. Returns the names of what changed; the values are never
+    logged or returned.
+    """
+    changes: dict[str, str] = {}
+    if api_key is not None:
+        _check_credential(channel.provider, "api_key", api_key)
+        changes["api_key_encrypted"] = crypto.encrypt(api_key)
+    if webhook_secret is not None:
+        _check_credential(channel.provider, "webhook_secret", webhook_secret)
+        changes["webhook_secret_encrypted"] = crypto.encrypt(webhook_secret)
+    if changes:
+        PaymentChannel.objects.filter(pk=channel.pk).update(**changes)
+        channel_cache_clear()
+        logger.info("channel.credentials_set", extra={"channel": channel.code, "changed": sorted(changes)})
+    return sorted(name.removesuffix("_encrypted") for name in changes)
 
 
 def channel_set_enabled(*, channel: PaymentChannel, enabled: bool) -> None:
