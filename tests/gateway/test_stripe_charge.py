@@ -4,7 +4,7 @@ Stripe's recorded answers: the answer of the create-and-confirm call settles the
 import pytest
 
 from gateway.models import ChargeAttempt
-from gateway.services import order_charge
+from gateway.services import order_charge, order_poll
 from orders import crypto
 from orders.models import Order, OrderStatus
 from tests.factories import ChannelFactory
@@ -75,3 +75,43 @@ def test_an_answer_that_may_hide_a_charge_leaves_it_processing_never_failover(st
     order = _charged(status, name, stripe_peer)
     assert (order.status, order.channel, order.outcome) == (OrderStatus.PROCESSING, "stripe-test", None)
     assert ChargeAttempt.objects.get(order=order).status == "unknown"
+
+
+def _processing(reference: str = "") -> Order:
+    order = assigned_order("stripe-test")
+    Order.objects.filter(pk=order.pk).update(status=OrderStatus.PROCESSING, payment_method="pm_card_visa")
+    ChargeAttempt.objects.create(
+        order=order,
+        channel="stripe-test",
+        provider="stripe",
+        idempotency_key=f"{order.pk}:stripe-test",
+        status="unknown",
+        provider_reference=reference,
+    )
+    return order
+
+
+def test_a_poll_asks_by_the_intent_id_when_known(stripe_peer):
+    peer = stripe_peer(200, "payment_intent_succeeded")
+    order = _processing("pi_3QxS2vLkdIwHu7ix0b7mYqLx")
+    # the recorded intent names the recorded order's attempt: make it this order's
+    ChargeAttempt.objects.filter(order=order).update(
+        idempotency_key="01a22a48-b737-786c-a84c-0b2d41ca6738:stripe-test"
+    )
+    order_poll(order_id=order.pk)
+    assert peer.requests[0].startswith(b"GET /v1/payment_intents/pi_3QxS2vLkdIwHu7ix0b7mYqLx ")
+    order = Order.objects.get(pk=order.pk)
+    assert (order.status, order.provider_reference) == (OrderStatus.PAID, "pi_3QxS2vLkdIwHu7ix0b7mYqLx")
+
+
+def test_a_poll_without_an_intent_id_resends_the_create_under_the_same_key(stripe_peer):
+    # the create's answer was lost; Stripe answers the resent create with the first one's result
+    peer = stripe_peer(200, "payment_intent_succeeded")
+    order = _processing("")
+    order_poll(order_id=order.pk)
+    assert len(peer.requests) == 1
+    assert peer.requests[0].startswith(b"POST /v1/payment_intents ")
+    assert f"Idempotency-Key: {order.pk}:stripe-test".encode() in peer.requests[0]
+    order = Order.objects.get(pk=order.pk)
+    assert (order.status, order.provider_reference) == (OrderStatus.PAID, "pi_3QxS2vLkdIwHu7ix0b7mYqLx")
+    assert ChargeAttempt.objects.get(order=order).provider_reference == "pi_3QxS2vLkdIwHu7ix0b7mYqLx"
