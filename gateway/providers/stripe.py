@@ -299,6 +299,11 @@ class StripeAdapter(ProviderAdapter):
             signers.append(channel.code)
         if not signers:
             raise InvalidWebhook("no Stripe channel's endpoint secret verifies the signature")
+        # The library refuses timestamps older than the tolerance but not future ones; SPEC 5
+        # refuses both (a future-dated signature would stay replayable for longer).
+        signed_at = next((part[2:] for part in signature.split(",") if part.startswith("t=")), "")
+        if not signed_at.isdigit() or int(signed_at) > time.time() + WEBHOOK_TOLERANCE_SECONDS:
+            raise InvalidWebhook("signature timestamp in the future")
         return verified_event(payload, signers)
 
 
