@@ -60,7 +60,7 @@ def provider_webhook(request: HttpRequest, provider: str) -> JsonResponse:
         # Authentic, and nothing for us (another event type, a charge not ours): acknowledged, so
         # the provider does not retry it for days; nothing is stored.
         logger.info("webhook.ignored", extra={"provider": provider, "reason": str(exc)})
-        return JsonResponse({"received": True, "ignored": True})
+        return JsonResponse({"received": True, "duplicate": False, "ignored": True})
     except MalformedWebhook as exc:
         logger.warning("webhook.malformed", extra={"provider": provider, "reason": str(exc)})
         return error_response(400, "invalid_body", "The webhook body is not a readable provider event.")
