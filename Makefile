@@ -49,6 +49,7 @@ test-faults: services
 
 lint: .venv/.installed
 	.venv/bin/ruff check .
+	.venv/bin/lint-imports
 	.venv/bin/ruff format --check .
 
 format: .venv/.installed

@@ -20,7 +20,7 @@ class PaymentChannel(models.Model):
     )
     enabled = models.BooleanField(default=True)
     circuit_open_until = models.DateTimeField(null=True, blank=True)
-    # The provider's webhook signing secret for this channel, encrypted (orders/crypto.py).
+    # The provider's webhook signing secret for this channel, encrypted (core/crypto.py).
     webhook_secret_encrypted = models.TextField(blank=True, default="")
     # Providers reached with a key of the channel's own (Stripe: `sk_…`), encrypted like the secret.
     api_key_encrypted = models.TextField(blank=True, default="")

@@ -9,7 +9,7 @@ from cryptography.fernet import InvalidToken
 from django.db.models import OuterRef, QuerySet, Subquery
 
 from allocation.models import ChannelDailyVolume, PaymentChannel
-from orders import crypto
+from core import crypto
 
 _CACHE_SECONDS = 5.0
 # Only channels that exist are cached, so the cache is as large as the channel table; the cap

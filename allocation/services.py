@@ -10,10 +10,12 @@ from django.utils import timezone
 
 from allocation.models import PaymentChannel
 from allocation.selectors import channel_cache_clear
-from config.faults import fault_point
-from orders import crypto
+from core import crypto
+from core.errors import InvalidRequest
+from core.faults import fault_point
+from core.redis import get_redis
 from orders.models import Order, OrderStatus
-from orders.redis_client import get_redis
+from orders.selectors import order_fields
 from orders.transitions import TransitionResult, order_transition
 
 logger = logging.getLogger(__name__)
@@ -228,22 +230,12 @@ def _wait_or_fail(
     )
 
 
-def _order_for_allocation(order_id) -> Order | None:
-    """The fields allocation needs, as QuerySet.only() would load them, from one plain SELECT."""
-    names = ["id", "status", "amount", "currency", "channel", "created_at", "payment_method"]
-    with connection.cursor() as cursor:
-        cursor.execute(f"SELECT {', '.join(names)} FROM orders_order WHERE id = %s", [order_id])
-        row = cursor.fetchone()
-    if row is None:
-        return None
-    values = dict(zip(names, row, strict=True))
-    loaded = [field.attname for field in Order._meta.concrete_fields if field.attname in values]
-    return Order.from_db(connection.alias, loaded, [values[name] for name in loaded])
+_ALLOCATION_FIELDS = ("id", "status", "amount", "currency", "channel", "created_at", "payment_method")
 
 
 def order_allocate(*, order_id) -> TransitionResult | None:
     """Assign a pending order to a channel; wait for a cooling channel; or fail it."""
-    order = _order_for_allocation(order_id)
+    order = order_fields(order_id=order_id, fields=_ALLOCATION_FIELDS)
     if order is None:
         logger.warning("allocate.order_missing", extra={"order_id": str(order_id)})
         return None
@@ -361,8 +353,11 @@ def channel_record_failure(*, channel_code: str) -> bool:
     return True
 
 
-class InvalidCredential(ValueError):
+class InvalidCredential(InvalidRequest):
     """A channel credential that cannot be what the provider issues (the message never echoes it)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("invalid_credential", message)
 
 
 # What each provider's credentials look like (Stripe: secret or restricted keys, endpoint secrets).

@@ -2,20 +2,13 @@
 
 import logging
 
-from celery import shared_task
-from django.db import OperationalError
-
 from allocation import services
+from core.tasks import stage_task
+from orders import events
 
 logger = logging.getLogger(__name__)
 
 
-@shared_task(
-    name="allocation.allocate",
-    autoretry_for=(OperationalError,),
-    retry_backoff=1,
-    retry_backoff_max=30,
-    max_retries=5,
-)
+@stage_task(events.ALLOCATE)
 def allocate(event: dict) -> None:
     services.order_allocate(order_id=event["order_id"])

@@ -5,10 +5,3 @@ class CallbacksConfig(AppConfig):
     name = "callbacks"
     verbose_name = "Callbacks"
     default_auto_field = "django.db.models.BigAutoField"
-
-    def ready(self) -> None:
-        from orders import events
-
-        events.subscribe(
-            events.ORDER_UPDATED, "callbacks.callback", when=lambda p: p.get("status") in ("paid", "failed")
-        )

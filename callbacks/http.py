@@ -13,7 +13,7 @@ from requests_hardened import Config, Manager
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from orders.urlsafety import UnsafeUrl, callback_url_check
+from core.urlsafety import UnsafeUrl, callback_url_check
 
 EXCERPT_BYTES = 1024
 ERROR_CHARS = 500

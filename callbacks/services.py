@@ -15,8 +15,8 @@ from django.utils import timezone
 from callbacks.http import PostResult, post_json, storable_text
 from callbacks.models import CallbackDelivery
 from callbacks.signing import signature_headers
-from config import metrics
-from config.faults import fault_point
+from core import metrics
+from core.faults import fault_point
 from orders.models import Order, OrderStatus
 from orders.serializers import order_representation
 from orders.services import merchant_signing_secrets

@@ -1,20 +1,15 @@
 """The callback stage, and the beat sweep that makes due retries happen."""
 
+from celery import current_app as celery_app
 from celery import shared_task
 from django.conf import settings
-from django.db import OperationalError
 
 from callbacks import services
-from config.celery_app import app as celery_app
+from core.tasks import stage_task
+from orders import events
 
 
-@shared_task(
-    name="callbacks.callback",
-    autoretry_for=(OperationalError,),
-    retry_backoff=1,
-    retry_backoff_max=30,
-    max_retries=5,
-)
+@stage_task(events.CALLBACK)
 def callback(event: dict) -> None:
     services.callback_deliver(order_id=event["order_id"])
 
@@ -23,5 +18,5 @@ def callback(event: dict) -> None:
 def sweep_deliveries() -> int:
     due = services.deliveries_due(batch=settings.SWEEP_BATCH)
     for order_id in due:
-        celery_app.send_task("callbacks.callback", args=[{"order_id": order_id, "redelivery": True}])
+        celery_app.send_task(events.CALLBACK, args=[{"order_id": order_id, "redelivery": True}])
     return len(due)

@@ -4,7 +4,7 @@ import os
 
 from celery import Celery, signals
 
-from config.logging import order_id_var, request_id_var
+from core.logging import order_id_var, request_id_var
 
 # Production unless told otherwise (see config/wsgi.py).
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.production")

@@ -4,7 +4,7 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from config import dashboard, health, metrics
+from console import dashboard, health, metrics
 
 urlpatterns = [
     path("api/v1/", include("orders.urls")),
@@ -19,7 +19,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
 ]
 
-handler400 = "config.errors.handler400"
-handler403 = "config.errors.handler403"
-handler404 = "config.errors.handler404"
-handler500 = "config.errors.handler500"
+handler400 = "core.exception_handlers.handler400"
+handler403 = "core.exception_handlers.handler403"
+handler404 = "core.exception_handlers.handler404"
+handler500 = "core.exception_handlers.handler500"

@@ -16,12 +16,13 @@ from allocation.services import (
     channel_release,
     order_reallocate,
 )
-from config import metrics
-from config.faults import fault_point
-from config.logging import request_id_var
+from core import metrics
+from core.faults import fault_point
+from core.logging import request_id_var
 from gateway.models import ChargeAttempt
 from gateway.providers.base import ChargeOutcome, ChargeRequest, ChargeResult, WebhookEvent, get_adapter
 from orders.models import Order, OrderStatus
+from orders.selectors import order_fields
 from orders.services import order_provider_reference_set
 from orders.transitions import TransitionResult, order_transition
 
@@ -96,7 +97,7 @@ def _from_row(model, names: list[str], row) -> object:
     return model.from_db(connection.alias, loaded, [values[name] for name in loaded])
 
 
-_CHARGE_FIELDS = [
+_CHARGE_FIELDS = (
     "id",
     "status",
     "amount",
@@ -105,17 +106,7 @@ _CHARGE_FIELDS = [
     "created_at",
     "reserved_on",
     "payment_method",
-]
-
-
-def _order_for_charge(order_id) -> Order | None:
-    """The fields a charge needs, in one plain SELECT (this runs for every order, twice when polled)."""
-    with connection.cursor() as cursor:
-        cursor.execute(f"SELECT {', '.join(_CHARGE_FIELDS)} FROM orders_order WHERE id = %s", [order_id])
-        row = cursor.fetchone()
-    if row is None:
-        return None
-    return _from_row(Order, _CHARGE_FIELDS, row)
+)
 
 
 def order_charge(*, order_id) -> TransitionResult | None:
@@ -124,7 +115,7 @@ def order_charge(*, order_id) -> TransitionResult | None:
     No lock is held across the HTTP call: the attempt row (and its key) is committed first,
     so a crash anywhere leads to the same request being sent again under the same key.
     """
-    order = _order_for_charge(order_id)
+    order = order_fields(order_id=order_id, fields=_CHARGE_FIELDS)
     if order is None:
         logger.warning("charge.order_missing", extra={"order_id": str(order_id)})
         return None
@@ -476,7 +467,7 @@ def _as_uuid(value: str) -> uuid.UUID | None:
 
 def order_poll(*, order_id) -> TransitionResult | None:
     """Ask the provider about a processing order's charge (PSync); resend it if it never arrived."""
-    order = _order_for_charge(order_id)
+    order = order_fields(order_id=order_id, fields=_CHARGE_FIELDS)
     if order is None or order.status != OrderStatus.PROCESSING:
         return None
     attempt = (

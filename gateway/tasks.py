@@ -1,19 +1,16 @@
 """Gateway stages: charge an assigned order, confirm a provider's answer, poll a silent provider."""
 
-from celery import shared_task
-from django.db import OperationalError
-
+from core.tasks import stage_task
 from gateway import services
+from orders import events
 
-RETRY = {"autoretry_for": (OperationalError,), "retry_backoff": 1, "retry_backoff_max": 30, "max_retries": 5}
 
-
-@shared_task(name="gateway.charge", **RETRY)
+@stage_task(events.CHARGE)
 def charge(event: dict) -> None:
     services.order_charge(order_id=event["order_id"])
 
 
-@shared_task(name="gateway.confirm", **RETRY)
+@stage_task(events.CONFIRM)
 def confirm(message: dict) -> None:
     services.order_confirm(
         order_id=message["order_id"],
@@ -28,6 +25,6 @@ def confirm(message: dict) -> None:
     )
 
 
-@shared_task(name="gateway.poll", **RETRY)
+@stage_task(events.POLL)
 def poll(event: dict) -> None:
     services.order_poll(order_id=event["order_id"])

@@ -2,16 +2,17 @@
 
 import logging
 
+from celery import current_app as celery_app
 from django.core.exceptions import RequestDataTooBig
 from django.db import transaction
 from django.http import HttpRequest, JsonResponse, UnreadablePostError
 from django.views.decorators.csrf import csrf_exempt
 
-from config.celery_app import app as celery_app
-from config.faults import fault_point
-from config.middleware import error_response
+from core.faults import fault_point
+from core.middleware import error_response
 from gateway import services
 from gateway.providers.base import IgnoredWebhook, InvalidWebhook, MalformedWebhook, get_adapter
+from orders import events
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +20,7 @@ logger = logging.getLogger(__name__)
 def _hand_off(event, provider: str) -> None:
     try:
         celery_app.send_task(
-            "gateway.confirm",
+            events.CONFIRM,
             args=[
                 {
                     "order_id": event.order_id,

@@ -14,7 +14,7 @@ from rest_framework.response import Response
 from rest_framework.utils.urls import replace_query_param
 from rest_framework.views import APIView
 
-from config.errors import ApiError
+from core.exception_handlers import ApiError
 from orders import selectors, services
 from orders.serializers import (
     OrderCreateSerializer,
@@ -130,10 +130,18 @@ class OrderListCreateApi(APIView):
         key = _idempotency_key(request)
         serializer = OrderCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
         result = services.order_create(
             merchant=request.user,
             idempotency_key=key,
-            data=serializer.validated_data,
+            fingerprint=services.request_fingerprint(data),
+            reference=data["reference"],
+            amount=data["amount"],
+            currency=data["currency"],
+            description=data.get("description", ""),
+            metadata=data.get("metadata"),
+            callback_url=data.get("callback_url", ""),
+            payment_method=data.get("payment_method"),
             request_id=getattr(request._request, "request_id", ""),
         )
         response = Response(result.body, status=result.status)

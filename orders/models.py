@@ -3,7 +3,7 @@
 from django.db import models
 from django.db.models import Q
 
-from orders.ids import uuid7
+from core.ids import uuid7
 
 
 class OrderStatus(models.TextChoices):
@@ -26,7 +26,7 @@ class Merchant(models.Model):
     # The key is shown once; we keep a public lookup prefix and a SHA-256 of the whole key.
     api_key_prefix = models.CharField(max_length=32, unique=True)
     api_key_hash = models.CharField(max_length=64)
-    # Webhook secrets are needed in clear to sign, so they are stored encrypted (orders/crypto.py).
+    # Webhook secrets are needed in clear to sign, so they are stored encrypted (core/crypto.py).
     webhook_secret_encrypted = models.TextField()
     # The previous secret keeps signing alongside the new one for an overlap after rotation.
     previous_webhook_secret_encrypted = models.TextField(blank=True, default="")

@@ -4,21 +4,20 @@ import json
 import logging
 from datetime import timedelta
 
+from celery import current_app as celery_app
 from django.db import connection, transaction
 from django.utils import timezone
 
-from config.celery_app import app as celery_app
-from config.faults import fault_point
-from config.logging import request_id_var
+from core.faults import fault_point
+from core.logging import request_id_var
 from orders.events import subscribers_for
 from orders.models import OutboxEvent
 
 logger = logging.getLogger(__name__)
 
-_INSERT_SQL = (
-    "INSERT INTO orders_outboxevent (topic, order_id, payload, created_at, published_at)"
-    " VALUES (%s, %s, %s::jsonb, %s, %s) RETURNING id"
-)
+# The one spelling of an outbox row's insert; orders/transitions.py feeds it from a SELECT.
+OUTBOX_INSERT = "INSERT INTO orders_outboxevent (topic, order_id, payload, created_at, published_at)"
+_INSERT_SQL = OUTBOX_INSERT + " VALUES (%s, %s, %s::jsonb, %s, %s) RETURNING id"
 _MARK_PUBLISHED_SQL = (
     "UPDATE orders_outboxevent SET published_at = %s WHERE id = ANY(%s) AND published_at IS NULL"
 )

@@ -22,6 +22,22 @@ def order_list(*, merchant: Merchant, filters: dict) -> QuerySet[Order]:
     return qs
 
 
+def order_fields(*, order_id, fields: tuple[str, ...]) -> Order | None:
+    """The order with only `fields` loaded (as QuerySet.only() loads them), from one plain SELECT.
+
+    Every stage reads its order through here once per task; a plain SELECT spares the ORM's
+    query compilation on that path. Other apps read orders' table only through this module.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {', '.join(fields)} FROM {Order._meta.db_table} WHERE id = %s", [order_id])
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    values = dict(zip(fields, row, strict=True))
+    loaded = [field.attname for field in Order._meta.concrete_fields if field.attname in values]
+    return Order.from_db(connection.alias, loaded, [values[name] for name in loaded])
+
+
 def order_get(*, merchant: Merchant, order_id) -> Order | None:
     return Order.objects.filter(merchant=merchant, pk=order_id).first()
 

@@ -13,9 +13,10 @@ from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from config import metrics
-from config.errors import ApiError
-from orders import crypto, events, payment_methods
+from core import crypto, metrics
+from core.errors import Conflict, InvalidRequest, Unprocessable
+from core.urlsafety import UnsafeUrl, callback_url_check
+from orders import events, payment_methods
 from orders.models import IdempotencyKey, Merchant, Order, OrderStatus
 from orders.outbox import event_emit
 from orders.serializers import order_representation
@@ -47,7 +48,19 @@ class MerchantCredentials:
     webhook_secret: str
 
 
+def callback_url_validate(url: str) -> None:
+    """The one rule for a callback URL, wherever it is set (API, console, command line): public
+    http(s) only (core/urlsafety.py). Raises InvalidRequest naming the `callback_url` field."""
+    if not url:
+        return
+    try:
+        callback_url_check(url)
+    except UnsafeUrl as exc:
+        raise InvalidRequest("invalid_request", str(exc), {"callback_url": [str(exc)]}) from exc
+
+
 def merchant_create(*, name: str, callback_url: str = "") -> MerchantCredentials:
+    callback_url_validate(callback_url)
     prefix, api_key = _new_api_key()
     webhook_secret = _new_webhook_secret()
     merchant = Merchant.objects.create(
@@ -178,30 +191,35 @@ def _release_claim(claim: _Claim) -> None:
     ).delete()
 
 
-# Runs in the statement that inserts the order: the stored answer is written with the order.
-_KEY_DONE_SQL = (
-    "UPDATE orders_idempotencykey SET state = 'done', response_status = 201, response_body = %s::jsonb"
-    " WHERE id = %s"
-)
-
-
 def order_create(
-    *, merchant: Merchant, idempotency_key: str, data: dict, request_id: str = ""
+    *,
+    merchant: Merchant,
+    idempotency_key: str,
+    fingerprint: str,
+    reference: str,
+    amount: int,
+    currency: str,
+    description: str = "",
+    metadata: dict | None = None,
+    callback_url: str = "",
+    payment_method: str | None = None,
+    request_id: str = "",
 ) -> CreateResult:
-    """Create an order once per Idempotency-Key (SPEC 3); replay the stored answer afterwards."""
-    fingerprint = request_fingerprint(data)
+    """Create an order once per Idempotency-Key (SPEC 3); replay the stored answer afterwards.
+
+    `fingerprint` identifies the request the key was sent with (request_fingerprint of its
+    body): the same key with another fingerprint is refused.
+    """
+    callback_url_validate(callback_url)
     claim = _claim_key(merchant=merchant, key=idempotency_key, fingerprint=fingerprint)
     if claim is None:
         existing = IdempotencyKey.objects.filter(merchant=merchant, key=idempotency_key).first()
         if existing is None:  # pruned or released between the two statements: try once more
             claim = _claim_key(merchant=merchant, key=idempotency_key, fingerprint=fingerprint)
             if claim is None:
-                raise ApiError(
-                    409, "idempotency_key_in_use", "A request with this Idempotency-Key is in flight."
-                )
+                raise Conflict("idempotency_key_in_use", "A request with this Idempotency-Key is in flight.")
         elif existing.request_hash != fingerprint:
-            raise ApiError(
-                422,
+            raise Unprocessable(
                 "idempotency_key_reused",
                 "This Idempotency-Key was used with a different request body.",
             )
@@ -212,19 +230,17 @@ def order_create(
             # timeout takes it over (the dead request's transaction never committed an order).
             claim = _take_over_stale_key(key_id=existing.pk)
             if claim is None:
-                raise ApiError(
-                    409, "idempotency_key_in_use", "A request with this Idempotency-Key is in flight."
-                )
+                raise Conflict("idempotency_key_in_use", "A request with this Idempotency-Key is in flight.")
     now = timezone.now()
     order = Order(
         merchant=merchant,
-        reference=data["reference"],
-        amount=data["amount"],
-        currency=data["currency"],
-        description=data.get("description", ""),
-        metadata=data.get("metadata", {}),
-        payment_method=data.get("payment_method"),
-        callback_url=data.get("callback_url") or merchant.callback_url,
+        reference=reference,
+        amount=amount,
+        currency=currency,
+        description=description,
+        metadata=metadata or {},
+        payment_method=payment_method or None,
+        callback_url=callback_url or merchant.callback_url,
         status=OrderStatus.PENDING,
         request_id=request_id,
         created_at=now,
@@ -234,12 +250,11 @@ def order_create(
     body = json.loads(json.dumps(order_representation(order), default=str))
     try:
         with transaction.atomic():
-            order_insert(order=order, then_sql=_KEY_DONE_SQL, then_params=[json.dumps(body), claim.key_id])
+            order_insert(order=order, answer_key_id=claim.key_id, answer=body)
     except IntegrityError as exc:
         _release_claim(claim)
         if "order_reference_unique_per_merchant" in str(exc):
-            raise ApiError(
-                409,
+            raise Conflict(
                 "duplicate_reference",
                 "An order with this reference already exists.",
                 {"reference": ["Already used by another order."]},
@@ -285,14 +300,6 @@ def idempotency_keys_prune(*, older_than_hours: int) -> int:
     return deleted
 
 
-# How each stage's stuck orders are re-announced: the event whose subscribers move it on.
-_REANNOUNCE = {
-    OrderStatus.PENDING: events.ORDER_CREATED,
-    OrderStatus.ASSIGNED: events.CHANNEL_ALLOCATED,
-    OrderStatus.PROCESSING: events.ORDER_UPDATED,
-    OrderStatus.PAID: events.ORDER_UPDATED,
-    OrderStatus.FAILED: events.ORDER_UPDATED,
-}
 MAX_SWEEP_BACKOFF_SECONDS = 3600.0
 MAX_SWEEP_CHECKS = 30
 
@@ -313,7 +320,7 @@ def orders_sweep(*, batch: int) -> int:
             .only("id", "status", "channel", "check_count")[:batch]
         )
         for order in stuck:
-            topic = _REANNOUNCE.get(order.status)
+            topic = events.REANNOUNCE.get(order.status)
             limit = settings.POLL_MAX_COUNT if order.status == OrderStatus.PROCESSING else MAX_SWEEP_CHECKS
             if topic is None or order.check_count >= limit:
                 Order.objects.filter(pk=order.pk).update(next_check_at=None)

@@ -6,6 +6,7 @@ arrives late or twice finds the order at or past its target: it is recorded and 
 """
 
 import functools
+import json
 import logging
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -14,10 +15,10 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from config import metrics
+from core import metrics
 from orders import events
 from orders.models import IgnoredSignal, Order, OrderStatus, Outcome
-from orders.outbox import event_prepare, event_written
+from orders.outbox import OUTBOX_INSERT, event_prepare, event_written
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +63,18 @@ def _due(status: str):
     return timezone.now() + timedelta(seconds=settings.STAGE_TIMEOUT_SECONDS[status])
 
 
-def order_insert(*, order: Order, then_sql: str = "", then_params: list | None = None) -> None:
+# The order API's idempotency key gets its stored answer in the statement that inserts the order.
+_KEY_DONE = (
+    ", key_done AS (UPDATE orders_idempotencykey SET state = 'done', response_status = 201,"
+    " response_body = %s::jsonb WHERE id = %s)"
+)
+
+
+def order_insert(*, order: Order, answer_key_id: int | None = None, answer: dict | None = None) -> None:
     """Insert a new order with its first transition and its order-created event, in one statement.
 
-    `then_sql`, a data-modifying statement of the caller's, runs in the same statement (the order
-    API stores its idempotent answer there); everything is in the caller's transaction.
+    With `answer_key_id`, that idempotency key is marked done with `answer` (a 201's body) in the
+    same statement; everything is in the caller's transaction.
     """
     order.created_at = order.created_at or timezone.now()
     order.updated_at = order.updated_at or order.created_at
@@ -80,13 +88,13 @@ def order_insert(*, order: Order, then_sql: str = "", then_params: list | None =
         f"WITH changed AS (INSERT INTO {Order._meta.db_table} ({columns})"
         f" VALUES ({', '.join(['%s'] * len(fields))}) RETURNING id, channel),"
         + _LOGGED_AND_ANNOUNCED
-        + (f", caller AS ({then_sql})" if then_sql else "")
+        + (_KEY_DONE if answer_key_id is not None else "")
         + _CHANNEL_AND_EVENT
     )
     params = [
         *values,
         *_logged_and_announced_params(None, S.PENDING, "order created", order.created_at, event),
-        *(then_params or []),
+        *([json.dumps(answer), answer_key_id] if answer_key_id is not None else []),
     ]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
@@ -213,7 +221,7 @@ _LOGGED_AND_ANNOUNCED = (
     "  INSERT INTO orders_ordertransition (order_id, from_status, to_status, reason, channel, created_at)"
     "  SELECT id, %s, %s, %s, channel, %s FROM changed),"
     " announced AS ("
-    "  INSERT INTO orders_outboxevent (topic, order_id, payload, created_at, published_at)"
+    f"  {OUTBOX_INSERT}"
     "  SELECT %s, id, jsonb_build_object("
     "    'order_id', id::text, 'status', %s::text, 'channel', channel, 'request_id', %s::text),"
     "  %s, %s FROM changed RETURNING id)"

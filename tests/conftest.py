@@ -8,9 +8,9 @@ from hypothesis import settings as hypothesis_settings
 from rest_framework.test import APIClient
 
 from allocation.selectors import channel_cache_clear
+from core.redis import get_redis
 from gateway.providers import base
 from gateway.providers.base import ChargeOutcome, ChargeResult, InvalidWebhook, ProviderAdapter, StatusResult
-from orders.redis_client import get_redis
 from tests.factories import ChannelFactory, make_merchant
 from tests.seeds import commit_hash
 from tests.stub_provider import StubProvider

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from django.conf import settings
 from pythonjsonlogger.json import JsonFormatter
 
-from config.logging import ContextFilter
+from core.logging import ContextFilter
 
 
 @contextlib.contextmanager

@@ -27,11 +27,12 @@ INSTALLED_APPS = [
     "allocation.apps.AllocationConfig",
     "gateway.apps.GatewayConfig",
     "callbacks.apps.CallbacksConfig",
+    "console.apps.ConsoleConfig",
 ]
 
 MIDDLEWARE = [
-    "config.middleware.RequestIdMiddleware",
-    "config.middleware.BodySizeLimitMiddleware",
+    "core.middleware.RequestIdMiddleware",
+    "core.middleware.BodySizeLimitMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -100,10 +101,10 @@ REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["orders.authentication.MerchantKeyAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["orders.authentication.IsMerchant"],
     "DEFAULT_THROTTLE_CLASSES": ["orders.throttling.MerchantKeyRateThrottle"],
-    "DEFAULT_PARSER_CLASSES": ["config.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["core.parsers.JSONParser"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "EXCEPTION_HANDLER": "config.errors.api_exception_handler",
+    "EXCEPTION_HANDLER": "core.exception_handlers.api_exception_handler",
     "UNAUTHENTICATED_USER": None,
 }
 # Requests per second per API key, fixed one-second window (see orders/throttling.py).
@@ -219,7 +220,7 @@ LOG_LEVEL = env("LOG_LEVEL", default="INFO")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"context": {"()": "config.logging.ContextFilter"}},
+    "filters": {"context": {"()": "core.logging.ContextFilter"}},
     "formatters": {
         "json": {
             "()": "pythonjsonlogger.json.JsonFormatter",
@@ -253,9 +254,9 @@ CALLBACK_RECEIVER_WAIT_SECONDS = env.float("CALLBACK_RECEIVER_WAIT_SECONDS", def
 # Every error under /api/ in the JSON shape, whichever view answered (SPEC 3); right after the
 # request id, so it also rewrites the answers of the middleware below it.
 MIDDLEWARE.insert(
-    MIDDLEWARE.index("config.middleware.RequestIdMiddleware") + 1, "config.middleware.ApiJsonErrorsMiddleware"
+    MIDDLEWARE.index("core.middleware.RequestIdMiddleware") + 1, "core.middleware.ApiJsonErrorsMiddleware"
 )
-# Keys for secrets we must keep recoverable (webhook secrets), orders/crypto.py: comma-separated
+# Keys for secrets we must keep recoverable (webhook secrets), core/crypto.py: comma-separated
 # Fernet keys, the first encrypts and all decrypt, so keys rotate. Empty: a development key
 # derived from SECRET_KEY; production requires them (config/settings/production.py).
 FIELD_ENCRYPTION_KEYS = env.list("FIELD_ENCRYPTION_KEY", default=[])
@@ -270,11 +271,11 @@ METRICS_REQUIRE_TOKEN = False
 # cost one query each per interval, not one each per scrape.
 METRICS_DB_CACHE_SECONDS = env.float("METRICS_DB_CACHE_SECONDS", default=5.0)
 # Requests without valid credentials per client IP and second (bad or missing API keys, provider
-# webhooks that fail verification, admin login posts); over it: 429 (config/middleware.py).
+# webhooks that fail verification, admin login posts); over it: 429 (core/middleware.py).
 UNAUTHENTICATED_RATE_LIMIT_PER_SECOND = env.int("UNAUTHENTICATED_RATE_LIMIT_PER_SECOND", default=20)
 MIDDLEWARE.insert(
-    MIDDLEWARE.index("config.middleware.ApiJsonErrorsMiddleware") + 1,
-    "config.middleware.UnauthenticatedRateLimitMiddleware",
+    MIDDLEWARE.index("core.middleware.ApiJsonErrorsMiddleware") + 1,
+    "core.middleware.UnauthenticatedRateLimitMiddleware",
 )
 # The client IP is REMOTE_ADDR, or behind this many proxies of ours the X-Forwarded-For entry
 # they added (counted from the right: entries further left are the client's own claims).

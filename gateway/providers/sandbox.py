@@ -1,5 +1,8 @@
 """Adapter for the sandbox provider (gateway/sandbox_server), spoken to over HTTP like any gateway."""
 
+import base64
+import hashlib
+import hmac
 import http.client
 import json
 import logging
@@ -18,6 +21,7 @@ from urllib3.exceptions import NewConnectionError
 
 from allocation.models import PaymentChannel
 from allocation.selectors import channel_by_code
+from core import crypto
 from gateway.providers.base import (
     ChargeOutcome,
     ChargeRequest,
@@ -30,7 +34,6 @@ from gateway.providers.base import (
     WebhookEvent,
     register,
 )
-from orders import crypto
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,18 @@ _FINAL_OR_PENDING = frozenset({"paid", "failed", "pending"})
 _TOKEN = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 # PaymentChannel.code is a SlugField(max_length=64).
 _CHANNEL_CODE = re.compile(r"[-a-zA-Z0-9_]{1,64}")
+
+
+def sandbox_channel_secret(channel_code: str, master: str) -> str:
+    """The webhook secret the sandbox gives one channel (`whsec_<base64 key>`).
+
+    The sandbox publishes how it derives a channel's secret from its master secret (HMAC-SHA256
+    of the channel code): this is our side of that agreement, the way a merchant copies a
+    secret off a provider's dashboard. We do not import the sandbox's code: it stands in for a
+    third party. tests/sandbox checks that both sides agree.
+    """
+    digest = hmac.new(master.encode(), channel_code.encode(), hashlib.sha256).digest()
+    return "whsec_" + base64.b64encode(digest).decode("ascii")
 
 
 class _Unreadable(Exception):

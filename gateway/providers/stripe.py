@@ -17,6 +17,8 @@ answers map onto our three outcomes (SPEC 5, 9), the same care as the sandbox's:
   answer that cannot be read -> unknown, settled by the webhook or a status poll, never failover.
 """
 
+import hashlib
+import hmac
 import http.client
 import json
 import logging
@@ -32,6 +34,7 @@ from django.conf import settings
 
 from allocation.models import PaymentChannel
 from allocation.selectors import channels_of_provider
+from core import crypto
 from gateway.providers.base import (
     ChargeOutcome,
     ChargeRequest,
@@ -46,7 +49,6 @@ from gateway.providers.base import (
     register,
 )
 from gateway.providers.sandbox import _finite, _never_sent, _no_constant, _payload_storable, _token
-from orders import crypto
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,28 @@ _CHUNK_BYTES = 16 * 1024
 WEBHOOK_TOLERANCE_SECONDS = 300
 # Stripe's decline code says more than its error code, except for this catch-all.
 _GENERIC_DECLINE = "generic_decline"
+
+
+# The events our endpoint at localstripe is registered for (what the gateway acts on).
+LOCALSTRIPE_WEBHOOK_EVENTS = [
+    "payment_intent.succeeded",
+    "payment_intent.payment_failed",
+    "charge.refunded",
+    "charge.refund.updated",
+]
+
+
+def localstripe_endpoint_secret(channel_code: str, master: str) -> str:
+    """The endpoint secret of a channel pointed at localstripe, derived from SANDBOX_SECRET.
+
+    localstripe forgets its endpoints when it stops, so its launcher registers ours again at
+    every start (gateway/sandbox_server/localstripe.py) from the same derivation: this is our
+    side of that agreement, as for the sandbox's secrets; tests/gateway checks both agree.
+    """
+    return (
+        "whsec_"
+        + hmac.new(master.encode(), b"stripe:" + channel_code.encode(), hashlib.sha256).hexdigest()[:32]
+    )
 
 
 class _AnswerUnreadable(requests.RequestException):

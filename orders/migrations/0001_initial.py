@@ -3,7 +3,7 @@
 import django.db.models.deletion
 from django.db import migrations, models
 
-import orders.ids
+import core.ids
 
 
 class Migration(migrations.Migration):
@@ -18,7 +18,7 @@ class Migration(migrations.Migration):
                 (
                     "id",
                     models.UUIDField(
-                        default=orders.ids.uuid7, editable=False, primary_key=True, serialize=False
+                        default=core.ids.uuid7, editable=False, primary_key=True, serialize=False
                     ),
                 ),
                 ("name", models.CharField(max_length=200)),
@@ -38,7 +38,7 @@ class Migration(migrations.Migration):
                 (
                     "id",
                     models.UUIDField(
-                        default=orders.ids.uuid7, editable=False, primary_key=True, serialize=False
+                        default=core.ids.uuid7, editable=False, primary_key=True, serialize=False
                     ),
                 ),
                 ("reference", models.CharField(max_length=64)),

@@ -79,7 +79,7 @@ def test_an_overdue_order_is_listed_as_stuck(operator, make_order):
     assert [(s.order.pk, "overdue" in s.why) for s in stuck] == [(late.pk, True)]
 
 
-# Session, user, then one query per number or list on the page (see config/dashboard.py).
+# Session, user, then one query per number or list on the page (see console/dashboard.py).
 DASHBOARD_QUERIES = 16
 
 

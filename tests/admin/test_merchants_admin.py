@@ -13,7 +13,7 @@ from django.contrib.messages.storage.cookie import CookieStorage
 from django.contrib.sessions.backends.db import SessionStore
 from django.http import HttpRequest
 
-from orders import crypto
+from core import crypto
 from orders.models import Merchant
 from orders.services import merchant_authenticate, merchant_signing_secrets
 

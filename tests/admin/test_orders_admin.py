@@ -251,7 +251,7 @@ def test_a_big_result_is_counted_by_the_planner_not_by_count(
     operator, make_order, monkeypatch, django_assert_num_queries
 ):
     # given: every result counts as big (the threshold is 10,000 rows in production)
-    from config import adminkit
+    from console import adminkit
 
     monkeypatch.setattr(adminkit, "EXACT_COUNT_BELOW", 0)
     make_order()

@@ -7,7 +7,7 @@ import pytest
 from allocation.models import PaymentChannel
 from allocation.selectors import credential_hint
 from allocation.services import InvalidCredential, channel_credentials_set
-from orders import crypto
+from core import crypto
 from tests.factories import ChannelFactory
 
 pytestmark = pytest.mark.django_db

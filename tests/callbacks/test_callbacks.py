@@ -124,10 +124,11 @@ def test_private_callback_url_refused_at_delivery_when_not_allowed(endpoint, set
     from callbacks.http import _session
 
     e = endpoint([200])
+    # given: an order whose URL was accepted when it was set (say, before the address moved)
+    _, order = make_paid_order(e.url)
     settings.CALLBACK_ALLOW_PRIVATE_NETWORKS = False
     _session.cache_clear()
     try:
-        _, order = make_paid_order(e.url)
         services.callback_deliver(order_id=order.pk)
     finally:
         _session.cache_clear()

@@ -16,7 +16,7 @@ import requests
 from django.conf import settings
 from django.core.management import call_command
 
-from orders.redis_client import get_redis
+from core.redis import get_redis
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = ROOT / ".venv" / "bin"

@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from orders.redis_client import get_redis
+from core.redis import get_redis
 from tests.e2e.conftest import Client, sandbox_charges, wait_for
 from tests.factories import make_merchant
 

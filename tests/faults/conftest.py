@@ -1,6 +1,6 @@
 """The fault stack: web, sandbox, one worker per queue and beat (as in tests/e2e), on ports 2800x,
 against a PostgreSQL and a Redis of its own (tests/faults/servers.py), so that restarting and
-wiping them disturbs nothing else. Every process carries its fault points (config/faults.py);
+wiping them disturbs nothing else. Every process carries its fault points (core/faults.py);
 a test arms one by removing its marker. Workers load the app through tests/faults/probe.py, which
 writes a start and an end marker for every task they run. Recovery timings are the test
 settings' (seconds)."""

@@ -19,7 +19,7 @@ import requests
 from celery import Celery
 from standardwebhooks.webhooks import Webhook
 
-from config.faults import marker_path
+from core.faults import marker_path
 from tests.e2e.conftest import QUEUES, ROOT, Stack, _ok, wait_for
 
 FAULTS = ROOT / ".run" / "faults"

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from django.db import connection
 
-from config.logging import request_id_var
+from core.logging import request_id_var
 from gateway import services
 from gateway.models import ChargeAttempt
 from gateway.providers.base import ChargeOutcome

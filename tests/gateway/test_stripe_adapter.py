@@ -15,9 +15,9 @@ import pytest
 import stripe
 
 from allocation.models import PaymentChannel
+from core import crypto
 from gateway.providers.base import ChargeOutcome, ChargeRequest, ProviderError
 from gateway.providers.stripe import MAX_ANSWER_BYTES, StripeAdapter, sort_stripe_error
-from orders import crypto
 from tests.gateway.test_adapter_answers import Peer, answer, drip, hang_up, reset, silent
 
 ACCEPTED, REJECTED, UNKNOWN = ChargeOutcome.ACCEPTED, ChargeOutcome.REJECTED, ChargeOutcome.UNKNOWN

@@ -3,9 +3,9 @@ Stripe's recorded answers: the answer of the create-and-confirm call settles the
 
 import pytest
 
+from core import crypto
 from gateway.models import ChargeAttempt
 from gateway.services import order_charge, order_poll
-from orders import crypto
 from orders.models import Order, OrderStatus
 from tests.factories import ChannelFactory
 from tests.gateway.test_adapter_answers import Peer, answer

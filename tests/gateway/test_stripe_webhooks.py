@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from rest_framework.test import APIClient
 
+from core import crypto
 from gateway.models import ChargeAttempt, ProviderWebhook
 from gateway.providers.base import IgnoredWebhook, InvalidWebhook, MalformedWebhook
 from gateway.providers.stripe import StripeAdapter
-from orders import crypto
 from orders.models import Order
 from tests.factories import ChannelFactory, OrderFactory
 
@@ -232,3 +232,16 @@ def test_the_whole_garbage_battery_signed_is_never_a_500(channels):
             problems.append(f"{label}: not a JSON error")
     assert not problems, problems
     assert ProviderWebhook.objects.count() == 0
+
+
+def test_localstripe_and_the_gateway_agree_on_the_endpoint_secret_and_events():
+    # The launcher (a stand-in for a third party) and seed_sandbox derive it each on their side.
+    from gateway.providers.stripe import LOCALSTRIPE_WEBHOOK_EVENTS, localstripe_endpoint_secret
+    from gateway.sandbox_server.secrets import STRIPE_WEBHOOK_EVENTS, stripe_endpoint_secret
+
+    for master in ("sandbox-dev-secret", "another"):
+        assert localstripe_endpoint_secret("stripe-test", master) == stripe_endpoint_secret(
+            "stripe-test", master
+        )
+    assert localstripe_endpoint_secret("a", "m") != localstripe_endpoint_secret("b", "m")
+    assert LOCALSTRIPE_WEBHOOK_EVENTS == STRIPE_WEBHOOK_EVENTS

@@ -7,7 +7,7 @@ import pytest
 
 from allocation.services import order_allocate
 from callbacks.services import callback_deliver
-from config.logging import order_id_var
+from core.logging import order_id_var
 from gateway.models import ChargeAttempt
 from gateway.services import order_charge, order_confirm
 from orders.models import Merchant

@@ -135,7 +135,7 @@ def test_an_empty_multiprocess_directory_variable_means_in_process_metrics(tmp_p
     # prometheus-client alone would take "" as a directory and write its files into the cwd
     script = (
         "import django; django.setup()\n"
-        "from config import metrics\n"
+        "from core import metrics\n"
         "metrics.ORDERS_CREATED.inc()\n"
         "from prometheus_client import values\n"
         "print(values.ValueClass.__name__)\n"

@@ -33,9 +33,9 @@ from allocation.selectors import channel_cache_clear
 from callbacks.models import CallbackDelivery
 from callbacks.services import deliveries_due
 from config.celery_app import app as celery_app
+from core.redis import get_redis
 from orders.events import subscribers_for
 from orders.models import Order, OrderTransition, OutboxEvent
-from orders.redis_client import get_redis
 
 SHIFTED_APPS = ("orders", "allocation", "gateway", "callbacks")
 NOT_SHIFTED = (OrderTransition,)  # append-only: its trigger refuses UPDATE

@@ -42,11 +42,11 @@ from hypothesis.stateful import (
 from allocation.models import PaymentChannel
 from allocation.services import order_allocate
 from config.celery_app import app as celery_app
+from core import crypto
+from core.redis import get_redis
 from gateway.sandbox_server.secrets import channel_webhook_secret
 from gateway.services import order_charge, order_poll
-from orders import crypto
 from orders.models import Order
-from orders.redis_client import get_redis
 from orders.services import order_create
 from tests.factories import ChannelFactory, make_merchant
 from tests.properties.pipeline import Pipeline, VirtualClock
@@ -268,12 +268,11 @@ def make_machine(sandbox: Sandbox, receiver: Receiver, proxy: HoldingProxy, merc
             result = order_create(
                 merchant=merchant,
                 idempotency_key=reference,
-                data={
-                    "amount": base * 100 + ROWS[row],
-                    "currency": CURRENCY,
-                    "reference": reference,
-                    "callback_url": receiver.url("merchant"),
-                },
+                fingerprint=reference,
+                reference=reference,
+                amount=base * 100 + ROWS[row],
+                currency=CURRENCY,
+                callback_url=receiver.url("merchant"),
             )
             self.order_ids.append(result.body["id"])
             return result.body["id"]

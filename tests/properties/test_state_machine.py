@@ -50,11 +50,11 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from allocation.models import ChannelDailyVolume, PaymentChannel
 from callbacks.models import CallbackDelivery
 from config.celery_app import app as celery_app
+from core.redis import get_redis
 from gateway.models import ChargeAttempt
 from gateway.providers import base
 from gateway.providers.base import ChargeOutcome, ChargeResult, StatusResult, WebhookEvent
 from orders.models import Order, OrderTransition
-from orders.redis_client import get_redis
 from orders.selectors import orders_stuck
 from orders.services import MAX_SWEEP_CHECKS, order_create
 from orders.transitions import RANK
@@ -266,12 +266,11 @@ def make_machine(provider: ScriptedProvider, endpoint: Endpoint, merchant):
             result = order_create(
                 merchant=merchant,
                 idempotency_key=reference,
-                data={
-                    "amount": amount,
-                    "currency": currency,
-                    "reference": reference,
-                    "callback_url": endpoint.url,
-                },
+                fingerprint=reference,
+                reference=reference,
+                amount=amount,
+                currency=currency,
+                callback_url=endpoint.url,
             )
             order_id = result.body["id"]
             self.seen_rank[order_id] = RANK["pending"]
@@ -374,13 +373,15 @@ def make_machine(provider: ScriptedProvider, endpoint: Endpoint, merchant):
             self._post_webhook(webhook_id, body, data)
 
         def _post_webhook(self, webhook_id: str, body: bytes, data) -> None:
-            signature = Webhook(SECRET).sign(webhook_id, datetime.now(UTC), body.decode())
+            # One moment for the signature and its header: two clock reads may straddle a second.
+            now = datetime.now(UTC)
+            signature = Webhook(SECRET).sign(webhook_id, now, body.decode())
             response = self.web.post(
                 reverse("provider-webhook", kwargs={"provider": PROVIDER}),
                 data=body,
                 content_type="application/json",
                 HTTP_WEBHOOK_ID=webhook_id,
-                HTTP_WEBHOOK_TIMESTAMP=str(int(datetime.now(UTC).timestamp())),
+                HTTP_WEBHOOK_TIMESTAMP=str(int(now.timestamp())),
                 HTTP_WEBHOOK_SIGNATURE=signature,
             )
             assert response.status_code == 200, response.content

@@ -599,3 +599,14 @@ def test_channel_secret_defaults_to_env_then_dev_secret(monkeypatch: pytest.Monk
 
     monkeypatch.delenv("SANDBOX_SECRET")
     assert channel_webhook_secret("sandbox-a") == channel_webhook_secret("sandbox-a", DEFAULT_MASTER_SECRET)
+
+
+def test_the_adapter_and_the_sandbox_derive_the_same_channel_secret():
+    # given: the sandbox's derivation and the gateway's copy of it (the adapter may not import the
+    # sandbox, a stand-in for a third party)
+    from gateway.providers.sandbox import sandbox_channel_secret
+
+    # then: they agree for any channel and master secret, and differ between channels
+    for code, master in (("sandbox-primary", "sandbox-dev-secret"), ("x_1", "another master")):
+        assert sandbox_channel_secret(code, master) == channel_webhook_secret(code, master)
+    assert sandbox_channel_secret("a", "m") != sandbox_channel_secret("b", "m")

@@ -330,7 +330,7 @@ def test_metrics_required_but_no_token_configured_serves_nobody(client, settings
 @pytest.mark.django_db
 def test_metrics_database_counts_are_reused_for_a_few_seconds(client, settings, django_assert_num_queries):
     # given counts read by a first scrape, cached for a minute
-    from config.metrics import database_counts
+    from console.metrics import database_counts
 
     settings.METRICS_DB_CACHE_SECONDS = 60
     database_counts.clear()

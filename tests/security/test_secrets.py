@@ -21,7 +21,7 @@ from rest_framework.test import APIClient
 
 from callbacks import http as callback_http
 from callbacks.services import callback_deliver
-from orders import crypto
+from core import crypto
 from orders.models import Merchant, Order
 from orders.services import merchant_rotate_api_key, merchant_rotate_webhook_secret
 from tests.factories import make_paid

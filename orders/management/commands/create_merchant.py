@@ -4,8 +4,8 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
+from core.errors import InvalidRequest
 from orders.services import merchant_create
-from orders.urlsafety import UnsafeUrl, callback_url_check
 
 
 class Command(BaseCommand):
@@ -16,12 +16,10 @@ class Command(BaseCommand):
         parser.add_argument("--callback-url", default="")
 
     def handle(self, *args, name: str, callback_url: str, **options):
-        if callback_url:
-            try:
-                callback_url_check(callback_url)
-            except UnsafeUrl as exc:
-                raise CommandError(f"--callback-url: {exc}") from exc
-        creds = merchant_create(name=name, callback_url=callback_url)
+        try:
+            creds = merchant_create(name=name, callback_url=callback_url)
+        except InvalidRequest as exc:
+            raise CommandError(f"--callback-url: {exc.message}") from exc
         self.stdout.write(
             json.dumps(
                 {

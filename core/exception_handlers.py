@@ -1,4 +1,5 @@
-"""One JSON error shape for every error: {"error": {"code", "message", "fields"}} (SPEC 3)."""
+"""The API layer's errors: one JSON shape for every error, {"error": {"code", "message", "fields"}}
+(SPEC 3), and the one place domain errors (core/errors.py) become HTTP statuses."""
 
 import logging
 
@@ -7,13 +8,14 @@ from django.http import HttpRequest, JsonResponse
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 
-from config.middleware import error_response
+from core.errors import Conflict, DomainError, InvalidRequest, NotFound, Unprocessable
+from core.middleware import error_response
 
 logger = logging.getLogger(__name__)
 
 
 class ApiError(exceptions.APIException):
-    """An error with an explicit machine-readable code, raised by services and views."""
+    """An error with an explicit machine-readable code, raised by views (services raise DomainError)."""
 
     def __init__(self, status_code: int, code: str, message: str, fields: dict | None = None):
         self.status_code = status_code
@@ -22,6 +24,14 @@ class ApiError(exceptions.APIException):
         self.fields = fields
         super().__init__(detail=message, code=code)
 
+
+# A domain error's class is its HTTP status; a subclass takes its nearest listed base's.
+_DOMAIN_STATUS = {
+    InvalidRequest: status.HTTP_400_BAD_REQUEST,
+    NotFound: status.HTTP_404_NOT_FOUND,
+    Conflict: status.HTTP_409_CONFLICT,
+    Unprocessable: status.HTTP_422_UNPROCESSABLE_ENTITY,
+}
 
 _CODES = {
     exceptions.ParseError: "malformed_json",
@@ -69,6 +79,12 @@ def api_exception_handler(exc, context) -> Response | None:
         )
         response["Retry-After"] = "1"
         return response
+    if isinstance(exc, DomainError):
+        http_status = next(
+            (code for cls, code in _DOMAIN_STATUS.items() if isinstance(exc, cls)),
+            status.HTTP_400_BAD_REQUEST,
+        )
+        exc = ApiError(http_status, exc.code, exc.message, exc.fields)
     if isinstance(exc, ApiError):
         body = {"error": {"code": exc.code, "message": exc.message}}
         if exc.fields:

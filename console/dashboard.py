@@ -16,12 +16,12 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString, mark_safe
 
-from allocation.admin import circuit_state, success_rate, volume_against_cap
 from allocation.selectors import channels_with_volume
 from callbacks.selectors import callbacks_health, deliveries_exhausted
-from config.metrics import queue_depths
+from console.admin.allocation import circuit_state, success_rate, volume_against_cap
+from console.admin.orders import status_badge
+from console.metrics import queue_depths
 from gateway.selectors import ChannelResults, charge_results_by_channel
-from orders.admin import status_badge
 from orders.models import OrderStatus
 from orders.selectors import (
     orders_latency,

@@ -1,8 +1,9 @@
-"""Prometheus metrics: the counters and histograms the stages bump, scrape-time gauges, /metrics.
+"""/metrics (Prometheus text) and the gauges read when it is scraped.
 
 Processes (gunicorn workers, Celery pool children) each write their samples to files under
 PROMETHEUS_MULTIPROC_DIR; /metrics sums them (prometheus-client's multiprocess mode). Without
-that variable (tests, a shell) everything lives in the default in-process registry.
+that variable (tests, a shell) everything lives in the default in-process registry. The counters
+themselves are core/metrics.py.
 
 Gauges that describe the system rather than one process (outbox backlog, open orders, queue
 depth) are computed when scraped by a custom collector, from PostgreSQL and Redis, through
@@ -14,101 +15,19 @@ import logging
 import os
 import threading
 import time
-import uuid
-
-# prometheus-client picks multiprocess mode when the variable exists, even empty, and then writes
-# its files into the current directory, where /metrics never reads them. Empty means unset here.
-if os.environ.get("PROMETHEUS_MULTIPROC_DIR") == "":
-    del os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
 import redis
 from django.conf import settings
 from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    REGISTRY,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
-    multiprocess,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 
-from config.middleware import error_response
+from core import metrics as _counters  # noqa: F401  (registers the counters before a scrape)
+from core.middleware import error_response
 
 logger = logging.getLogger(__name__)
 
-ORDERS_CREATED = Counter("orders_created", "Orders accepted by the API (idempotent replays excluded).")
-ORDER_TRANSITIONS = Counter("order_transitions", "Order status transitions applied.", ["from", "to"])
-CHARGE_ATTEMPTS = Counter(
-    "charge_attempts",
-    "Charge attempt results: accepted/rejected/unknown when the provider answers the charge,"
-    " paid/failed when its final word is applied.",
-    ["result", "channel"],
-)
-CALLBACK_ATTEMPTS = Counter(
-    "callback_attempts",
-    "Client callback attempts: success (2xx), http_error (any other status), error (no answer).",
-    ["result"],
-)
-ORDER_STAGE_SECONDS = Histogram(
-    "order_stage_seconds",
-    "Seconds from an order's creation until it reached the stage (status).",
-    ["stage"],
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30, 60, 300, 1800, 3600, 21600, 86400),
-)
-
-
-def _created_at(order_id) -> float | None:
-    """The creation time carried by a UUIDv7 order id (orders/ids.py): no query needed."""
-    try:
-        value = order_id if isinstance(order_id, uuid.UUID) else uuid.UUID(str(order_id))
-    except ValueError:
-        return None
-    if value.version != 7:
-        return None
-    return (value.int >> 80) / 1000.0
-
-
-def order_transitioned(*, order_id, from_status: str | None, to: str) -> None:
-    """Count a transition that was applied and time how long the order took to reach `to`."""
-    ORDER_TRANSITIONS.labels(from_status or "none", to).inc()
-    if from_status is None or from_status == to:
-        return  # creation (zero by definition) and failover (not a new stage)
-    created = _created_at(order_id)
-    if created is not None:
-        ORDER_STAGE_SECONDS.labels(to).observe(max(time.time() - created, 0.0))
-
-
-def charge_answered(*, attempt, result) -> None:
-    """The provider's answer to a charge request (a ChargeAttempt and a ChargeResult).
-
-    Counted only when the attempt was still "sending": a task re-run after a crash replays an
-    answer already recorded, and must not count it twice.
-    """
-    if attempt.status == "sending":
-        CHARGE_ATTEMPTS.labels(result.outcome.value, attempt.channel).inc()
-
-
-def charge_settled(*, channel: str, status: str, applied: bool) -> None:
-    """A provider's final word that moved the order (duplicates and late signals are not counted)."""
-    if applied:
-        CHARGE_ATTEMPTS.labels(status, channel).inc()
-
-
-def callback_attempted(*, status_code: int | None) -> None:
-    if status_code is None:
-        result = "error"
-    elif 200 <= status_code < 300:
-        result = "success"
-    else:
-        result = "http_error"
-    CALLBACK_ATTEMPTS.labels(result).inc()
-
-
-# --- scrape-time gauges ------------------------------------------------------------------------
 
 # kombu's Redis transport keeps one list per queue and priority step; the plain name is step 0.
 _KOMBU_PRIORITY_SEP = "\x06\x16"
@@ -117,7 +36,7 @@ _KOMBU_PRIORITY_STEPS = (3, 6, 9)
 
 def queue_depths() -> dict[str, int]:
     """Messages waiting in each service's Celery queue (Redis LLEN). Raises redis.RedisError."""
-    from orders.redis_client import get_redis
+    from core.redis import get_redis
 
     queues = tuple(settings.SERVICE_QUEUES)
     pipe = get_redis().pipeline(transaction=False)

@@ -5,7 +5,7 @@ import json
 from django.contrib import admin
 from django.utils.html import format_html
 
-from config.adminkit import (
+from console.adminkit import (
     ChannelFilter,
     EstimatedCountPaginator,
     ProviderFilter,

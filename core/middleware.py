@@ -6,7 +6,8 @@ import re
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
-from config.logging import new_request_id, request_id_var
+from core.logging import new_request_id, request_id_var
+from core.ratelimit import window_count
 
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -62,7 +63,7 @@ _KEPT_HEADERS = ("Allow", "Retry-After", "WWW-Authenticate")
 class ApiJsonErrorsMiddleware:
     """Every error under /api/ in the one JSON shape (SPEC 3), whoever wrote the answer.
 
-    DRF's views answer through config.errors; plain Django views (the provider webhook endpoint's
+    DRF's views answer through core.exception_handlers; plain Django views (the provider webhook endpoint's
     `require_POST`, CSRF, a resolver 404) answer HTML or an empty body. Those are rewritten here.
     """
 
@@ -145,7 +146,7 @@ class UnauthenticatedRateLimitMiddleware:
 
     Failures are what is counted, so a provider delivering webhooks in bulk or merchants behind
     one NAT with good keys are never slowed; guessing keys, forging webhooks or passwords is.
-    The counter is the Redis fixed window of orders/throttling.py.
+    The counter is the Redis fixed window of core/ratelimit.py.
     """
 
     def __init__(self, get_response):
@@ -156,8 +157,6 @@ class UnauthenticatedRateLimitMiddleware:
         login_post = path == _ADMIN_LOGIN and request.method == "POST"
         if not (path.startswith(_API_PREFIX) or login_post):
             return self.get_response(request)
-        from orders.throttling import window_count  # late: orders imports Django models
-
         name = f"unauth:{client_ip(request)}"
         counted = window_count(name, increment=False)
         if counted is not None and counted[0] >= settings.UNAUTHENTICATED_RATE_LIMIT_PER_SECOND:

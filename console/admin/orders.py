@@ -23,7 +23,7 @@ from django.utils.html import format_html, format_html_join
 from callbacks.models import CallbackDelivery
 from callbacks.selectors import callback_attempts_for_order
 from callbacks.services import callback_resend_for_order
-from config.adminkit import (
+from console.adminkit import (
     ChannelFilter,
     EstimatedCountPaginator,
     GuardedActionsAdmin,
@@ -35,14 +35,19 @@ from config.adminkit import (
     shown_once_response,
     ts,
 )
+from core.errors import InvalidRequest
 from gateway.models import ChargeAttempt
 from gateway.selectors import order_ids_by_provider_reference
 from gateway.services import order_poll
 from orders.models import IgnoredSignal, Merchant, Order, OrderStatus, OrderTransition
 from orders.money import money_format
 from orders.operations import merchant_update
-from orders.services import merchant_create, merchant_rotate_api_key, merchant_rotate_webhook_secret
-from orders.urlsafety import UnsafeUrl, callback_url_check
+from orders.services import (
+    callback_url_validate,
+    merchant_create,
+    merchant_rotate_api_key,
+    merchant_rotate_webhook_secret,
+)
 
 # One action runs in the operator's request: bound its work. Re-query calls the provider.
 RESEND_MAX = 500
@@ -353,11 +358,10 @@ class MerchantForm(forms.ModelForm):
 
     def clean_callback_url(self) -> str:
         url = self.cleaned_data["callback_url"]
-        if url:
-            try:
-                callback_url_check(url)
-            except UnsafeUrl as exc:
-                raise forms.ValidationError(str(exc)) from exc
+        try:
+            callback_url_validate(url)  # checked again on save; here to show it on the form
+        except InvalidRequest as exc:
+            raise forms.ValidationError(exc.message) from exc
         return url
 
 

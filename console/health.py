@@ -4,7 +4,7 @@ import redis
 from django.db import DatabaseError, connection
 from django.http import HttpRequest, JsonResponse
 
-from orders.redis_client import get_redis
+from core.redis import get_redis
 
 
 def healthz(request: HttpRequest) -> JsonResponse:

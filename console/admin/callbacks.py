@@ -7,7 +7,7 @@ from django.contrib import admin, messages
 
 from callbacks.models import CallbackAttempt, CallbackDelivery
 from callbacks.services import callback_resend
-from config.adminkit import (
+from console.adminkit import (
     EstimatedCountPaginator,
     ReadOnlyAdmin,
     ReadOnlyInline,

@@ -8,12 +8,9 @@ from django.urls import reverse
 
 from allocation.models import PaymentChannel
 from allocation.selectors import channel_cache_clear
-from gateway.sandbox_server.secrets import (
-    STRIPE_WEBHOOK_EVENTS,
-    channel_webhook_secret,
-    stripe_endpoint_secret,
-)
-from orders import crypto
+from core import crypto
+from gateway.providers.sandbox import sandbox_channel_secret
+from gateway.providers.stripe import LOCALSTRIPE_WEBHOOK_EVENTS, localstripe_endpoint_secret
 
 STRIPE_TEST = "stripe-test"
 
@@ -44,7 +41,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options):
         for spec in CHANNELS:
-            secret = channel_webhook_secret(spec["code"], settings.SANDBOX_SECRET)
+            secret = sandbox_channel_secret(spec["code"], settings.SANDBOX_SECRET)
             channel, created = PaymentChannel.objects.update_or_create(
                 code=spec["code"],
                 defaults={
@@ -63,7 +60,7 @@ class Command(BaseCommand):
         channel_cache_clear()
 
     def _stripe_test(self) -> None:
-        secret = stripe_endpoint_secret(STRIPE_TEST, settings.SANDBOX_SECRET)
+        secret = localstripe_endpoint_secret(STRIPE_TEST, settings.SANDBOX_SECRET)
         channel, created = PaymentChannel.objects.update_or_create(
             code=STRIPE_TEST,
             defaults={
@@ -88,7 +85,7 @@ class Command(BaseCommand):
         try:
             response = requests.post(
                 f"{settings.LOCALSTRIPE_URL}/_config/webhooks/{STRIPE_TEST}",
-                json={"url": url, "secret": secret, "events": STRIPE_WEBHOOK_EVENTS},
+                json={"url": url, "secret": secret, "events": LOCALSTRIPE_WEBHOOK_EVENTS},
                 timeout=2,
                 allow_redirects=False,
             )

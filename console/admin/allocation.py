@@ -14,7 +14,7 @@ from django.utils.safestring import mark_safe
 from allocation.models import PaymentChannel
 from allocation.selectors import channel_recent_volume, channels_with_volume
 from allocation.services import channel_circuit_close, channel_set_enabled
-from config.adminkit import ReadOnlyAdmin, audit
+from console.adminkit import ReadOnlyAdmin, audit
 from gateway.selectors import ChannelResults, charge_results_by_channel
 
 SUCCESS_WINDOW = timedelta(hours=1)
