@@ -252,7 +252,8 @@ def _charge_record(
 
 
 _ATTEMPT_SQL = (
-    "SELECT a.id, a.status, a.channel, a.order_id, o.status, o.channel, o.request_id, a.provider"
+    "SELECT a.id, a.status, a.channel, a.order_id, o.status, o.channel, o.request_id, a.provider,"
+    " a.provider_reference, o.provider_reference"
     " FROM gateway_chargeattempt a JOIN orders_order o ON o.id = a.order_id"
     " WHERE a.idempotency_key = %s"
 )
@@ -304,10 +305,14 @@ def _attempt_with_order(
     if row is None:
         return None
     attempt = _from_row(
-        ChargeAttempt, ["id", "status", "channel", "order_id", "provider"], (*row[:4], row[7])
+        ChargeAttempt,
+        ["id", "status", "channel", "order_id", "provider", "provider_reference"],
+        (*row[:4], row[7], row[8]),
     )
     attempt.order = _from_row(
-        Order, ["id", "status", "channel", "request_id"], (row[3], row[4], row[5], row[6])
+        Order,
+        ["id", "status", "channel", "request_id", "provider_reference"],
+        (row[3], row[4], row[5], row[6], row[9]),
     )
     return attempt
 
@@ -365,11 +370,13 @@ def order_confirm(
             )
             return None
         order = attempt.order
-        if provider_reference:
-            # The provider named its charge (a webhook may be the first to: a lost create answer).
+        if provider_reference and not attempt.provider_reference:
+            # The provider named its charge first here (a lost create answer, a declined Stripe
+            # charge whose error named no PaymentIntent): record it on the attempt.
             ChargeAttempt.objects.filter(pk=attempt.pk, provider_reference="").update(
                 provider_reference=provider_reference[:128]
             )
+        if provider_reference and not order.provider_reference:
             order_provider_reference_set(order_id=order.pk, reference=provider_reference)
         # A provider's webhook is a request of its own: the order's lines, and the events this
         # confirm emits, keep the id of the API request that created the order.
