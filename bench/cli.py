@@ -7,7 +7,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 
-from bench import phases, report
+from bench import ceiling, phases, report
 from bench.database import Observer, statement_stats_enable, stored_orders_seed, stored_orders_unseed
 from bench.load import OrderApi
 from bench.stack import (
@@ -16,8 +16,9 @@ from bench.stack import (
     merchants_ensure,
     stack_env_differences,
     stack_restart,
+    stack_stop,
 )
-from bench.system import Workers, machine
+from bench.system import Servers, Workers, machine, parent_pid
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,6 +37,24 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=200, help="orders sent first and not measured")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for completion")
     parser.add_argument(
+        "--no-ceiling",
+        action="store_true",
+        help="skip the bare-chain ceiling (shared/bench/ceiling) that burst and growth runs compare with",
+    )
+    parser.add_argument(
+        "--no-ceiling-http",
+        action="store_true",
+        help="run the ceiling's Celery chain only, not its bare DRF insert (saves about 40 s)",
+    )
+    parser.add_argument(
+        "--ceiling-worker",
+        type=_worker_flags,
+        default=ceiling.DEFAULT_WORKER,
+        metavar="POOL,C,PREFETCH",
+        help="the ceiling worker's pool, concurrency and prefetch multiplier (default prefork,4,4)",
+    )
+    parser.add_argument("--ceiling-dir", help="the ceiling reference folder (default: shared/bench/ceiling)")
+    parser.add_argument(
         "--no-restart",
         action="store_true",
         help="use the running stack as it is (it must have been started with the bench environment)",
@@ -46,6 +65,54 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         help="leave the stack running with the bench environment afterwards",
     )
     return parser.parse_args(argv)
+
+
+def _worker_flags(text: str) -> tuple[str, int, int]:
+    try:
+        pool, concurrency, prefetch = text.split(",")
+        if pool not in ("prefork", "threads", "solo"):
+            raise ValueError(pool)
+        return pool, int(concurrency), int(prefetch)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected POOL,CONCURRENCY,PREFETCH, e.g. prefork,4,4: {exc}"
+        ) from exc
+
+
+def _ceiling(args, results: dict, *, stack_stopped: bool) -> None:
+    """Run the bare-chain ceiling now (same machine, same N) and put the ratios next to the product's."""
+    if args.no_ceiling:
+        results["ceiling"] = {"ran": False, "error": "skipped (--no-ceiling)"}
+        return
+    if not (results.get("burst") or results.get("growth")):
+        results["ceiling"] = {
+            "ran": False,
+            "error": "no burst in this run (the ceiling compares with a burst)",
+        }
+        return
+    _log("ceiling: the bare chain of shared/bench/ceiling on this machine, same order count")
+    figures = ceiling.run(
+        orders=args.orders,
+        worker=args.ceiling_worker,
+        http=not args.no_ceiling_http,
+        timeout=args.timeout,
+        source=args.ceiling_dir,
+        log=_log,
+    )
+    figures["product_stack"] = (
+        "app processes stopped while it ran" if stack_stopped else "app processes running (idle) while it ran"
+    )
+    if not figures["ran"]:
+        _log(f"ceiling: not measured: {figures.get('error')}")
+    results["ceiling"] = figures
+    for phase in ("burst", "growth"):
+        r = results.get(phase)
+        if not r:
+            continue
+        chain = figures.get("orders_per_s")
+        r["ratio_to_ceiling"] = round(r["e2e_per_s"] / chain, 3) if chain else None
+        api = figures.get("api_create_per_s")
+        r["api_create_ratio_to_ceiling"] = round(r["api_create_per_s"] / api, 3) if api else None
 
 
 def _log(message: str) -> None:
@@ -110,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     statement_stats_enable(endpoints.database)
     observer = Observer(endpoints.database)
     workers = Workers(endpoints.redis)
+    stack_stopped = False
     try:
         creds = merchants_ensure(sandbox_url=endpoints.sandbox, exists=observer.merchant_exists)
         api = OrderApi(
@@ -124,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
             timeout=args.timeout,
             log=_log,
             databases=frozenset({observer.database_name(), endpoints.sandbox_database_name}),
+            product_database=observer.database_name(),
+            servers=Servers(
+                postmaster=parent_pid(observer.backend_pid()),
+                redis=workers.server_pid(),
+                own_backends=frozenset({observer.backend_pid()}),
+            ),
         )
         stored_id = creds["stored"]["id"]
         if args.mode == "all" and ctx.observer.merchant_order_count(stored_id):
@@ -149,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         results["tasks_per_order"] = main_phase["tasks_per_order"]
         results["tasks"] = main_phase["tasks"]
         api.close()
+        if not args.no_restart and not args.keep_stack and not args.no_ceiling:
+            # The ceiling gets the machine as the product had it: the app processes stop now
+            # (the finally below starts them again with their usual environment).
+            stack_stop()
+            stack_stopped = True
+        _ceiling(args, results, stack_stopped=stack_stopped)
     finally:
         observer.close()
         workers.close()

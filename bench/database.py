@@ -49,6 +49,10 @@ class Observer:
     def close(self) -> None:
         self.conn.close()
 
+    def backend_pid(self) -> int:
+        """The PostgreSQL backend serving this connection (its CPU is the bench's, not the stack's)."""
+        return self.conn.get_backend_pid()
+
     def database_name(self) -> str:
         return self._rows("SELECT current_database()")[0][0]
 

@@ -74,6 +74,11 @@ def stack_restart(*, extra_env: dict[str, str]) -> None:
     _stack("up", env)
 
 
+def stack_stop() -> None:
+    """`scripts/stack.sh down`: the app processes only; PostgreSQL and Redis are left alone."""
+    _stack("down", dict(os.environ))
+
+
 def process_env(name: str) -> dict[str, str] | None:
     """The environment a stack process (a Procfile name) was started with, or None if it is not up."""
     try:

@@ -3,6 +3,7 @@
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -79,11 +80,38 @@ def _processes() -> dict[int, tuple[int, str, float]]:
     return out
 
 
-def cpu_by_process(run_dir: Path, databases: frozenset[str]) -> dict[int, tuple[str, float]]:
+def parent_pid(pid: int) -> int | None:
+    """The parent of a local process (None if it is not visible here)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@dataclass(frozen=True)
+class Servers:
+    """Which PostgreSQL and Redis servers are the stack's, told apart from others on the machine.
+
+    Other servers run here too (test runs start their own redis-server and PostgreSQL), so a
+    process is charged to the stack's PostgreSQL only if the stack's postmaster is its parent
+    (or it is that postmaster), and to the broker only if it is the broker's redis-server.
+    """
+
+    postmaster: int | None  # pid of the stack's PostgreSQL server (parent of every backend)
+    redis: int | None  # pid of the broker's redis-server (INFO server: process_id)
+    own_backends: frozenset[int] = frozenset()  # the bench's own connections (the observer)
+
+
+def cpu_by_process(
+    run_dir: Path, databases: frozenset[str], servers: Servers
+) -> dict[int, tuple[str, float]]:
     """pid -> (part of the stack it belongs to, CPU seconds so far): Procfile name, PostgreSQL, Redis.
 
     PostgreSQL backends are told apart by database name: the stack's databases (the service's
     and the sandbox provider's) are charged to it, other users of the server (test runs) are not.
+    A backend's CPU is per database; the server's background processes (checkpointer, WAL writer,
+    background writer, autovacuum) work for every database at once and are counted as one part,
+    "postgres (background)". The broker's redis-server is one process for every Redis database.
     """
     roots = {}
     for name in STACK_PROCESSES:
@@ -94,7 +122,7 @@ def cpu_by_process(run_dir: Path, databases: frozenset[str]) -> dict[int, tuple[
     procs = _processes()
     me = os.getpid()
     owners: dict[int, tuple[str, float]] = {}
-    for pid, (_ppid, cmdline, cpu) in procs.items():
+    for pid, (ppid, cmdline, cpu) in procs.items():
         owner, cursor, hops = None, pid, 0
         while cursor and hops < 10 and owner is None:
             owner = roots.get(cursor)
@@ -103,13 +131,18 @@ def cpu_by_process(run_dir: Path, databases: frozenset[str]) -> dict[int, tuple[
         if owner is None:
             if pid == me:
                 owner = "bench client"
-            elif cmdline.startswith("postgres: "):
+            elif servers.postmaster and pid == servers.postmaster:
+                owner = "postgres (background)"
+            elif servers.postmaster and ppid == servers.postmaster:
                 words = cmdline.split()
-                if len(words) >= 3 and "(" in cmdline:  # a backend: "postgres: user db host(port) state"
+                if pid in servers.own_backends:
+                    owner = "postgres (bench observer)"
+                elif cmdline.startswith("postgres: ") and len(words) >= 3 and "(" in cmdline:
+                    # a backend: "postgres: user db host(port) state"
                     owner = f"postgres ({words[2]})" if words[2] in databases else "postgres (other dbs)"
                 else:
                     owner = "postgres (background)"
-            elif cmdline.startswith("redis-server"):
+            elif servers.redis and pid == servers.redis:
                 owner = "redis"
             else:
                 owner = "other processes"
@@ -141,6 +174,13 @@ class Workers:
         for worker in stats.values():
             totals.update(worker.get("total") or {})
         return totals, len(stats)
+
+    def server_pid(self) -> int | None:
+        """The broker's redis-server process id (None if Redis does not say)."""
+        try:
+            return int(self.redis.info("server")["process_id"])
+        except (redis.RedisError, KeyError, ValueError):
+            return None
 
     def queued(self) -> int:
         return sum(self.redis.llen(name) for name in QUEUES)

@@ -6,7 +6,7 @@ import random
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import DatabaseError, OperationalError, connection, transaction
@@ -17,6 +17,7 @@ from callbacks.models import CallbackDelivery
 from callbacks.signing import signature_headers
 from core import metrics
 from core.faults import fault_point
+from core.retention import delete_in_batches
 from orders.models import Order, OrderStatus
 from orders.serializers import order_representation
 from orders.services import merchant_signing_secrets
@@ -357,3 +358,20 @@ def callback_resend_for_order(*, order_id) -> str:
         return "delivered"
     callback_resend(delivery=delivery)
     return "resent"
+
+
+# --- Retention (SPEC 12): attempts are history; each delivery keeps its count and last error.
+_PRUNE_ATTEMPTS_SQL = """
+DELETE FROM callbacks_callbackattempt WHERE id = ANY(ARRAY(
+    SELECT id FROM callbacks_callbackattempt WHERE attempted_at < %(before)s
+    ORDER BY attempted_at LIMIT %(batch)s FOR UPDATE SKIP LOCKED))
+"""
+
+
+def attempts_prune(*, before: datetime, batch: int, max_batches: int) -> dict[str, int]:
+    """Delete callback attempts made before `before`, in batches through callback_attempted."""
+    return {
+        "callback_attempts": delete_in_batches(
+            _PRUNE_ATTEMPTS_SQL, before=before, batch=batch, max_batches=max_batches
+        )
+    }

@@ -5,6 +5,7 @@ from celery import shared_task
 from django.conf import settings
 
 from callbacks import services
+from core.retention import retention_cutoff
 from core.tasks import stage_task
 from orders import events
 
@@ -20,3 +21,11 @@ def sweep_deliveries() -> int:
     for order_id in due:
         celery_app.send_task(events.CALLBACK, args=[{"order_id": order_id, "redelivery": True}])
     return len(due)
+
+
+@shared_task(name="callbacks.prune_history")
+def prune_history() -> dict[str, int]:
+    """Retention of this service's history (SPEC 12), asked for by orders.prune_history."""
+    return services.attempts_prune(
+        before=retention_cutoff(), batch=settings.RETENTION_BATCH, max_batches=settings.RETENTION_MAX_BATCHES
+    )

@@ -25,3 +25,74 @@ class Channel(redis.Channel):
 
 class Transport(redis.Transport):
     Channel = Channel
+
+
+# --- the broker chosen by its URL (SPEC 12) ------------------------------------------------------
+
+REDIS_SCHEMES = ("redis", "rediss")
+SENTINEL_SCHEMES = ("sentinel",)
+AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
+
+
+def broker_scheme(url: str) -> str:
+    return url.split("://", 1)[0].lower() if "://" in url else ""
+
+
+def broker_settings(
+    url: str, *, sentinel_master: str, visibility_timeout: int, queues: tuple[str, ...]
+) -> dict[str, object]:
+    """The CELERY_* settings that depend on the kind of broker `url` names.
+
+    - redis:// and rediss://: kombu's Redis transport with our one-client-per-channel fix above
+      (rediss:// verifies the server's certificate; kombu's default would not).
+    - sentinel://h1:p;sentinel://h2:p: kombu's Sentinel transport, master `sentinel_master`. Its
+      clients are sentinel-managed and re-resolve the master after a failover; the fix above is
+      for the plain Redis channel only, so it is not used here.
+    - amqp://: RabbitMQ with quorum queues (replicated, durable) and publisher confirms: a
+      publish returns once the broker has the message. Quorum queues take no priorities and no
+      global QoS (Celery turns global QoS off when it sees them, worker_detect_quorum_queues).
+    """
+    from django.core.exceptions import ImproperlyConfigured
+    from kombu import Queue
+
+    scheme = broker_scheme(url)
+    redis_options = {
+        # An unacked message comes back after this long if its worker died; longer than any task.
+        "visibility_timeout": visibility_timeout,
+        "socket_connect_timeout": 2,
+        "socket_timeout": 5,
+    }
+    if scheme in REDIS_SCHEMES:
+        result: dict[str, object] = {
+            "CELERY_BROKER_TRANSPORT": "config.broker:Transport",
+            "CELERY_BROKER_TRANSPORT_OPTIONS": redis_options,
+            "CELERY_TASK_QUEUES": [Queue(name) for name in queues],
+        }
+        if scheme == "rediss":
+            import ssl
+
+            result["CELERY_BROKER_USE_SSL"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+        return result
+    if scheme in SENTINEL_SCHEMES:
+        return {
+            "CELERY_BROKER_TRANSPORT": None,
+            "CELERY_BROKER_TRANSPORT_OPTIONS": {
+                **redis_options,
+                "master_name": sentinel_master,
+                # the connections to the sentinels themselves: one dead sentinel costs 2 s, not a hang
+                "sentinel_kwargs": {"socket_connect_timeout": 2, "socket_timeout": 2},
+            },
+            "CELERY_TASK_QUEUES": [Queue(name) for name in queues],
+        }
+    if scheme in AMQP_SCHEMES:
+        return {
+            "CELERY_BROKER_TRANSPORT": None,
+            "CELERY_BROKER_TRANSPORT_OPTIONS": {"confirm_publish": True},
+            "CELERY_TASK_QUEUES": [
+                Queue(name, queue_arguments={"x-queue-type": "quorum"}) for name in queues
+            ],
+            "CELERY_TASK_DEFAULT_QUEUE_TYPE": "quorum",
+        }
+    raise ImproperlyConfigured(
+        f"CELERY_BROKER_URL: unsupported scheme {scheme!r}; use redis://, rediss://, sentinel:// or amqp://"
+    )

@@ -65,3 +65,5 @@ class ProviderWebhook(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["provider", "webhook_id"], name="provider_webhook_unique"),
         ]
+        # Retention (gateway.services.webhooks_prune) deletes the oldest through it.
+        indexes = [models.Index(fields=["received_at"], name="providerwebhook_received")]

@@ -3,6 +3,7 @@
 import json
 import logging
 import uuid
+from datetime import datetime
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -19,6 +20,7 @@ from allocation.services import (
 from core import metrics
 from core.faults import fault_point
 from core.logging import request_id_var
+from core.retention import delete_in_batches
 from gateway.models import ChargeAttempt
 from gateway.providers.base import ChargeOutcome, ChargeRequest, ChargeResult, WebhookEvent, get_adapter
 from orders.models import Order, OrderStatus
@@ -564,3 +566,23 @@ def _resend_refused(*, order: Order, attempt: ChargeAttempt, result: ChargeResul
             failure_code="channel_unavailable",
             failure_message="The channel refused the charge; nothing was charged.",
         )
+
+
+# --- Retention (SPEC 12): provider webhooks are history once their confirm ran. Charge attempts
+# stay: they are the record of what the provider was asked to take.
+_PRUNE_WEBHOOKS_SQL = """
+DELETE FROM gateway_providerwebhook WHERE id = ANY(ARRAY(
+    SELECT id FROM gateway_providerwebhook WHERE received_at < %(before)s
+    ORDER BY received_at LIMIT %(batch)s FOR UPDATE SKIP LOCKED))
+"""
+
+
+def webhooks_prune(*, before: datetime, batch: int, max_batches: int) -> dict[str, int]:
+    """Delete provider webhooks received before `before`, in batches through
+    providerwebhook_received. A provider replaying one older than that is verified and
+    confirmed again, which changes nothing: a settled order ignores it."""
+    return {
+        "provider_webhooks": delete_in_batches(
+            _PRUNE_WEBHOOKS_SQL, before=before, batch=batch, max_batches=max_batches
+        )
+    }

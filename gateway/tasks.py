@@ -1,5 +1,9 @@
 """Gateway stages: charge an assigned order, confirm a provider's answer, poll a silent provider."""
 
+from celery import shared_task
+from django.conf import settings
+
+from core.retention import retention_cutoff
 from core.tasks import stage_task
 from gateway import services
 from orders import events
@@ -28,3 +32,11 @@ def confirm(message: dict) -> None:
 @stage_task(events.POLL)
 def poll(event: dict) -> None:
     services.order_poll(order_id=event["order_id"])
+
+
+@shared_task(name="gateway.prune_history")
+def prune_history() -> dict[str, int]:
+    """Retention of this service's history (SPEC 12), asked for by orders.prune_history."""
+    return services.webhooks_prune(
+        before=retention_cutoff(), batch=settings.RETENTION_BATCH, max_batches=settings.RETENTION_MAX_BATCHES
+    )

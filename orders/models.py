@@ -133,6 +133,10 @@ class IgnoredSignal(models.Model):
     reason = models.CharField(max_length=200)
     created_at = models.DateTimeField(auto_now_add=True)
 
+    class Meta:
+        # Retention (orders.services.history_prune) deletes the oldest through it.
+        indexes = [models.Index(fields=["created_at"], name="ignoredsignal_created")]
+
 
 class OutboxEvent(models.Model):
     """An event written in the transaction of the change it announces; published after commit."""
@@ -147,6 +151,10 @@ class OutboxEvent(models.Model):
         indexes = [
             models.Index(fields=["id"], name="outbox_unpublished", condition=Q(published_at__isnull=True)),
             models.Index(fields=["order_id"], name="outbox_order"),
+            # Retention: published events, oldest first (orders.services.history_prune).
+            models.Index(
+                fields=["published_at"], name="outbox_published", condition=Q(published_at__isnull=False)
+            ),
         ]
 
 

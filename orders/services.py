@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from core import crypto, metrics
 from core.errors import Conflict, InvalidRequest, Unprocessable
+from core.retention import delete_in_batches
 from core.urlsafety import UnsafeUrl, callback_url_check
 from orders import events, payment_methods
 from orders.models import IdempotencyKey, Merchant, Order, OrderStatus
@@ -350,3 +351,26 @@ def orders_sweep(*, batch: int) -> int:
     if stuck:
         logger.info("orders.swept", extra={"count": len(stuck)})
     return len(stuck)
+
+
+# --- Retention (SPEC 12): history-only rows of the orders service. Orders and transitions stay.
+_PRUNE_OUTBOX_SQL = """
+DELETE FROM orders_outboxevent WHERE id = ANY(ARRAY(
+    SELECT id FROM orders_outboxevent WHERE published_at < %(before)s
+    ORDER BY published_at LIMIT %(batch)s FOR UPDATE SKIP LOCKED))
+"""
+_PRUNE_IGNORED_SQL = """
+DELETE FROM orders_ignoredsignal WHERE id = ANY(ARRAY(
+    SELECT id FROM orders_ignoredsignal WHERE created_at < %(before)s
+    ORDER BY created_at LIMIT %(batch)s FOR UPDATE SKIP LOCKED))
+"""
+
+
+def history_prune(*, before: datetime, batch: int, max_batches: int) -> dict[str, int]:
+    """Delete published outbox events and ignored signals older than `before`, in batches
+    through the outbox_published and ignoredsignal_created indexes. An unpublished event is
+    never deleted, however old: it is work the relay still owes."""
+    return {
+        table: delete_in_batches(sql, before=before, batch=batch, max_batches=max_batches)
+        for table, sql in (("outbox", _PRUNE_OUTBOX_SQL), ("ignored_signals", _PRUNE_IGNORED_SQL))
+    }

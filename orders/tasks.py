@@ -1,8 +1,9 @@
 """Beat tasks of the orders service: the outbox relay, the stuck-order sweep, key pruning."""
 
-from celery import shared_task
+from celery import current_app, shared_task
 from django.conf import settings
 
+from core.retention import retention_cutoff
 from orders import outbox, services
 
 
@@ -21,3 +22,14 @@ def sweep_orders() -> int:
 @shared_task(name="orders.prune_idempotency_keys")
 def prune_idempotency_keys() -> int:
     return services.idempotency_keys_prune(older_than_hours=settings.IDEMPOTENCY_KEY_TTL_HOURS)
+
+
+@shared_task(name="orders.prune_history")
+def prune_history() -> dict[str, int]:
+    """The one beat entry of retention (SPEC 12): prunes the orders service's history here and
+    asks every other service to prune its own (RETENTION_TASKS), each on its own queue."""
+    for name in settings.RETENTION_TASKS:
+        current_app.send_task(name)
+    return services.history_prune(
+        before=retention_cutoff(), batch=settings.RETENTION_BATCH, max_batches=settings.RETENTION_MAX_BATCHES
+    )

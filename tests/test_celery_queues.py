@@ -15,6 +15,10 @@ EXPECTED = {
     "orders.relay_outbox": "orders",
     "orders.sweep_orders": "orders",
     "orders.prune_idempotency_keys": "orders",
+    # retention (SPEC 12): one beat entry on orders, each service prunes its own tables
+    "orders.prune_history": "orders",
+    "gateway.prune_history": "gateway",
+    "callbacks.prune_history": "callbacks",
 }
 
 

@@ -3,7 +3,8 @@
 from pathlib import Path
 
 import environ
-from kombu import Queue
+
+from config.broker import broker_settings
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 env = environ.Env()
@@ -71,10 +72,14 @@ DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env("REDIS_URL", default="redis://127.0.0.1:56379/0")
+# Rate limits, circuit breakers and the cache (orders/redis_client.py, CACHES): soft state, on a
+# Redis of their own when CACHE_URL names one, else on REDIS_URL (a plain redis:// URL, also under
+# a sentinel:// or amqp:// broker: losing it costs counts and cached values, never an order).
+CACHE_URL = env("CACHE_URL", default=REDIS_URL)
 CACHES = {
     "default": {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
-        "LOCATION": REDIS_URL,
+        "LOCATION": CACHE_URL,
         "OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 1},
     }
 }
@@ -124,10 +129,12 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
 }
 
-# --- Celery (SPEC 9): Redis only carries work; PostgreSQL is the record.
+# --- Celery (SPEC 9): the broker only carries work; PostgreSQL is the record.
+# The broker is chosen by its URL alone (SPEC 12, config/broker.py): redis://, rediss://,
+# sentinel://h1:p;sentinel://h2:p (master CELERY_BROKER_SENTINEL_MASTER), amqp:// (RabbitMQ).
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL)
-# Kombu's Redis transport sharing one client per channel (see config/broker.py).
-CELERY_BROKER_TRANSPORT = "config.broker:Transport"
+CELERY_BROKER_SENTINEL_MASTER = env("CELERY_BROKER_SENTINEL_MASTER", default="mymaster")
+CELERY_VISIBILITY_TIMEOUT = env.int("CELERY_VISIBILITY_TIMEOUT", default=300)
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
@@ -136,12 +143,6 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
-CELERY_BROKER_TRANSPORT_OPTIONS = {
-    # An unacked message comes back after this long if its worker died; longer than any task.
-    "visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=300),
-    "socket_connect_timeout": 2,
-    "socket_timeout": 5,
-}
 # The web process must not hang on a dead Redis: the outbox relay publishes later.
 CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2}
 # Celery 5.6+ closes the DB connection around every task unless told to reuse it.
@@ -151,20 +152,50 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_WORKER_CONSUMER = "config.celery_worker:Consumer"
 CELERY_TASK_DEFAULT_QUEUE = "orders"
 SERVICE_QUEUES = ("orders", "allocation", "gateway", "callbacks")
-CELERY_TASK_QUEUES = [Queue(name) for name in SERVICE_QUEUES]
+# CELERY_BROKER_TRANSPORT(_OPTIONS), CELERY_TASK_QUEUES, ...: what the broker's kind asks for.
+globals().update(
+    broker_settings(
+        CELERY_BROKER_URL,
+        sentinel_master=CELERY_BROKER_SENTINEL_MASTER,
+        visibility_timeout=CELERY_VISIBILITY_TIMEOUT,
+        queues=SERVICE_QUEUES,
+    )
+)
 # A task named "<app>.<name>" runs on the queue of its app.
 CELERY_TASK_ROUTES = {f"{name}.*": {"queue": name} for name in SERVICE_QUEUES}
 CELERY_TASK_TIME_LIMIT = 120
 CELERY_TASK_SOFT_TIME_LIMIT = 100
 
 # --- Beat: the outbox relay and the recovery sweeps (SPEC 8).
+# Beat may run on several machines; one schedules at a time, holding a PostgreSQL advisory lock
+# (core/beat.py). A session lock: via PgBouncer in transaction mode, BEAT_LOCK_DATABASE_URL
+# must name PostgreSQL itself. Standbys try every BEAT_LOCK_RETRY_SECONDS; a holder that vanished
+# without closing its socket loses the lock after about BEAT_LOCK_KEEPALIVE_SECONDS.
+CELERY_BEAT_SCHEDULER = "core.beat:LockedScheduler"
+BEAT_LOCK_DATABASE_URL = env("BEAT_LOCK_DATABASE_URL", default="")
+BEAT_LOCK_RETRY_SECONDS = env.float("BEAT_LOCK_RETRY_SECONDS", default=5.0)
+BEAT_LOCK_KEEPALIVE_SECONDS = env.float("BEAT_LOCK_KEEPALIVE_SECONDS", default=30.0)
 BEAT_INTERVAL_SECONDS = env.float("BEAT_INTERVAL_SECONDS", default=5.0)
 CELERY_BEAT_SCHEDULE = {
     "outbox-relay": {"task": "orders.relay_outbox", "schedule": BEAT_INTERVAL_SECONDS},
     "sweep-orders": {"task": "orders.sweep_orders", "schedule": BEAT_INTERVAL_SECONDS},
     "sweep-callbacks": {"task": "callbacks.sweep_deliveries", "schedule": BEAT_INTERVAL_SECONDS},
     "prune-idempotency-keys": {"task": "orders.prune_idempotency_keys", "schedule": 3600.0},
+    # Retention (SPEC 12): one entry; orders.prune_history asks the other services in turn.
+    "prune-history": {
+        "task": "orders.prune_history",
+        "schedule": env.float("RETENTION_INTERVAL_SECONDS", default=300.0),
+    },
 }
+# History-only rows older than this are deleted: published outbox events, ignored signals,
+# provider webhooks, callback attempts. Orders, charge attempts, deliveries, transitions stay.
+RETENTION_DAYS = env.float("RETENTION_DAYS", default=30)
+# Per table and pass: at most MAX_BATCHES short transactions of BATCH rows (about 40 ms each on
+# a 2M-row outbox). The default budget, 500,000 rows per table per 5 minutes (1,666 rows/s), keeps
+# up with 5 outbox events per order up to about 330 orders/s; past that, see docs/scaling.md.
+RETENTION_BATCH = env.int("RETENTION_BATCH", default=5000)
+RETENTION_MAX_BATCHES = env.int("RETENTION_MAX_BATCHES", default=100)
+RETENTION_TASKS = ("gateway.prune_history", "callbacks.prune_history")
 
 # --- Pipeline timings. Production waits minutes; local and test settings shorten them.
 OUTBOX_RELAY_AGE_SECONDS = env.float("OUTBOX_RELAY_AGE_SECONDS", default=10.0)

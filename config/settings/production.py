@@ -11,15 +11,24 @@ from django.core.exceptions import ImproperlyConfigured
 from gateway.sandbox_server.secrets import DEFAULT_MASTER_SECRET
 
 from .base import *  # noqa: F403
-from .base import env
+from .base import broker_settings, env
 
 SECRET_KEY = env("SECRET_KEY")
 DATABASES = {"default": env.db("DATABASE_URL")}
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=600)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 REDIS_URL = env("REDIS_URL")
-CACHES["default"]["LOCATION"] = REDIS_URL  # noqa: F405
+CACHE_URL = env("CACHE_URL", default=REDIS_URL)
+CACHES["default"]["LOCATION"] = CACHE_URL  # noqa: F405
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL)
+globals().update(
+    broker_settings(
+        CELERY_BROKER_URL,
+        sentinel_master=CELERY_BROKER_SENTINEL_MASTER,  # noqa: F405
+        visibility_timeout=CELERY_VISIBILITY_TIMEOUT,  # noqa: F405
+        queues=SERVICE_QUEUES,  # noqa: F405
+    )
+)
 DEBUG = False
 # Part of every charge request (the provider's webhook address), stored with the attempt before
 # the first send: it must be the same public address on every host, so it has no default here.

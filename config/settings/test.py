@@ -1,7 +1,7 @@
 """pytest: the local settings, with the waits of the pipeline in seconds."""
 
 from .local import *  # noqa: F403
-from .local import env
+from .local import broker_settings, env
 
 API_RATE_LIMIT_PER_SECOND = env.int("API_RATE_LIMIT_PER_SECOND", default=10000)
 UNAUTHENTICATED_RATE_LIMIT_PER_SECOND = env.int("UNAUTHENTICATED_RATE_LIMIT_PER_SECOND", default=10000)
@@ -12,8 +12,18 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 # Tests use their own Redis database, so a running dev stack's queues are left alone.
 REDIS_URL = env("TEST_REDIS_URL", default="redis://127.0.0.1:56379/1")
-CACHES["default"]["LOCATION"] = REDIS_URL  # noqa: F405
-CELERY_BROKER_URL = REDIS_URL
+CACHE_URL = env("TEST_CACHE_URL", default=REDIS_URL)
+CACHES["default"]["LOCATION"] = CACHE_URL  # noqa: F405
+# TEST_CELERY_BROKER_URL: tests/scale runs stacks on Sentinel and RabbitMQ brokers of their own.
+CELERY_BROKER_URL = env("TEST_CELERY_BROKER_URL", default=REDIS_URL)
+globals().update(
+    broker_settings(
+        CELERY_BROKER_URL,
+        sentinel_master=CELERY_BROKER_SENTINEL_MASTER,  # noqa: F405
+        visibility_timeout=CELERY_VISIBILITY_TIMEOUT,  # noqa: F405
+        queues=SERVICE_QUEUES,  # noqa: F405
+    )
+)
 SANDBOX_URL = env("SANDBOX_URL", default="http://127.0.0.1:18001")
 PUBLIC_BASE_URL = env("PUBLIC_BASE_URL", default="http://127.0.0.1:18000")
 # The e2e stack's localstripe: a port of its own per suite (tests/e2e/conftest.py), so parallel

@@ -268,6 +268,8 @@ class Load:
     scenario: str
     receiver: Receiver
     on_created: object = None  # called with each order as it gets its 201
+    web: str = WEB  # another stack's addresses (tests/scale runs stacks of its own)
+    sandbox: str = SANDBOX
     orders: dict[str, dict] = field(default_factory=dict)
     codes: Counter = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -294,7 +296,7 @@ class Load:
         while time.monotonic() < deadline:
             try:
                 response = self.session().post(
-                    f"http://{WEB}/api/v1/orders",
+                    f"http://{self.web}/api/v1/orders",
                     json=body,
                     headers={"Idempotency-Key": reference},
                     timeout=10,
@@ -336,8 +338,8 @@ class Load:
                 future.result()
 
 
-def sandbox_charges(order_id: str) -> list[dict]:
-    return requests.get(f"http://{SANDBOX}/sandbox/charges", params={"order": order_id}, timeout=10).json()
+def sandbox_charges(order_id: str, sandbox: str = SANDBOX) -> list[dict]:
+    return requests.get(f"http://{sandbox}/sandbox/charges", params={"order": order_id}, timeout=10).json()
 
 
 # --- evidence -----------------------------------------------------------------------------------------
@@ -496,12 +498,13 @@ def verify(
     scenario's); it is never asked about an order with a charge in the ledger.
     """
     session = load.session()
+    web = load.web
     final: dict[str, dict] = {}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and len(final) < len(load.orders):
         for order_id in load.orders:
             if order_id not in final:
-                order = session.get(f"http://{WEB}/api/v1/orders/{order_id}", timeout=10).json()
+                order = session.get(f"http://{web}/api/v1/orders/{order_id}", timeout=10).json()
                 if order["status"] == "completed":
                     final[order_id] = order
         time.sleep(0.5)
@@ -515,15 +518,15 @@ def verify(
     lost = len(load.orders) - len(final)
     for order_id in load.orders:
         if order_id not in final:
-            order = session.get(f"http://{WEB}/api/v1/orders/{order_id}", timeout=10).json()
+            order = session.get(f"http://{web}/api/v1/orders/{order_id}", timeout=10).json()
             problem(order_id, f"({order['amount']}) stuck in {order['status']}")
     double_charges = failed_but_charged = 0
     callbacks = load.receiver.by_order(load.path)
     for order_id, order in final.items():
         amount = order["amount"]
-        ledger = sandbox_charges(order_id)
+        ledger = sandbox_charges(order_id, load.sandbox)
         # the transition log: a chain, never backwards, nothing twice
-        events = session.get(f"http://{WEB}/api/v1/orders/{order_id}/events", timeout=10).json()
+        events = session.get(f"http://{web}/api/v1/orders/{order_id}/events", timeout=10).json()
         steps = [(e["from"], e["to"], e["channel"]) for e in events]
         if steps[0][:2] != (None, "pending") or steps[-1][1] != "completed":
             problem(order_id, f"log does not run from creation to completed: {steps}")

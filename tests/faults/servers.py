@@ -5,7 +5,9 @@ of scripts/services.sh would pull the floor from under anything else using them 
 another test run), so the fault stack gets a throwaway pair under .run/faults/.
 """
 
+import hashlib
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -33,10 +35,36 @@ def _chown_postgres(path: Path) -> None:
         shutil.chown(path, "postgres", "postgres")
 
 
+def _postgres_can_enter(path: Path) -> bool:
+    return (
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", "test", "-x", str(path)], check=False, cwd="/"
+        ).returncode
+        == 0
+    )
+
+
+def pg_home(root: Path, port: int) -> Path:
+    """Where a cluster for `root` lives: there, unless we are root and 'postgres' cannot reach it
+    (a checkout under /root or in a 0700 folder); then under postgres's home, one directory per
+    checkout and port, as scripts/services.sh does."""
+    root.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or _postgres_can_enter(root):
+        return root
+    key = hashlib.sha1(str(root.resolve()).encode(), usedforsecurity=False).hexdigest()[:12]
+    home = Path(pwd.getpwnam("postgres").pw_dir) / "payments-dev" / f"{key}-{port}"
+    (home / "log").mkdir(parents=True, exist_ok=True)
+    for path in (home, home / "log"):
+        _chown_postgres(path)
+    home.chmod(0o700)
+    return home
+
+
 class PgServer:
     def __init__(self, root: Path, port: int) -> None:
-        self.data = root / "pg"
-        self.log = root / "log" / "postgres.log"
+        home = pg_home(root, port)
+        self.data = home / "pg"
+        self.log = home / "log" / "postgres.log"
         self.port = port
         self.bin = _pg_bindir()
 
@@ -72,6 +100,7 @@ class PgServer:
                 ),
                 check=True,
                 stdout=subprocess.DEVNULL,
+                cwd="/",  # postgres may not be allowed into the checkout
             )
             with open(self.data / "postgresql.conf", "a") as conf:
                 conf.write(
@@ -101,6 +130,7 @@ class PgServer:
             ),
             check=True,
             stdout=subprocess.DEVNULL,
+            cwd="/",
         )
 
     def stop(self) -> None:
@@ -109,6 +139,7 @@ class PgServer:
                 _as_postgres([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"]),
                 check=True,
                 stdout=subprocess.DEVNULL,
+                cwd="/",
             )
 
     def recreate_database(self, name: str) -> None:
