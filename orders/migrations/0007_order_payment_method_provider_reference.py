@@ -5,7 +5,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("orders", "0005_merchant_order_action_permissions"),
+        ("orders", "0006_history_retention_indexes"),
     ]
 
     operations = [
