@@ -1,9 +1,11 @@
-"""Client callback deliveries (one per order outcome, one stable webhook-id) and their attempts."""
+"""Client callback deliveries (one per order outcome or refund outcome, one stable webhook-id each)
+and their attempts. Order and refund callbacks share the one delivery model and its machinery."""
 
 from django.db import models
 from django.db.models import Q
+from django.db.models.functions import Coalesce
 
-from orders.models import Order
+from orders.models import Order, Refund
 
 
 class CallbackDelivery(models.Model):
@@ -13,6 +15,10 @@ class CallbackDelivery(models.Model):
         EXHAUSTED = "exhausted"
 
     order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="callback_deliveries")
+    # Set for a refund's callback (refund.succeeded / refund.failed); the order is the refund's.
+    refund = models.ForeignKey(
+        Refund, on_delete=models.PROTECT, related_name="callback_deliveries", null=True, blank=True
+    )
     event_type = models.CharField(max_length=32)
     webhook_id = models.CharField(max_length=64, unique=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
@@ -26,7 +32,13 @@ class CallbackDelivery(models.Model):
     class Meta:
         verbose_name_plural = "callback deliveries"
         permissions = [("resend_callback", "Can resend client callbacks")]
-        constraints = [models.UniqueConstraint(fields=["order", "event_type"], name="delivery_per_outcome")]
+        constraints = [
+            # One delivery per subject (the refund's id for a refund's callback, else the order's)
+            # and event type; rows written before refunds existed need no change.
+            models.UniqueConstraint(
+                Coalesce("refund", "order"), "event_type", name="delivery_per_subject_outcome"
+            )
+        ]
         indexes = [
             models.Index(fields=["next_attempt_at"], name="delivery_due", condition=Q(status="pending")),
             models.Index(

@@ -1,11 +1,13 @@
-"""Client callbacks: one signed delivery per order outcome, retried on a stored schedule (SPEC 6)."""
+"""Client callbacks: one signed delivery per order outcome or refund outcome, retried on a stored
+schedule (SPEC 6, 10). Orders and refunds are two kinds of `_Subject` of the one machinery."""
 
 import json
 import logging
 import random
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -18,9 +20,10 @@ from callbacks.signing import signature_headers
 from core import metrics
 from core.faults import fault_point
 from core.retention import delete_in_batches
-from orders.models import Order, OrderStatus
-from orders.serializers import order_representation
-from orders.services import merchant_signing_secrets
+from orders.models import Order, OrderStatus, RefundStatus
+from orders.selectors import refund_by_id
+from orders.serializers import order_representation, refund_representation
+from orders.services import merchant_signing_secrets, refund_callback_scheduled
 from orders.transitions import order_transition
 
 logger = logging.getLogger(__name__)
@@ -28,21 +31,36 @@ logger = logging.getLogger(__name__)
 D = CallbackDelivery.Status
 LEASE_EXTRA_SECONDS = 15.0
 
+
+@dataclass(frozen=True)
+class _Subject:
+    """What a callback is about: an order's outcome, or a refund's."""
+
+    order: Order  # with its merchant
+    subject_id: object  # the order's id, or the refund's
+    refund_id: object | None
+    event_type: str
+    data: Callable[[], dict]  # the `data` of the body, rendered when the attempt is made
+    # Run in the transaction that records a 2xx answer (orders: move to completed).
+    delivered: Callable[[str, int | None], None]
+
+
 _CLAIM_NEW_SQL = """
 INSERT INTO callbacks_callbackdelivery
-    (order_id, event_type, webhook_id, status, attempts, next_attempt_at, last_error, created_at)
-VALUES (%s, %s, %s, 'pending', 1, %s, '', now())
-ON CONFLICT (order_id, event_type) DO NOTHING
+    (order_id, refund_id, event_type, webhook_id, status, attempts, next_attempt_at, last_error, created_at)
+VALUES (%s, %s, %s, %s, 'pending', 1, %s, '', now())
+ON CONFLICT ((COALESCE(refund_id, order_id)), event_type) DO NOTHING
 RETURNING id, webhook_id, attempts
 """
 _CLAIM_DUE_SQL = """
 UPDATE callbacks_callbackdelivery SET attempts = attempts + 1, next_attempt_at = %s
-WHERE order_id = %s AND event_type = %s AND status = 'pending' AND next_attempt_at <= statement_timestamp()
+WHERE COALESCE(refund_id, order_id) = %s AND event_type = %s AND status = 'pending'
+    AND next_attempt_at <= statement_timestamp()
 RETURNING id, webhook_id, attempts
 """
 
 
-def _claim(*, order_id, event_type: str) -> tuple[int, str, int] | None:
+def _claim(*, subject: _Subject) -> tuple[int, str, int] | None:
     """Take the right to make the next attempt: a new delivery, or an existing one that is due.
 
     The claim pushes next_attempt_at past the longest possible attempt (a lease), so a second
@@ -50,10 +68,19 @@ def _claim(*, order_id, event_type: str) -> tuple[int, str, int] | None:
     """
     lease = timezone.now() + timedelta(seconds=settings.CALLBACK_TOTAL_TIMEOUT + LEASE_EXTRA_SECONDS)
     with connection.cursor() as cursor:
-        cursor.execute(_CLAIM_NEW_SQL, [order_id, event_type, f"msg_{uuid.uuid4().hex}", lease])
+        cursor.execute(
+            _CLAIM_NEW_SQL,
+            [
+                subject.order.pk,
+                subject.refund_id,
+                subject.event_type,
+                f"msg_{uuid.uuid4().hex}",
+                lease,
+            ],
+        )
         row = cursor.fetchone()
         if row is None:
-            cursor.execute(_CLAIM_DUE_SQL, [lease, order_id, event_type])
+            cursor.execute(_CLAIM_DUE_SQL, [lease, subject.subject_id, subject.event_type])
             row = cursor.fetchone()
     return row
 
@@ -96,14 +123,69 @@ def callback_deliver(*, order_id) -> bool:
     if not url:
         _complete_without_callback(order=order, event_type=event_type)
         return False
-    with _receiver_slot(merchant_id=order.merchant_id) as slot:
+
+    def delivered(webhook_id: str, status_code: int | None) -> None:
+        # applied=False: someone else moved the order (only to completed): the delivery stands.
+        order_transition(
+            order_id=order.pk,
+            to=OrderStatus.COMPLETED,
+            seen_status=order.status,
+            reason=f"callback {webhook_id} answered {status_code}",
+        )
+
+    subject = _Subject(
+        order=order,
+        subject_id=order.pk,
+        refund_id=None,
+        event_type=event_type,
+        data=lambda: order_representation(order),
+        delivered=delivered,
+    )
+    return _deliver(subject=subject, url=url)
+
+
+def refund_callback_deliver(*, refund_id) -> bool:
+    """Make the due attempt of the refund's callback (SPEC 10), if any. True when the client took it."""
+    refund = refund_by_id(refund_id=refund_id)
+    if refund is None:
+        logger.warning("callback.refund_missing", extra={"refund_id": str(refund_id)})
+        return False
+    if refund.status not in (RefundStatus.SUCCEEDED, RefundStatus.FAILED):
+        return False
+    order = Order.objects.select_related("merchant").get(pk=refund.order_id)
+    url = order.callback_url or order.merchant.callback_url
+    if not url:
+        # Nothing to deliver; the refund is settled either way.
+        refund_callback_scheduled(refund_id=refund.pk)
+        logger.info(
+            "callback.nothing_to_deliver", extra={"order_id": str(order.pk), "refund_id": str(refund.pk)}
+        )
+        return False
+    subject = _Subject(
+        order=order,
+        subject_id=refund.pk,
+        refund_id=refund.pk,
+        event_type=f"refund.{refund.status}",
+        data=lambda: refund_representation(refund),
+        delivered=lambda webhook_id, status_code: None,
+    )
+    try:
+        return _deliver(subject=subject, url=url)
+    finally:
+        # Its delivery row exists now (made, deferred or taken by another copy): the delivery's
+        # own schedule and sweep take over from the refund sweep.
+        refund_callback_scheduled(refund_id=refund.pk)
+
+
+def _deliver(*, subject: _Subject, url: str) -> bool:
+    with _receiver_slot(merchant_id=subject.order.merchant_id) as slot:
         if not slot:
-            _defer(order_id=order.pk, event_type=event_type)
+            _defer(subject=subject)
             return False
-        claim = _claim(order_id=order.pk, event_type=event_type)
+        claim = _claim(subject=subject)
         if claim is None:
             return False
-        return _attempt(order=order, event_type=event_type, url=url, claim=claim)
+        return _attempt(subject=subject, url=url, claim=claim)
 
 
 def _complete_without_callback(*, order: Order, event_type: str) -> None:
@@ -180,18 +262,18 @@ def _receiver_slot(*, merchant_id) -> Iterator[bool]:
 _DEFER_SQL = """
 WITH waiting AS (
     UPDATE callbacks_callbackdelivery SET next_attempt_at = %s
-    WHERE order_id = %s AND event_type = %s AND status = 'pending'
+    WHERE COALESCE(refund_id, order_id) = %s AND event_type = %s AND status = 'pending'
         AND next_attempt_at <= statement_timestamp()
     RETURNING id
 )
 INSERT INTO callbacks_callbackdelivery
-    (order_id, event_type, webhook_id, status, attempts, next_attempt_at, last_error, created_at)
-SELECT %s, %s, %s, 'pending', 0, %s, '', now() WHERE NOT EXISTS (SELECT 1 FROM waiting)
-ON CONFLICT (order_id, event_type) DO NOTHING
+    (order_id, refund_id, event_type, webhook_id, status, attempts, next_attempt_at, last_error, created_at)
+SELECT %s, %s, %s, %s, 'pending', 0, %s, '', now() WHERE NOT EXISTS (SELECT 1 FROM waiting)
+ON CONFLICT ((COALESCE(refund_id, order_id)), event_type) DO NOTHING
 """
 
 
-def _defer(*, order_id, event_type: str) -> None:
+def _defer(*, subject: _Subject) -> None:
     """The receiver has its share of workers: come back later, without spending an attempt.
 
     Pushing the due time back (not leaving it due) lets the sweep hand other merchants'
@@ -202,23 +284,37 @@ def _defer(*, order_id, event_type: str) -> None:
     )
     webhook_id = f"msg_{uuid.uuid4().hex}"
     with connection.cursor() as cursor:
-        cursor.execute(_DEFER_SQL, [due, order_id, event_type, order_id, event_type, webhook_id, due])
-    logger.info("callback.receiver_busy", extra={"order_id": str(order_id)})
+        cursor.execute(
+            _DEFER_SQL,
+            [
+                due,
+                subject.subject_id,
+                subject.event_type,
+                subject.order.pk,
+                subject.refund_id,
+                subject.event_type,
+                webhook_id,
+                due,
+            ],
+        )
+    logger.info("callback.receiver_busy", extra={"order_id": str(subject.order.pk)})
 
 
-def _attempt(*, order: Order, event_type: str, url: str, claim: tuple[int, str, int]) -> bool:
+def _attempt(*, subject: _Subject, url: str, claim: tuple[int, str, int]) -> bool:
     """Send the claimed attempt and record it. Whatever fails after the claim is a recorded failure:
     an exception here would leave the claim to expire and the attempt to repeat unseen."""
     _, webhook_id, attempts = claim
+    order, event_type = subject.order, subject.event_type
     log = {
         "order_id": str(order.pk),
+        "event_type": event_type,
         "merchant": str(order.merchant_id),
         "webhook_id": webhook_id,
         "attempt": attempts,
     }
     attempted_at = timezone.now()
     try:
-        body = json.dumps({"type": event_type, "data": order_representation(order)}, separators=(",", ":"))
+        body = json.dumps({"type": event_type, "data": subject.data()}, separators=(",", ":"), default=str)
         headers = signature_headers(
             secrets=merchant_signing_secrets(merchant=order.merchant), msg_id=webhook_id, body=body
         )
@@ -235,7 +331,7 @@ def _attempt(*, order: Order, event_type: str, url: str, claim: tuple[int, str, 
     try:
         with transaction.atomic():
             return _record(
-                order=order, url=url, attempted_at=attempted_at, result=result, claim=claim, log=log
+                subject=subject, url=url, attempted_at=attempted_at, result=result, claim=claim, log=log
             )
     except Exception as exc:  # the answer could not be stored: store that instead, and retry on schedule
         logger.exception("callback.record_error", extra=log)
@@ -247,11 +343,13 @@ def _attempt(*, order: Order, event_type: str, url: str, claim: tuple[int, str, 
         )
         with transaction.atomic():
             return _record(
-                order=order, url=url, attempted_at=attempted_at, result=failed, claim=claim, log=log
+                subject=subject, url=url, attempted_at=attempted_at, result=failed, claim=claim, log=log
             )
 
 
-def _record(*, order: Order, url: str, attempted_at, result: PostResult, claim: tuple, log: dict) -> bool:
+def _record(
+    *, subject: _Subject, url: str, attempted_at, result: PostResult, claim: tuple, log: dict
+) -> bool:
     delivery_id, webhook_id, attempts = claim
     attempt = [
         delivery_id,
@@ -273,13 +371,7 @@ def _record(*, order: Order, url: str, attempted_at, result: PostResult, claim: 
                 "last_error": "",
             },
         )
-        # applied=False: someone else moved the order (only to completed): the delivery stands.
-        order_transition(
-            order_id=order.pk,
-            to=OrderStatus.COMPLETED,
-            seen_status=order.status,
-            reason=f"callback {webhook_id} answered {result.status_code}",
-        )
+        subject.delivered(webhook_id, result.status_code)
         logger.info("callback.delivered", extra=log)
         transaction.on_commit(lambda: fault_point("callback.after_commit"))
         return True
@@ -316,13 +408,16 @@ def callback_resend(*, delivery: CallbackDelivery) -> None:
     )
 
 
-def deliveries_due(*, batch: int) -> list[str]:
-    """Order ids whose callback attempt is due (through the partial index on pending deliveries)."""
+def deliveries_due(*, batch: int) -> list[tuple[str, str | None]]:
+    """(order id, refund id or None) of the callbacks whose attempt is due (the partial index on
+    pending deliveries)."""
     return [
-        str(order_id)
-        for order_id in CallbackDelivery.objects.filter(status=D.PENDING, next_attempt_at__lte=timezone.now())
+        (str(order_id), str(refund_id) if refund_id else None)
+        for order_id, refund_id in CallbackDelivery.objects.filter(
+            status=D.PENDING, next_attempt_at__lte=timezone.now()
+        )
         .order_by("next_attempt_at")
-        .values_list("order_id", flat=True)[:batch]
+        .values_list("order_id", "refund_id")[:batch]
     ]
 
 
@@ -340,6 +435,7 @@ def callback_resend_for_order(*, order_id) -> str:
         return "delivered"
     delivery, created = CallbackDelivery.objects.get_or_create(
         order_id=order.pk,
+        refund__isnull=True,
         event_type=f"order.{order.status}",
         defaults={
             "webhook_id": f"msg_{uuid.uuid4().hex}",

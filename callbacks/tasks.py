@@ -1,4 +1,4 @@
-"""The callback stage, and the beat sweep that makes due retries happen."""
+"""The callback stages (order and refund callbacks), and the beat sweep that makes due retries happen."""
 
 from celery import current_app as celery_app
 from celery import shared_task
@@ -15,11 +15,20 @@ def callback(event: dict) -> None:
     services.callback_deliver(order_id=event["order_id"])
 
 
+@stage_task(events.REFUND_CALLBACK)
+def refund_callback(event: dict) -> None:
+    services.refund_callback_deliver(refund_id=event["payload"]["refund_id"])
+
+
 @shared_task(name="callbacks.sweep_deliveries")
 def sweep_deliveries() -> int:
     due = services.deliveries_due(batch=settings.SWEEP_BATCH)
-    for order_id in due:
-        celery_app.send_task(events.CALLBACK, args=[{"order_id": order_id, "redelivery": True}])
+    for order_id, refund_id in due:
+        if refund_id is None:
+            celery_app.send_task(events.CALLBACK, args=[{"order_id": order_id, "redelivery": True}])
+        else:
+            message = {"order_id": order_id, "payload": {"refund_id": refund_id}, "redelivery": True}
+            celery_app.send_task(events.REFUND_CALLBACK, args=[message])
     return len(due)
 
 

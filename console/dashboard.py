@@ -30,6 +30,8 @@ from orders.selectors import (
     orders_stuck,
     orders_total_estimate,
     outbox_backlog,
+    refunded_by_currency,
+    refunds_by_status,
 )
 
 WINDOW = timedelta(hours=1)
@@ -68,6 +70,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     series = orders_per_minute(since=this_minute - WINDOW, until=this_minute)
     latency = orders_latency(since=since)
     callback_health = callbacks_health(since=since)
+    refund_counts = refunds_by_status()
     context = {
         **admin.site.each_context(request),
         "title": "Dashboard",
@@ -90,6 +93,8 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "queues": queues,
         "stuck": orders_stuck(overdue_before=now - OVERDUE_GRACE),
         "exhausted": deliveries_exhausted(limit=20),
+        "refunds": [(s, refund_counts.get(s, 0)) for s in ("pending", "processing", "succeeded", "failed")],
+        "refunded": sorted(refunded_by_currency().items()),
     }
     return TemplateResponse(request, "admin/dashboard.html", context)
 

@@ -84,16 +84,27 @@ class _DatabaseCounts:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._value: tuple[int, dict[str, int]] | None = None
+        self._value: tuple | None = None
         self._read_at = 0.0
 
-    def get(self) -> tuple[int, dict[str, int]]:
-        from orders.selectors import orders_open_by_status, outbox_backlog
+    def get(self) -> tuple[int, dict[str, int], dict[str, int], dict[str, int]]:
+        """(outbox backlog, open orders by status, refunds by status, refunded amount by currency)."""
+        from orders.selectors import (
+            orders_open_by_status,
+            outbox_backlog,
+            refunded_by_currency,
+            refunds_by_status,
+        )
 
         with self._lock:
             now = time.monotonic()
             if self._value is None or now - self._read_at >= settings.METRICS_DB_CACHE_SECONDS:
-                self._value = (outbox_backlog(), orders_open_by_status())
+                self._value = (
+                    outbox_backlog(),
+                    orders_open_by_status(),
+                    refunds_by_status(),
+                    refunded_by_currency(),
+                )
                 self._read_at = now
             return self._value
 
@@ -106,7 +117,8 @@ database_counts = _DatabaseCounts()
 
 
 class SystemCollector:
-    """Outbox backlog, open orders by status and Celery queue depth, read when scraped."""
+    """Outbox backlog, open orders by status, refunds by status and refunded amounts per currency,
+    and Celery queue depth, read when scraped."""
 
     def collect(self):
         yield from self._database()
@@ -114,7 +126,7 @@ class SystemCollector:
 
     def _database(self):
         try:
-            backlog, counts = database_counts.get()
+            backlog, counts, refunds, refunded = database_counts.get()
         except DatabaseError as exc:
             logger.warning("metrics.database_unavailable", extra={"error": repr(exc)})
             yield _scrape_error("database")
@@ -130,6 +142,18 @@ class SystemCollector:
         for status in ("pending", "assigned", "processing", "paid", "failed"):
             by_status.add_metric([status], counts.get(status, 0))
         yield by_status
+        refunds_gauge = GaugeMetricFamily("refunds", "Refunds by status (SPEC 10).", labels=["status"])
+        for status in ("pending", "processing", "succeeded", "failed"):
+            refunds_gauge.add_metric([status], refunds.get(status, 0))
+        yield refunds_gauge
+        refunded_gauge = GaugeMetricFamily(
+            "refunded_amount",
+            "The amounts of succeeded refunds, per currency, in the currency's minor units.",
+            labels=["currency"],
+        )
+        for currency, total in sorted(refunded.items()):
+            refunded_gauge.add_metric([currency], total)
+        yield refunded_gauge
 
     def _queues(self):
         try:

@@ -31,6 +31,8 @@ CALLBACK_ATTEMPTS = Counter(
     "Client callback attempts: success (2xx), http_error (any other status), error (no answer).",
     ["result"],
 )
+REFUNDS_CREATED = Counter("refunds_created", "Refunds accepted by the API (idempotent replays excluded).")
+REFUND_TRANSITIONS = Counter("refund_transitions", "Refund status transitions applied.", ["to"])
 ORDER_STAGE_SECONDS = Histogram(
     "order_stage_seconds",
     "Seconds from an order's creation until it reached the stage (status).",
@@ -58,6 +60,10 @@ def order_transitioned(*, order_id, from_status: str | None, to: str) -> None:
     created = _created_at(order_id)
     if created is not None:
         ORDER_STAGE_SECONDS.labels(to).observe(max(time.time() - created, 0.0))
+
+
+def refund_transitioned(*, to: str) -> None:
+    REFUND_TRANSITIONS.labels(to).inc()
 
 
 def charge_answered(*, attempt, result) -> None:

@@ -1,9 +1,10 @@
-"""Charge attempts (one per order and channel, keyed before the HTTP call) and provider webhooks."""
+"""Charge attempts (one per order and channel, keyed before the HTTP call), refund attempts (one per
+refund, on the channel that charged) and provider webhooks."""
 
 from django.db import models
 from django.db.models import Q
 
-from orders.models import Order
+from orders.models import Order, Refund
 
 
 class ChargeAttempt(models.Model):
@@ -46,6 +47,46 @@ class ChargeAttempt(models.Model):
             # Success rate per channel over the last hour (admin, dashboard).
             models.Index(fields=["created_at"], name="attempt_created"),
         ]
+
+    def __str__(self) -> str:
+        return f"{self.channel} {self.status}"
+
+
+class RefundAttempt(models.Model):
+    """A refund's request to the provider: its own key and every fact of the request, stored before
+    the first send, so every retry from every host is identical; never another channel."""
+
+    class Status(models.TextChoices):
+        SENDING = "sending"  # not yet taken by the provider (never sent, in flight, or told to retry)
+        ACCEPTED = "accepted"
+        UNKNOWN = "unknown"  # timeout or 5xx after sending: maybe refunded
+        REJECTED = "rejected"  # refused for good: nothing refunded
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+
+    refund = models.OneToOneField(Refund, on_delete=models.PROTECT, related_name="attempt")
+    order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="refund_attempts")
+    channel = models.CharField(max_length=64)
+    provider = models.CharField(max_length=32)
+    idempotency_key = models.CharField(max_length=128, unique=True)
+    charge_idempotency_key = models.CharField(max_length=128)
+    webhook_url = models.CharField(max_length=500, blank=True, default="")
+    amount = models.BigIntegerField()
+    currency = models.CharField(max_length=3)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.SENDING)
+    sends = models.PositiveIntegerField(default=0)
+    provider_reference = models.CharField(max_length=128, blank=True, default="")
+    http_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    error = models.CharField(max_length=500, blank=True, default="")
+    failure_code = models.CharField(max_length=64, blank=True, default="")
+    lease_until = models.DateTimeField(null=True, blank=True)
+    # After a 503 (nothing refunded): no copy sends again before this (the provider's backoff).
+    retry_after = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["order", "created_at"], name="refund_attempt_order")]
 
     def __str__(self) -> str:
         return f"{self.channel} {self.status}"

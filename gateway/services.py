@@ -2,12 +2,14 @@
 
 import json
 import logging
+import random
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
 from django.urls import reverse
+from django.utils import timezone
 
 from allocation.models import PaymentChannel
 from allocation.selectors import channel_by_code
@@ -21,12 +23,20 @@ from core import metrics
 from core.faults import fault_point
 from core.logging import request_id_var
 from core.retention import delete_in_batches
-from gateway.models import ChargeAttempt
-from gateway.providers.base import ChargeOutcome, ChargeRequest, ChargeResult, WebhookEvent, get_adapter
-from orders.models import Order, OrderStatus
-from orders.selectors import order_fields
-from orders.services import order_provider_reference_set
-from orders.transitions import TransitionResult, order_transition
+from gateway.models import ChargeAttempt, RefundAttempt
+from gateway.providers.base import (
+    ChargeOutcome,
+    ChargeRequest,
+    ChargeResult,
+    RefundRequest,
+    RefundResult,
+    WebhookEvent,
+    get_adapter,
+)
+from orders.models import Order, OrderStatus, Refund, RefundStatus
+from orders.selectors import order_fields, refund_fields
+from orders.services import order_provider_reference_set, refund_retry_later
+from orders.transitions import TransitionResult, order_transition, refund_transition
 
 logger = logging.getLogger(__name__)
 
@@ -433,9 +443,11 @@ def webhook_receive(*, provider: str, event: WebhookEvent) -> bool:
     A channel's secret vouches for that channel's charges only: a webhook about another
     channel's attempt raises `WebhookChannelMismatch` and stores nothing.
     """
+    # A refund's webhook names the refund's own key; a charge's the charge's.
+    table = "gateway_refundattempt" if event.kind == "refund" else "gateway_chargeattempt"
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT channel, provider FROM gateway_chargeattempt WHERE idempotency_key = %s",
+            f"SELECT channel, provider FROM {table} WHERE idempotency_key = %s",
             [event.idempotency_key],
         )
         row = cursor.fetchone()
@@ -566,6 +578,301 @@ def _resend_refused(*, order: Order, attempt: ChargeAttempt, result: ChargeResul
             failure_code="channel_unavailable",
             failure_message="The channel refused the charge; nothing was charged.",
         )
+
+
+# --- refunds (SPEC 10) ---------------------------------------------------------------------------------
+
+RA = RefundAttempt.Status
+RS = RefundStatus
+
+
+def _refund_key(refund_id) -> str:
+    # The refund's own key: never the charge's, and the same for every copy of the task.
+    return f"refund:{refund_id}"
+
+
+_REFUND_CLAIM_SQL = (
+    "INSERT INTO gateway_refundattempt (refund_id, order_id, channel, provider, idempotency_key,"
+    " charge_idempotency_key, webhook_url, amount, currency, status, sends, provider_reference, error,"
+    " failure_code, lease_until, created_at, updated_at)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 'sending', 0, '', '', '',"
+    " now() + make_interval(secs => %s), now(), now())"
+    " ON CONFLICT DO NOTHING RETURNING id"
+)
+_REFUND_RETAKE_SQL = (
+    "UPDATE gateway_refundattempt SET lease_until = now() + make_interval(secs => %s)"
+    " WHERE refund_id = %s AND status = 'sending' AND (lease_until IS NULL OR lease_until < now())"
+    " RETURNING id"
+)
+
+
+def _claim_refund_attempt(*, refund: Refund, charge: ChargeAttempt) -> tuple[RefundAttempt, bool]:
+    """The refund's attempt, inserted with its key and request facts if new, and whether this copy
+    holds the sending lease (only one copy sends at a time)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _REFUND_CLAIM_SQL,
+            [
+                refund.pk,
+                refund.order_id,
+                charge.channel,
+                charge.provider,
+                _refund_key(refund.pk),
+                charge.idempotency_key,
+                _webhook_url(charge.provider),
+                refund.amount,
+                refund.currency,
+                _lease_seconds(),
+            ],
+        )
+        leased = cursor.fetchone() is not None
+        if not leased:
+            cursor.execute(_REFUND_RETAKE_SQL, [_lease_seconds(), refund.pk])
+            leased = cursor.fetchone() is not None
+    return RefundAttempt.objects.get(refund_id=refund.pk), leased
+
+
+def _release_refund_lease(attempt: RefundAttempt) -> None:
+    RefundAttempt.objects.filter(pk=attempt.pk, status=RA.SENDING).update(lease_until=None)
+
+
+def _refund_request(attempt: RefundAttempt) -> RefundRequest:
+    return RefundRequest(
+        refund_id=str(attempt.refund_id),
+        order_id=str(attempt.order_id),
+        amount=attempt.amount,
+        currency=attempt.currency,
+        idempotency_key=attempt.idempotency_key,
+        charge_idempotency_key=attempt.charge_idempotency_key,
+        webhook_url=attempt.webhook_url,
+    )
+
+
+def refund_send(*, refund_id) -> TransitionResult | None:
+    """Send a pending refund to the channel that charged its order, and record the answer.
+
+    As for charges: the attempt (its key and every fact of the request) is committed before the
+    call, no lock is held across it, and the answer is recorded in a second transaction.
+    """
+    refund = refund_fields(refund_id=refund_id, fields=("id", "order_id", "status", "amount", "currency"))
+    if refund is None:
+        logger.warning("refund.missing", extra={"refund_id": str(refund_id)})
+        return None
+    if refund.status != RS.PENDING:
+        return TransitionResult(False, refund.status)
+    log = {"order_id": str(refund.order_id), "refund_id": str(refund.pk)}
+    charge = (
+        ChargeAttempt.objects.filter(order_id=refund.order_id, status=A.PAID).order_by("-created_at").first()
+        or ChargeAttempt.objects.filter(order_id=refund.order_id).exclude(status=A.REJECTED).first()
+    )
+    if charge is None:
+        logger.error("refund.no_charge", extra=log)
+        return None
+    attempt, leased = _claim_refund_attempt(refund=refund, charge=charge)
+    if attempt.status in (RA.ACCEPTED, RA.UNKNOWN, RA.SUCCEEDED, RA.FAILED):
+        # Answered before a crash kept the refund from moving on: move it now.
+        return _refund_processing(attempt, f"refund accepted by {attempt.channel} (recorded earlier)")
+    if attempt.status == RA.REJECTED:
+        return _refund_refused(attempt, attempt.error)
+    if not leased:
+        logger.info("refund.in_flight_elsewhere", extra=log)
+        return TransitionResult(False, refund.status)
+    if attempt.retry_after and attempt.retry_after > timezone.now():
+        # The provider asked us to wait (503): a duplicate delivery does not cut the backoff short;
+        # the sweep sends it again when the refund is due.
+        _release_refund_lease(attempt)
+        logger.info("refund.backing_off", extra=log)
+        return TransitionResult(False, refund.status)
+    channel = channel_by_code(attempt.channel)
+    adapter = get_adapter(attempt.provider)
+    if channel is None or adapter is None:
+        logger.error("refund.no_adapter", extra={**log, "channel": attempt.channel})
+        return None
+    fault_point("refund.before_provider")
+    result = adapter.refund(channel=channel, request=_refund_request(attempt))
+    fault_point("refund.after_provider")
+    logger.info(
+        "refund.sent",
+        extra={
+            **log,
+            "channel": attempt.channel,
+            "outcome": result.outcome.value,
+            "http_status": result.http_status,
+        },
+    )
+    outcome = _refund_record(attempt=attempt, result=result)
+    fault_point("refund.after_commit")
+    return outcome
+
+
+def _refund_record(*, attempt: RefundAttempt, result: RefundResult) -> TransitionResult | None:
+    with transaction.atomic():
+        if result.outcome == ChargeOutcome.REJECTED and result.retry:
+            sends = attempt.sends + 1
+            if sends < settings.REFUND_MAX_SENDS:
+                # Nothing refunded and the provider asks again later: the same request, the same
+                # channel, after a backoff stored on the refund (never a failover).
+                delay = min(
+                    settings.REFUND_RETRY_SECONDS * 2 ** (sends - 1), settings.REFUND_RETRY_MAX_SECONDS
+                )
+                delay *= random.uniform(1.0, 1.2)
+                RefundAttempt.objects.filter(pk=attempt.pk, status=RA.SENDING).update(
+                    sends=sends,
+                    lease_until=None,
+                    retry_after=timezone.now() + timedelta(seconds=delay),
+                    http_status=result.http_status,
+                    error=result.error[:500],
+                )
+                refund_retry_later(refund_id=attempt.refund_id, seconds=delay)
+                logger.info(
+                    "refund.retry_later",
+                    extra={
+                        "refund_id": str(attempt.refund_id),
+                        "sends": sends,
+                        "retry_in_s": round(delay, 2),
+                    },
+                )
+                return None
+        if result.outcome == ChargeOutcome.REJECTED:
+            RefundAttempt.objects.filter(pk=attempt.pk, status=RA.SENDING).update(
+                status=RA.REJECTED,
+                sends=attempt.sends + 1,
+                lease_until=None,
+                http_status=result.http_status,
+                error=result.error[:500],
+            )
+            return _refund_refused(attempt, result.error)
+        unknown = result.outcome == ChargeOutcome.UNKNOWN
+        RefundAttempt.objects.filter(pk=attempt.pk, status=RA.SENDING).update(
+            status=RA.UNKNOWN if unknown else RA.ACCEPTED,
+            sends=attempt.sends + 1,
+            lease_until=None,
+            provider_reference=result.provider_reference,
+            http_status=result.http_status,
+            error=result.error[:500],
+        )
+        reason = (
+            f"outcome unknown at {attempt.channel} ({result.error}); waiting for webhook or poll"
+            if unknown
+            else f"refund accepted by {attempt.channel}"
+        )
+        return _refund_processing(attempt, reason)
+
+
+def _refund_processing(attempt: RefundAttempt, reason: str) -> TransitionResult:
+    return refund_transition(
+        refund_id=attempt.refund_id, to=RS.PROCESSING, seen_status=RS.PENDING, reason=reason
+    )
+
+
+def _refund_refused(attempt: RefundAttempt, error: str) -> TransitionResult:
+    code = "channel_unavailable" if error == "channel_unavailable" else "refund_refused"
+    return refund_transition(
+        refund_id=attempt.refund_id,
+        to=RS.FAILED,
+        seen_status=RS.PENDING,
+        reason=f"{attempt.channel} refused the refund ({error}); nothing was refunded",
+        failure_code=code,
+        failure_message=f"The provider refused the refund: {error}.",
+    )
+
+
+def refund_confirm(
+    *,
+    idempotency_key: str,
+    status: str,
+    failure_code: str = "",
+    source: str,
+    channel: str | None = None,
+    provider: str | None = None,
+) -> TransitionResult | None:
+    """Apply a provider's final word on a refund (webhook or poll): succeeded or failed.
+
+    A webhook counts only for the refund of the channel whose secret signed it; a duplicate or
+    late word finds the refund settled and changes nothing (recorded as ignored).
+    """
+    if status not in (RS.SUCCEEDED, RS.FAILED):
+        return None
+    with transaction.atomic():
+        attempt = RefundAttempt.objects.select_for_update().filter(idempotency_key=idempotency_key).first()
+        if attempt is None:
+            logger.warning("refund_confirm.unknown_attempt", extra={"idempotency_key": idempotency_key})
+            return None
+        if channel is not None and (attempt.channel, attempt.provider) != (channel, provider):
+            logger.warning(
+                "refund_confirm.channel_mismatch",
+                extra={
+                    "refund_id": str(attempt.refund_id),
+                    "channel": channel,
+                    "attempt_channel": attempt.channel,
+                },
+            )
+            return None
+        RefundAttempt.objects.filter(pk=attempt.pk).exclude(status__in=(RA.SUCCEEDED, RA.FAILED)).update(
+            status=status, failure_code=failure_code[:64], lease_until=None
+        )
+        seen = refund_fields(refund_id=attempt.refund_id, fields=("id", "status")).status
+        if seen == RS.PENDING:
+            # The provider's answer outran our own record of the refund request.
+            seen = _refund_processing(
+                attempt, f"refund accepted by {attempt.channel} (learned from {source})"
+            ).status
+        fault_point("refund_confirm.before_commit")
+        return refund_transition(
+            refund_id=attempt.refund_id,
+            to=status,
+            seen_status=seen,
+            reason=f"provider says {status}"
+            + (f" ({failure_code})" if failure_code else "")
+            + f" via {source}",
+            failure_code=(failure_code or "refund_failed") if status == RS.FAILED else None,
+            failure_message=f"The provider declined the refund: {failure_code or 'no reason given'}."
+            if status == RS.FAILED
+            else None,
+        )
+
+
+def refund_poll(*, refund_id) -> TransitionResult | None:
+    """Ask the provider about a processing refund; resend it under its key if it never arrived."""
+    attempt = RefundAttempt.objects.filter(refund_id=refund_id).first()
+    refund = refund_fields(refund_id=refund_id, fields=("id", "status"))
+    if attempt is None or refund is None or refund.status != RS.PROCESSING:
+        return None
+    channel = channel_by_code(attempt.channel)
+    adapter = get_adapter(attempt.provider)
+    log = {"order_id": str(attempt.order_id), "refund_id": str(refund_id)}
+    try:
+        status = adapter.fetch_refund_status(channel=channel, idempotency_key=attempt.idempotency_key)
+    except Exception as exc:  # provider unreachable or unreadable: the sweep asks again later
+        logger.warning("refund_poll.failed", extra={**log, "error": repr(exc)})
+        return None
+    logger.info("refund_poll.answered", extra={**log, "status": status.status})
+    if status.status in (RS.SUCCEEDED, RS.FAILED):
+        return refund_confirm(
+            idempotency_key=attempt.idempotency_key,
+            status=status.status,
+            failure_code=status.failure_code,
+            source="status poll",
+        )
+    if status.status == "not_found":
+        # The request never reached the provider: the same request under the same key is safe.
+        result = adapter.refund(channel=channel, request=_refund_request(attempt))
+        logger.info("refund_poll.resent", extra={**log, "outcome": result.outcome.value})
+        if result.outcome == ChargeOutcome.REJECTED and not result.retry:
+            with transaction.atomic():
+                refused = RefundAttempt.objects.filter(
+                    pk=attempt.pk, status__in=(RA.UNKNOWN, RA.ACCEPTED)
+                ).update(status=RA.REJECTED, http_status=result.http_status, error=result.error[:500])
+                if refused:
+                    return refund_transition(
+                        refund_id=refund_id,
+                        to=RS.FAILED,
+                        seen_status=RS.PROCESSING,
+                        reason=f"{attempt.channel} had no refund and refused it when resent ({result.error})",
+                        failure_code="refund_refused",
+                        failure_message=f"The provider refused the refund: {result.error}.",
+                    )
+    return None
 
 
 # --- Retention (SPEC 12): provider webhooks are history once their confirm ran. Charge attempts

@@ -1,4 +1,5 @@
-"""Gateway stages: charge an assigned order, confirm a provider's answer, poll a silent provider."""
+"""Gateway stages: charge an assigned order, confirm a provider's answer, poll a silent provider;
+and the same for refunds: send, confirm, poll."""
 
 from celery import shared_task
 from django.conf import settings
@@ -32,6 +33,28 @@ def confirm(message: dict) -> None:
 @stage_task(events.POLL)
 def poll(event: dict) -> None:
     services.order_poll(order_id=event["order_id"])
+
+
+@stage_task(events.REFUND)
+def refund(event: dict) -> None:
+    services.refund_send(refund_id=event["payload"]["refund_id"])
+
+
+@stage_task(events.REFUND_CONFIRM)
+def refund_confirm(message: dict) -> None:
+    services.refund_confirm(
+        idempotency_key=message["idempotency_key"],
+        status=message["status"],
+        failure_code=message.get("failure_code") or "",
+        source="provider webhook",
+        channel=message.get("channel"),
+        provider=message.get("provider"),
+    )
+
+
+@stage_task(events.REFUND_POLL)
+def refund_poll(event: dict) -> None:
+    services.refund_poll(refund_id=event["payload"]["refund_id"])
 
 
 @shared_task(name="gateway.prune_history")

@@ -18,9 +18,11 @@ logger = logging.getLogger(__name__)
 
 
 def _hand_off(event, provider: str) -> None:
+    # A refund's word goes to the refund's confirm stage, a charge's to the order's.
+    task = events.REFUND_CONFIRM if event.kind == "refund" else events.CONFIRM
     try:
         celery_app.send_task(
-            events.CONFIRM,
+            task,
             args=[
                 {
                     "order_id": event.order_id,
@@ -28,14 +30,14 @@ def _hand_off(event, provider: str) -> None:
                     "status": event.status,
                     "failure_code": event.failure_code,
                     "webhook_id": event.webhook_id,
-                    # The verified channel: confirm settles only that channel's charge.
+                    # The verified channel: confirm settles only that channel's charge or refund.
                     "channel": event.channel,
                     "provider": provider,
                     "provider_reference": event.provider_reference,
                 }
             ],
         )
-    except Exception as exc:  # broker down: the stored webhook stays, status polling settles the order
+    except Exception as exc:  # broker down: the stored webhook stays, status polling settles it
         logger.warning("webhook.handoff_failed", extra={"order_id": event.order_id, "error": repr(exc)})
 
 

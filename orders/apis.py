@@ -20,8 +20,11 @@ from orders.serializers import (
     OrderCreateSerializer,
     OrderListQuerySerializer,
     OrderSerializer,
+    RefundCreateSerializer,
+    RefundSerializer,
     TransitionSerializer,
     order_representation,
+    refund_representation,
 )
 
 ErrorSerializer = inline_serializer(
@@ -111,19 +114,27 @@ class OrderCursorPagination(CursorPagination):
         return Cursor(offset=offset, reverse=reverse == "1", position=position)
 
 
+IDEMPOTENCY_KEY_PARAMETER = OpenApiParameter(
+    "Idempotency-Key",
+    {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x20-\\x7E]+$"},
+    OpenApiParameter.HEADER,
+    required=True,
+    description="1 to 255 printable ASCII characters; the same key replays the first answer.",
+)
+
+
+def _created(result: services.CreateResult) -> Response:
+    response = Response(result.body, status=result.status)
+    if result.replayed:
+        response["Idempotent-Replayed"] = "true"
+    return response
+
+
 class OrderListCreateApi(APIView):
     @extend_schema(
         operation_id="orders_create",
         request=OrderCreateSerializer,
-        parameters=[
-            OpenApiParameter(
-                "Idempotency-Key",
-                {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x20-\\x7E]+$"},
-                OpenApiParameter.HEADER,
-                required=True,
-                description="1 to 255 printable ASCII characters; the same key replays the first answer.",
-            )
-        ],
+        parameters=[IDEMPOTENCY_KEY_PARAMETER],
         responses={201: OrderSerializer, **ERRORS},
     )
     def post(self, request):
@@ -144,10 +155,7 @@ class OrderListCreateApi(APIView):
             payment_method=data.get("payment_method"),
             request_id=getattr(request._request, "request_id", ""),
         )
-        response = Response(result.body, status=result.status)
-        if result.replayed:
-            response["Idempotent-Replayed"] = "true"
-        return response
+        return _created(result)
 
     @extend_schema(
         operation_id="orders_list",
@@ -179,16 +187,26 @@ class OrderListCreateApi(APIView):
         )
 
 
-def _order_or_404(request, order_id: str):
+def _is_uuid(value: str) -> bool:
     try:
-        uuid.UUID(order_id)
+        uuid.UUID(value)
     except ValueError:
-        order = None
-    else:
-        order = selectors.order_get(merchant=request.user, order_id=order_id)
+        return False
+    return True
+
+
+def _order_or_404(request, order_id: str):
+    order = selectors.order_get(merchant=request.user, order_id=order_id) if _is_uuid(order_id) else None
     if order is None:
         raise ApiError(status.HTTP_404_NOT_FOUND, "not_found", "No such order.")
     return order
+
+
+def _refund_or_404(request, refund_id: str):
+    refund = selectors.refund_get(merchant=request.user, refund_id=refund_id) if _is_uuid(refund_id) else None
+    if refund is None:
+        raise ApiError(status.HTTP_404_NOT_FOUND, "not_found", "No such refund.")
+    return refund
 
 
 class OrderDetailApi(APIView):
@@ -202,3 +220,52 @@ class OrderEventsApi(APIView):
     def get(self, request, order_id: str):
         order = _order_or_404(request, order_id)
         return Response(TransitionSerializer(selectors.order_transitions(order=order), many=True).data)
+
+
+class OrderRefundsApi(APIView):
+    @extend_schema(
+        operation_id="orders_refunds_create",
+        request=RefundCreateSerializer,
+        parameters=[IDEMPOTENCY_KEY_PARAMETER],
+        responses={201: RefundSerializer, **ERRORS},
+        description="Refund a paid order, in full (no amount) or in part (SPEC 10). Errors:"
+        " `amount_exceeds_refundable` (400), `order_not_refundable` (409), `not_found` (404).",
+    )
+    def post(self, request, order_id: str):
+        key = _idempotency_key(request)
+        if not _is_uuid(order_id):
+            raise ApiError(status.HTTP_404_NOT_FOUND, "not_found", "No such order.")
+        serializer = RefundCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        order_id = str(uuid.UUID(order_id))
+        result = services.refund_create(
+            merchant=request.user,
+            order_id=order_id,
+            idempotency_key=key,
+            fingerprint=services.refund_fingerprint(order_id=order_id, data=data),
+            amount=data.get("amount"),
+            reason=data.get("reason"),
+            reference=data.get("reference"),
+            metadata=data.get("metadata"),
+            request_id=getattr(request._request, "request_id", ""),
+        )
+        return _created(result)
+
+    @extend_schema(operation_id="orders_refunds_list", responses={200: RefundSerializer(many=True), **ERRORS})
+    def get(self, request, order_id: str):
+        order = _order_or_404(request, order_id)
+        return Response([refund_representation(r) for r in selectors.refunds_of_order(order=order)])
+
+
+class RefundDetailApi(APIView):
+    @extend_schema(operation_id="refunds_retrieve", responses={200: RefundSerializer, **ERRORS})
+    def get(self, request, refund_id: str):
+        return Response(refund_representation(_refund_or_404(request, refund_id)))
+
+
+class RefundEventsApi(APIView):
+    @extend_schema(operation_id="refunds_events", responses={200: TransitionSerializer(many=True), **ERRORS})
+    def get(self, request, refund_id: str):
+        refund = _refund_or_404(request, refund_id)
+        return Response(TransitionSerializer(selectors.refund_transitions(refund=refund), many=True).data)

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 ORDER_CREATED = "order-created"
 CHANNEL_ALLOCATED = "payment-channel-allocated"
 ORDER_UPDATED = "order-updated"
-TOPICS = (ORDER_CREATED, CHANNEL_ALLOCATED, ORDER_UPDATED)
+REFUND_CREATED = "refund-created"
+REFUND_UPDATED = "refund-updated"
+TOPICS = (ORDER_CREATED, CHANNEL_ALLOCATED, ORDER_UPDATED, REFUND_CREATED, REFUND_UPDATED)
 
 # The stage tasks, by their pinned names (queued messages carry these names: never rename one).
 ALLOCATE = "allocation.allocate"
@@ -20,6 +22,10 @@ CHARGE = "gateway.charge"
 CONFIRM = "gateway.confirm"
 POLL = "gateway.poll"
 CALLBACK = "callbacks.callback"
+REFUND = "gateway.refund"
+REFUND_CONFIRM = "gateway.refund_confirm"
+REFUND_POLL = "gateway.refund_poll"
+REFUND_CALLBACK = "callbacks.refund_callback"
 
 
 @dataclass(frozen=True)
@@ -38,10 +44,22 @@ def _processing_redelivered(payload: dict) -> bool:
     return payload.get("status") == "processing" and bool(payload.get("redelivery"))
 
 
+def _refund_settled(payload: dict) -> bool:
+    """A refund succeeded or failed: the client is told (SPEC 10)."""
+    return payload.get("status") in ("succeeded", "failed")
+
+
 SUBSCRIBERS: dict[str, tuple[Subscriber, ...]] = {
     ORDER_CREATED: (Subscriber(ALLOCATE),),
     CHANNEL_ALLOCATED: (Subscriber(CHARGE),),
     ORDER_UPDATED: (Subscriber(POLL, when=_processing_redelivered), Subscriber(CALLBACK, when=_settled)),
+    # A refund is sent when created, and again when the sweep finds it still pending (a 503's
+    # backoff, or a lost message); a processing one re-announced by the sweep is polled.
+    REFUND_CREATED: (Subscriber(REFUND),),
+    REFUND_UPDATED: (
+        Subscriber(REFUND_POLL, when=_processing_redelivered),
+        Subscriber(REFUND_CALLBACK, when=_refund_settled),
+    ),
 }
 
 # How the sweep moves an overdue order on, by status: the event whose subscribers act on it.
@@ -51,6 +69,15 @@ REANNOUNCE = {
     "processing": ORDER_UPDATED,
     "paid": ORDER_UPDATED,
     "failed": ORDER_UPDATED,
+}
+
+
+# The same for an overdue refund: pending is sent again, processing polled, settled ones called back.
+REFUND_REANNOUNCE = {
+    "pending": REFUND_CREATED,
+    "processing": REFUND_UPDATED,
+    "succeeded": REFUND_UPDATED,
+    "failed": REFUND_UPDATED,
 }
 
 

@@ -1,4 +1,4 @@
-"""Merchants, orders, their append-only transition log, the event outbox and idempotency keys."""
+"""Merchants, orders, refunds, their append-only transition logs, the event outbox, idempotency keys."""
 
 from django.db import models
 from django.db.models import Q
@@ -74,10 +74,24 @@ class Order(models.Model):
     # The UTC day whose volume of `channel` holds this order's reservation: a refusal gives
     # back exactly that reservation, even when the refusal arrives after midnight.
     reserved_on = models.DateField(null=True, blank=True)
+    # SPEC 10: the sum of the order's succeeded refunds, written with each refund's success.
+    amount_refunded = models.BigIntegerField(default=0, db_default=0)
+    # The sum of the order's refunds that have not failed (pending, processing, succeeded):
+    # taken under the order's row lock when a refund is created, given back when one fails.
+    # The CHECK below makes "never more than the amount" the database's rule, not ours alone.
+    refund_held = models.BigIntegerField(default=0, db_default=0)
 
     class Meta:
-        permissions = [("requery_provider", "Can re-query an order's charge status at the provider")]
+        permissions = [
+            ("requery_provider", "Can re-query an order's charge status at the provider"),
+        ]
         constraints = [
+            models.CheckConstraint(
+                condition=Q(amount_refunded__gte=0)
+                & Q(amount_refunded__lte=models.F("refund_held"))
+                & Q(refund_held__lte=models.F("amount")),
+                name="order_refunds_within_amount",
+            ),
             models.UniqueConstraint(
                 fields=["merchant", "reference"], name="order_reference_unique_per_merchant"
             ),
@@ -124,10 +138,82 @@ class OrderTransition(models.Model):
         return f"{self.from_status} -> {self.to_status}"
 
 
+class RefundStatus(models.TextChoices):
+    PENDING = "pending"
+    PROCESSING = "processing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class Refund(models.Model):
+    """A refund of (part of) a paid order (SPEC 10); its status is written by orders/transitions.py only."""
+
+    id = models.UUIDField(primary_key=True, default=uuid7, editable=False)
+    order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="refunds")
+    merchant = models.ForeignKey(Merchant, on_delete=models.PROTECT, related_name="refunds")
+    amount = models.BigIntegerField(help_text="In the currency's minor units.")
+    currency = models.CharField(max_length=3)
+    status = models.CharField(max_length=16, choices=RefundStatus.choices, default=RefundStatus.PENDING)
+    reason = models.CharField(max_length=500, null=True, blank=True)
+    reference = models.CharField(max_length=64, null=True, blank=True)
+    metadata = models.JSONField(default=dict, blank=True)
+    # The channel that charged the order: a refund goes there and nowhere else.
+    channel = models.CharField(max_length=64, null=True, blank=True)
+    failure_code = models.CharField(max_length=64, null=True, blank=True)
+    failure_message = models.CharField(max_length=500, null=True, blank=True)
+    request_id = models.CharField(max_length=64, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    # As on orders: when the sweep should look at this refund next (send again, poll, callback).
+    next_check_at = models.DateTimeField(null=True, blank=True)
+    check_count = models.PositiveSmallIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["merchant", "reference"],
+                condition=Q(reference__isnull=False),
+                name="refund_reference_unique_per_merchant",
+            ),
+            models.CheckConstraint(condition=Q(amount__gte=1), name="refund_amount_positive"),
+        ]
+        indexes = [
+            models.Index(fields=["order", "created_at", "id"], name="refund_order"),
+            models.Index(
+                fields=["next_check_at"], name="refund_due_check", condition=Q(next_check_at__isnull=False)
+            ),
+            models.Index(fields=["status", "created_at"], name="refund_status_created"),
+            models.Index(fields=["created_at"], name="refund_created"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.id} {self.amount} {self.currency} ({self.status})"
+
+
+class RefundTransition(models.Model):
+    """Append-only like OrderTransition: a database trigger refuses UPDATE and DELETE."""
+
+    refund = models.ForeignKey(Refund, on_delete=models.PROTECT, related_name="transitions")
+    from_status = models.CharField(max_length=16, null=True, blank=True)
+    to_status = models.CharField(max_length=16)
+    reason = models.CharField(max_length=200)
+    channel = models.CharField(max_length=64, null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["refund", "id"], name="refund_transition_refund")]
+
+    def __str__(self) -> str:
+        return f"{self.from_status} -> {self.to_status}"
+
+
 class IgnoredSignal(models.Model):
-    """A late or duplicate signal that would have moved an order backwards, kept for operators."""
+    """A late or duplicate signal that would have moved an order (or a refund) backwards."""
 
     order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="ignored_signals")
+    refund = models.ForeignKey(
+        Refund, on_delete=models.PROTECT, related_name="ignored_signals", null=True, blank=True
+    )
     status_at_signal = models.CharField(max_length=16)
     requested_status = models.CharField(max_length=16)
     reason = models.CharField(max_length=200)

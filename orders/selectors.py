@@ -4,10 +4,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.db import connection
-from django.db.models import Count, QuerySet
+from django.db.models import Count, QuerySet, Sum
 from django.db.models.functions import TruncMinute
 
-from orders.models import Merchant, Order, OrderStatus, OrderTransition, OutboxEvent
+from orders.models import Merchant, Order, OrderStatus, OrderTransition, OutboxEvent, Refund, RefundTransition
 
 
 def order_list(*, merchant: Merchant, filters: dict) -> QuerySet[Order]:
@@ -44,6 +44,29 @@ def order_get(*, merchant: Merchant, order_id) -> Order | None:
 
 def order_transitions(*, order: Order) -> QuerySet[OrderTransition]:
     return OrderTransition.objects.filter(order=order).order_by("id")
+
+
+def refunds_of_order(*, order: Order) -> QuerySet[Refund]:
+    """The order's refunds, oldest first (the refund_order index)."""
+    return Refund.objects.filter(order=order).order_by("created_at", "id")
+
+
+def refund_fields(*, refund_id, fields: tuple[str, ...]) -> Refund | None:
+    """The refund with only `fields` loaded: how other apps' stages read a refund row."""
+    return Refund.objects.filter(pk=refund_id).only(*fields).first()
+
+
+def refund_by_id(*, refund_id) -> Refund | None:
+    """The whole refund row, whoever's it is (stages and the console, not the merchant API)."""
+    return Refund.objects.filter(pk=refund_id).first()
+
+
+def refund_get(*, merchant: Merchant, refund_id) -> Refund | None:
+    return Refund.objects.filter(merchant=merchant, pk=refund_id).first()
+
+
+def refund_transitions(*, refund: Refund) -> QuerySet[RefundTransition]:
+    return RefundTransition.objects.filter(refund=refund).order_by("id")
 
 
 # --- operators' console (admin, dashboard) -----------------------------------------------------
@@ -158,6 +181,23 @@ def orders_stuck(*, overdue_before: datetime, limit: int = 50) -> list[StuckOrde
     ]
     result += [StuckOrder(order, "its next check is overdue: is beat running?") for order in overdue]
     return result[:limit]
+
+
+def refunds_by_status() -> dict[str, int]:
+    """Refunds by status (the refund_status_created index; refunds are far fewer than orders)."""
+    rows = Refund.objects.values_list("status").annotate(n=Count("id")).order_by()
+    return {status: n for status, n in rows}
+
+
+def refunded_by_currency() -> dict[str, int]:
+    """The amounts of succeeded refunds, summed per currency, in minor units."""
+    rows = (
+        Refund.objects.filter(status="succeeded")
+        .values_list("currency")
+        .annotate(total=Sum("amount"))
+        .order_by()
+    )
+    return {currency: int(total) for currency, total in rows}
 
 
 def outbox_backlog() -> int:

@@ -1,4 +1,4 @@
-"""Order API input validation and the order representation (SPEC 3)."""
+"""Order and refund API input validation and their representations (SPEC 3, 10)."""
 
 import functools
 import json
@@ -9,7 +9,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from orders import payment_methods
-from orders.models import Order, OrderStatus, Outcome
+from orders.models import Order, OrderStatus, Outcome, Refund
 
 MAX_AMOUNT = 10**12
 MAX_METADATA_KEYS = 20
@@ -107,7 +107,39 @@ def _printable(value: str) -> None:
         raise serializers.ValidationError("Must not contain control characters.")
 
 
-class OrderCreateSerializer(serializers.Serializer):
+def _metadata_checked(value: dict) -> dict:
+    if len(value) > MAX_METADATA_KEYS:
+        raise serializers.ValidationError(f"At most {MAX_METADATA_KEYS} keys.")
+    for key in value:
+        # Keys skip the child field's checks: a NUL or a lone surrogate would reach PostgreSQL.
+        if not 1 <= len(key) <= MAX_METADATA_KEY_LENGTH or not key.isprintable():
+            raise serializers.ValidationError(
+                f"Keys must be 1 to {MAX_METADATA_KEY_LENGTH} printable characters."
+            )
+    if len(json.dumps(value, ensure_ascii=False).encode()) > MAX_METADATA_BYTES:
+        raise serializers.ValidationError(f"At most {MAX_METADATA_BYTES} bytes in all.")
+    return value
+
+
+def _reference_checked(value: str) -> str:
+    if not value.strip():
+        raise serializers.ValidationError("Must not be blank.")
+    return value
+
+
+class ClosedSerializer(serializers.Serializer):
+    """A JSON object body whose unknown fields are refused (SPEC 3), named in `fields`."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, dict):
+            raise serializers.ValidationError({"non_field_errors": ["The body must be a JSON object."]})
+        unknown = sorted(set(data) - set(self.fields))
+        if unknown:
+            raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
+        return super().to_internal_value(data)
+
+
+class OrderCreateSerializer(ClosedSerializer):
     amount = StrictIntegerField()
     currency = CurrencyField(max_length=3, min_length=3, trim_whitespace=False)
     reference = StrictCharField(max_length=64, min_length=1, trim_whitespace=False, validators=[_printable])
@@ -118,14 +150,6 @@ class OrderCreateSerializer(serializers.Serializer):
         max_length=payment_methods.MAX_LENGTH, required=False, allow_blank=False, trim_whitespace=False
     )
 
-    def to_internal_value(self, data):
-        if not isinstance(data, dict):
-            raise serializers.ValidationError({"non_field_errors": ["The body must be a JSON object."]})
-        unknown = sorted(set(data) - set(self.fields))
-        if unknown:
-            raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
-        return super().to_internal_value(data)
-
     def validate_currency(self, value: str) -> str:
         code = value.upper()
         if not code.isalpha() or pycountry.currencies.get(alpha_3=code) is None:
@@ -133,9 +157,7 @@ class OrderCreateSerializer(serializers.Serializer):
         return code
 
     def validate_reference(self, value: str) -> str:
-        if not value.strip():
-            raise serializers.ValidationError("Must not be blank.")
-        return value
+        return _reference_checked(value)
 
     def validate_payment_method(self, value: str) -> str:
         if not payment_methods.is_valid(value):
@@ -154,17 +176,24 @@ class OrderCreateSerializer(serializers.Serializer):
         return value
 
     def validate_metadata(self, value: dict) -> dict:
-        if len(value) > MAX_METADATA_KEYS:
-            raise serializers.ValidationError(f"At most {MAX_METADATA_KEYS} keys.")
-        for key in value:
-            # Keys skip the child field's checks: a NUL or a lone surrogate would reach PostgreSQL.
-            if not 1 <= len(key) <= MAX_METADATA_KEY_LENGTH or not key.isprintable():
-                raise serializers.ValidationError(
-                    f"Keys must be 1 to {MAX_METADATA_KEY_LENGTH} printable characters."
-                )
-        if len(json.dumps(value, ensure_ascii=False).encode()) > MAX_METADATA_BYTES:
-            raise serializers.ValidationError(f"At most {MAX_METADATA_BYTES} bytes in all.")
-        return value
+        return _metadata_checked(value)
+
+
+class RefundCreateSerializer(ClosedSerializer):
+    """SPEC 10: every field optional; no amount means everything still refundable."""
+
+    amount = StrictIntegerField(required=False)
+    reason = StrictCharField(max_length=500, required=False, allow_blank=True, trim_whitespace=False)
+    reference = StrictCharField(
+        max_length=64, min_length=1, required=False, trim_whitespace=False, validators=[_printable]
+    )
+    metadata = MetadataField(child=StrictCharField(allow_blank=True, trim_whitespace=False), required=False)
+
+    def validate_reference(self, value: str) -> str:
+        return _reference_checked(value)
+
+    def validate_metadata(self, value: dict) -> dict:
+        return _metadata_checked(value)
 
 
 class OrderCreateSchema(OpenApiSerializerExtension):
@@ -175,6 +204,10 @@ class OrderCreateSchema(OpenApiSerializerExtension):
     def map_serializer(self, auto_schema, direction):
         schema = auto_schema._map_serializer(self.target, direction, bypass_extensions=True)
         return {**schema, "additionalProperties": False}
+
+
+class RefundCreateSchema(OrderCreateSchema):
+    target_class = RefundCreateSerializer
 
 
 class OrderSerializer(serializers.ModelSerializer):
@@ -195,11 +228,44 @@ class OrderSerializer(serializers.ModelSerializer):
             "metadata",
             "payment_method",
             "provider_reference",
+            "amount_refunded",
             "created_at",
             "updated_at",
             "completed_at",
         )
         read_only_fields = fields
+
+
+class RefundSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Refund
+        fields = (
+            "id",
+            "order_id",
+            "amount",
+            "currency",
+            "status",
+            "reason",
+            "reference",
+            "metadata",
+            "failure_code",
+            "failure_message",
+            "created_at",
+            "updated_at",
+        )
+        read_only_fields = fields
+
+    order_id = serializers.UUIDField(read_only=True)
+
+
+@functools.cache
+def _refund_serializer() -> RefundSerializer:
+    return RefundSerializer()
+
+
+def refund_representation(refund: Refund) -> dict:
+    """The refund object of the API (SPEC 10): the create answer, the reads and callback bodies."""
+    return _refund_serializer().to_representation(refund)
 
 
 @functools.cache

@@ -1,4 +1,4 @@
-"""Writes of the orders service: merchants, order creation with idempotency, sweeps, pruning."""
+"""Writes of the orders service: merchants, order and refund creation with idempotency, sweeps, pruning."""
 
 import base64
 import hashlib
@@ -6,6 +6,7 @@ import hmac
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -14,14 +15,14 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from core import crypto, metrics
-from core.errors import Conflict, InvalidRequest, Unprocessable
+from core.errors import Conflict, InvalidRequest, NotFound, Unprocessable
 from core.retention import delete_in_batches
 from core.urlsafety import UnsafeUrl, callback_url_check
 from orders import events, payment_methods
-from orders.models import IdempotencyKey, Merchant, Order, OrderStatus
+from orders.models import IdempotencyKey, Merchant, Order, OrderStatus, Outcome, Refund, RefundStatus
 from orders.outbox import event_emit
-from orders.serializers import order_representation
-from orders.transitions import order_insert
+from orders.serializers import order_representation, refund_representation
+from orders.transitions import order_insert, refund_insert
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +193,44 @@ def _release_claim(claim: _Claim) -> None:
     ).delete()
 
 
+def _idempotent(
+    *, merchant: Merchant, idempotency_key: str, fingerprint: str, create: Callable[[_Claim], CreateResult]
+) -> CreateResult:
+    """Run `create` once per Idempotency-Key (SPEC 3, 10: orders and refunds share this); replay
+    its stored answer afterwards.
+
+    `fingerprint` identifies the request the key was sent with: the same key with another
+    fingerprint is refused. `create` gets the claim and stores its answer under the claim's key in
+    the transaction that creates the thing; if it raises, the key is released for a retry.
+    """
+    claim = _claim_key(merchant=merchant, key=idempotency_key, fingerprint=fingerprint)
+    if claim is None:
+        existing = IdempotencyKey.objects.filter(merchant=merchant, key=idempotency_key).first()
+        if existing is None:  # pruned or released between the two statements: try once more
+            claim = _claim_key(merchant=merchant, key=idempotency_key, fingerprint=fingerprint)
+            if claim is None:
+                raise Conflict("idempotency_key_in_use", "A request with this Idempotency-Key is in flight.")
+        elif existing.request_hash != fingerprint:
+            raise Unprocessable(
+                "idempotency_key_reused",
+                "This Idempotency-Key was used with a different request body.",
+            )
+        elif existing.state == IdempotencyKey.State.DONE:
+            return CreateResult(existing.response_status, existing.response_body, True)
+        else:
+            # A request that died mid-flight left its key in flight: the first retry after the
+            # timeout takes it over (the dead request's transaction never committed anything).
+            claim = _take_over_stale_key(key_id=existing.pk)
+            if claim is None:
+                raise Conflict("idempotency_key_in_use", "A request with this Idempotency-Key is in flight.")
+    try:
+        return create(claim)
+    except BaseException:
+        # Let the client retry with the same key: nothing was created.
+        _release_claim(claim)
+        raise
+
+
 def order_create(
     *,
     merchant: Merchant,
@@ -212,70 +251,139 @@ def order_create(
     body): the same key with another fingerprint is refused.
     """
     callback_url_validate(callback_url)
-    claim = _claim_key(merchant=merchant, key=idempotency_key, fingerprint=fingerprint)
-    if claim is None:
-        existing = IdempotencyKey.objects.filter(merchant=merchant, key=idempotency_key).first()
-        if existing is None:  # pruned or released between the two statements: try once more
-            claim = _claim_key(merchant=merchant, key=idempotency_key, fingerprint=fingerprint)
-            if claim is None:
-                raise Conflict("idempotency_key_in_use", "A request with this Idempotency-Key is in flight.")
-        elif existing.request_hash != fingerprint:
-            raise Unprocessable(
-                "idempotency_key_reused",
-                "This Idempotency-Key was used with a different request body.",
-            )
-        elif existing.state == IdempotencyKey.State.DONE:
-            return CreateResult(existing.response_status, existing.response_body, True)
-        else:
-            # A request that died mid-flight left its key in flight: the first retry after the
-            # timeout takes it over (the dead request's transaction never committed an order).
-            claim = _take_over_stale_key(key_id=existing.pk)
-            if claim is None:
-                raise Conflict("idempotency_key_in_use", "A request with this Idempotency-Key is in flight.")
-    now = timezone.now()
-    order = Order(
-        merchant=merchant,
-        reference=reference,
-        amount=amount,
-        currency=currency,
-        description=description,
-        metadata=metadata or {},
-        payment_method=payment_method or None,
-        callback_url=callback_url or merchant.callback_url,
-        status=OrderStatus.PENDING,
-        request_id=request_id,
-        created_at=now,
-        updated_at=now,
-        next_check_at=now + timedelta(seconds=settings.STAGE_TIMEOUT_SECONDS["pending"]),
+
+    def create(claim: _Claim) -> CreateResult:
+        now = timezone.now()
+        order = Order(
+            merchant=merchant,
+            reference=reference,
+            amount=amount,
+            currency=currency,
+            description=description,
+            metadata=metadata or {},
+            payment_method=payment_method or None,
+            callback_url=callback_url or merchant.callback_url,
+            status=OrderStatus.PENDING,
+            request_id=request_id,
+            created_at=now,
+            updated_at=now,
+            next_check_at=now + timedelta(seconds=settings.STAGE_TIMEOUT_SECONDS["pending"]),
+        )
+        body = json.loads(json.dumps(order_representation(order), default=str))
+        try:
+            with transaction.atomic():
+                order_insert(order=order, answer_key_id=claim.key_id, answer=body)
+        except IntegrityError as exc:
+            if "order_reference_unique_per_merchant" in str(exc):
+                raise Conflict(
+                    "duplicate_reference",
+                    "An order with this reference already exists.",
+                    {"reference": ["Already used by another order."]},
+                ) from exc
+            raise
+        logger.info(
+            "order.created",
+            extra={
+                "order_id": str(order.id),
+                "merchant": str(merchant.id),
+                "amount": order.amount,
+                "payment_method": payment_methods.mask(order.payment_method),
+            },
+        )
+        metrics.ORDERS_CREATED.inc()
+        return CreateResult(201, body, False)
+
+    return _idempotent(
+        merchant=merchant, idempotency_key=idempotency_key, fingerprint=fingerprint, create=create
     )
-    body = json.loads(json.dumps(order_representation(order), default=str))
-    try:
-        with transaction.atomic():
-            order_insert(order=order, answer_key_id=claim.key_id, answer=body)
-    except IntegrityError as exc:
-        _release_claim(claim)
-        if "order_reference_unique_per_merchant" in str(exc):
-            raise Conflict(
-                "duplicate_reference",
-                "An order with this reference already exists.",
-                {"reference": ["Already used by another order."]},
-            ) from exc
-        raise
-    except BaseException:
-        # Let the client retry with the same key: nothing was created.
-        _release_claim(claim)
-        raise
-    logger.info(
-        "order.created",
-        extra={
-            "order_id": str(order.id),
-            "merchant": str(merchant.id),
-            "amount": order.amount,
-            "payment_method": payment_methods.mask(order.payment_method),
-        },
+
+
+def refund_fingerprint(*, order_id, data: dict) -> str:
+    """A refund request's fingerprint: the order is part of it (the same body for another order is
+    another request), and so is the operation (an order's key is never a refund's)."""
+    return request_fingerprint({"refund_of_order": str(order_id), **data})
+
+
+_ORDER_FOR_REFUND_SQL = (
+    "SELECT amount, currency, outcome, channel, refund_held FROM orders_order"
+    " WHERE id = %s AND merchant_id = %s FOR UPDATE"
+)
+_HOLD_SQL = "UPDATE orders_order SET refund_held = refund_held + %s WHERE id = %s"
+
+
+def refund_create(
+    *,
+    merchant: Merchant,
+    order_id,
+    idempotency_key: str,
+    fingerprint: str,
+    amount: int | None = None,
+    reason: str | None = None,
+    reference: str | None = None,
+    metadata: dict | None = None,
+    request_id: str = "",
+) -> CreateResult:
+    """Create a refund of a paid order once per Idempotency-Key (SPEC 10); `amount` None: all
+    that is still refundable.
+
+    The order's row is locked (SELECT ... FOR UPDATE) while what is left to refund is read and the
+    refund's amount is taken into `refund_held`, so concurrent requests are counted one after
+    another; the CHECK on the order (refund_held <= amount) refuses anything that slipped past.
+    """
+
+    def create(claim: _Claim) -> CreateResult:
+        try:
+            with transaction.atomic():
+                with connection.cursor() as cursor:
+                    cursor.execute(_ORDER_FOR_REFUND_SQL, [order_id, merchant.pk])
+                    row = cursor.fetchone()
+                if row is None:
+                    raise NotFound("not_found", "No such order.")
+                order_amount, currency, outcome, channel, held = row
+                if outcome != Outcome.PAID:
+                    raise Conflict("order_not_refundable", "Only a paid order can be refunded.")
+                left = order_amount - held
+                wanted = left if amount is None else amount
+                if left <= 0 or wanted > left:
+                    message = f"At most {left} is still refundable."
+                    raise InvalidRequest("amount_exceeds_refundable", message, {"amount": [message]})
+                now = timezone.now()
+                refund = Refund(
+                    order_id=order_id,
+                    merchant=merchant,
+                    amount=wanted,
+                    currency=currency,
+                    status=RefundStatus.PENDING,
+                    reason=reason,
+                    reference=reference,
+                    metadata=metadata or {},
+                    channel=channel,
+                    request_id=request_id,
+                    created_at=now,
+                    updated_at=now,
+                )
+                body = json.loads(json.dumps(refund_representation(refund), default=str))
+                with connection.cursor() as cursor:
+                    cursor.execute(_HOLD_SQL, [wanted, order_id])
+                refund_insert(refund=refund, answer_key_id=claim.key_id, answer=body)
+        except IntegrityError as exc:
+            if "refund_reference_unique_per_merchant" in str(exc):
+                raise Conflict(
+                    "duplicate_reference",
+                    "A refund with this reference already exists.",
+                    {"reference": ["Already used by another refund."]},
+                ) from exc
+            raise
+        logger.info(
+            "refund.created",
+            extra={"order_id": str(order_id), "refund_id": str(refund.id), "amount": refund.amount},
+        )
+        metrics.REFUNDS_CREATED.inc()
+        return CreateResult(201, body, False)
+
+    return _idempotent(
+        merchant=merchant, idempotency_key=idempotency_key, fingerprint=fingerprint, create=create
     )
-    metrics.ORDERS_CREATED.inc()
-    return CreateResult(201, body, False)
 
 
 def order_provider_reference_set(*, order_id, reference: str) -> bool:
@@ -301,7 +409,6 @@ def idempotency_keys_prune(*, older_than_hours: int) -> int:
     return deleted
 
 
-MAX_SWEEP_BACKOFF_SECONDS = 3600.0
 MAX_SWEEP_CHECKS = 30
 
 
@@ -334,7 +441,7 @@ def orders_sweep(*, batch: int) -> int:
                 if order.status == OrderStatus.PROCESSING
                 else settings.STAGE_TIMEOUT_SECONDS[order.status]
             )
-            delay = min(base * (2 ** min(order.check_count, 16)), MAX_SWEEP_BACKOFF_SECONDS)
+            delay = min(base * (2 ** min(order.check_count, 16)), settings.SWEEP_MAX_BACKOFF_SECONDS)
             Order.objects.filter(pk=order.pk).update(
                 next_check_at=now + timedelta(seconds=delay), check_count=order.check_count + 1
             )
@@ -351,6 +458,76 @@ def orders_sweep(*, batch: int) -> int:
     if stuck:
         logger.info("orders.swept", extra={"count": len(stuck)})
     return len(stuck)
+
+
+# --- refunds: due times (SPEC 9: waiting is stored on the row, swept by beat) ---------------------------
+
+
+def refunds_sweep(*, batch: int) -> int:
+    """Re-announce refunds whose stage is overdue; each subscriber is idempotent.
+
+    Reads through the partial index on next_check_at, so settled refunds cost nothing.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        due = list(
+            Refund.objects.select_for_update(skip_locked=True)
+            .filter(next_check_at__lte=now)
+            .order_by("next_check_at")
+            .only("id", "order_id", "status", "channel", "check_count")[:batch]
+        )
+        for refund in due:
+            processing = refund.status == RefundStatus.PROCESSING
+            limit = settings.POLL_MAX_COUNT if processing else MAX_SWEEP_CHECKS
+            if refund.check_count >= limit:
+                Refund.objects.filter(pk=refund.pk).update(next_check_at=None)
+                logger.warning(
+                    "refund.sweep_gave_up",
+                    extra={
+                        "order_id": str(refund.order_id),
+                        "refund_id": str(refund.pk),
+                        "status": refund.status,
+                    },
+                )
+                continue
+            stage = {RefundStatus.PENDING: "pending", RefundStatus.PROCESSING: "processing"}.get(
+                refund.status, "paid"
+            )
+            base = settings.POLL_INTERVAL_SECONDS if processing else settings.STAGE_TIMEOUT_SECONDS[stage]
+            delay = min(base * (2 ** min(refund.check_count, 16)), settings.SWEEP_MAX_BACKOFF_SECONDS)
+            Refund.objects.filter(pk=refund.pk).update(
+                next_check_at=now + timedelta(seconds=delay), check_count=refund.check_count + 1
+            )
+            event_emit(
+                topic=events.REFUND_REANNOUNCE[refund.status],
+                order_id=refund.order_id,
+                payload={
+                    "order_id": str(refund.order_id),
+                    "refund_id": str(refund.pk),
+                    "status": refund.status,
+                    "channel": refund.channel,
+                    "redelivery": True,
+                },
+            )
+    if due:
+        logger.info("refunds.swept", extra={"count": len(due)})
+    return len(due)
+
+
+def refund_retry_later(*, refund_id, seconds: float) -> bool:
+    """A pending refund the provider asked us to send again later: due then (not a countdown)."""
+    return bool(
+        Refund.objects.filter(pk=refund_id, status=RefundStatus.PENDING).update(
+            next_check_at=timezone.now() + timedelta(seconds=seconds)
+        )
+    )
+
+
+def refund_callback_scheduled(*, refund_id) -> None:
+    """The refund's callback has its delivery row: its own schedule takes over from the sweep."""
+    Refund.objects.filter(pk=refund_id, status__in=(RefundStatus.SUCCEEDED, RefundStatus.FAILED)).update(
+        next_check_at=None
+    )
 
 
 # --- Retention (SPEC 12): history-only rows of the orders service. Orders and transitions stay.

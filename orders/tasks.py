@@ -19,6 +19,11 @@ def sweep_orders() -> int:
     return services.orders_sweep(batch=settings.SWEEP_BATCH)
 
 
+@shared_task(name="orders.sweep_refunds")
+def sweep_refunds() -> int:
+    return services.refunds_sweep(batch=settings.SWEEP_BATCH)
+
+
 @shared_task(name="orders.prune_idempotency_keys")
 def prune_idempotency_keys() -> int:
     return services.idempotency_keys_prune(older_than_hours=settings.IDEMPOTENCY_KEY_TTL_HOURS)

@@ -4,7 +4,7 @@ provider), and the helpers the gateway's tests build orders with."""
 import threading
 
 from gateway.providers import base
-from gateway.providers.base import ChargeOutcome, ChargeResult, StatusResult
+from gateway.providers.base import ChargeOutcome, ChargeResult, RefundResult, StatusResult
 from orders.models import Order, OrderTransition
 from orders.transitions import order_transition
 from tests.factories import OrderFactory
@@ -21,6 +21,12 @@ class StubProvider(base.ProviderAdapter):
         self.charges: set[str] = set()
         self.answers: dict[str, ChargeOutcome] = {}
         self.status = "pending"
+        # Refunds: (channel, key) of every request; the keys refunded; the answers to give, in
+        # order (then ACCEPTED); what a refund status query says.
+        self.refund_calls: list[tuple[str, str]] = []
+        self.refunds: set[str] = set()
+        self.refund_answers: list[RefundResult] = []
+        self.refund_status = "pending"
 
     def charge(self, *, channel, request):
         with self.lock:
@@ -37,6 +43,22 @@ class StubProvider(base.ProviderAdapter):
 
     def parse_webhook(self, *, body, headers):
         raise base.InvalidWebhook("stub has no webhooks")
+
+    def refund(self, *, channel, request):
+        with self.lock:
+            self.refund_calls.append((channel.code, request.idempotency_key))
+            answer = self.refund_answers.pop(0) if self.refund_answers else None
+            answer = answer or RefundResult(
+                ChargeOutcome.ACCEPTED, provider_reference="re_1", http_status=201
+            )
+            if answer.outcome != ChargeOutcome.REJECTED:
+                self.refunds.add(request.idempotency_key)
+        return answer
+
+    def fetch_refund_status(self, *, channel, idempotency_key):
+        if idempotency_key not in self.refunds:
+            return StatusResult("not_found")
+        return StatusResult(self.refund_status)
 
 
 def assigned_order(channel_code: str = "stub-1") -> Order:

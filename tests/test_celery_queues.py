@@ -10,10 +10,15 @@ EXPECTED = {
     "gateway.charge": "gateway",
     "gateway.confirm": "gateway",
     "gateway.poll": "gateway",
+    "gateway.refund": "gateway",
+    "gateway.refund_confirm": "gateway",
+    "gateway.refund_poll": "gateway",
     "callbacks.callback": "callbacks",
+    "callbacks.refund_callback": "callbacks",
     "callbacks.sweep_deliveries": "callbacks",
     "orders.relay_outbox": "orders",
     "orders.sweep_orders": "orders",
+    "orders.sweep_refunds": "orders",
     "orders.prune_idempotency_keys": "orders",
     # retention (SPEC 12): one beat entry on orders, each service prunes its own tables
     "orders.prune_history": "orders",
@@ -55,3 +60,15 @@ def test_subscriptions_wire_the_pipeline():
         "gateway.poll"
     ]
     assert events.subscribers_for(events.ORDER_UPDATED, {"status": "completed"}) == []
+
+
+def test_subscriptions_wire_the_refund_pipeline():
+    assert events.subscribers_for(events.REFUND_CREATED, {"status": "pending"}) == ["gateway.refund"]
+    assert events.subscribers_for(events.REFUND_UPDATED, {"status": "processing"}) == []
+    assert events.subscribers_for(events.REFUND_UPDATED, {"status": "processing", "redelivery": True}) == [
+        "gateway.refund_poll"
+    ]
+    for status in ("succeeded", "failed"):
+        assert events.subscribers_for(events.REFUND_UPDATED, {"status": status}) == [
+            "callbacks.refund_callback"
+        ]

@@ -180,6 +180,7 @@ CELERY_BEAT_SCHEDULE = {
     "outbox-relay": {"task": "orders.relay_outbox", "schedule": BEAT_INTERVAL_SECONDS},
     "sweep-orders": {"task": "orders.sweep_orders", "schedule": BEAT_INTERVAL_SECONDS},
     "sweep-callbacks": {"task": "callbacks.sweep_deliveries", "schedule": BEAT_INTERVAL_SECONDS},
+    "sweep-refunds": {"task": "orders.sweep_refunds", "schedule": BEAT_INTERVAL_SECONDS},
     "prune-idempotency-keys": {"task": "orders.prune_idempotency_keys", "schedule": 3600.0},
     # Retention (SPEC 12): one entry; orders.prune_history asks the other services in turn.
     "prune-history": {
@@ -213,6 +214,8 @@ STAGE_TIMEOUT_SECONDS = {
 }
 POLL_INTERVAL_SECONDS = env.float("POLL_INTERVAL_SECONDS", default=180.0)
 POLL_MAX_COUNT = env.int("POLL_MAX_COUNT", default=20)
+# The sweep's backoff doubles per re-announcement of the same order, up to this many seconds.
+SWEEP_MAX_BACKOFF_SECONDS = env.float("SWEEP_MAX_BACKOFF_SECONDS", default=3600.0)
 IDEMPOTENCY_KEY_TTL_HOURS = env.int("IDEMPOTENCY_KEY_TTL_HOURS", default=48)
 # An in-flight idempotency key older than this belongs to a request that died.
 IDEMPOTENCY_IN_FLIGHT_TIMEOUT_SECONDS = env.float("IDEMPOTENCY_IN_FLIGHT_TIMEOUT_SECONDS", default=60.0)
@@ -233,6 +236,12 @@ CIRCUIT_FAILURE_THRESHOLD = env.int("CIRCUIT_FAILURE_THRESHOLD", default=10)
 CIRCUIT_FAILURE_RATIO = env.float("CIRCUIT_FAILURE_RATIO", default=0.5)
 CIRCUIT_WINDOW_SECONDS = env.int("CIRCUIT_WINDOW_SECONDS", default=60)
 CIRCUIT_COOLDOWN_SECONDS = env.int("CIRCUIT_COOLDOWN_SECONDS", default=30)
+# A refund the provider refused as unavailable (nothing refunded) is sent again on the same channel
+# after REFUND_RETRY_SECONDS, doubling up to REFUND_RETRY_MAX_SECONDS, at most REFUND_MAX_SENDS
+# times; then it fails with channel_unavailable (nothing was refunded).
+REFUND_RETRY_SECONDS = env.float("REFUND_RETRY_SECONDS", default=5.0)
+REFUND_RETRY_MAX_SECONDS = env.float("REFUND_RETRY_MAX_SECONDS", default=600.0)
+REFUND_MAX_SENDS = env.int("REFUND_MAX_SENDS", default=12)
 # How long an order whose only fitting channels are cooling down waits for them (from its
 # creation) before it fails with channel_unavailable.
 CHANNEL_WAIT_SECONDS = env.float("CHANNEL_WAIT_SECONDS", default=300.0)

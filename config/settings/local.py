@@ -21,5 +21,6 @@ STAGE_TIMEOUT_SECONDS = {
     "failed": env.float("CALLBACK_GRACE_SECONDS", default=5.0),
 }
 POLL_INTERVAL_SECONDS = env.float("POLL_INTERVAL_SECONDS", default=2.0)
+REFUND_RETRY_SECONDS = env.float("REFUND_RETRY_SECONDS", default=0.5)
 GATEWAY_READ_TIMEOUT = env.float("GATEWAY_READ_TIMEOUT", default=2.0)
 CALLBACK_RETRY_SCHEDULE = env.list("CALLBACK_RETRY_SCHEDULE", cast=float, default=[1, 2, 4, 8, 15, 30])

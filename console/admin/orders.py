@@ -11,18 +11,20 @@ and the search answered by an index.
 """
 
 import json
+import uuid
 from collections import Counter
 
 from django import forms
 from django.contrib import admin, messages
 from django.db.models import Q
 from django.http import HttpResponseRedirect
-from django.urls import reverse
+from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
 from callbacks.models import CallbackDelivery
 from callbacks.selectors import callback_attempts_for_order
 from callbacks.services import callback_resend_for_order
+from console.admin.refunds import REFUND_PERMISSION, RefundInline, order_refund_view
 from console.adminkit import (
     ChannelFilter,
     EstimatedCountPaginator,
@@ -166,7 +168,13 @@ class OrderAdmin(ReadOnlyAdmin):
     search_fields = ("=id",)  # shows the box; get_search_results does the work
     search_help_text = "Exact order id, reference or provider reference."
     actions = ("resend_callback", "requery_provider")
-    inlines = (TransitionInline, ChargeAttemptInline, CallbackDeliveryInline, IgnoredSignalInline)
+    inlines = (
+        TransitionInline,
+        ChargeAttemptInline,
+        RefundInline,
+        CallbackDeliveryInline,
+        IgnoredSignalInline,
+    )
     readonly_fields = (
         "amount_display",
         "status_display",
@@ -179,11 +187,25 @@ class OrderAdmin(ReadOnlyAdmin):
         "next_check",
     )
 
+    def get_urls(self):
+        refund = self.admin_site.admin_view(
+            lambda request, object_id: order_refund_view(self, request, object_id)
+        )
+        return [path("<path:object_id>/refund/", refund, name="orders_order_refund"), *super().get_urls()]
+
     def get_fieldsets(self, request, obj=None):
         order = (
-            "id", "merchant", "reference", "amount_display", "status_display", "outcome", "channel",
-            "payment_method_display", "provider_reference",
-        )  # fmt: skip
+            "id",
+            "merchant",
+            "reference",
+            "amount_display",
+            "amount_refunded",
+            "status_display",
+            "outcome",
+            "channel",
+            "payment_method_display",
+            "provider_reference",
+        )
         timeline = ("created", "updated", "completed", "next_check", "check_count", "request_id")
         fieldsets = [(None, {"fields": order})]
         if obj is not None and (obj.failure_code or obj.failure_message):
@@ -289,6 +311,9 @@ class OrderAdmin(ReadOnlyAdmin):
             **(extra_context or {}),
             "can_resend_callback": self.has_resend_callback_permission(request),
             "can_requery_provider": self.has_requery_provider_permission(request),
+            "can_refund": request.user.has_perm(REFUND_PERMISSION),
+            # The refund form's Idempotency-Key, fresh with every drawing of the page.
+            "refund_key": uuid.uuid4().hex,
         }
         return super().change_view(request, object_id, form_url, extra_context)
 

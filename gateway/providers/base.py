@@ -1,4 +1,4 @@
-"""The one interface every payment provider sits behind: charge, fetch status, parse webhooks."""
+"""The one interface every payment provider sits behind: charge, refund, fetch status, parse webhooks."""
 
 import abc
 import enum
@@ -36,13 +36,38 @@ class StatusResult:
 class WebhookEvent:
     webhook_id: str
     event_type: str
-    status: str  # "paid" | "failed"
+    status: str  # charges: "paid" | "failed"; refunds: "succeeded" | "failed"
     order_id: str
-    idempotency_key: str
+    idempotency_key: str  # of the charge, or of the refund (kind)
     channel: str
     failure_code: str
     provider_reference: str
     payload: dict
+    kind: str = "charge"  # "charge" | "refund"
+
+
+@dataclass(frozen=True)
+class RefundRequest:
+    """A refund of (part of) a charge, built only from facts stored before the first send."""
+
+    refund_id: str
+    order_id: str
+    amount: int
+    currency: str
+    idempotency_key: str
+    charge_idempotency_key: str
+    webhook_url: str
+
+
+@dataclass(frozen=True)
+class RefundResult:
+    outcome: ChargeOutcome  # ACCEPTED, REJECTED (nothing refunded) or UNKNOWN (maybe refunded)
+    provider_reference: str = ""
+    http_status: int | None = None
+    error: str = ""
+    # REJECTED only: the provider was unavailable and asks to try again later (same channel, same
+    # key); otherwise it refused this refund for good.
+    retry: bool = False
 
 
 class InvalidWebhook(Exception):
@@ -87,6 +112,13 @@ class ProviderAdapter(abc.ABC):
 
     @abc.abstractmethod
     def parse_webhook(self, *, body: bytes, headers: dict[str, str]) -> WebhookEvent: ...
+
+    def refund(self, *, channel: PaymentChannel, request: RefundRequest) -> RefundResult:
+        raise NotImplementedError(f"{self.name} does not refund")
+
+    def fetch_refund_status(self, *, channel: PaymentChannel, idempotency_key: str) -> StatusResult:
+        """status: "succeeded" | "failed" | "pending" | "not_found"; ProviderError if unreadable."""
+        raise NotImplementedError(f"{self.name} does not refund")
 
 
 _adapters: dict[str, ProviderAdapter] = {}

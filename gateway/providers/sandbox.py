@@ -30,6 +30,8 @@ from gateway.providers.base import (
     MalformedWebhook,
     ProviderAdapter,
     ProviderError,
+    RefundRequest,
+    RefundResult,
     StatusResult,
     WebhookEvent,
     register,
@@ -141,6 +143,47 @@ def sort_charge_answer(status_code: int, data: Any) -> ChargeResult:
         return ChargeResult(ChargeOutcome.REJECTED, http_status=status_code, error=error_code)
     # 409, 422 (idempotency_key_reused), 429, other 4xx and 5xx, 3xx: maybe charged.
     return ChargeResult(
+        ChargeOutcome.UNKNOWN, http_status=status_code, error=error_code or f"http {status_code}"
+    )
+
+
+# `POST /v1/refunds` answers that say nothing was refunded and never will be under this key:
+# request validation, and the ledger's refusals (no such charge, a failed charge, past the charge).
+_REFUND_REFUSED = {
+    400: frozenset(
+        {
+            "invalid_request",
+            "invalid_json",
+            "missing_idempotency_key",
+            "amount_exceeds_charge",
+            "charge_not_refundable",
+        }
+    ),
+    404: frozenset({"charge_not_found"}),
+}
+_REFUND_FINAL_OR_PENDING = frozenset({"succeeded", "failed", "pending"})
+
+
+def sort_refund_answer(status_code: int, data: Any) -> RefundResult:
+    """What an HTTP answer to a refund request says about the money (SPEC 10).
+
+    As for charges, only an explicit "nothing was refunded" is not an unknown outcome; the
+    sandbox's 503 `channel_unavailable` is such a refusal that asks to be retried (same channel:
+    a refund never goes anywhere but to the channel that charged).
+    """
+    if 200 <= status_code < 300:
+        reference = _token(data.get("id")) if isinstance(data, dict) else ""
+        if reference:
+            return RefundResult(ChargeOutcome.ACCEPTED, provider_reference=reference, http_status=status_code)
+        return RefundResult(
+            ChargeOutcome.UNKNOWN, http_status=status_code, error=f"http {status_code} without id"
+        )
+    error_code = _error_code(data)
+    if status_code == 503 and error_code == "channel_unavailable":
+        return RefundResult(ChargeOutcome.REJECTED, http_status=status_code, error=error_code, retry=True)
+    if error_code and error_code in _REFUND_REFUSED.get(status_code, ()):
+        return RefundResult(ChargeOutcome.REJECTED, http_status=status_code, error=error_code)
+    return RefundResult(
         ChargeOutcome.UNKNOWN, http_status=status_code, error=error_code or f"http {status_code}"
     )
 
@@ -297,6 +340,70 @@ class SandboxAdapter(ProviderAdapter):
             provider_reference=_token(data.get("id")),
         )
 
+    def refund(self, *, channel: PaymentChannel, request: RefundRequest) -> RefundResult:
+        body = {
+            "charge_idempotency_key": request.charge_idempotency_key,
+            "amount": request.amount,
+            "webhook_url": request.webhook_url,
+        }
+        try:
+            response = self.session.post(
+                f"{settings.SANDBOX_URL}/v1/refunds",
+                json=body,
+                headers={"Idempotency-Key": request.idempotency_key},
+                timeout=self._timeout,
+                stream=True,
+                allow_redirects=False,
+            )
+        except requests.ConnectionError as exc:
+            if _never_sent(exc):
+                return RefundResult(
+                    ChargeOutcome.REJECTED, error=f"not sent: {exc.__class__.__name__}", retry=True
+                )
+            return RefundResult(ChargeOutcome.UNKNOWN, error=f"after sending: {exc.__class__.__name__}")
+        except (requests.RequestException, http.client.HTTPException, OSError) as exc:
+            return RefundResult(ChargeOutcome.UNKNOWN, error=f"after sending: {exc.__class__.__name__}")
+        with response:
+            try:
+                data = _read_json(response)
+            except _Unreadable as exc:
+                return RefundResult(
+                    ChargeOutcome.UNKNOWN,
+                    http_status=response.status_code,
+                    error=f"http {response.status_code}: {exc}",
+                )
+            return sort_refund_answer(response.status_code, data)
+
+    def fetch_refund_status(self, *, channel: PaymentChannel, idempotency_key: str) -> StatusResult:
+        try:
+            response = self.session.get(
+                f"{settings.SANDBOX_URL}/v1/refunds",
+                params={"idempotency_key": idempotency_key},
+                timeout=self._timeout,
+                stream=True,
+                allow_redirects=False,
+            )
+        except (requests.RequestException, http.client.HTTPException, OSError) as exc:
+            raise ProviderError(f"refund status query failed: {exc.__class__.__name__}") from exc
+        with response:
+            code = response.status_code
+            try:
+                data = _read_json(response)
+            except _Unreadable as exc:
+                raise ProviderError(f"refund status answer http {code}: {exc}") from exc
+        if code == 404 and _error_code(data) == "not_found":
+            return StatusResult("not_found")
+        if not 200 <= code < 300 or not isinstance(data, dict):
+            raise ProviderError(f"refund status answer http {code} unreadable")
+        if data.get("idempotency_key", idempotency_key) != idempotency_key:
+            raise ProviderError("refund status answer is about another refund")
+        status = data.get("status")
+        return StatusResult(
+            status=status if isinstance(status, str) and status in _REFUND_FINAL_OR_PENDING else "pending",
+            failure_code=_token(data.get("failure_code"), 64),
+            provider_reference=_token(data.get("id")),
+        )
+
     def parse_webhook(self, *, body: bytes, headers: dict[str, str]) -> WebhookEvent:
         # The channel (and so the secret) comes from the unverified body; reading it touches no
         # database, and only a well-formed code is looked up, through a cache of existing channels.
@@ -320,13 +427,10 @@ class SandboxAdapter(ProviderAdapter):
 def _verified_event(payload: dict, channel_code: str, headers: dict[str, str]) -> WebhookEvent:
     """The event of a verified body: every field checked for type and size before anything stores it."""
     event_type = payload.get("type")
-    status = (
-        {"charge.paid": "paid", "charge.failed": "failed"}.get(event_type)
-        if isinstance(event_type, str)
-        else None
-    )
-    if status is None:
+    known = _EVENT_TYPES.get(event_type) if isinstance(event_type, str) else None
+    if known is None:
         raise MalformedWebhook("unknown event type")
+    kind, status = known
     if not _payload_storable(payload):
         raise MalformedWebhook("body holds NUL bytes or invalid text")
     data = payload["data"]
@@ -341,7 +445,16 @@ def _verified_event(payload: dict, channel_code: str, headers: dict[str, str]) -
         failure_code=_text(data, "failure_code", 64, required=False),
         provider_reference=_text(data, "id", 128, required=False),
         payload=payload,
+        kind=kind,
     )
+
+
+_EVENT_TYPES = {
+    "charge.paid": ("charge", "paid"),
+    "charge.failed": ("charge", "failed"),
+    "refund.succeeded": ("refund", "succeeded"),
+    "refund.failed": ("refund", "failed"),
+}
 
 
 register(SandboxAdapter())

@@ -1,4 +1,4 @@
-"""WSGI app of the sandbox provider: charge API, status query, ledger and the amount-driven outcomes."""
+"""WSGI app of the sandbox provider: charges and refunds, status queries, ledgers, amount-driven outcomes."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from .dispatcher import Dispatcher
-from .store import DEFAULT_DATABASE_URL, ChargeRow, NewWebhook, Store
+from .store import DEFAULT_DATABASE_URL, ChargeRow, NewWebhook, RefundRow, Store
 
 log = logging.getLogger("sandbox.app")
 
@@ -393,9 +393,166 @@ def list_callbacks(environ: dict[str, Any]) -> tuple[int, Any]:
     return 200, store.list_callbacks(_query_param(environ, "order") or None)
 
 
+# --- refunds (SPEC 10) ----------------------------------------------------------------------------------
+
+# What the sandbox does with a refund, by the refund amount % 100.
+REFUND_DECLINED = 51
+REFUND_SILENT = 61
+REFUND_SLOW = 62
+REFUND_FIRST_TRY_UNAVAILABLE = 72
+
+
+@dataclass(frozen=True)
+class RefundRequest:
+    """A validated `POST /v1/refunds`."""
+
+    idempotency_key: str
+    charge_idempotency_key: str
+    amount: int
+    webhook_url: str | None
+
+
+def parse_refund_request(environ: dict[str, Any]) -> RefundRequest:
+    """Validate headers and body of a refund request; raise ApiError(400) on bad input."""
+    key = (environ.get("HTTP_IDEMPOTENCY_KEY") or "").strip()
+    if not key:
+        raise ApiError(400, "missing_idempotency_key", "the Idempotency-Key header is required")
+    if len(key) > MAX_KEY_LENGTH:
+        raise ApiError(400, "invalid_request", "Idempotency-Key is too long")
+    body = _read_json(environ)
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_request", "body must be a JSON object")
+    charge_key = _text_field(body, "charge_idempotency_key", MAX_KEY_LENGTH)
+    amount = body.get("amount")
+    if not isinstance(amount, int) or isinstance(amount, bool) or not 1 <= amount <= MAX_AMOUNT:
+        raise ApiError(400, "invalid_request", "`amount` must be a positive integer (minor units)")
+    webhook_url = body.get("webhook_url")
+    if webhook_url is not None and (
+        not isinstance(webhook_url, str)
+        or not webhook_url.startswith(("http://", "https://"))
+        or len(webhook_url) > MAX_URL_LENGTH
+    ):
+        raise ApiError(400, "invalid_request", "`webhook_url` must be an http(s) URL")
+    return RefundRequest(key, charge_key, amount, webhook_url)
+
+
+def _refund_status(refund: RefundRow, now: datetime) -> tuple[str, str | None]:
+    if now >= refund.final_at:
+        return refund.final_status, refund.failure_code
+    return "pending", None
+
+
+def refund_object(refund: RefundRow, status: str, failure_code: str | None) -> dict[str, Any]:
+    """The refund as the API, its webhooks and the ledger show it."""
+    return {
+        "id": refund.id,
+        "object": "refund",
+        "status": status,
+        "channel": refund.channel,
+        "order_id": refund.order_id,
+        "charge_id": refund.charge_id,
+        "idempotency_key": refund.idempotency_key,
+        "amount": refund.amount,
+        "currency": refund.currency,
+        "failure_code": failure_code,
+        "created_at": _iso(refund.created_at),
+    }
+
+
+def _same_refund(existing: RefundRow, charge: ChargeRow, req: RefundRequest) -> bool:
+    return (existing.charge_id, existing.amount, existing.webhook_url) == (
+        charge.id,
+        req.amount,
+        req.webhook_url,
+    )
+
+
+def create_refund(environ: dict[str, Any]) -> tuple[int, Any]:
+    """POST /v1/refunds: refund (part of) a charge, at most what it charged in all."""
+    config, store, dispatcher = _require_state()
+    req = parse_refund_request(environ)
+    charge = store.get_charge_by_key(req.charge_idempotency_key)
+    if charge is None:
+        raise ApiError(404, "charge_not_found", "no charge with this idempotency key; nothing was refunded")
+    existing = store.get_refund_by_key(req.idempotency_key)
+    if existing is None:
+        if charge.final_status != "paid":
+            raise ApiError(400, "charge_not_refundable", "the charge did not succeed; nothing was refunded")
+        scenario = req.amount % 100
+        if scenario == REFUND_FIRST_TRY_UNAVAILABLE and store.first_refund_try(req.idempotency_key):
+            raise ApiError(503, "channel_unavailable", "channel unavailable, nothing was refunded")
+        declined = scenario == REFUND_DECLINED
+        now = datetime.now(UTC)
+        refund = RefundRow(
+            id="re_" + uuid.uuid4().hex[:24],
+            idempotency_key=req.idempotency_key,
+            charge_id=charge.id,
+            channel=charge.channel,
+            order_id=charge.order_id,
+            amount=req.amount,
+            currency=charge.currency,
+            webhook_url=req.webhook_url,
+            final_status="failed" if declined else "succeeded",
+            failure_code="refund_declined" if declined else None,
+            created_at=now,
+            final_at=now + timedelta(seconds=config.webhook_delay),
+        )
+        webhooks = []
+        if req.webhook_url and scenario != REFUND_SILENT:
+            event_type = "refund.failed" if declined else "refund.succeeded"
+            payload = json.dumps(
+                {"type": event_type, "data": refund_object(refund, refund.final_status, refund.failure_code)},
+                separators=(",", ":"),
+            )
+            webhooks.append(NewWebhook("msg_" + uuid.uuid4().hex, None, event_type, payload, refund.final_at))
+        inserted = store.insert_refund(refund, webhooks)
+        if inserted == "exceeds":
+            raise ApiError(
+                400, "amount_exceeds_charge", "refunds would exceed what was charged; nothing was refunded"
+            )
+        if inserted == "inserted":
+            if webhooks and config.webhook_delay <= 0.05:
+                dispatcher.wake()
+            if scenario == REFUND_SLOW:
+                time.sleep(config.slow_seconds)  # committed: the client times out, the refund is made
+            return 201, refund_object(refund, "pending", None)
+        existing = store.get_refund_by_key(req.idempotency_key)
+        if existing is None:
+            raise RuntimeError(f"refund key {req.idempotency_key!r} conflicted but no refund was found")
+    if not _same_refund(existing, charge, req):
+        raise ApiError(
+            422, "idempotency_key_reused", "this Idempotency-Key was used with a different request body"
+        )
+    return 200, refund_object(existing, *_refund_status(existing, datetime.now(UTC)))
+
+
+def get_refund(environ: dict[str, Any]) -> tuple[int, Any]:
+    """GET /v1/refunds?idempotency_key=K."""
+    _, store, _ = _require_state()
+    key = _query_param(environ, "idempotency_key")
+    if not key:
+        raise ApiError(400, "invalid_request", "query parameter `idempotency_key` is required")
+    refund = store.get_refund_by_key(key)
+    if refund is None:
+        raise ApiError(404, "not_found", "no refund with this idempotency key")
+    return 200, refund_object(refund, *_refund_status(refund, datetime.now(UTC)))
+
+
+def list_refund_ledger(environ: dict[str, Any]) -> tuple[int, Any]:
+    """GET /sandbox/refunds[?order=<order_id>]: every refund made (declined ones are not)."""
+    _, store, _ = _require_state()
+    now = datetime.now(UTC)
+    return 200, [
+        refund_object(refund, *_refund_status(refund, now))
+        for refund in store.list_refunds(_query_param(environ, "order") or None)
+    ]
+
+
 ROUTES: dict[str, dict[str, Callable[[dict[str, Any]], tuple[int, Any]]]] = {
     "/v1/charges": {"POST": create_charge, "GET": get_charge},
     "/sandbox/charges": {"GET": list_ledger},
+    "/v1/refunds": {"POST": create_refund, "GET": get_refund},
+    "/sandbox/refunds": {"GET": list_refund_ledger},
     "/sandbox/callbacks": {"POST": receive_callback, "GET": list_callbacks},
     "/healthz": {"GET": healthz},
 }

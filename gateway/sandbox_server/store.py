@@ -1,4 +1,4 @@
-"""PostgreSQL storage of the sandbox provider: charge ledger, first-channel memory and webhook queue."""
+"""PostgreSQL storage of the sandbox provider: charge and refund ledgers, first-try memory, webhook queue."""
 
 from __future__ import annotations
 
@@ -74,6 +74,29 @@ CREATE TABLE IF NOT EXISTS sandbox_merchant_callbacks (
     received_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS sandbox_merchant_callbacks_order_idx ON sandbox_merchant_callbacks (order_id);
+
+CREATE TABLE IF NOT EXISTS sandbox_refunds (
+    id              text PRIMARY KEY,
+    idempotency_key text NOT NULL UNIQUE,
+    charge_id       text NOT NULL REFERENCES sandbox_charges (id),
+    channel         text NOT NULL,
+    order_id        text NOT NULL,
+    amount          bigint NOT NULL,
+    currency        text NOT NULL,
+    webhook_url     text,
+    final_status    text NOT NULL,
+    failure_code    text,
+    created_at      timestamptz NOT NULL,
+    final_at        timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sandbox_refunds_charge_idx ON sandbox_refunds (charge_id);
+CREATE INDEX IF NOT EXISTS sandbox_refunds_order_idx ON sandbox_refunds (order_id, created_at);
+
+-- Refund keys whose first request was answered 503 (row 72): the retry is accepted.
+CREATE TABLE IF NOT EXISTS sandbox_refund_first_tries (
+    idempotency_key text PRIMARY KEY,
+    created_at      timestamptz NOT NULL DEFAULT now()
+);
 """
 
 _CHARGE_COLUMNS = (
@@ -153,6 +176,30 @@ class ChargeRow:
     failure_code: str | None
     created_at: datetime
     final_at: datetime
+
+
+@dataclass(frozen=True)
+class RefundRow:
+    """One refund as stored (the ledger lists those not failed)."""
+
+    id: str
+    idempotency_key: str
+    charge_id: str
+    channel: str
+    order_id: str
+    amount: int
+    currency: str
+    webhook_url: str | None
+    final_status: str
+    failure_code: str | None
+    created_at: datetime
+    final_at: datetime
+
+
+_REFUND_COLUMNS = (
+    "id, idempotency_key, charge_id, channel, order_id, amount, currency, webhook_url,"
+    " final_status, failure_code, created_at, final_at"
+)
 
 
 @dataclass(frozen=True)
@@ -389,6 +436,111 @@ class Store:
                 if row is not None:
                     return row[0]
         raise RuntimeError(f"first channel of order {order_id!r} could not be read back")
+
+    # --- refunds -------------------------------------------------------------------------------------
+
+    def first_refund_try(self, idempotency_key: str) -> bool:
+        """True the first time this refund key is seen by `first_refund_try` (row 72's 503), else False."""
+        with self.connection() as conn, conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO sandbox_refund_first_tries (idempotency_key) VALUES (%s)"
+                " ON CONFLICT DO NOTHING RETURNING idempotency_key",
+                (idempotency_key,),
+            )
+            return cur.fetchone() is not None
+
+    def insert_refund(self, refund: RefundRow, webhooks: Sequence[NewWebhook]) -> str:
+        """Insert the refund unless it would take the charge's refunds past what was charged.
+
+        "inserted", "exists" (the key is taken) or "exceeds". The charge row is locked for the
+        check and the insert, so concurrent refunds of one charge are counted one after another.
+        """
+        with self.connection() as conn:
+            conn.autocommit = False
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(
+                        "SELECT amount FROM sandbox_charges WHERE id = %s FOR UPDATE", (refund.charge_id,)
+                    )
+                    (charged,) = cur.fetchone()
+                    cur.execute(
+                        "SELECT 1 FROM sandbox_refunds WHERE idempotency_key = %s", (refund.idempotency_key,)
+                    )
+                    if cur.fetchone() is not None:
+                        conn.rollback()
+                        return "exists"
+                    cur.execute(
+                        "SELECT COALESCE(sum(amount), 0) FROM sandbox_refunds"
+                        " WHERE charge_id = %s AND final_status <> 'failed'",
+                        (refund.charge_id,),
+                    )
+                    (taken,) = cur.fetchone()
+                    if taken + refund.amount > charged:
+                        conn.rollback()
+                        return "exceeds"
+                    cur.execute(
+                        f"INSERT INTO sandbox_refunds ({_REFUND_COLUMNS})"
+                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                        (
+                            refund.id,
+                            refund.idempotency_key,
+                            refund.charge_id,
+                            refund.channel,
+                            refund.order_id,
+                            refund.amount,
+                            refund.currency,
+                            refund.webhook_url,
+                            refund.final_status,
+                            refund.failure_code,
+                            refund.created_at,
+                            refund.final_at,
+                        ),
+                    )
+                    for w in webhooks:
+                        cur.execute(
+                            "INSERT INTO sandbox_webhooks (msg_id, charge_id, prev_msg_id, channel, url,"
+                            " event_type, payload, due_at, created_at)"
+                            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                            (
+                                w.msg_id,
+                                refund.id,
+                                w.prev_msg_id,
+                                refund.channel,
+                                refund.webhook_url,
+                                w.event_type,
+                                w.payload,
+                                w.due_at,
+                                refund.created_at,
+                            ),
+                        )
+                conn.commit()
+                return "inserted"
+            except BaseException:
+                conn.rollback()
+                raise
+            finally:
+                conn.autocommit = True
+
+    def get_refund_by_key(self, idempotency_key: str) -> RefundRow | None:
+        with self.connection() as conn, conn.cursor() as cur:
+            cur.execute(
+                f"SELECT {_REFUND_COLUMNS} FROM sandbox_refunds WHERE idempotency_key = %s",
+                (idempotency_key,),
+            )
+            row = cur.fetchone()
+        return RefundRow(*row) if row else None
+
+    def list_refunds(self, order_id: str | None, limit: int = 1000) -> list[RefundRow]:
+        """Refunds made (not failed) of one order, oldest first, or the most recent `limit` ones."""
+        with self.connection() as conn, conn.cursor() as cur:
+            cur.execute(
+                f"SELECT {_REFUND_COLUMNS} FROM sandbox_refunds"
+                " WHERE final_status <> 'failed' AND (%s::text IS NULL OR order_id = %s)"
+                " ORDER BY created_at, id LIMIT %s",
+                (order_id, order_id, limit),
+            )
+            rows = cur.fetchall()
+        return [RefundRow(*row) for row in rows]
 
     # --- webhooks ------------------------------------------------------------------------------------
 

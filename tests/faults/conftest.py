@@ -105,6 +105,9 @@ def fault_env():
             "CIRCUIT_COOLDOWN_SECONDS": "3",
             "POLL_FIRST_SECONDS": "2",
             "POLL_INTERVAL_SECONDS": "1",
+            # Re-announcements of one order stay at most 4 s apart: a scenario that kills the same
+            # stage twice (poll.after_provider) must not wait out a doubling backoff of minutes.
+            "SWEEP_MAX_BACKOFF_SECONDS": "4",
             # Long enough to ride out a receiver outage of a few seconds without exhausting.
             "CALLBACK_RETRY_SCHEDULE": "0.5,1,1,2,3,5,8,13",
             "CALLBACK_CONNECT_TIMEOUT": "1",

@@ -35,10 +35,10 @@ from callbacks.services import deliveries_due
 from config.celery_app import app as celery_app
 from core.redis import get_redis
 from orders.events import subscribers_for
-from orders.models import Order, OrderTransition, OutboxEvent
+from orders.models import Order, OrderTransition, OutboxEvent, Refund, RefundTransition
 
 SHIFTED_APPS = ("orders", "allocation", "gateway", "callbacks")
-NOT_SHIFTED = (OrderTransition,)  # append-only: its trigger refuses UPDATE
+NOT_SHIFTED = (OrderTransition, RefundTransition)  # append-only: their triggers refuse UPDATE
 
 
 def _shifted_columns() -> list[tuple[str, list[str]]]:
@@ -82,6 +82,10 @@ class VirtualClock:
         """Seconds from now to the earliest due time of these orders, their deliveries and circuits."""
         candidates = [
             Order.objects.filter(pk__in=order_ids, next_check_at__isnull=False)
+            .order_by("next_check_at")
+            .values_list("next_check_at", flat=True)
+            .first(),
+            Refund.objects.filter(order_id__in=order_ids, next_check_at__isnull=False)
             .order_by("next_check_at")
             .values_list("next_check_at", flat=True)
             .first(),
@@ -148,9 +152,17 @@ class Pipeline:
         raise AssertionError(f"more than {limit} events in a row: the pipeline does not settle")
 
     def beat(self, order_ids) -> None:
-        """One round of beat: the order sweep and the callback sweep, then what they announced."""
+        """One round of beat: the order, refund and callback sweeps, then what they announced."""
         celery_app.tasks["orders.sweep_orders"].run()
-        for order_id in deliveries_due(batch=500):
-            if order_id in {str(o) for o in order_ids}:
+        celery_app.tasks["orders.sweep_refunds"].run()
+        mine = {str(o) for o in order_ids}
+        for order_id, refund_id in deliveries_due(batch=500):
+            if order_id not in mine:
+                continue
+            if refund_id is None:
                 celery_app.tasks["callbacks.callback"].run({"order_id": order_id, "redelivery": True})
+            else:
+                celery_app.tasks["callbacks.refund_callback"].run(
+                    {"order_id": order_id, "payload": {"refund_id": refund_id}, "redelivery": True}
+                )
         self.deliver_events(order_ids)

@@ -5,7 +5,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("orders", "0006_history_retention_indexes"),
+        ("orders", "0007_refunds"),
     ]
 
     operations = [

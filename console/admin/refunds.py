@@ -1,0 +1,157 @@
+"""Operators' console for refunds (SPEC 10): their own read-only list and page, the inline on the
+order's page, and the refund form of the order's page (orders.change_order needed)."""
+
+import re
+import uuid
+
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.http import HttpResponseNotAllowed, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.urls import reverse
+
+from console.adminkit import ReadOnlyAdmin, ReadOnlyInline, audit, exact_or_order_id, ts
+from core.errors import DomainError
+from orders.models import Order, Refund, RefundTransition
+from orders.money import money_format
+from orders.serializers import RefundCreateSerializer
+from orders.services import refund_create, refund_fingerprint
+
+REFUND_PERMISSION = "orders.change_order"
+_FORM_KEY = re.compile(r"[0-9a-f]{32}")
+
+
+class RefundInline(ReadOnlyInline):
+    model = Refund
+    fk_name = "order"
+    fields = ("at", "amount_display", "status", "reason", "reference", "failure_code")
+    ordering = ("created_at", "id")
+    show_change_link = True
+    verbose_name_plural = "refunds (oldest first)"
+
+    @admin.display(description="at (UTC)")
+    def at(self, obj: Refund) -> str:
+        return ts(obj.created_at)
+
+    @admin.display(description="amount")
+    def amount_display(self, obj: Refund) -> str:
+        return money_format(amount=obj.amount, currency=obj.currency)
+
+
+class RefundTransitionInline(ReadOnlyInline):
+    model = RefundTransition
+    fields = ("at", "from_status", "to_status", "channel", "reason")
+    ordering = ("-id",)
+    verbose_name_plural = "transitions (newest first)"
+
+    @admin.display(description="at (UTC)")
+    def at(self, obj: RefundTransition) -> str:
+        return ts(obj.created_at)
+
+
+@admin.register(Refund)
+class RefundAdmin(ReadOnlyAdmin):
+    list_display = ("refund_id", "order", "merchant", "amount_display", "status", "failure_code", "created")
+    list_filter = ("status", "currency", "merchant", "created_at")
+    list_select_related = ("order", "merchant")
+    list_per_page = 50
+    ordering = ("-created_at", "-id")
+    show_facets = admin.ShowFacets.NEVER
+    search_fields = ("=id",)  # shows the box; get_search_results does the work
+    search_help_text = "Exact refund id, order id or refund reference."
+    inlines = (RefundTransitionInline,)
+    fields = (
+        "id",
+        "order",
+        "merchant",
+        "amount_display",
+        "status",
+        "channel",
+        "reason",
+        "reference",
+        "metadata",
+        "failure_code",
+        "failure_message",
+        "created",
+        "next_check_at",
+        "check_count",
+    )
+    readonly_fields = ("amount_display", "created")
+
+    @admin.display(description="id")
+    def refund_id(self, obj: Refund) -> str:
+        return str(obj.pk)
+
+    @admin.display(description="amount", ordering="amount")
+    def amount_display(self, obj: Refund) -> str:
+        return money_format(amount=obj.amount, currency=obj.currency)
+
+    @admin.display(description="created (UTC)", ordering="created_at")
+    def created(self, obj: Refund) -> str:
+        return ts(obj.created_at)
+
+    def get_search_results(self, request, queryset, search_term):
+        term = search_term.strip()[:64]
+        if not term:
+            return queryset, False
+        match = exact_or_order_id(term, "reference")
+        try:
+            match |= exact_or_order_id(str(uuid.UUID(term)), "reference", order_field="pk")
+        except ValueError:
+            pass
+        return queryset.filter(match), False
+
+
+def order_refund_view(model_admin: admin.ModelAdmin, request, object_id: str):
+    """POST from the order's page: refund `amount` (blank: everything left) with `reason`.
+
+    The form carries a key made when the page was drawn, used as the refund's Idempotency-Key:
+    a double submit or a reload makes one refund, not two.
+    """
+    if request.method != "POST":
+        return HttpResponseNotAllowed(["POST"])
+    if not request.user.has_perm(REFUND_PERMISSION):
+        raise PermissionDenied
+    order = get_object_or_404(Order.objects.select_related("merchant"), pk=object_id)
+    back = HttpResponseRedirect(reverse("admin:orders_order_change", args=[order.pk]))
+    form_key = request.POST.get("refund_key", "")
+    if not _FORM_KEY.fullmatch(form_key):
+        model_admin.message_user(request, "The refund form expired: reload the page.", messages.ERROR)
+        return back
+    raw_amount = request.POST.get("amount", "").strip()
+    data: dict = {}
+    if raw_amount:
+        if not raw_amount.isdigit() or len(raw_amount) > 13:
+            model_admin.message_user(request, "Amount: a whole number of minor units.", messages.ERROR)
+            return back
+        data["amount"] = int(raw_amount)
+    if reason := request.POST.get("reason", ""):
+        data["reason"] = reason
+    serializer = RefundCreateSerializer(data=data)
+    if not serializer.is_valid():
+        problems = "; ".join(
+            f"{name}: {' '.join(map(str, errs))}" for name, errs in serializer.errors.items()
+        )
+        model_admin.message_user(request, f"Not refunded. {problems}", messages.ERROR)
+        return back
+    valid = serializer.validated_data
+    try:
+        result = refund_create(
+            merchant=order.merchant,
+            order_id=str(order.pk),
+            idempotency_key=f"console:{form_key}",
+            fingerprint=refund_fingerprint(order_id=order.pk, data=valid),
+            amount=valid.get("amount"),
+            reason=valid.get("reason"),
+        )
+    except DomainError as exc:
+        model_admin.message_user(request, f"Not refunded ({exc.code}): {exc.message}", messages.ERROR)
+        return back
+    refund = result.body
+    amount = money_format(amount=refund["amount"], currency=refund["currency"])
+    if result.replayed:
+        model_admin.message_user(request, f"Refund {refund['id']} of {amount} was already requested.")
+        return back
+    audit(model_admin, request, order, f"Refund {refund['id']} of {amount} requested.", action="refund")
+    model_admin.message_user(request, f"Refund {refund['id']} of {amount} requested.", messages.SUCCESS)
+    return back

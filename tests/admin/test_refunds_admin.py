@@ -1,0 +1,80 @@
+"""The console's refunds (SPEC 10): the order page's refund form (orders.change_order needed),
+refunds inline and in their own list, the dashboard's counts and /metrics."""
+
+import re
+
+import pytest
+from django.contrib.admin.models import LogEntry
+
+from orders.models import Order, OrderStatus, Refund
+
+pytestmark = pytest.mark.django_db
+
+
+def _page(client, order: Order):
+    return client.get(f"/admin/orders/order/{order.pk}/change/")
+
+
+def _refund(client, order: Order, *, amount: str = "", reason: str = "", key: str | None = None):
+    if key is None:
+        key = re.search(
+            r'name="refund_key" value="([0-9a-f]{32})"', _page(client, order).content.decode()
+        ).group(1)
+    return client.post(
+        f"/admin/orders/order/{order.pk}/refund/", {"amount": amount, "reason": reason, "refund_key": key}
+    )
+
+
+def test_an_operator_refunds_from_the_orders_page_once_per_form(operator, make_order):
+    # given a paid order of 1050
+    order = make_order(OrderStatus.PAID)
+    page = _page(operator, order).content.decode()
+    key = re.search(r'name="refund_key" value="([0-9a-f]{32})"', page).group(1)
+    # when the form is sent, and sent again (double click, reload)
+    first = _refund(operator, order, amount="300", reason="damaged", key=key)
+    again = _refund(operator, order, amount="300", reason="damaged", key=key)
+    # then one refund, audited, shown inline and in the refunds list
+    assert first.status_code == again.status_code == 302
+    refund = Refund.objects.get(order=order)
+    assert (refund.amount, refund.reason, refund.status) == (300, "damaged", "pending")
+    assert LogEntry.objects.filter(object_id=str(order.pk), change_message__contains="Refund").count() == 1
+    page = _page(operator, order).content.decode()
+    assert "Refunds (oldest first)" in page and "damaged" in page
+    listing = operator.get("/admin/orders/refund/", {"status__exact": "pending"}).content.decode()
+    assert str(refund.pk) in listing
+    assert operator.get(f"/admin/orders/refund/{refund.pk}/change/").status_code == 200
+    # and a blank amount refunds everything left
+    _refund(operator, order)
+    assert sorted(Refund.objects.filter(order=order).values_list("amount", flat=True)) == [300, 750]
+
+
+def test_the_refund_form_refuses_what_the_api_refuses(operator, make_order):
+    paid = make_order(OrderStatus.PAID)
+    for amount in ("1051", "0", "-5", "1.5", "abc"):
+        _refund(operator, paid, amount=amount)
+    _refund(operator, paid, amount="1", reason="x" * 501)
+    _refund(operator, make_order(OrderStatus.PROCESSING), amount="1", key="0" * 32)
+    assert Refund.objects.count() == 0
+
+
+def test_a_view_only_operator_cannot_refund_and_sees_no_form(staff, make_order):
+    order = make_order(OrderStatus.PAID)
+    viewer = staff("orders.view_order")
+    assert 'name="refund_key"' not in _page(viewer, order).content.decode()
+    response = _refund(viewer, order, amount="100", key="a" * 32)
+    assert response.status_code == 403
+    assert Refund.objects.count() == 0
+    changer = staff("orders.view_order", "orders.change_order")
+    assert 'name="refund_key"' in _page(changer, order).content.decode()
+    assert _refund(changer, order, amount="100").status_code == 302
+    assert Refund.objects.get(order=order).amount == 100
+
+
+def test_dashboard_and_metrics_count_refunds(operator, make_order, client):
+    order = make_order(OrderStatus.PAID)
+    _refund(operator, order, amount="100")
+    dashboard = operator.get("/admin/dashboard/").content.decode()
+    assert "Refunds" in dashboard
+    metrics = client.get("/metrics").content.decode()
+    assert 'refunds{status="pending"} 1.0' in metrics
+    assert "refunded_amount" in metrics

@@ -1,0 +1,191 @@
+"""The refund stages against a stub provider adapter: sent once under the refund's own stored key,
+to the channel that charged, twice in a row and two copies at once; a 503 waits on the row and goes
+to the same channel again; unknown outcomes wait for a poll or a webhook (SPEC 10)."""
+
+import threading
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from gateway import services
+from gateway.models import RefundAttempt
+from gateway.providers.base import ChargeOutcome, RefundResult
+from orders.models import IgnoredSignal, Order, Refund
+from orders.services import refund_create, refund_fingerprint
+from tests.stub_provider import assigned_order
+
+UNAVAILABLE = RefundResult(ChargeOutcome.REJECTED, http_status=503, error="channel_unavailable", retry=True)
+
+
+def _paid_order(stub) -> Order:
+    order = assigned_order("stub-1")
+    services.order_charge(order_id=order.pk)
+    services.order_confirm(
+        order_id=order.pk, idempotency_key=f"{order.pk}:stub-1", status="paid", source="test"
+    )
+    return Order.objects.get(pk=order.pk)
+
+
+def _time_passes(refund: Refund) -> None:
+    """The provider's backoff is over and the refund is due (what the sweep waits for)."""
+    past = timezone.now() - timedelta(seconds=1)
+    Refund.objects.filter(pk=refund.pk).update(next_check_at=past)
+    RefundAttempt.objects.filter(refund=refund).update(retry_after=past)
+
+
+def _refund(order: Order, amount: int = 500) -> Refund:
+    result = refund_create(
+        merchant=order.merchant,
+        order_id=str(order.pk),
+        idempotency_key=f"k-{amount}-{Refund.objects.count()}",
+        fingerprint=refund_fingerprint(order_id=order.pk, data={"amount": amount}),
+        amount=amount,
+    )
+    return Refund.objects.get(pk=result.body["id"])
+
+
+@pytest.mark.django_db
+def test_refund_twice_in_a_row_is_one_request_under_the_refunds_own_key(stub, channels):
+    order = _paid_order(stub)
+    refund = _refund(order)
+    services.refund_send(refund_id=refund.pk)
+    services.refund_send(refund_id=refund.pk)
+    assert stub.refund_calls == [("stub-1", f"refund:{refund.pk}")]
+    attempt = RefundAttempt.objects.get(refund=refund)
+    assert (attempt.channel, attempt.charge_idempotency_key) == ("stub-1", f"{order.pk}:stub-1")
+    assert Refund.objects.get(pk=refund.pk).status == "processing"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_refund_twice_at_once_is_one_request(stub, channels):
+    order = _paid_order(stub)
+    refund = _refund(order)
+    barrier = threading.Barrier(2)
+
+    def run():
+        barrier.wait()
+        try:
+            services.refund_send(refund_id=refund.pk)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(stub.refund_calls) == 1
+    assert Refund.objects.get(pk=refund.pk).status == "processing"
+
+
+@pytest.mark.django_db
+def test_a_503_waits_on_the_row_and_goes_to_the_same_channel_never_another(stub, channels, settings):
+    # given the order was charged on stub-1 (stub-2 exists too), and stub-1 answers 503 first
+    settings.REFUND_RETRY_SECONDS = 30
+    order = _paid_order(stub)
+    refund = _refund(order)
+    stub.refund_answers = [UNAVAILABLE]
+    before = timezone.now()
+    # when
+    services.refund_send(refund_id=refund.pk)
+    # then it waits, pending, due later (a stored due time, not a countdown)
+    waiting = Refund.objects.get(pk=refund.pk)
+    assert waiting.status == "pending"
+    assert waiting.next_check_at >= before + timedelta(seconds=30)
+    assert RefundAttempt.objects.get(refund=refund).sends == 1
+    # a duplicate delivery meanwhile does not cut the wait short
+    services.refund_send(refund_id=refund.pk)
+    assert len(stub.refund_calls) == 1
+    # and when it is due, the retry goes to the same channel under the same key
+    _time_passes(refund)
+    services.refund_send(refund_id=refund.pk)
+    assert stub.refund_calls == [("stub-1", f"refund:{refund.pk}")] * 2
+    assert Refund.objects.get(pk=refund.pk).status == "processing"
+
+
+@pytest.mark.django_db
+def test_a_refund_refused_for_good_fails_and_gives_its_amount_back(stub, channels):
+    order = _paid_order(stub)
+    refund = _refund(order, amount=order.amount)
+    stub.refund_answers = [
+        RefundResult(ChargeOutcome.REJECTED, http_status=400, error="amount_exceeds_charge")
+    ]
+    services.refund_send(refund_id=refund.pk)
+    failed = Refund.objects.get(pk=refund.pk)
+    assert (failed.status, failed.failure_code) == ("failed", "refund_refused")
+    assert Order.objects.get(pk=order.pk).refund_held == 0
+
+
+@pytest.mark.django_db
+def test_a_503_every_time_fails_after_the_bound_with_nothing_refunded(stub, channels, settings):
+    settings.REFUND_MAX_SENDS = 3
+    order = _paid_order(stub)
+    refund = _refund(order)
+    stub.refund_answers = [UNAVAILABLE] * 3
+    for _ in range(3):
+        _time_passes(refund)
+        services.refund_send(refund_id=refund.pk)
+    failed = Refund.objects.get(pk=refund.pk)
+    assert (failed.status, failed.failure_code) == ("failed", "channel_unavailable")
+    assert len(stub.refund_calls) == 3
+
+
+@pytest.mark.django_db
+def test_unknown_outcome_waits_in_processing_until_a_poll_says(stub, channels):
+    order = _paid_order(stub)
+    refund = _refund(order)
+    stub.refund_answers = [RefundResult(ChargeOutcome.UNKNOWN, error="after sending: ReadTimeout")]
+    services.refund_send(refund_id=refund.pk)
+    assert Refund.objects.get(pk=refund.pk).status == "processing"
+    services.refund_poll(refund_id=refund.pk)  # the provider still says pending
+    assert Refund.objects.get(pk=refund.pk).status == "processing"
+    stub.refund_status = "succeeded"
+    services.refund_poll(refund_id=refund.pk)
+    assert Refund.objects.get(pk=refund.pk).status == "succeeded"
+    assert Order.objects.get(pk=order.pk).amount_refunded == 500
+    assert stub.refund_calls == [("stub-1", f"refund:{refund.pk}")]
+
+
+@pytest.mark.django_db
+def test_a_webhook_counts_only_for_its_channel_and_a_late_one_changes_nothing(stub, channels):
+    order = _paid_order(stub)
+    refund = _refund(order)
+    services.refund_send(refund_id=refund.pk)
+    key = f"refund:{refund.pk}"
+    # signed by another channel: nothing
+    assert (
+        services.refund_confirm(
+            idempotency_key=key, status="succeeded", source="webhook", channel="stub-2", provider="stub"
+        )
+        is None
+    )
+    assert Refund.objects.get(pk=refund.pk).status == "processing"
+    # its own channel: succeeded; then a duplicate and a late failure change nothing
+    services.refund_confirm(
+        idempotency_key=key, status="succeeded", source="webhook", channel="stub-1", provider="stub"
+    )
+    services.refund_confirm(
+        idempotency_key=key, status="succeeded", source="webhook", channel="stub-1", provider="stub"
+    )
+    services.refund_confirm(
+        idempotency_key=key, status="failed", source="webhook", channel="stub-1", provider="stub"
+    )
+    assert Refund.objects.get(pk=refund.pk).status == "succeeded"
+    assert Order.objects.get(pk=order.pk).amount_refunded == 500
+    assert IgnoredSignal.objects.filter(refund=refund).count() == 2
+
+
+@pytest.mark.django_db
+def test_the_providers_word_may_outrun_our_record_of_the_request(stub, channels):
+    # given the refund's request was claimed (key stored) but its answer not yet recorded
+    order = _paid_order(stub)
+    refund = _refund(order)
+    stub.refund_answers = [UNAVAILABLE]
+    services.refund_send(refund_id=refund.pk)
+    # when the provider's webhook says succeeded
+    services.refund_confirm(idempotency_key=f"refund:{refund.pk}", status="succeeded", source="webhook")
+    # then pending -> processing -> succeeded, in the log
+    steps = list(refund.transitions.order_by("id").values_list("from_status", "to_status"))
+    assert steps == [(None, "pending"), ("pending", "processing"), ("processing", "succeeded")]
