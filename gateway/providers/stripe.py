@@ -44,11 +44,14 @@ from gateway.providers.base import (
     MalformedWebhook,
     ProviderAdapter,
     ProviderError,
+    RefundRequest,
+    RefundResult,
     StatusResult,
     WebhookEvent,
     register,
 )
 from gateway.providers.sandbox import _finite, _never_sent, _no_constant, _payload_storable, _token
+from gateway.selectors import provider_reference_of_charge, provider_reference_of_refund
 
 logger = logging.getLogger(__name__)
 
@@ -292,6 +295,65 @@ class StripeAdapter(ProviderAdapter):
             raise ProviderError("status answer is about another charge")
         status, failure_code = intent_status(data)
         return StatusResult(status=status, failure_code=failure_code, provider_reference=provider_reference)
+
+    def refund(self, *, channel: PaymentChannel, request: RefundRequest) -> RefundResult:
+        """A refund through Stripe's Refunds API, of the PaymentIntent that the charge made.
+
+        The same sorting as a charge's: refused before anything was made -> rejected for good
+        (or to retry, when nothing was sent); anything that may hide a refund -> unknown.
+        """
+        intent = provider_reference_of_charge(idempotency_key=request.charge_idempotency_key)
+        if not intent.startswith("pi_"):
+            return RefundResult(ChargeOutcome.REJECTED, error="charge has no PaymentIntent yet", retry=True)
+        try:
+            client = self._client(channel)
+        except ProviderError as exc:
+            return RefundResult(ChargeOutcome.REJECTED, error=f"not sent: {exc}", retry=True)
+        params = {
+            "payment_intent": intent,
+            "amount": request.amount,
+            "metadata": {
+                "order_id": request.order_id,
+                "refund_id": request.refund_id,
+                "attempt": request.idempotency_key,
+            },
+        }
+        try:
+            refund = client.v1.refunds.create(
+                params=params, options={"idempotency_key": request.idempotency_key}
+            )
+        except stripe.StripeError as exc:
+            sorted_ = sort_stripe_error(exc)
+            retry = sorted_.outcome == ChargeOutcome.REJECTED and sorted_.error.startswith("not sent")
+            outcome = ChargeOutcome.UNKNOWN if isinstance(exc, stripe.CardError) else sorted_.outcome
+            return RefundResult(outcome, http_status=sorted_.http_status, error=sorted_.error, retry=retry)
+        reference = _token(refund.to_dict().get("id"))
+        if not reference.startswith("re_"):
+            return RefundResult(ChargeOutcome.UNKNOWN, http_status=200, error="answer without a refund id")
+        return RefundResult(ChargeOutcome.ACCEPTED, provider_reference=reference, http_status=200)
+
+    def fetch_refund_status(self, *, channel: PaymentChannel, idempotency_key: str) -> StatusResult:
+        """The refund's status, by Stripe's id for it; without one, "not_found" resends the create
+        under the same key (Stripe answers with the first request's result)."""
+        reference = provider_reference_of_refund(idempotency_key=idempotency_key)
+        if not reference.startswith("re_"):
+            return StatusResult("not_found")
+        try:
+            refund = self._client(channel).v1.refunds.retrieve(reference)
+        except stripe.InvalidRequestError as exc:
+            if exc.http_status == 404:
+                return StatusResult("not_found")
+            raise ProviderError(f"refund status answer http {exc.http_status}") from exc
+        except stripe.StripeError as exc:
+            raise ProviderError(f"refund status query failed: {exc.__class__.__name__}") from exc
+        refund = refund.to_dict()
+        status = refund.get("status")
+        if status == "succeeded":
+            return StatusResult("succeeded", provider_reference=reference)
+        if status in ("failed", "canceled"):
+            code = _token(refund.get("failure_reason"), 64) or "refund_failed"
+            return StatusResult("failed", failure_code=code, provider_reference=reference)
+        return StatusResult("pending", provider_reference=reference)
 
     def parse_webhook(self, *, body: bytes, headers: dict[str, str]) -> WebhookEvent:
         """Verify `Stripe-Signature` with the library against each Stripe channel's endpoint secret.

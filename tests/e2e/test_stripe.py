@@ -119,3 +119,38 @@ def test_a_forged_stripe_signature_is_400_and_changes_nothing(live, receiver):
     after = client.get(order["id"])
     assert (after["status"], after["outcome"], after["failure_code"]) == (C, "paid", None)
     assert _stored_webhooks(order["id"]) == stored
+
+
+def test_a_refund_of_a_stripe_order_reaches_localstripes_charge(live, receiver):
+    creds = make_merchant(callback_url=receiver.url("/hooks/stripe-refund"))
+    client = Client(creds.api_key)
+    order = client.create(1050, "USD", payment_method="pm_card_visa")
+    paid = client.wait_status(order["id"], C, timeout=40)
+    # when: a partial refund through our API
+    response = client.session.post(
+        f"http://{WEB}/api/v1/orders/{order['id']}/refunds",
+        json={"amount": 400},
+        headers={"Idempotency-Key": f"rf-{order['id']}"},
+        timeout=10,
+    )
+    assert response.status_code == 201, response.text
+    refund_id = response.json()["id"]
+    # then it succeeds (localstripe refunds at once and sends no refund webhook: a status poll says so)
+    done = wait_for(
+        lambda: (
+            (r := client.session.get(f"http://{WEB}/api/v1/refunds/{refund_id}", timeout=10).json())["status"]
+            == "succeeded"
+            and r
+        ),
+        40,
+        "refund succeeded",
+    )
+    assert done["amount"] == 400
+    intent = localstripe_get(f"/v1/payment_intents/{paid['provider_reference']}")
+    charge_id = (
+        intent["latest_charge"]["id"]
+        if isinstance(intent["latest_charge"], dict)
+        else intent["latest_charge"]
+    )
+    assert localstripe_get(f"/v1/charges/{charge_id}")["amount_refunded"] == 400
+    assert client.get(order["id"])["amount_refunded"] == 400

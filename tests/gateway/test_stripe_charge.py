@@ -3,6 +3,7 @@ Stripe's recorded answers: the answer of the create-and-confirm call settles the
 
 import pytest
 
+from allocation.models import PaymentChannel
 from core import crypto
 from gateway.models import ChargeAttempt
 from gateway.services import order_charge, order_poll
@@ -115,3 +116,39 @@ def test_a_poll_without_an_intent_id_resends_the_create_under_the_same_key(strip
     order = Order.objects.get(pk=order.pk)
     assert (order.status, order.provider_reference) == (OrderStatus.PAID, "pi_3QxS2vLkdIwHu7ix0b7mYqLx")
     assert ChargeAttempt.objects.get(order=order).provider_reference == "pi_3QxS2vLkdIwHu7ix0b7mYqLx"
+
+
+@pytest.mark.parametrize(
+    ("status", "name", "outcome", "retry"),
+    [
+        (200, "refund_succeeded", "accepted", False),
+        (401, "error_invalid_api_key", "rejected", False),
+        (409, "error_idempotency_key_in_use", "unknown", False),
+        (500, "error_api_error", "unknown", False),
+    ],
+)
+def test_a_refund_goes_to_the_charges_payment_intent_and_its_answer_is_sorted(
+    stripe_peer, status, name, outcome, retry
+):
+    from gateway.providers.base import RefundRequest
+    from gateway.providers.stripe import StripeAdapter
+
+    peer = stripe_peer(status, name)
+    order = _processing("pi_3QxS2vLkdIwHu7ix0b7mYqLx")
+    request = RefundRequest(
+        refund_id="r1",
+        order_id=str(order.pk),
+        amount=400,
+        currency="USD",
+        idempotency_key="rf-key",
+        charge_idempotency_key=f"{order.pk}:stripe-test",
+        webhook_url="",
+    )
+    channel = PaymentChannel.objects.get(code="stripe-test")
+    result = StripeAdapter().refund(channel=channel, request=request)
+    head, _, body = peer.requests[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"POST /v1/refunds ") and b"Idempotency-Key: rf-key" in head
+    assert b"payment_intent=pi_3QxS2vLkdIwHu7ix0b7mYqLx" in body and b"amount=400" in body
+    assert (result.outcome.value, result.retry) == (outcome, retry)
+    if outcome == "accepted":
+        assert result.provider_reference == "re_3QxS2vLkdIwHu7ix0Rf1nD01"
