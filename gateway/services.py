@@ -756,7 +756,21 @@ def _refund_record(*, attempt: RefundAttempt, result: RefundResult) -> Transitio
             if unknown
             else f"refund accepted by {attempt.channel}"
         )
-        return _refund_processing(attempt, reason)
+        processing = _refund_processing(attempt, reason)
+    return _refund_settled_by_answer(attempt, result) or processing
+
+
+def _refund_settled_by_answer(attempt: RefundAttempt, result: RefundResult) -> TransitionResult | None:
+    """An answer that already says how the refund ended (Stripe's) settles it now, through the same
+    compare-and-set as a webhook or poll: whichever comes later is a duplicate that changes nothing."""
+    if result.outcome != ChargeOutcome.ACCEPTED or result.status not in (RS.SUCCEEDED, RS.FAILED):
+        return None
+    return refund_confirm(
+        idempotency_key=attempt.idempotency_key,
+        status=result.status,
+        failure_code=result.failure_code,
+        source="refund answer",
+    )
 
 
 def _refund_processing(attempt: RefundAttempt, reason: str) -> TransitionResult:
@@ -858,6 +872,13 @@ def refund_poll(*, refund_id) -> TransitionResult | None:
         # The request never reached the provider: the same request under the same key is safe.
         result = adapter.refund(channel=channel, request=_refund_request(attempt))
         logger.info("refund_poll.resent", extra={**log, "outcome": result.outcome.value})
+        if result.provider_reference and result.outcome == ChargeOutcome.ACCEPTED:
+            RefundAttempt.objects.filter(pk=attempt.pk, provider_reference="").update(
+                provider_reference=result.provider_reference
+            )
+        settled = _refund_settled_by_answer(attempt, result)
+        if settled is not None:
+            return settled
         if result.outcome == ChargeOutcome.REJECTED and not result.retry:
             with transaction.atomic():
                 refused = RefundAttempt.objects.filter(

@@ -68,6 +68,11 @@ class RefundResult:
     # REJECTED only: the provider was unavailable and asks to try again later (same channel, same
     # key); otherwise it refused this refund for good.
     retry: bool = False
+    # ACCEPTED only, for providers whose answer already says how the refund ended (Stripe's Refund
+    # object): "succeeded" or "failed" (with the provider's failure reason) settles it at once;
+    # "" when it comes later, by webhook or poll.
+    status: str = ""
+    failure_code: str = ""
 
 
 class InvalidWebhook(Exception):

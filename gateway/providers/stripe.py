@@ -155,6 +155,20 @@ def intent_status(intent: dict) -> tuple[str, str]:
     return "pending", ""  # processing, requires_capture/confirmation: the webhook says more
 
 
+def refund_status(refund: dict) -> tuple[str, str]:
+    """("succeeded" | "failed" | "pending", failure reason) of a Refund (its Stripe JSON).
+
+    A refund ends `succeeded`, or `failed` (the money could not go back: Stripe's failure_reason)
+    or `canceled`; `pending` and `requires_action` are on the way.
+    """
+    status = refund.get("status")
+    if status == "succeeded":
+        return "succeeded", ""
+    if status in ("failed", "canceled"):
+        return "failed", _token(refund.get("failure_reason"), 64) or f"refund_{status}"
+    return "pending", ""
+
+
 def sort_stripe_error(exc: stripe.StripeError) -> ChargeResult:
     """What one of the library's errors, raised by the create-and-confirm call, says about the money."""
     status = exc.http_status
@@ -327,10 +341,18 @@ class StripeAdapter(ProviderAdapter):
             retry = sorted_.outcome == ChargeOutcome.REJECTED and sorted_.error.startswith("not sent")
             outcome = ChargeOutcome.UNKNOWN if isinstance(exc, stripe.CardError) else sorted_.outcome
             return RefundResult(outcome, http_status=sorted_.http_status, error=sorted_.error, retry=retry)
-        reference = _token(refund.to_dict().get("id"))
+        data = refund.to_dict()
+        reference = _token(data.get("id"))
         if not reference.startswith("re_"):
             return RefundResult(ChargeOutcome.UNKNOWN, http_status=200, error="answer without a refund id")
-        return RefundResult(ChargeOutcome.ACCEPTED, provider_reference=reference, http_status=200)
+        status, failure_code = refund_status(data)
+        return RefundResult(
+            ChargeOutcome.ACCEPTED,
+            provider_reference=reference,
+            http_status=200,
+            status="" if status == "pending" else status,
+            failure_code=failure_code,
+        )
 
     def fetch_refund_status(self, *, channel: PaymentChannel, idempotency_key: str) -> StatusResult:
         """The refund's status, by Stripe's id for it; without one, "not_found" resends the create
@@ -346,14 +368,8 @@ class StripeAdapter(ProviderAdapter):
             raise ProviderError(f"refund status answer http {exc.http_status}") from exc
         except stripe.StripeError as exc:
             raise ProviderError(f"refund status query failed: {exc.__class__.__name__}") from exc
-        refund = refund.to_dict()
-        status = refund.get("status")
-        if status == "succeeded":
-            return StatusResult("succeeded", provider_reference=reference)
-        if status in ("failed", "canceled"):
-            code = _token(refund.get("failure_reason"), 64) or "refund_failed"
-            return StatusResult("failed", failure_code=code, provider_reference=reference)
-        return StatusResult("pending", provider_reference=reference)
+        status, failure_code = refund_status(refund.to_dict())
+        return StatusResult(status, failure_code=failure_code, provider_reference=reference)
 
     def parse_webhook(self, *, body: bytes, headers: dict[str, str]) -> WebhookEvent:
         """Verify `Stripe-Signature` with the library against each Stripe channel's endpoint secret.

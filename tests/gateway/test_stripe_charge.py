@@ -152,3 +152,96 @@ def test_a_refund_goes_to_the_charges_payment_intent_and_its_answer_is_sorted(
     assert (result.outcome.value, result.retry) == (outcome, retry)
     if outcome == "accepted":
         assert result.provider_reference == "re_3QxS2vLkdIwHu7ix0Rf1nD01"
+
+
+def _refund_of(order: Order, amount: int = 400):
+    from orders.models import Refund
+    from orders.services import refund_create, refund_fingerprint
+
+    result = refund_create(
+        merchant=order.merchant,
+        order_id=str(order.pk),
+        idempotency_key=f"rk-{amount}",
+        fingerprint=refund_fingerprint(order_id=order.pk, data={"amount": amount}),
+        amount=amount,
+    )
+    return Refund.objects.get(pk=result.body["id"])
+
+
+@pytest.mark.parametrize(
+    ("status", "failure_reason", "settled", "failure_code"),
+    [
+        ("succeeded", None, "succeeded", None),
+        ("failed", "expired_or_canceled_card", "failed", "expired_or_canceled_card"),
+        ("pending", None, "processing", None),
+    ],
+)
+def test_a_refund_answer_that_says_how_it_ended_settles_it_without_a_poll(
+    stripe_peer, status, failure_reason, settled, failure_code
+):
+    import json
+
+    from gateway.models import RefundAttempt
+    from gateway.services import refund_confirm, refund_send
+    from orders.models import IgnoredSignal, Refund
+
+    # given: a Stripe order paid through the create-and-confirm call
+    peer = stripe_peer(200, "payment_intent_succeeded")
+    order = assigned_order("stripe-test")
+    Order.objects.filter(pk=order.pk).update(payment_method="pm_card_visa")
+    order_charge(order_id=order.pk)
+    # and Stripe's answer to the refund says how the refund ended
+    body = json.loads(recorded("refund_succeeded"))
+    body.update(status=status, failure_reason=failure_reason)
+    peer.script = answer(200, json.dumps(body))
+    refund = _refund_of(order)
+    # when: the refund stage sends it
+    refund_send(refund_id=refund.pk)
+    # then: one request, and the refund is settled by its answer, no poll asked
+    assert [request.split(b" ", 2)[:2] for request in peer.requests[1:]] == [[b"POST", b"/v1/refunds"]]
+    refund = Refund.objects.get(pk=refund.pk)
+    assert (refund.status, refund.failure_code) == (settled, failure_code)
+    attempt = RefundAttempt.objects.get(refund=refund)
+    assert attempt.provider_reference == "re_3QxS2vLkdIwHu7ix0Rf1nD01"
+    steps = [step[1] for step in refund.transitions.order_by("id").values_list("from_status", "to_status")]
+    assert steps == ["pending", "processing"] + ([settled] if settled != "processing" else [])
+    if settled == "processing":
+        return
+    assert Order.objects.get(pk=order.pk).amount_refunded == (400 if settled == "succeeded" else 0)
+    # and a later word (the webhook, a poll) is a duplicate that changes nothing
+    refund_confirm(
+        idempotency_key=attempt.idempotency_key,
+        status=status,
+        failure_code=failure_reason or "",
+        source="webhook",
+        channel="stripe-test",
+        provider="stripe",
+    )
+    assert Refund.objects.get(pk=refund.pk).status == settled
+    assert refund.transitions.count() == len(steps)
+    assert IgnoredSignal.objects.filter(refund=refund).count() == 1
+    assert Order.objects.get(pk=order.pk).amount_refunded == (400 if settled == "succeeded" else 0)
+
+
+def test_a_refund_whose_answer_was_lost_is_settled_by_the_resent_creates_answer(stripe_peer):
+    from gateway.models import RefundAttempt
+    from gateway.services import refund_poll, refund_send
+    from orders.models import Refund
+
+    peer = stripe_peer(200, "payment_intent_succeeded")
+    order = assigned_order("stripe-test")
+    Order.objects.filter(pk=order.pk).update(payment_method="pm_card_visa")
+    order_charge(order_id=order.pk)
+    refund = _refund_of(order)
+    # given: the refund's answer is lost (a 500: maybe refunded), so no re_ id is known
+    peer.script = answer(500, recorded("error_api_error"))
+    refund_send(refund_id=refund.pk)
+    assert Refund.objects.get(pk=refund.pk).status == "processing"
+    # when: the poll has no id to ask by, it resends the create under the same key, and Stripe
+    # answers with the first request's Refund
+    peer.script = answer(200, recorded("refund_succeeded"))
+    refund_poll(refund_id=refund.pk)
+    # then: settled by that answer, and the id kept for any later status query
+    assert [request.split(b" ", 2)[:2] for request in peer.requests[1:]] == [[b"POST", b"/v1/refunds"]] * 2
+    assert Refund.objects.get(pk=refund.pk).status == "succeeded"
+    assert RefundAttempt.objects.get(refund=refund).provider_reference == "re_3QxS2vLkdIwHu7ix0Rf1nD01"
