@@ -67,3 +67,9 @@ def provider_reference_of_refund(*, idempotency_key: str) -> str:
         "provider_reference", flat=True
     )
     return next(iter(reference), "") or ""
+
+
+def channel_of_refund(*, idempotency_key: str) -> str:
+    """The channel that was sent the refund under our key ("" when no refund has that key)."""
+    channel = RefundAttempt.objects.filter(idempotency_key=idempotency_key).values_list("channel", flat=True)
+    return next(iter(channel), "") or ""

@@ -51,7 +51,7 @@ from gateway.providers.base import (
     register,
 )
 from gateway.providers.sandbox import _finite, _never_sent, _no_constant, _payload_storable, _token
-from gateway.selectors import provider_reference_of_charge, provider_reference_of_refund
+from gateway.selectors import channel_of_refund, provider_reference_of_charge, provider_reference_of_refund
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +64,21 @@ WEBHOOK_TOLERANCE_SECONDS = 300
 _GENERIC_DECLINE = "generic_decline"
 
 
-# The events our endpoint at localstripe is registered for (what the gateway acts on).
+# The events our endpoint at localstripe is registered for (what the gateway acts on). A refund's
+# end comes as an event about the Refund itself: `refund.updated` (succeeded after pending, or
+# failed/canceled), `refund.failed`, `refund.created` (a card refund is often created succeeded),
+# and, from API versions before 2024-10-28, `charge.refund.updated`. `charge.refunded` is about the
+# Charge (its refunds are not listed since 2022-11-15): it cannot say which refund ended, so it is
+# acknowledged and ignored like any other event we do not act on.
 LOCALSTRIPE_WEBHOOK_EVENTS = [
     "payment_intent.succeeded",
     "payment_intent.payment_failed",
-    "charge.refunded",
+    "refund.created",
+    "refund.updated",
+    "refund.failed",
     "charge.refund.updated",
 ]
+_REFUND_EVENTS = frozenset({"refund.created", "refund.updated", "refund.failed", "charge.refund.updated"})
 
 
 def localstripe_endpoint_secret(channel_code: str, master: str) -> str:
@@ -428,6 +436,8 @@ def verified_event(payload: str, signers: list[str]) -> WebhookEvent:
     event_type = event.get("type")
     if not event_id or not isinstance(event_type, str) or len(event_type) > 64:
         raise MalformedWebhook("event without id or type")
+    if event_type in _REFUND_EVENTS:
+        return _refund_event(event, event_id, event_type, signers)
     status = _EVENT_STATUS.get(event_type)
     if status is None:
         raise IgnoredWebhook(f"event type {event_type[:64]!r}")
@@ -462,6 +472,47 @@ def verified_event(payload: str, signers: list[str]) -> WebhookEvent:
         failure_code=failure_code,
         provider_reference=reference,
         payload=event,
+    )
+
+
+def _refund_event(event: dict, event_id: str, event_type: str, signers: list[str]) -> WebhookEvent:
+    """A Refund's event: the same refund-webhook event as the sandbox's, once the Refund has ended.
+
+    Ours when its metadata names our refund key (`attempt`, set by `StripeAdapter.refund`);
+    a refund still pending, or one made by another system on the account, is ignored (2xx).
+    """
+    data = event.get("data")
+    refund = data.get("object") if isinstance(data, dict) else None
+    if not isinstance(refund, dict) or refund.get("object") != "refund":
+        raise MalformedWebhook("event without its Refund")
+    metadata = refund.get("metadata")
+    metadata = metadata if isinstance(metadata, dict) else {}
+    order_id, attempt = metadata.get("order_id"), metadata.get("attempt")
+    if order_id is None and attempt is None:
+        raise IgnoredWebhook("a Refund that is not ours")
+    reference = _token(refund.get("id"))
+    order_id, attempt = _token(order_id, 64), _token(attempt)
+    if not order_id or not attempt.startswith("refund:") or not reference.startswith("re_"):
+        raise MalformedWebhook("Refund without a readable id, order_id or attempt")
+    status, failure_code = refund_status(refund)
+    if status == "pending":
+        raise IgnoredWebhook(f"refund still {_token(refund.get('status'), 32) or 'pending'}")
+    if not _payload_storable(event):
+        raise MalformedWebhook("body holds NUL bytes or invalid text")
+    # A refund's key does not name its channel: of those whose secret verified, the one sent it.
+    refund_channel = channel_of_refund(idempotency_key=attempt)
+    channel = refund_channel if refund_channel in signers else signers[0]
+    return WebhookEvent(
+        webhook_id=event_id,
+        event_type=event_type,
+        status=status,
+        order_id=order_id,
+        idempotency_key=attempt,
+        channel=channel,
+        failure_code=failure_code,
+        provider_reference=reference,
+        payload=event,
+        kind="refund",
     )
 
 

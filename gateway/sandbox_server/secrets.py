@@ -32,7 +32,9 @@ def channel_webhook_secret(channel_code: str, master: str | None = None) -> str:
 STRIPE_WEBHOOK_EVENTS = [
     "payment_intent.succeeded",
     "payment_intent.payment_failed",
-    "charge.refunded",
+    "refund.created",
+    "refund.updated",
+    "refund.failed",
     "charge.refund.updated",
 ]
 

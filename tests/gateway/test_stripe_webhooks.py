@@ -129,8 +129,25 @@ def test_events_we_do_not_act_on_are_ignored_not_refused(channels):
         '"note":"\\u0000"}}}',
         '{"object":"event","id":"evt_1","type":"payment_intent.succeeded","amount":NaN}',
         "[" * 100000,
+        '{"object":"event","id":"evt_1","type":"refund.updated","data":{"object":{"object":"charge"}}}',
+        '{"object":"event","id":"evt_1","type":"refund.failed","data":{"object":{"object":"refund",'
+        '"id":"re_1","status":"failed","metadata":{"order_id":"o","attempt":["refund:x"]}}}}',
+        '{"object":"event","id":"evt_1","type":"refund.failed","data":{"object":{"object":"refund",'
+        '"id":"re_1","status":"failed","metadata":{"order_id":"o","attempt":"o:stripe-test"}}}}',
     ],
-    ids=["not json", "a list", "no id", "object not a dict", "order id a list", "NUL", "NaN", "deep"],
+    ids=[
+        "not json",
+        "a list",
+        "no id",
+        "object not a dict",
+        "order id a list",
+        "NUL",
+        "NaN",
+        "deep",
+        "refund event of a charge",
+        "refund attempt a list",
+        "refund event naming a charge's key",
+    ],
 )
 def test_a_verified_body_of_the_wrong_shape_is_malformed(channels, body):
     with pytest.raises(MalformedWebhook):
