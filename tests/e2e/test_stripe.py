@@ -11,6 +11,7 @@ import requests
 from standardwebhooks.webhooks import Webhook
 
 from gateway.models import ProviderWebhook
+from orders.models import RefundTransition
 from tests.e2e.conftest import WEB, Client, localstripe_get, path_of, wait_for
 from tests.factories import make_merchant
 
@@ -135,7 +136,8 @@ def test_a_refund_of_a_stripe_order_reaches_localstripes_charge(live, receiver):
     )
     assert response.status_code == 201, response.text
     refund_id = response.json()["id"]
-    # then it succeeds (localstripe refunds at once and sends no refund webhook: a status poll says so)
+    # then it succeeds: Stripe's (here localstripe's) answer is a Refund already `succeeded`, which
+    # settles it at once (localstripe sends no refund webhook; a status poll would be the fallback)
     done = wait_for(
         lambda: (
             (r := client.session.get(f"http://{WEB}/api/v1/refunds/{refund_id}", timeout=10).json())["status"]
@@ -146,6 +148,8 @@ def test_a_refund_of_a_stripe_order_reaches_localstripes_charge(live, receiver):
         "refund succeeded",
     )
     assert done["amount"] == 400
+    last = RefundTransition.objects.filter(refund_id=refund_id).order_by("id").last()
+    assert (last.to_status, last.reason) == ("succeeded", "provider says succeeded via refund answer")
     intent = localstripe_get(f"/v1/payment_intents/{paid['provider_reference']}")
     charge_id = (
         intent["latest_charge"]["id"]
