@@ -22,6 +22,10 @@ class PaymentChannel(models.Model):
     circuit_open_until = models.DateTimeField(null=True, blank=True)
     # The provider's webhook signing secret for this channel, encrypted (core/crypto.py).
     webhook_secret_encrypted = models.TextField(blank=True, default="")
+    # Providers reached with a key of the channel's own (Stripe: `sk_…`), encrypted like the secret.
+    api_key_encrypted = models.TextField(blank=True, default="")
+    # Where the provider's API is for this channel (Stripe: empty means STRIPE_API_BASE).
+    api_base = models.URLField(max_length=500, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

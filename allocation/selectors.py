@@ -5,9 +5,11 @@ import threading
 import time
 from collections import OrderedDict
 
+from cryptography.fernet import InvalidToken
 from django.db.models import OuterRef, QuerySet, Subquery
 
 from allocation.models import ChannelDailyVolume, PaymentChannel
+from core import crypto
 
 _CACHE_SECONDS = 5.0
 # Only channels that exist are cached, so the cache is as large as the channel table; the cap
@@ -45,9 +47,27 @@ def channel_by_code(code: str) -> PaymentChannel | None:
     return channel
 
 
+_by_provider: dict[str, tuple[float, list[PaymentChannel]]] = {}
+
+
+def channels_of_provider(provider: str) -> list[PaymentChannel]:
+    """The channels of one provider (Stripe's webhooks name none: each one's secret is tried), cached
+    briefly like channel_by_code; `provider` is one of our adapters' names, never a peer's text."""
+    now = time.monotonic()
+    with _cache_lock:
+        hit = _by_provider.get(provider)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+    channels = list(PaymentChannel.objects.filter(provider=provider).order_by("code")[:_CACHE_MAX])
+    with _cache_lock:
+        _by_provider[provider] = (now + _CACHE_SECONDS, channels)
+    return channels
+
+
 def channel_cache_clear() -> None:
     with _cache_lock:
         _cache.clear()
+        _by_provider.clear()
 
 
 def channels_with_volume(*, day) -> QuerySet[PaymentChannel]:
@@ -69,3 +89,15 @@ def channel_codes() -> list[str]:
 
 def channel_providers() -> list[str]:
     return list(PaymentChannel.objects.order_by("provider").values_list("provider", flat=True).distinct())
+
+
+def credential_hint(encrypted: str) -> str:
+    """A stored credential as operators see it: its kind and last four characters, never more."""
+    if not encrypted:
+        return "not set"
+    try:
+        value = crypto.decrypt(encrypted)
+    except (InvalidToken, ValueError):  # a key rotated away: say so, never show the token
+        return "set, unreadable with the current FIELD_ENCRYPTION_KEY"
+    prefix = value.split("_", 1)[0] + "_" if "_" in value[:8] else ""
+    return f"{prefix}…{value[-4:]}" if len(value) >= len(prefix) + 12 else f"{prefix}… (set)"

@@ -10,6 +10,8 @@ from django.utils import timezone
 
 from allocation.models import PaymentChannel
 from allocation.selectors import channel_cache_clear
+from core import crypto
+from core.errors import InvalidRequest
 from core.faults import fault_point
 from core.redis import get_redis
 from orders.models import Order, OrderStatus
@@ -21,6 +23,21 @@ logger = logging.getLogger(__name__)
 NO_CHANNEL = "no_channel_available"
 CHANNEL_UNAVAILABLE = "channel_unavailable"
 
+# Providers that charge a payer's payment-method token (SPEC 11), by the token's prefix. An order
+# with a token goes only to these providers' channels; one without, only to the others.
+TOKEN_PROVIDERS = {"pm_": ("stripe",)}
+_ALL_TOKEN_PROVIDERS = sorted({p for providers in TOKEN_PROVIDERS.values() for p in providers})
+
+
+def _providers_filter(payment_method: str | None) -> tuple[bool, list[str]]:
+    """(include, providers): channels whose provider is (include) or is not (exclude) in the list."""
+    if not payment_method:
+        return False, _ALL_TOKEN_PROVIDERS
+    for prefix, providers in TOKEN_PROVIDERS.items():
+        if payment_method.startswith(prefix):
+            return True, list(providers)
+    return True, []  # a token no provider takes: no channel fits
+
 
 # The same query the ORM would build from filters (and the model's ordering), written once:
 # it runs for every order, and building it was about a fifth of the allocation worker's CPU.
@@ -30,15 +47,24 @@ WHERE enabled AND currencies @> %s::varchar(3)[] AND min_amount <= %s
   AND (max_amount IS NULL OR max_amount >= %s)
   AND (circuit_open_until IS NULL OR circuit_open_until <= %s)
   AND NOT (code = ANY(%s::varchar(64)[]))
+  AND (provider = ANY(%s::varchar(32)[])) = %s
 ORDER BY priority, code
 """
 
 
-def channel_candidates(*, currency: str, amount: int, exclude: tuple[str, ...] = ()) -> list[PaymentChannel]:
-    """Eligible channels in the order to try them: priority ascending, weighted random within one."""
+def channel_candidates(
+    *, currency: str, amount: int, exclude: tuple[str, ...] = (), payment_method: str | None = None
+) -> list[PaymentChannel]:
+    """Eligible channels in the order to try them: priority ascending, weighted random within one.
+
+    Only channels whose provider can charge the order's payment method (SPEC 11): a `pm_` token
+    goes to Stripe channels only, an order without a token to the providers that need none.
+    """
+    include, providers = _providers_filter(payment_method)
     channels = list(
         PaymentChannel.objects.raw(
-            _CANDIDATES_SQL, [[currency], amount, amount, timezone.now(), list(exclude)]
+            _CANDIDATES_SQL,
+            [[currency], amount, amount, timezone.now(), list(exclude), providers, include],
         )
     )
     # Weighted shuffle (Efraimidis-Spirakis): sort by u^(1/w), u uniform; heavier weights first more often.
@@ -141,15 +167,26 @@ WHERE c.enabled AND c.currencies @> %s::varchar(3)[] AND c.min_amount <= %s
   AND c.circuit_open_until IS NOT NULL
   AND (c.daily_cap IS NULL OR COALESCE(v.reserved, 0) + %s <= c.daily_cap)
   AND NOT (c.code = ANY(%s::varchar(64)[]))
+  AND (c.provider = ANY(%s::varchar(32)[])) = %s
 """
 
 
 def _cooling_until(*, order: Order, exclude: tuple[str, ...]):
     now = timezone.now()
+    include, providers = _providers_filter(order.payment_method)
     with connection.cursor() as cursor:
         cursor.execute(
             _COOLING_SQL,
-            [now.date(), [order.currency], order.amount, order.amount, order.amount, list(exclude)],
+            [
+                now.date(),
+                [order.currency],
+                order.amount,
+                order.amount,
+                order.amount,
+                list(exclude),
+                providers,
+                include,
+            ],
         )
         return cursor.fetchone()[0]
 
@@ -193,7 +230,7 @@ def _wait_or_fail(
     )
 
 
-_ALLOCATION_FIELDS = ("id", "status", "amount", "currency", "channel", "created_at")
+_ALLOCATION_FIELDS = ("id", "status", "amount", "currency", "channel", "created_at", "payment_method")
 
 
 def order_allocate(*, order_id) -> TransitionResult | None:
@@ -204,7 +241,9 @@ def order_allocate(*, order_id) -> TransitionResult | None:
         return None
     if order.status != OrderStatus.PENDING:
         return TransitionResult(False, order.status, order.channel)
-    candidates = channel_candidates(currency=order.currency, amount=order.amount)
+    candidates = channel_candidates(
+        currency=order.currency, amount=order.amount, payment_method=order.payment_method
+    )
     result = _assign_first_fitting(
         order=order,
         candidates=candidates,
@@ -230,7 +269,9 @@ def order_reallocate(*, order: Order, failed_channel: str, refused_by: tuple[str
     Decided for the order as the caller read it (assigned to `failed_channel`): if it has moved
     on, nothing here applies. The refused channel's reservation was given back by the caller.
     """
-    candidates = channel_candidates(currency=order.currency, amount=order.amount, exclude=refused_by)
+    candidates = channel_candidates(
+        currency=order.currency, amount=order.amount, exclude=refused_by, payment_method=order.payment_method
+    )
     result = _assign_first_fitting(
         order=order,
         candidates=candidates,
@@ -310,6 +351,49 @@ def channel_record_failure(*, channel_code: str) -> bool:
     channel_cache_clear()
     logger.warning("circuit.opened", extra={"channel": channel_code, "failures": failed, "accepted": ok})
     return True
+
+
+class InvalidCredential(InvalidRequest):
+    """A channel credential that cannot be what the provider issues (the message never echoes it)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("invalid_credential", message)
+
+
+# What each provider's credentials look like (Stripe: secret or restricted keys, endpoint secrets).
+_CREDENTIAL_PREFIXES = {
+    "stripe": {"api_key": ("sk_", "rk_"), "webhook_secret": ("whsec_",)},
+}
+
+
+def _check_credential(provider: str, kind: str, value: str) -> None:
+    if not value or len(value) > 500 or not value.isprintable() or not value.isascii() or " " in value:
+        raise InvalidCredential(f"The {kind.replace('_', ' ')} must be 1 to 500 printable characters.")
+    prefixes = _CREDENTIAL_PREFIXES.get(provider, {}).get(kind)
+    if prefixes and not value.startswith(prefixes):
+        raise InvalidCredential(f"A {provider} {kind.replace('_', ' ')} starts with {' or '.join(prefixes)}.")
+
+
+def channel_credentials_set(
+    *, channel: PaymentChannel, api_key: str | None = None, webhook_secret: str | None = None
+) -> list[str]:
+    """Set or rotate a channel's API key and/or webhook endpoint secret, stored encrypted.
+
+    None leaves a credential as it is. Returns the names of what changed; the values are never
+    logged or returned.
+    """
+    changes: dict[str, str] = {}
+    if api_key is not None:
+        _check_credential(channel.provider, "api_key", api_key)
+        changes["api_key_encrypted"] = crypto.encrypt(api_key)
+    if webhook_secret is not None:
+        _check_credential(channel.provider, "webhook_secret", webhook_secret)
+        changes["webhook_secret_encrypted"] = crypto.encrypt(webhook_secret)
+    if changes:
+        PaymentChannel.objects.filter(pk=channel.pk).update(**changes)
+        channel_cache_clear()
+        logger.info("channel.credentials_set", extra={"channel": channel.code, "changed": sorted(changes)})
+    return sorted(name.removesuffix("_encrypted") for name in changes)
 
 
 def channel_set_enabled(*, channel: PaymentChannel, enabled: bool) -> None:

@@ -36,7 +36,7 @@ PATHS = {
     "/api/v1/gateway/webhooks/{provider}": {
         "post": {
             "operationId": "provider_webhook",
-            "summary": "A payment provider's signed event (SPEC 5, 7).",
+            "summary": "A payment provider's signed event (SPEC 5, 7; Stripe: SPEC 11).",
             "tags": ["provider webhooks"],
             "security": [],
             "parameters": [
@@ -44,6 +44,10 @@ PATHS = {
                 _header("webhook-id", "Standard Webhooks message id."),
                 _header("webhook-timestamp", "Unix seconds; more than 5 minutes off is refused."),
                 _header("webhook-signature", "Space-separated `v1,<base64 HMAC-SHA256>`."),
+                _header(
+                    "Stripe-Signature",
+                    "Stripe's `t=<unix seconds>,v1=<hex HMAC-SHA256>` (provider `stripe`).",
+                ),
             ],
             "requestBody": {
                 "required": True,
@@ -77,6 +81,10 @@ PATHS = {
                                 "properties": {
                                     "received": {"type": "boolean"},
                                     "duplicate": {"type": "boolean"},
+                                    "ignored": {
+                                        "type": "boolean",
+                                        "description": "Authentic, not acted on, not stored.",
+                                    },
                                 },
                                 "required": ["received", "duplicate"],
                             }
@@ -86,8 +94,9 @@ PATHS = {
                 **{
                     code: _json_error(text)
                     for code, text in (
-                        ("400", "Unreadable request."),
+                        ("400", "Unreadable request; for `stripe`, also a signature that does not verify."),
                         ("401", "Signature or timestamp not valid; nothing changed."),
+                        ("403", "Signed by a channel that did not make the charge; nothing changed."),
                         ("404", "Unknown provider."),
                         ("405", "Only POST."),
                         ("413", "Body over 64 KiB."),

@@ -7,4 +7,4 @@ class GatewayConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from gateway.providers import sandbox  # noqa: F401  (registers the adapter)
+        from gateway.providers import sandbox, stripe  # noqa: F401  (register the adapters)

@@ -5,7 +5,7 @@ from datetime import datetime
 
 from django.db.models import Count
 
-from gateway.models import ChargeAttempt
+from gateway.models import ChargeAttempt, RefundAttempt
 
 A = ChargeAttempt.Status
 # Attempts whose outcome is known; accepted and sending ones are still waiting for it.
@@ -51,3 +51,25 @@ def order_ids_by_provider_reference(*, reference: str, limit: int = 100) -> list
     return list(
         ChargeAttempt.objects.filter(provider_reference=reference).values_list("order_id", flat=True)[:limit]
     )
+
+
+def provider_reference_of_charge(*, idempotency_key: str) -> str:
+    """The provider's id of the charge made under our key ("" when not known yet)."""
+    reference = ChargeAttempt.objects.filter(idempotency_key=idempotency_key).values_list(
+        "provider_reference", flat=True
+    )
+    return next(iter(reference), "") or ""
+
+
+def provider_reference_of_refund(*, idempotency_key: str) -> str:
+    """The provider's id of the refund sent under our key ("" when not known yet)."""
+    reference = RefundAttempt.objects.filter(idempotency_key=idempotency_key).values_list(
+        "provider_reference", flat=True
+    )
+    return next(iter(reference), "") or ""
+
+
+def channel_of_refund(*, idempotency_key: str) -> str:
+    """The channel that was sent the refund under our key ("" when no refund has that key)."""
+    channel = RefundAttempt.objects.filter(idempotency_key=idempotency_key).values_list("channel", flat=True)
+    return next(iter(channel), "") or ""

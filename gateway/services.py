@@ -35,7 +35,7 @@ from gateway.providers.base import (
 )
 from orders.models import Order, OrderStatus, Refund, RefundStatus
 from orders.selectors import order_fields, refund_fields
-from orders.services import refund_retry_later
+from orders.services import order_provider_reference_set, refund_retry_later
 from orders.transitions import TransitionResult, order_transition, refund_transition
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,16 @@ def _from_row(model, names: list[str], row) -> object:
     return model.from_db(connection.alias, loaded, [values[name] for name in loaded])
 
 
-_CHARGE_FIELDS = ("id", "status", "amount", "currency", "channel", "created_at", "reserved_on")
+_CHARGE_FIELDS = (
+    "id",
+    "status",
+    "amount",
+    "currency",
+    "channel",
+    "created_at",
+    "reserved_on",
+    "payment_method",
+)
 
 
 def order_charge(*, order_id) -> TransitionResult | None:
@@ -153,6 +162,7 @@ def order_charge(*, order_id) -> TransitionResult | None:
             currency=order.currency,
             idempotency_key=attempt.idempotency_key,
             webhook_url=attempt.webhook_url,
+            payment_method=order.payment_method or "",
         )
         fault_point("charge.before_provider")
         result = adapter.charge(channel=channel, request=request)
@@ -218,6 +228,7 @@ def _charge_record(
                         "charge.answer_conflict",
                         extra={"order_id": str(order.pk), "channel": attempt.channel},
                     )
+        order_provider_reference_set(order_id=order.pk, reference=result.provider_reference)
         reason = (
             f"outcome unknown at {attempt.channel} ({result.error}); waiting for webhook or poll"
             if unknown
@@ -235,11 +246,26 @@ def _charge_record(
     else:
         channel_record_success(channel=channel)
     fault_point("charge.after_commit")
+    if result.outcome == ChargeOutcome.ACCEPTED and result.status in ("paid", "failed"):
+        # The provider settled the charge in the same call (Stripe confirms at once): apply its
+        # word now rather than wait for the webhook, which then finds the order settled.
+        return (
+            order_confirm(
+                order_id=order.pk,
+                idempotency_key=attempt.idempotency_key,
+                status=result.status,
+                failure_code=result.failure_code,
+                source="charge answer",
+                provider_reference=result.provider_reference,
+            )
+            or transition
+        )
     return transition
 
 
 _ATTEMPT_SQL = (
-    "SELECT a.id, a.status, a.channel, a.order_id, o.status, o.channel, o.request_id, a.provider"
+    "SELECT a.id, a.status, a.channel, a.order_id, o.status, o.channel, o.request_id, a.provider,"
+    " a.provider_reference, o.provider_reference"
     " FROM gateway_chargeattempt a JOIN orders_order o ON o.id = a.order_id"
     " WHERE a.idempotency_key = %s"
 )
@@ -291,10 +317,14 @@ def _attempt_with_order(
     if row is None:
         return None
     attempt = _from_row(
-        ChargeAttempt, ["id", "status", "channel", "order_id", "provider"], (*row[:4], row[7])
+        ChargeAttempt,
+        ["id", "status", "channel", "order_id", "provider", "provider_reference"],
+        (*row[:4], row[7], row[8]),
     )
     attempt.order = _from_row(
-        Order, ["id", "status", "channel", "request_id"], (row[3], row[4], row[5], row[6])
+        Order,
+        ["id", "status", "channel", "request_id", "provider_reference"],
+        (row[3], row[4], row[5], row[6], row[9]),
     )
     return attempt
 
@@ -308,6 +338,7 @@ def order_confirm(
     source: str,
     channel: str | None = None,
     provider: str | None = None,
+    provider_reference: str = "",
 ) -> TransitionResult | None:
     """Apply a provider's final word (webhook or poll) to the order: paid or failed.
 
@@ -351,6 +382,14 @@ def order_confirm(
             )
             return None
         order = attempt.order
+        if provider_reference and not attempt.provider_reference:
+            # The provider named its charge first here (a lost create answer, a declined Stripe
+            # charge whose error named no PaymentIntent): record it on the attempt.
+            ChargeAttempt.objects.filter(pk=attempt.pk, provider_reference="").update(
+                provider_reference=provider_reference[:128]
+            )
+        if provider_reference and not order.provider_reference:
+            order_provider_reference_set(order_id=order.pk, reference=provider_reference)
         # A provider's webhook is a request of its own: the order's lines, and the events this
         # confirm emits, keep the id of the API request that created the order.
         request_id_var.set(order.request_id or request_id_var.get())
@@ -464,7 +503,11 @@ def order_poll(*, order_id) -> TransitionResult | None:
     channel = channel_by_code(attempt.channel)
     adapter = get_adapter(attempt.provider)
     try:
-        status = adapter.fetch_status(channel=channel, idempotency_key=attempt.idempotency_key)
+        status = adapter.fetch_status(
+            channel=channel,
+            idempotency_key=attempt.idempotency_key,
+            provider_reference=attempt.provider_reference,
+        )
     except Exception as exc:  # provider unreachable: the sweep asks again later
         logger.warning("poll.failed", extra={"order_id": str(order.pk), "error": repr(exc)})
         return None
@@ -477,6 +520,7 @@ def order_poll(*, order_id) -> TransitionResult | None:
             status=status.status,
             failure_code=status.failure_code,
             source="status poll",
+            provider_reference=status.provider_reference,
         )
     if status.status == "not_found":
         # The request never reached the provider. Sending it again under the same key is safe:
@@ -487,11 +531,28 @@ def order_poll(*, order_id) -> TransitionResult | None:
             currency=order.currency,
             idempotency_key=attempt.idempotency_key,
             webhook_url=attempt.webhook_url or _webhook_url(attempt.provider),
+            payment_method=order.payment_method or "",
         )
         result = adapter.charge(channel=channel, request=request)
         logger.info("poll.resent", extra={"order_id": str(order.pk), "outcome": result.outcome.value})
         if result.outcome == ChargeOutcome.REJECTED:
             return _resend_refused(order=order, attempt=attempt, result=result)
+        if result.outcome == ChargeOutcome.ACCEPTED and result.status in ("paid", "failed"):
+            # Stripe answers the resent create with the first request's result (or the new one's).
+            return order_confirm(
+                order_id=order.pk,
+                idempotency_key=attempt.idempotency_key,
+                status=result.status,
+                failure_code=result.failure_code,
+                source="resent charge answer",
+                provider_reference=result.provider_reference,
+            )
+        if result.provider_reference:
+            with transaction.atomic():
+                ChargeAttempt.objects.filter(pk=attempt.pk, provider_reference="").update(
+                    provider_reference=result.provider_reference[:128]
+                )
+                order_provider_reference_set(order_id=order.pk, reference=result.provider_reference)
     return None
 
 
@@ -695,7 +756,21 @@ def _refund_record(*, attempt: RefundAttempt, result: RefundResult) -> Transitio
             if unknown
             else f"refund accepted by {attempt.channel}"
         )
-        return _refund_processing(attempt, reason)
+        processing = _refund_processing(attempt, reason)
+    return _refund_settled_by_answer(attempt, result) or processing
+
+
+def _refund_settled_by_answer(attempt: RefundAttempt, result: RefundResult) -> TransitionResult | None:
+    """An answer that already says how the refund ended (Stripe's) settles it now, through the same
+    compare-and-set as a webhook or poll: whichever comes later is a duplicate that changes nothing."""
+    if result.outcome != ChargeOutcome.ACCEPTED or result.status not in (RS.SUCCEEDED, RS.FAILED):
+        return None
+    return refund_confirm(
+        idempotency_key=attempt.idempotency_key,
+        status=result.status,
+        failure_code=result.failure_code,
+        source="refund answer",
+    )
 
 
 def _refund_processing(attempt: RefundAttempt, reason: str) -> TransitionResult:
@@ -797,6 +872,13 @@ def refund_poll(*, refund_id) -> TransitionResult | None:
         # The request never reached the provider: the same request under the same key is safe.
         result = adapter.refund(channel=channel, request=_refund_request(attempt))
         logger.info("refund_poll.resent", extra={**log, "outcome": result.outcome.value})
+        if result.provider_reference and result.outcome == ChargeOutcome.ACCEPTED:
+            RefundAttempt.objects.filter(pk=attempt.pk, provider_reference="").update(
+                provider_reference=result.provider_reference
+            )
+        settled = _refund_settled_by_answer(attempt, result)
+        if settled is not None:
+            return settled
         if result.outcome == ChargeOutcome.REJECTED and not result.retry:
             with transaction.atomic():
                 refused = RefundAttempt.objects.filter(

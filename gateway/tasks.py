@@ -26,6 +26,7 @@ def confirm(message: dict) -> None:
         # Messages queued before the channel was carried settle as they always did.
         channel=message.get("channel"),
         provider=message.get("provider"),
+        provider_reference=message.get("provider_reference") or "",
     )
 
 

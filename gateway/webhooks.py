@@ -11,7 +11,7 @@ from django.views.decorators.csrf import csrf_exempt
 from core.faults import fault_point
 from core.middleware import error_response
 from gateway import services
-from gateway.providers.base import InvalidWebhook, MalformedWebhook, get_adapter
+from gateway.providers.base import IgnoredWebhook, InvalidWebhook, MalformedWebhook, get_adapter
 from orders import events
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ def _hand_off(event, provider: str) -> None:
                     # The verified channel: confirm settles only that channel's charge or refund.
                     "channel": event.channel,
                     "provider": provider,
+                    "provider_reference": event.provider_reference,
                 }
             ],
         )
@@ -58,12 +59,21 @@ def provider_webhook(request: HttpRequest, provider: str) -> JsonResponse:
     headers = {key: value for key, value in request.headers.items()}
     try:
         event = adapter.parse_webhook(body=body, headers=headers)
+    except IgnoredWebhook as exc:
+        # Authentic, and nothing for us (another event type, a charge not ours): acknowledged, so
+        # the provider does not retry it for days; nothing is stored.
+        logger.info("webhook.ignored", extra={"provider": provider, "reason": str(exc)})
+        return JsonResponse({"received": True, "duplicate": False, "ignored": True})
     except MalformedWebhook as exc:
         logger.warning("webhook.malformed", extra={"provider": provider, "reason": str(exc)})
         return error_response(400, "invalid_body", "The webhook body is not a readable provider event.")
     except InvalidWebhook as exc:
         logger.warning("webhook.rejected", extra={"provider": provider, "reason": str(exc)})
-        return error_response(401, "invalid_signature", "Webhook signature or timestamp is not valid.")
+        return error_response(
+            adapter.invalid_signature_status,
+            "invalid_signature",
+            "Webhook signature or timestamp is not valid.",
+        )
     try:
         with transaction.atomic():
             new = services.webhook_receive(provider=provider, event=event)

@@ -152,6 +152,7 @@ class OrderListCreateApi(APIView):
             description=data.get("description", ""),
             metadata=data.get("metadata"),
             callback_url=data.get("callback_url", ""),
+            payment_method=data.get("payment_method"),
             request_id=getattr(request._request, "request_id", ""),
         )
         return _created(result)

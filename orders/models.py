@@ -52,6 +52,11 @@ class Order(models.Model):
     description = models.TextField(blank=True, default="")
     metadata = models.JSONField(default=dict, blank=True)
     callback_url = models.URLField(max_length=2048, blank=True, default="")
+    # The payer's payment method as a provider's token (Stripe: `pm_…`); NULL for providers that
+    # need none. Allocation routes on it (SPEC 11); logs and the console show it masked only.
+    payment_method = models.CharField(max_length=255, null=True, blank=True)
+    # The provider's id for the charge (Stripe: the PaymentIntent `pi_…`), NULL until known.
+    provider_reference = models.CharField(max_length=128, null=True, blank=True)
     status = models.CharField(max_length=16, choices=OrderStatus.choices, default=OrderStatus.PENDING)
     outcome = models.CharField(max_length=8, choices=Outcome.choices, null=True, blank=True)
     # The channel code, not a foreign key: orders/ does not depend on allocation/.

@@ -8,6 +8,7 @@ from drf_spectacular.extensions import OpenApiSerializerExtension
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from orders import payment_methods
 from orders.models import Order, OrderStatus, Outcome, Refund
 
 MAX_AMOUNT = 10**12
@@ -88,6 +89,19 @@ class CallbackUrlField(StrictCharField):
     pass
 
 
+@extend_schema_field(
+    {
+        "type": "string",
+        "pattern": "^pm_[A-Za-z0-9_]{1,200}$",
+        "description": "The payer's payment method as a provider's token (Stripe: `pm_…`, e.g. the test"
+        " tokens `pm_card_visa`, `pm_card_chargeCustomerFail`). An order with one is charged only on"
+        " `stripe` channels; without one, only on providers that need none.",
+    }
+)
+class PaymentMethodField(StrictCharField):
+    pass
+
+
 def _printable(value: str) -> None:
     if not value.isprintable():
         raise serializers.ValidationError("Must not contain control characters.")
@@ -132,6 +146,9 @@ class OrderCreateSerializer(ClosedSerializer):
     callback_url = CallbackUrlField(max_length=2048, required=False, allow_blank=False, trim_whitespace=False)
     description = StrictCharField(max_length=1000, required=False, allow_blank=True, trim_whitespace=False)
     metadata = MetadataField(child=StrictCharField(allow_blank=True, trim_whitespace=False), required=False)
+    payment_method = PaymentMethodField(
+        max_length=payment_methods.MAX_LENGTH, required=False, allow_blank=False, trim_whitespace=False
+    )
 
     def validate_currency(self, value: str) -> str:
         code = value.upper()
@@ -141,6 +158,14 @@ class OrderCreateSerializer(ClosedSerializer):
 
     def validate_reference(self, value: str) -> str:
         return _reference_checked(value)
+
+    def validate_payment_method(self, value: str) -> str:
+        if not payment_methods.is_valid(value):
+            # The value itself is not echoed: it is the payer's token.
+            raise serializers.ValidationError(
+                "Must be a payment method token: `pm_` and letters, digits or _."
+            )
+        return value
 
     def validate_callback_url(self, value: str) -> str:
         # Syntax only: whether the URL is safe to call is the service's rule (callback_url_validate).
@@ -201,6 +226,8 @@ class OrderSerializer(serializers.ModelSerializer):
             "callback_url",
             "description",
             "metadata",
+            "payment_method",
+            "provider_reference",
             "amount_refunded",
             "created_at",
             "updated_at",

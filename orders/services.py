@@ -18,7 +18,7 @@ from core import crypto, metrics
 from core.errors import Conflict, InvalidRequest, NotFound, Unprocessable
 from core.retention import delete_in_batches
 from core.urlsafety import UnsafeUrl, callback_url_check
-from orders import events
+from orders import events, payment_methods
 from orders.models import IdempotencyKey, Merchant, Order, OrderStatus, Outcome, Refund, RefundStatus
 from orders.outbox import event_emit
 from orders.serializers import order_representation, refund_representation
@@ -242,6 +242,7 @@ def order_create(
     description: str = "",
     metadata: dict | None = None,
     callback_url: str = "",
+    payment_method: str | None = None,
     request_id: str = "",
 ) -> CreateResult:
     """Create an order once per Idempotency-Key (SPEC 3); replay the stored answer afterwards.
@@ -260,6 +261,7 @@ def order_create(
             currency=currency,
             description=description,
             metadata=metadata or {},
+            payment_method=payment_method or None,
             callback_url=callback_url or merchant.callback_url,
             status=OrderStatus.PENDING,
             request_id=request_id,
@@ -281,7 +283,12 @@ def order_create(
             raise
         logger.info(
             "order.created",
-            extra={"order_id": str(order.id), "merchant": str(merchant.id), "amount": order.amount},
+            extra={
+                "order_id": str(order.id),
+                "merchant": str(merchant.id),
+                "amount": order.amount,
+                "payment_method": payment_methods.mask(order.payment_method),
+            },
         )
         metrics.ORDERS_CREATED.inc()
         return CreateResult(201, body, False)
@@ -377,6 +384,23 @@ def refund_create(
     return _idempotent(
         merchant=merchant, idempotency_key=idempotency_key, fingerprint=fingerprint, create=create
     )
+
+
+def order_provider_reference_set(*, order_id, reference: str) -> bool:
+    """Record the provider's id for the order's charge once it is known; a known one never changes.
+
+    Not a transition (the status is transitions.py's alone): a fact about the charge, written by
+    the gateway as soon as the provider names it.
+    """
+    if not reference:
+        return False
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE orders_order SET provider_reference = %s, updated_at = now()"
+            " WHERE id = %s AND provider_reference IS NULL",
+            [reference[:128], order_id],
+        )
+        return cursor.rowcount == 1
 
 
 def idempotency_keys_prune(*, older_than_hours: int) -> int:

@@ -1,4 +1,5 @@
-"""`make demo`: one order per row of the sandbox table through the running stack, and its journey."""
+"""`make demo`: one order per row of the sandbox table, and one Stripe order (on localstripe),
+through the running stack, and each one's journey."""
 
 import json
 import os
@@ -11,6 +12,7 @@ import requests
 
 API = os.environ.get("API_URL", "http://127.0.0.1:8000")
 SANDBOX = os.environ.get("SANDBOX_URL", "http://127.0.0.1:8001")
+LOCALSTRIPE = os.environ.get("LOCALSTRIPE_URL", "http://127.0.0.1:8420")
 ROWS = [
     (1000, "USD", "paid webhook"),
     (1051, "USD", "declined (card_declined)"),
@@ -22,6 +24,8 @@ ROWS = [
     (1081, "USD", "paid x3 then late failed webhook"),
     (5000, "JPY", "zero-decimal currency on sandbox-jp"),
 ]
+# Orders with a payment method go to Stripe channels only: stripe-test, on localstripe.
+STRIPE_ROWS = [(1050, "USD", "pm_card_visa", "Stripe PaymentIntent on stripe-test (localstripe)")]
 
 
 def main() -> int:
@@ -30,12 +34,14 @@ def main() -> int:
     session.headers["Authorization"] = f"Bearer {creds['api_key']}"
     run = uuid.uuid4().hex[:6]
     orders = []
-    for amount, currency, what in ROWS:
+    rows = [(amount, currency, None, what) for amount, currency, what in ROWS] + STRIPE_ROWS
+    for amount, currency, payment_method, what in rows:
+        reference = f"demo-{run}-{amount}" + ("-stripe" if payment_method else "")
+        body = {"amount": amount, "currency": currency, "reference": reference}
+        if payment_method:
+            body["payment_method"] = payment_method
         response = session.post(
-            f"{API}/api/v1/orders",
-            json={"amount": amount, "currency": currency, "reference": f"demo-{run}-{amount}"},
-            headers={"Idempotency-Key": f"demo-{run}-{amount}"},
-            timeout=10,
+            f"{API}/api/v1/orders", json=body, headers={"Idempotency-Key": reference}, timeout=10
         )
         response.raise_for_status()
         orders.append((response.json()["id"], amount, currency, what))
@@ -61,6 +67,16 @@ def main() -> int:
         for step in events:
             origin, channel = step["from"] or "-", step["channel"] or ""
             print(f"    {step['at']}  {origin:>10} -> {step['to']:<10} {channel:<10} {step['reason']}")
+        if (order.get("provider_reference") or "").startswith("pi_"):
+            intent = requests.get(
+                f"{LOCALSTRIPE}/v1/payment_intents/{order['provider_reference']}",
+                auth=("sk_test_localstripe", ""),
+                timeout=10,
+            ).json()
+            print(
+                f"  localstripe: {intent.get('id')} {intent.get('status')} {intent.get('amount')}"
+                f" {intent.get('currency')}, metadata {intent.get('metadata')}"
+            )
         print(f"  sandbox charges: {len(charges)}; callbacks received: {[c['type'] for c in callbacks]}")
     if pending:
         print(f"\nnot completed within 90 s: {sorted(pending)}", file=sys.stderr)

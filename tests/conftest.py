@@ -130,7 +130,7 @@ class AcceptingAdapter(ProviderAdapter):
     def charge(self, *, channel, request):
         return ChargeResult(ChargeOutcome.ACCEPTED, provider_reference="pr-1", http_status=201)
 
-    def fetch_status(self, *, channel, idempotency_key):
+    def fetch_status(self, *, channel, idempotency_key, provider_reference=""):
         return StatusResult("paid")
 
     def parse_webhook(self, *, body, headers):

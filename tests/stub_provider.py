@@ -36,7 +36,7 @@ class StubProvider(base.ProviderAdapter):
                 self.charges.add(request.idempotency_key)
         return ChargeResult(outcome, provider_reference=f"ch_{request.idempotency_key}", http_status=201)
 
-    def fetch_status(self, *, channel, idempotency_key):
+    def fetch_status(self, *, channel, idempotency_key, provider_reference=""):
         if idempotency_key not in self.charges:
             return StatusResult("not_found")
         return StatusResult(self.status)

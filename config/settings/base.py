@@ -224,6 +224,10 @@ IDEMPOTENCY_IN_FLIGHT_TIMEOUT_SECONDS = env.float("IDEMPOTENCY_IN_FLIGHT_TIMEOUT
 PUBLIC_BASE_URL = env("PUBLIC_BASE_URL", default="http://127.0.0.1:8000")
 SANDBOX_URL = env("SANDBOX_URL", default="http://127.0.0.1:8001")
 SANDBOX_SECRET = env("SANDBOX_SECRET", default="sandbox-dev-secret")
+# Stripe channels (SPEC 11): the API a channel without an `api_base` of its own talks to.
+STRIPE_API_BASE = env("STRIPE_API_BASE", default="https://api.stripe.com")
+# The localstripe of `make run`/`up` and the tests, which `seed_sandbox` points `stripe-test` at.
+LOCALSTRIPE_URL = env("LOCALSTRIPE_URL", default="http://127.0.0.1:8420")
 GATEWAY_CONNECT_TIMEOUT = env.float("GATEWAY_CONNECT_TIMEOUT", default=3.0)
 GATEWAY_READ_TIMEOUT = env.float("GATEWAY_READ_TIMEOUT", default=10.0)
 # The breaker opens when, within one window, at least THRESHOLD charges failed and they were at
@@ -269,6 +273,8 @@ LOGGING = {
     "loggers": {
         "django.db.backends": {"level": "WARNING"},
         "celery": {"level": "WARNING"},
+        # The library logs request bodies (payment methods) at DEBUG and every request at INFO.
+        "stripe": {"level": "WARNING"},
         "gunicorn.access": {"level": "WARNING"},
     },
 }

@@ -38,3 +38,8 @@ globals().update(
 )
 SANDBOX_URL = env("SANDBOX_URL", default="http://127.0.0.1:18001")
 PUBLIC_BASE_URL = env("PUBLIC_BASE_URL", default="http://127.0.0.1:18000")
+# The e2e stack's localstripe: a port of its own per suite (tests/e2e/conftest.py), so parallel
+# suites and a running dev stack on 8420 never share one.
+LOCALSTRIPE_URL = env(
+    "LOCALSTRIPE_URL", default=f"http://127.0.0.1:{env.int('E2E_PORT_BASE', default=18000) + 3}"
+)

@@ -6,14 +6,25 @@ The actions need `allocation.manage_paymentchannel`: the page is read-only, so n
 
 from datetime import timedelta
 
+from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
 from django.utils import timezone
+from django.utils.cache import add_never_cache_headers
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
 from allocation.models import PaymentChannel
-from allocation.selectors import channel_recent_volume, channels_with_volume
-from allocation.services import channel_circuit_close, channel_set_enabled
+from allocation.selectors import channel_recent_volume, channels_with_volume, credential_hint
+from allocation.services import (
+    InvalidCredential,
+    channel_circuit_close,
+    channel_credentials_set,
+    channel_set_enabled,
+)
 from console.adminkit import ReadOnlyAdmin, audit
 from gateway.selectors import ChannelResults, charge_results_by_channel
 
@@ -64,6 +75,26 @@ def success_rate(results: ChannelResults | None) -> str:
     )
 
 
+class CredentialsForm(forms.Form):
+    """A channel's credentials, typed in and never rendered back (PasswordInput, no initial value)."""
+
+    api_key = forms.CharField(
+        required=False,
+        max_length=500,
+        strip=True,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="Stripe: the secret key (sk_…) or a restricted key (rk_…) of the account.",
+    )
+    webhook_secret = forms.CharField(
+        required=False,
+        max_length=500,
+        strip=True,
+        label="Webhook endpoint secret",
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="Stripe: the signing secret (whsec_…) of the endpoint …/api/v1/gateway/webhooks/stripe.",
+    )
+
+
 @admin.register(PaymentChannel)
 class PaymentChannelAdmin(ReadOnlyAdmin):
     list_display = (
@@ -94,14 +125,17 @@ class PaymentChannelAdmin(ReadOnlyAdmin):
         "weight",
         "daily_cap",
         "enabled",
+        "api_base",
+        "credentials",
         "today_volume",
         "today_orders",
         "circuit",
         "success_last_hour",
         "recent_volume",
         "created_at",
-    )  # never webhook_secret_encrypted
+    )  # never the encrypted fields themselves: `credentials` shows their last four characters
     readonly_fields = (
+        "credentials",
         "currencies_display",
         "today_volume",
         "today_orders",
@@ -112,6 +146,73 @@ class PaymentChannelAdmin(ReadOnlyAdmin):
 
     def get_queryset(self, request):
         return channels_with_volume(day=timezone.now().date())
+
+    def get_urls(self):
+        view = self.admin_site.admin_view(self.credentials_view)
+        return [
+            path("<path:object_id>/credentials/", view, name="allocation_paymentchannel_credentials"),
+            *super().get_urls(),
+        ]
+
+    @admin.display(description="credentials")
+    def credentials(self, obj: PaymentChannel) -> str:
+        link = reverse("admin:allocation_paymentchannel_credentials", args=[obj.pk])
+        return format_html(
+            'API key <code>{}</code>, webhook secret <code>{}</code> &nbsp;<a href="{}">set or rotate</a>',
+            credential_hint(obj.api_key_encrypted),
+            credential_hint(obj.webhook_secret_encrypted),
+            link,
+        )
+
+    def credentials_view(self, request, object_id: str):
+        """Set or rotate a channel's API key and endpoint secret (`allocation.manage_paymentchannel`)."""
+        if not self.has_manage_paymentchannel_permission(request):
+            raise PermissionDenied
+        channel = PaymentChannel.objects.filter(pk=object_id).first() if object_id.isdigit() else None
+        if channel is None:
+            raise Http404("No such channel.")
+        form = CredentialsForm(request.POST or None)
+        if request.method == "POST" and form.is_valid():
+            try:
+                changed = channel_credentials_set(
+                    channel=channel,
+                    api_key=form.cleaned_data["api_key"] or None,
+                    webhook_secret=form.cleaned_data["webhook_secret"] or None,
+                )
+            except InvalidCredential as exc:
+                form.add_error(None, exc.message)
+            else:
+                if changed:
+                    audit(
+                        self,
+                        request,
+                        channel,
+                        f"Credentials set: {', '.join(changed)}.",
+                        action="channel_credentials_set",
+                    )
+                    channel.refresh_from_db()
+                    hints = ", ".join(
+                        f"{name.replace('_', ' ')} {credential_hint(getattr(channel, name + '_encrypted'))}"
+                        for name in changed
+                    )
+                    self.message_user(request, f"{channel.code}: {hints}.", messages.SUCCESS)
+                else:
+                    self.message_user(request, "Nothing to change: both fields were empty.", messages.INFO)
+                return HttpResponseRedirect(
+                    reverse("admin:allocation_paymentchannel_change", args=[channel.pk])
+                )
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Credentials of {channel.code}",
+            "opts": self.opts,
+            "channel": channel,
+            "form": form,
+            "api_key_hint": credential_hint(channel.api_key_encrypted),
+            "webhook_secret_hint": credential_hint(channel.webhook_secret_encrypted),
+        }
+        response = TemplateResponse(request, "admin/allocation/paymentchannel/credentials.html", context)
+        add_never_cache_headers(response)
+        return response
 
     def get_changelist_instance(self, request):
         """Attach the last hour's charge results to the page's channels: one aggregate query."""

@@ -41,6 +41,7 @@ from core.errors import InvalidRequest
 from gateway.models import ChargeAttempt
 from gateway.selectors import order_ids_by_provider_reference
 from gateway.services import order_poll
+from orders import payment_methods
 from orders.models import IgnoredSignal, Merchant, Order, OrderStatus, OrderTransition
 from orders.money import money_format
 from orders.operations import merchant_update
@@ -177,6 +178,7 @@ class OrderAdmin(ReadOnlyAdmin):
     readonly_fields = (
         "amount_display",
         "status_display",
+        "payment_method_display",
         "metadata_display",
         "callback_attempts",
         "created",
@@ -201,6 +203,8 @@ class OrderAdmin(ReadOnlyAdmin):
             "status_display",
             "outcome",
             "channel",
+            "payment_method_display",
+            "provider_reference",
         )
         timeline = ("created", "updated", "completed", "next_check", "check_count", "request_id")
         fieldsets = [(None, {"fields": order})]
@@ -212,6 +216,11 @@ class OrderAdmin(ReadOnlyAdmin):
             ("Callback attempts (newest first)", {"fields": ("callback_attempts",)}),
         ]
         return fieldsets
+
+    @admin.display(description="payment method")
+    def payment_method_display(self, obj: Order) -> str:
+        # The payer's token is never shown in full (SPEC 11).
+        return payment_methods.mask(obj.payment_method) or "—"
 
     @admin.display(description="id")
     def order_id(self, obj: Order) -> str:

@@ -19,6 +19,10 @@ class ChargeResult:
     provider_reference: str = ""
     http_status: int | None = None
     error: str = ""
+    # Providers that settle in the same call (Stripe confirms the PaymentIntent at once) also say
+    # how it ended: "paid" or "failed" (with the provider's failure code); "" when it comes later.
+    status: str = ""
+    failure_code: str = ""
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,11 @@ class RefundResult:
     # REJECTED only: the provider was unavailable and asks to try again later (same channel, same
     # key); otherwise it refused this refund for good.
     retry: bool = False
+    # ACCEPTED only, for providers whose answer already says how the refund ended (Stripe's Refund
+    # object): "succeeded" or "failed" (with the provider's failure reason) settles it at once;
+    # "" when it comes later, by webhook or poll.
+    status: str = ""
+    failure_code: str = ""
 
 
 class InvalidWebhook(Exception):
@@ -72,6 +81,10 @@ class InvalidWebhook(Exception):
 
 class MalformedWebhook(InvalidWebhook):
     """A body that cannot be read (before verifying), or a verified one of the wrong shape."""
+
+
+class IgnoredWebhook(Exception):
+    """Authentic, but not about anything we act on (another event type, a charge not ours): 2xx."""
 
 
 class ProviderError(Exception):
@@ -85,16 +98,22 @@ class ChargeRequest:
     currency: str
     idempotency_key: str
     webhook_url: str
+    payment_method: str = ""  # the payer's token, for providers that charge one (Stripe `pm_…`)
 
 
 class ProviderAdapter(abc.ABC):
     name: str
+    # The answer to a webhook whose signature does not verify (the sandbox: 401; Stripe: 400).
+    invalid_signature_status: int = 401
 
     @abc.abstractmethod
     def charge(self, *, channel: PaymentChannel, request: ChargeRequest) -> ChargeResult: ...
 
     @abc.abstractmethod
-    def fetch_status(self, *, channel: PaymentChannel, idempotency_key: str) -> StatusResult: ...
+    def fetch_status(
+        self, *, channel: PaymentChannel, idempotency_key: str, provider_reference: str = ""
+    ) -> StatusResult:
+        """The charge's status, asked by our key or, where the provider needs it, by its own id."""
 
     @abc.abstractmethod
     def parse_webhook(self, *, body: bytes, headers: dict[str, str]) -> WebhookEvent: ...

@@ -306,7 +306,9 @@ class SandboxAdapter(ProviderAdapter):
                 )
             return sort_charge_answer(response.status_code, data)
 
-    def fetch_status(self, *, channel: PaymentChannel, idempotency_key: str) -> StatusResult:
+    def fetch_status(
+        self, *, channel: PaymentChannel, idempotency_key: str, provider_reference: str = ""
+    ) -> StatusResult:
         """The charge's status; `ProviderError` when the provider cannot be reached or read."""
         try:
             response = self.session.get(

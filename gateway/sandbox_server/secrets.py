@@ -25,3 +25,25 @@ def channel_webhook_secret(channel_code: str, master: str | None = None) -> str:
     key = (master if master is not None else master_secret()).encode()
     digest = hmac.new(key, channel_code.encode(), hashlib.sha256).digest()
     return "whsec_" + base64.b64encode(digest).decode("ascii")
+
+
+# The Stripe events our endpoint at localstripe is registered for (the gateway acts on these; the
+# launcher and seed_sandbox register the same list).
+STRIPE_WEBHOOK_EVENTS = [
+    "payment_intent.succeeded",
+    "payment_intent.payment_failed",
+    "refund.created",
+    "refund.updated",
+    "refund.failed",
+    "charge.refund.updated",
+]
+
+
+def stripe_endpoint_secret(channel_code: str, master: str | None = None) -> str:
+    """The Stripe webhook endpoint secret (`whsec_…`) of a channel pointed at localstripe.
+
+    Derived like the sandbox's, so localstripe (which keeps its webhook endpoints in memory only and
+    registers ours again at every start) and `seed_sandbox` agree without sharing a table.
+    """
+    key = (master if master is not None else master_secret()).encode()
+    return "whsec_" + hmac.new(key, b"stripe:" + channel_code.encode(), hashlib.sha256).hexdigest()[:32]

@@ -37,7 +37,7 @@ class FakeAdapter(ProviderAdapter):
             ChargeOutcome.ACCEPTED, provider_reference=f"fake-{request.order_id}", http_status=201
         )
 
-    def fetch_status(self, *, channel, idempotency_key):
+    def fetch_status(self, *, channel, idempotency_key, provider_reference=""):
         self.status_queries.append(idempotency_key)
         return self.status
 

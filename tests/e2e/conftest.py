@@ -25,6 +25,8 @@ _BASE = int(os.environ.get("E2E_PORT_BASE", "18000"))
 WEB = f"127.0.0.1:{_BASE}"
 SANDBOX = f"127.0.0.1:{_BASE + 1}"
 RECEIVER_PORT = _BASE + 2
+# localstripe (SPEC 11), on a port of this suite's own: the dev stack's is 8420.
+LOCALSTRIPE = f"127.0.0.1:{_BASE + 3}"
 LOGS = ROOT / ".run" / "log" / "e2e"
 QUEUES = ("orders", "allocation", "gateway", "callbacks")
 
@@ -96,6 +98,8 @@ class Stack:
             ],
             "beat": [*celery, "beat", "-s", str(self.logs / "beat-schedule"), "--pidfile=", "-l", "warning"],
         }
+        if "LOCALSTRIPE_BIND" in self.env:  # stacks that bind no port of their own for it run none
+            cmds["localstripe"] = [str(VENV / "python"), "-m", "gateway.sandbox_server.localstripe"]
         for queue in QUEUES:
             cmds[f"worker-{queue}"] = [
                 *celery, "worker", "-Q", queue, "-c", "2", "-n", f"{queue}-{self.tag}@%h",
@@ -131,6 +135,8 @@ class Stack:
         for name in self.commands():
             self.start(name)
         wait_for(lambda: _ok(f"http://{WEB}/readyz") and _ok(f"http://{SANDBOX}/healthz"), 60, "stack ready")
+        if "localstripe" in self.procs:
+            wait_for(lambda: _answers(f"http://{self.env['LOCALSTRIPE_BIND']}/v1/charges"), 60, "localstripe")
         wait_for(self.workers_ready, 60, "workers consuming")
 
     def workers_ready(self) -> bool:
@@ -147,6 +153,14 @@ class Stack:
 def _ok(url: str) -> bool:
     try:
         return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _answers(url: str) -> bool:
+    try:
+        requests.get(url, timeout=1)
+        return True
     except requests.RequestException:
         return False
 
@@ -183,6 +197,8 @@ def stack(django_db_setup, django_db_blocker, tmp_path_factory):
         "SANDBOX_SECRET": settings.SANDBOX_SECRET,
         "SANDBOX_URL": f"http://{SANDBOX}",
         "PUBLIC_BASE_URL": f"http://{WEB}",
+        "LOCALSTRIPE_BIND": LOCALSTRIPE,
+        "LOCALSTRIPE_URL": f"http://{LOCALSTRIPE}",
         "GATEWAY_READ_TIMEOUT": "1.5",
         "POLL_FIRST_SECONDS": "2",
         "POLL_INTERVAL_SECONDS": "1",
@@ -252,6 +268,13 @@ class Client:
         return wait_for(
             lambda: (o := self.get(order_id))["status"] == status and o, timeout, f"{order_id} {status}"
         )
+
+
+def localstripe_get(path: str) -> dict:
+    """An object as localstripe holds it (any `sk_` key reads everything there)."""
+    response = requests.get(f"http://{LOCALSTRIPE}{path}", auth=("sk_test_e2e", ""), timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()
 
 
 def sandbox_charges(order_id: str) -> list[dict]:

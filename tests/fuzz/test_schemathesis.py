@@ -163,9 +163,11 @@ def _connection_kept_across_requests():
 
 @schema.hook
 def flatmap_path_parameters(context, path_parameters):
-    # A generated provider is almost never one we have; name the real one part of the time.
+    # A generated provider is almost never one we have; name real ones part of the time (the
+    # sandbox keeps the half it had, Stripe gets a quarter).
     if "provider" in (path_parameters or {}):
-        return st.sampled_from([path_parameters, {**path_parameters, "provider": "sandbox"}])
+        sandbox = {**path_parameters, "provider": "sandbox"}
+        return st.sampled_from([path_parameters, sandbox, sandbox, {**path_parameters, "provider": "stripe"}])
     # A generated id is almost never an existing order; swap in real ones part of the time.
     if "order_id" not in (path_parameters or {}) or not known_orders:
         return st.just(path_parameters)

@@ -77,11 +77,15 @@ def test_valid_order_is_created_with_the_spec_representation(api, merchant_creds
         "callback_url",
         "description",
         "metadata",
+        "payment_method",
+        "provider_reference",
         "amount_refunded",
         "created_at",
         "updated_at",
         "completed_at",
     }
+    assert data["payment_method"] is None
+    assert data["provider_reference"] is None
     assert data["amount_refunded"] == 0
     assert data["amount"] == 1050
     assert data["currency"] == "USD"

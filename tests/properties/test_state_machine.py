@@ -102,7 +102,7 @@ class ScriptedProvider(base.ProviderAdapter):
             return ChargeResult(ChargeOutcome.UNKNOWN, error="timeout")
         return ChargeResult(ChargeOutcome.ACCEPTED, provider_reference=f"ch_{key}", http_status=201)
 
-    def fetch_status(self, *, channel, idempotency_key):
+    def fetch_status(self, *, channel, idempotency_key, provider_reference=""):
         with self.lock:
             charge = self.charges.get(idempotency_key)
             if charge is None:

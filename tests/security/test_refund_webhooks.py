@@ -5,10 +5,11 @@ confirm stage (SPEC 5, 7, 10). Real commits, so an accepted webhook really reach
 import json
 
 import pytest
+from rest_framework.test import APIClient
 
 from gateway.models import ProviderWebhook, RefundAttempt
 from orders import events
-from orders.models import Refund
+from orders.models import Order, Refund
 from orders.services import refund_create, refund_fingerprint
 from tests.factories import OrderFactory, make_paid
 from tests.security.test_provider_webhooks import confirm_messages, post, secret_of, signed_headers
@@ -96,3 +97,164 @@ def test_a_forged_refund_webhook_is_401(processing_refund, redis_client):
     assert response.status_code == 401
     assert ProviderWebhook.objects.count() == 0
     assert confirm_messages(redis_client, processing_refund.order) == []
+
+
+# --- Stripe's refund events: the same refund-webhook event, verified with the endpoint secret ---
+
+STRIPE_SECRET = "whsec_test_secret_of_stripe_refunds"
+RECORDED = "tests/gateway/stripe_recorded"
+RECORDED_ORDER = "01a22a48-b737-786c-a84c-0b2d41ca6738"
+RECORDED_REFUND = "01a22a49-0000-7000-8000-00000000r001"
+
+
+@pytest.fixture
+def stripe_refund(redis_client):
+    from core import crypto
+    from orders.transitions import order_transition
+    from tests.factories import ChannelFactory
+
+    ChannelFactory(
+        code="stripe-test", provider="stripe", webhook_secret_encrypted=crypto.encrypt(STRIPE_SECRET)
+    )
+    order = OrderFactory(amount=1000)
+    Order.objects.filter(pk=order.pk).update(status="processing", channel="stripe-test")
+    order_transition(order_id=order.pk, to="paid", seen_status="processing", reason="test")
+    result = refund_create(
+        merchant=order.merchant,
+        order_id=str(order.pk),
+        idempotency_key="rk",
+        fingerprint=refund_fingerprint(order_id=order.pk, data={"amount": 400}),
+        amount=400,
+    )
+    refund = Refund.objects.get(pk=result.body["id"])
+    RefundAttempt.objects.create(
+        refund=refund,
+        order=order,
+        channel="stripe-test",
+        provider="stripe",
+        idempotency_key=f"refund:{refund.pk}",
+        charge_idempotency_key=f"{order.pk}:stripe-test",
+        amount=400,
+        currency="USD",
+        status="accepted",
+        provider_reference="re_3QxS2vLkdIwHu7ix0Rf1nD01",
+    )
+    Refund.objects.filter(pk=refund.pk).update(status="processing")
+    redis_client.delete("gateway")
+    yield refund
+    redis_client.delete("gateway")
+
+
+def stripe_event(name: str, refund: Refund, **refund_fields) -> str:
+    from pathlib import Path
+
+    text = (Path(RECORDED) / f"{name}.json").read_text()
+    text = text.replace(RECORDED_ORDER, str(refund.order_id)).replace(RECORDED_REFUND, str(refund.pk))
+    if not refund_fields:
+        return text
+    event = json.loads(text)
+    event["data"]["object"].update(refund_fields)
+    return json.dumps(event)
+
+
+def stripe_post(body: str, secret: str = STRIPE_SECRET):
+    from tests.gateway.test_stripe_webhooks import URL, sign
+
+    return APIClient().post(
+        URL, body, content_type="application/json", HTTP_STRIPE_SIGNATURE=sign(body, secret)
+    )
+
+
+def handed_over(redis_client, refund: Refund) -> list[dict]:
+    """The refund-confirm messages queued for the refund's order, run through the stage as a worker would."""
+    from gateway.tasks import refund_confirm
+
+    messages = confirm_messages(redis_client, refund.order)
+    for message in messages:
+        refund_confirm(message)
+    return messages
+
+
+@pytest.mark.parametrize(
+    ("name", "fields", "settled", "failure_code", "refunded"),
+    [
+        ("event_refund_updated", {}, "succeeded", None, 400),
+        ("event_refund_failed", {}, "failed", "expired_or_canceled_card", 0),
+        ("event_refund_updated", {"status": "canceled"}, "failed", "refund_canceled", 0),
+    ],
+    ids=["refund.updated succeeded", "refund.failed", "refund.updated canceled"],
+)
+def test_a_stripe_refund_event_settles_the_refund_once_by_its_event_id(
+    stripe_refund, redis_client, name, fields, settled, failure_code, refunded
+):
+    body = stripe_event(name, stripe_refund, **fields)
+    first, again = stripe_post(body), stripe_post(body)
+    assert first.json() == {"received": True, "duplicate": False}
+    assert again.json() == {"received": True, "duplicate": True}
+    (message,) = handed_over(redis_client, stripe_refund)
+    assert (message["idempotency_key"], message["channel"], message["provider"]) == (
+        f"refund:{stripe_refund.pk}",
+        "stripe-test",
+        "stripe",
+    )
+    refund = Refund.objects.get(pk=stripe_refund.pk)
+    assert (refund.status, refund.failure_code) == (settled, failure_code)
+    assert Order.objects.get(pk=refund.order_id).amount_refunded == refunded
+    # a later event with the other word (another evt_ id) finds it settled and changes nothing
+    handed = len(redis_client.lrange("gateway", 0, -1))
+    other = json.loads(stripe_event("event_refund_updated", stripe_refund, status="failed"))
+    other["id"] = "evt_later"
+    assert stripe_post(json.dumps(other)).json()["duplicate"] is False
+    redis_client.ltrim("gateway", handed, -1)
+    handed_over(redis_client, stripe_refund)
+    assert Refund.objects.get(pk=stripe_refund.pk).status == settled
+
+
+def test_the_legacy_charge_refund_updated_event_settles_too(stripe_refund, redis_client):
+    event = json.loads(stripe_event("event_refund_failed", stripe_refund))
+    event["type"] = "charge.refund.updated"
+    assert stripe_post(json.dumps(event)).status_code == 200
+    handed_over(redis_client, stripe_refund)
+    refund = Refund.objects.get(pk=stripe_refund.pk)
+    assert (refund.status, refund.failure_code) == ("failed", "expired_or_canceled_card")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda e: e["data"]["object"].update(status="pending"),
+        lambda e: e["data"]["object"].update(metadata={"shop": "another system on the account"}),
+        lambda e: e.update(type="charge.refunded"),
+    ],
+    ids=["still pending", "not ours", "charge.refunded"],
+)
+def test_stripe_refund_events_we_do_not_act_on_are_200_and_change_nothing(
+    stripe_refund, redis_client, change
+):
+    event = json.loads(stripe_event("event_refund_updated", stripe_refund))
+    change(event)
+    response = stripe_post(json.dumps(event))
+    assert (response.status_code, response.json().get("ignored")) == (200, True)
+    assert ProviderWebhook.objects.count() == 0
+    assert confirm_messages(redis_client, stripe_refund.order) == []
+    assert Refund.objects.get(pk=stripe_refund.pk).status == "processing"
+
+
+def test_a_stripe_refund_event_for_a_refund_we_do_not_know_is_200_and_changes_nothing(
+    stripe_refund, redis_client
+):
+    event = json.loads(stripe_event("event_refund_updated", stripe_refund))
+    unknown = "01a22a49-0000-7000-8000-0000000000ff"
+    event["data"]["object"]["metadata"].update(attempt=f"refund:{unknown}", refund_id=unknown)
+    response = stripe_post(json.dumps(event))
+    assert response.status_code == 200
+    handed_over(redis_client, stripe_refund)  # the stage finds no such refund: nothing to do
+    assert Refund.objects.get(pk=stripe_refund.pk).status == "processing"
+
+
+def test_a_stripe_refund_event_not_signed_with_the_endpoint_secret_is_400(stripe_refund, redis_client):
+    response = stripe_post(stripe_event("event_refund_updated", stripe_refund), secret="whsec_forged")
+    assert response.status_code == 400
+    assert ProviderWebhook.objects.count() == 0
+    assert confirm_messages(redis_client, stripe_refund.order) == []
+    assert Refund.objects.get(pk=stripe_refund.pk).status == "processing"
