@@ -30,10 +30,12 @@ ORDERS = 6  # one per plan of harness.REFUND_PLANS: 11 refunds
 def assert_refunds_clean(report: harness.RefundReport) -> None:
     assert report.faults_injected > 0, f"{report.fault}: the fault was never injected"
     assert report.in_flight > 0, f"{report.fault}: no refund was in flight through the fault"
-    assert report.recovered > 0, f"{report.fault}: no refund that went through the fault recovered"
-    assert report.lost == 0, report.problems
-    assert report.double_refunds == 0, report.problems
-    assert report.ledger_mismatches == 0, report.problems
+    assert report.recovered > 0, (
+        f"{report.fault}: no refund that went through the fault recovered: " + "\n".join(report.problems)
+    )
+    assert (report.lost, report.double_refunds, report.ledger_mismatches) == (0, 0, 0), "\n".join(
+        report.problems
+    )
     assert report.problems == []
 
 
