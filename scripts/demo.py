@@ -1,5 +1,6 @@
 """`make demo`: one order per row of the sandbox table, and one Stripe order (on localstripe),
-through the running stack, and each one's journey."""
+through the running stack, and each one's journey; then one refund's journey: the request, its
+statuses, the sandbox's ledger and the callback."""
 
 import json
 import os
@@ -80,6 +81,47 @@ def main() -> int:
         print(f"  sandbox charges: {len(charges)}; callbacks received: {[c['type'] for c in callbacks]}")
     if pending:
         print(f"\nnot completed within 90 s: {sorted(pending)}", file=sys.stderr)
+        return 1
+    paid = next(order_id for order_id, amount, currency, _ in orders if (amount, currency) == (1000, "USD"))
+    return refund_journey(session, paid, run)
+
+
+def refund_journey(session: requests.Session, order_id: str, run: str) -> int:
+    """Refund part of a paid order (SPEC 10) and show what happens to the refund."""
+    body = {"amount": 400, "reason": "requested_by_customer", "reference": f"demo-{run}-rf"}
+    print(f"\nrefund of order {order_id}: POST /api/v1/orders/{order_id}/refunds {json.dumps(body)}")
+    response = session.post(
+        f"{API}/api/v1/orders/{order_id}/refunds",
+        json=body,
+        headers={"Idempotency-Key": f"demo-{run}-rf"},
+        timeout=10,
+    )
+    response.raise_for_status()
+    refund = response.json()
+    print(
+        f"  {response.status_code}: refund {refund['id']}"
+        f" {refund['amount']} {refund['currency']} {refund['status']}"
+    )
+    deadline = time.monotonic() + 60
+    called_back: list[dict] = []
+    while time.monotonic() < deadline and not called_back:
+        time.sleep(0.5)
+        refund = session.get(f"{API}/api/v1/refunds/{refund['id']}", timeout=10).json()
+        if refund["status"] in ("succeeded", "failed"):
+            called_back = requests.get(
+                f"{SANDBOX}/sandbox/callbacks", params={"order": refund["id"]}, timeout=10
+            ).json()
+    for step in session.get(f"{API}/api/v1/refunds/{refund['id']}/events", timeout=10).json():
+        print(f"    {step['at']}  {step['from'] or '-':>10} -> {step['to']:<10} {step['reason']}")
+    order = session.get(f"{API}/api/v1/orders/{order_id}", timeout=10).json()
+    ledger = requests.get(f"{SANDBOX}/sandbox/refunds", params={"order": order_id}, timeout=10).json()
+    print(
+        f"  order: {order['status']}, amount {order['amount']}, amount_refunded {order['amount_refunded']};"
+        f" sandbox refund ledger: {[(e['amount'], e['status']) for e in ledger]}"
+    )
+    print(f"  callbacks received: {[(c['type'], c['webhook_id']) for c in called_back]}")
+    if not called_back:
+        print(f"\nrefund {refund['id']} not settled and called back within 60 s", file=sys.stderr)
         return 1
     return 0
 

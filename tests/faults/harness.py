@@ -1,5 +1,6 @@
 """The fault stack and its tools: processes, a restartable callback receiver, fault arming, a load
-of orders through the HTTP API, and the invariants every order must satisfy afterwards."""
+of orders (and of refunds of paid orders) through the HTTP API, and the invariants every order and
+every refund must satisfy afterwards."""
 
 import itertools
 import json
@@ -46,6 +47,9 @@ POINTS_BY_PROCESS = {
         "confirm.before_commit",
         "confirm.after_commit",
         "poll.after_provider",
+        "refund.before_provider",
+        "refund.after_provider",
+        "refund.after_commit",
     ),
     "worker-callbacks": ("callback.after_post", "callback.after_commit"),
 }
@@ -356,6 +360,7 @@ class TaskRun:
     pid: int
     start: float
     end: float | None  # None: the process died while running it
+    refund: str | None = None  # a refund stage's refund
 
 
 def task_runs() -> list[TaskRun]:
@@ -370,7 +375,15 @@ def task_runs() -> list[TaskRun]:
                 continue
             key = (record["pid"], record["id"])
             if record["ev"] == "start":
-                run = TaskRun(record["task"], record["order"], record["id"], record["pid"], record["t"], None)
+                run = TaskRun(
+                    record["task"],
+                    record["order"],
+                    record["id"],
+                    record["pid"],
+                    record["t"],
+                    None,
+                    record.get("refund"),
+                )
                 runs.append(run)
                 open_runs[key] = run
             elif key in open_runs:
@@ -383,12 +396,14 @@ def interrupted_runs(pid: int) -> list[TaskRun]:
     return [run for run in task_runs() if run.pid == pid and run.end is None]
 
 
-def overlapping_copies(runs: list[TaskRun], task: str) -> set[str]:
-    """Orders for which two copies of `task` ran at once: both started before either ended."""
+def overlapping_copies(runs: list[TaskRun], task: str, by: str = "order") -> set[str]:
+    """Orders (`by="refund"`: refunds) for which two copies of `task` ran at once: both started
+    before either ended."""
     by_order: dict[str, list[TaskRun]] = {}
     for run in runs:
-        if run.task == task and run.order and run.end is not None:
-            by_order.setdefault(run.order, []).append(run)
+        subject = getattr(run, by)
+        if run.task == task and subject and run.end is not None:
+            by_order.setdefault(subject, []).append(run)
     return {
         order
         for order, copies in by_order.items()
@@ -611,3 +626,286 @@ def proc_alive(pid: int) -> bool:
     except (FileNotFoundError, IndexError):
         return False
     return state not in ("Z", "X")
+
+
+# --- refunds (SPEC 10) --------------------------------------------------------------------------------
+
+# refund amount % 100 -> (status, failure_code) from SPEC 10's sandbox table; the rest succeed
+REFUND_EXPECTED = {51: ("failed", "refund_declined")}
+# What each paid order of a refund load is refunded, by order index, one wave after another
+# (None: everything still refundable). 61: settled by polling; 62: our request times out, the
+# refund is made; 72: the first request is answered 503, the retry after a backoff is accepted.
+REFUND_PLANS = ((None,), (3000, 1049), (1051, 2000), (1061, 1000), (1062, 1000), (1072, None))
+REFUNDED_ORDER = 10_000  # each order's amount is this plus 100 per index: paid (SPEC 5's row 00)
+
+
+def expected_refund(amount: int) -> tuple[str, str | None]:
+    return REFUND_EXPECTED.get(amount % 100, ("succeeded", None))
+
+
+def sandbox_refunds(order_id: str, sandbox: str = SANDBOX) -> list[dict]:
+    return requests.get(f"http://{sandbox}/sandbox/refunds", params={"order": order_id}, timeout=10).json()
+
+
+@dataclass
+class RefundLoad(Load):
+    """Paid orders, then refunds of them requested through the API (full and partial, rows of SPEC
+    10's table), each retried under its own Idempotency-Key until the API answers 201."""
+
+    refunds: dict[str, dict] = field(default_factory=dict)
+
+    def paid_orders(self, count: int, timeout: float = 60) -> list[str]:
+        """`count` orders charged and completed (called back), ready to refund."""
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(lambda i: self.create(i, REFUNDED_ORDER + 100 * i), range(count)))
+        session = self.session()
+
+        def completed() -> bool:
+            return all(
+                session.get(f"http://{self.web}/api/v1/orders/{o}", timeout=10).json()["status"]
+                == "completed"
+                for o in self.orders
+            )
+
+        wait_for(completed, timeout, f"{count} orders of {self.scenario} paid and completed")
+        return list(self.orders)
+
+    def refund(self, order_id: str, amount: int | None, index: int) -> dict:
+        reference = f"{self.scenario}-rf{index}-{uuid.uuid4().hex[:8]}"
+        body = {"reason": "requested_by_customer", "reference": reference}
+        if amount is not None:
+            body["amount"] = amount
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                response = self.session().post(
+                    f"http://{self.web}/api/v1/orders/{order_id}/refunds",
+                    json=body,
+                    headers={"Idempotency-Key": reference},
+                    timeout=10,
+                )
+            except requests.RequestException:
+                self._count("connection_error")
+                time.sleep(0.3)
+                continue
+            self._count(response.status_code)
+            if response.status_code == 201:
+                refund = response.json()
+                with self.lock:
+                    self.refunds[refund["id"]] = refund
+                return refund
+            if response.status_code in (409, 429, 500, 502, 503):
+                time.sleep(0.3)
+                continue
+            raise AssertionError(f"unexpected refund answer {response.status_code}: {response.text[:300]}")
+        raise AssertionError(f"refund {reference} never got a 201")
+
+    def run_refunds(self, plans=REFUND_PLANS, spacing: float = 0.1, during=None) -> None:
+        """Refund each order as its plan says, a wave at a time (an order's second refund is asked
+        once its first is held); `during(index)` is called as the index-th refund is submitted."""
+        orders = list(self.orders)
+        steps = [(order_id, plans[i % len(plans)]) for i, order_id in enumerate(orders)]
+        index = 0
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            for wave in range(max(len(plan) for plan in plans)):
+                futures = []
+                for order_id, plan in steps:
+                    if wave < len(plan):
+                        if during is not None:
+                            during(index)
+                        futures.append(pool.submit(self.refund, order_id, plan[wave], index))
+                        index += 1
+                        time.sleep(spacing)
+                for future in futures:
+                    future.result()
+
+
+RefundStep = tuple[str | None, str, float]  # from, to, at (epoch seconds)
+
+
+def refund_logs(sql, refund_ids) -> dict[str, list[RefundStep]]:
+    """Each refund's transitions from PostgreSQL, oldest first, with when each was decided."""
+    rows = sql(
+        "SELECT refund_id::text, from_status, to_status, extract(epoch from created_at)"
+        " FROM orders_refundtransition WHERE refund_id = ANY(%s::uuid[]) ORDER BY id",
+        (list(refund_ids),),
+    )
+    logs: dict[str, list[RefundStep]] = {str(refund_id): [] for refund_id in refund_ids}
+    for refund_id, from_status, to_status, at in rows:
+        logs[refund_id].append((from_status, to_status, float(at)))
+    return logs
+
+
+def refund_status_at(log: list[RefundStep], moment: float) -> str | None:
+    status = None
+    for step in log:
+        if step[2] > moment:
+            break
+        status = step[1]
+    return status
+
+
+def refunds_unsettled_during(sql, refund_ids, start: float, end: float) -> set[str]:
+    """Refunds that existed and were not yet settled at some moment of [start, end]."""
+    settled = ("succeeded", "failed")
+    result = set()
+    for refund_id, log in refund_logs(sql, refund_ids).items():
+        if not log or log[0][2] > end:
+            continue
+        ended = next((step[2] for step in log if step[1] in settled), float("inf"))
+        if ended >= start:
+            result.add(refund_id)
+    return result
+
+
+@dataclass
+class RefundReport:
+    fault: str
+    orders: int
+    refunds: int
+    faults_injected: int
+    in_flight: int
+    recovered: int
+    lost: int
+    double_refunds: int
+    ledger_mismatches: int
+    problems: list[str]
+
+    def line(self) -> str:
+        return (
+            f"fault={self.fault} orders={self.orders} refunds={self.refunds}"
+            f" faults_injected={self.faults_injected} in_flight={self.in_flight}"
+            f" recovered={self.recovered} lost={self.lost} double_refunds={self.double_refunds}"
+            f" ledger_mismatches={self.ledger_mismatches}"
+        )
+
+
+def verify_refunds(
+    load: RefundLoad,
+    *,
+    sql,
+    fault: str,
+    faults_injected: int,
+    in_flight: set[str],
+    webhook_secret: str,
+    timeout: float = 90,
+) -> RefundReport:
+    """Wait for every refund to settle and be called back, then check every refund and order.
+
+    Per refund: the end its amount's row says, the transition chain pending -> processing -> end
+    (a refusal: pending -> failed), at most one ledger entry under its key (exactly one, of its
+    amount, when succeeded), one signed callback webhook-id of its end. Per order: no ledger entry
+    under a key that is no refund's (a refund sent again under another key), the ledger's sum equal
+    to `amount_refunded` and to the succeeded refunds' sum, never more than was charged.
+    `in_flight`: the refunds the evidence shows the fault struck; those that end right are `recovered`.
+    """
+    session = load.session()
+    web = load.web
+    final: dict[str, dict] = {}
+
+    def settled_and_called_back() -> bool:
+        for refund_id in load.refunds:
+            if refund_id not in final:
+                refund = session.get(f"http://{web}/api/v1/refunds/{refund_id}", timeout=10).json()
+                if refund["status"] in ("succeeded", "failed"):
+                    final[refund_id] = refund
+        callbacks = load.receiver.by_order(load.path)
+        return len(final) == len(load.refunds) and all(refund_id in callbacks for refund_id in final)
+
+    try:
+        wait_for(settled_and_called_back, timeout, "every refund settled and called back")
+    except AssertionError:
+        pass  # counted and described below
+    problems: list[str] = []
+    bad: set[str] = set()
+
+    def problem(subject: str, text: str) -> None:
+        bad.add(subject)
+        problems.append(f"{subject} {text}")
+
+    lost = len(load.refunds) - len(final)
+    for refund_id, refund in load.refunds.items():
+        if refund_id not in final:
+            now = session.get(f"http://{web}/api/v1/refunds/{refund_id}", timeout=10).json()
+            problem(refund_id, f"refund ({refund['amount']}) stuck in {now['status']}")
+    keys = dict(
+        sql(
+            "SELECT refund_id::text, idempotency_key FROM gateway_refundattempt WHERE refund_id = ANY(%s::uuid[])",
+            (list(load.refunds),),
+        )
+    )
+    callbacks = load.receiver.by_order(load.path)
+    by_order: dict[str, list[dict]] = {}
+    for refund in load.refunds.values():
+        by_order.setdefault(refund["order_id"], []).append(refund)
+    double_refunds = ledger_mismatches = 0
+    for order_id, refunds in by_order.items():
+        order = session.get(f"http://{web}/api/v1/orders/{order_id}", timeout=10).json()
+        ledger = sandbox_refunds(order_id, load.sandbox)
+        entries = Counter(entry["idempotency_key"] for entry in ledger)
+        ours = {keys.get(refund["id"]) for refund in refunds}
+        # the provider's ledger: nothing under a key that is not one of this order's refunds
+        strangers = [entry for entry in ledger if entry["idempotency_key"] not in ours]
+        if strangers:
+            double_refunds += len(strangers)
+            problem(order_id, f"refunded under keys of no refund (sent again under another key): {strangers}")
+        succeeded = 0
+        for refund in refunds:
+            end = final.get(refund["id"])
+            if end is None:
+                continue
+            key = keys.get(refund["id"])
+            made = [entry for entry in ledger if entry["idempotency_key"] == key]
+            if entries[key] > 1:
+                double_refunds += entries[key] - 1
+                problem(refund["id"], f"refunded {entries[key]} times under its key: {made}")
+            status, failure_code = expected_refund(refund["amount"])
+            if (end["status"], end["failure_code"]) != (status, failure_code):
+                problem(refund["id"], f"({refund['amount']}) ended {end['status']}/{end['failure_code']}")
+            if end["status"] == "succeeded":
+                succeeded += end["amount"]
+                if [(e["amount"], e["currency"]) for e in made] != [(end["amount"], end["currency"])]:
+                    problem(refund["id"], f"succeeded ({end['amount']}) but the ledger says {made}")
+            elif made:
+                problem(refund["id"], f"failed ({end['failure_code']}) but was refunded: {made}")
+            events = session.get(f"http://{web}/api/v1/refunds/{refund['id']}/events", timeout=10).json()
+            path = [(e["from"], e["to"]) for e in events]
+            expected_path = [(None, "pending"), ("pending", "processing"), ("processing", end["status"])]
+            if path != expected_path:
+                problem(refund["id"], f"log is not {expected_path}: {path}")
+            received = callbacks.get(refund["id"], [])
+            if not received:
+                problem(refund["id"], "settled but no callback was received")
+            if len({r["headers"].get("webhook-id") for r in received}) > 1:
+                problem(refund["id"], "callback came with several webhook-ids")
+            for request in received:
+                body = Webhook(webhook_secret).verify(request["body"], request["headers"])
+                if body["type"] != f"refund.{end['status']}":
+                    problem(refund["id"], f"callback type {body['type']} for status {end['status']}")
+        total = sum(entry["amount"] for entry in ledger)
+        if not total == order["amount_refunded"] == succeeded or total > order["amount"]:
+            ledger_mismatches += 1
+            problem(
+                order_id,
+                f"ledger sum {total}, amount_refunded {order['amount_refunded']}, succeeded refunds"
+                f" {succeeded}, charged {order['amount']}",
+            )
+    unknown = in_flight - set(load.refunds)
+    if unknown:
+        problems.append(f"in-flight refunds that are not this load's: {sorted(unknown)}")
+    recovered = len({refund_id for refund_id in in_flight if refund_id in final and refund_id not in bad})
+    report = RefundReport(
+        fault,
+        len(load.orders),
+        len(load.refunds),
+        faults_injected,
+        len(in_flight),
+        recovered,
+        lost,
+        double_refunds,
+        ledger_mismatches,
+        problems,
+    )
+    FAULT_LINES.append(report.line())
+    print(report.line())
+    return report

@@ -3,12 +3,14 @@
 Started as `celery -A tests.faults.probe worker ...` (harness.FaultStack), a worker behaves as
 production's, and each pool process also appends one JSON line per task start and end to
 `$FAULT_TASK_DIR/<pid>.log`. The fault tests read them as evidence written by the process that ran
-the task: which order a killed pool child was working on (a start with no end), that two copies
-of a message ran at the same time (both starts before either end).
+the task: which order (and, for a refund's stage, which refund) a killed pool child was working on
+(a start with no end), that two copies of a message ran at the same time (both starts before
+either end).
 
 With the file `$FAULT_TASK_DIR/rendezvous` present, a stage task waits at its start (at most
 RENDEZVOUS_SECONDS) until a second copy of the same task for the same order has started too, so
-that "two copies at once" happens at once instead of by luck of timing.
+that "two copies at once" happens at once instead of by luck of timing (a refund's copies meet by
+refund, since an order may have several refunds in flight).
 """
 
 import json
@@ -23,12 +25,24 @@ __all__ = ["app"]
 
 TASK_DIR = os.environ.get("FAULT_TASK_DIR", "")
 RENDEZVOUS_SECONDS = 3.0
-STAGE_TASKS = ("allocation.allocate", "gateway.charge", "gateway.confirm", "callbacks.callback")
+STAGE_TASKS = (
+    "allocation.allocate",
+    "gateway.charge",
+    "gateway.confirm",
+    "callbacks.callback",
+    "gateway.refund",
+)
 
 
 def _order_of(args) -> str | None:
     message = args[0] if args and isinstance(args[0], dict) else {}
     return message.get("order_id")
+
+
+def _refund_of(args) -> str | None:
+    message = args[0] if args and isinstance(args[0], dict) else {}
+    payload = message.get("payload")
+    return payload.get("refund_id") if isinstance(payload, dict) else None
 
 
 def _write(record: dict) -> None:
@@ -40,9 +54,9 @@ def _write(record: dict) -> None:
         os.close(fd)
 
 
-def _met_twin(task: str, order_id: str, task_id: str) -> None:
+def _met_twin(task: str, subject: str, task_id: str) -> None:
     """Say this copy has started, then wait (bounded) until a second copy has said so too."""
-    meeting = os.path.join(TASK_DIR, "met", f"{task}-{order_id}")
+    meeting = os.path.join(TASK_DIR, "met", f"{task}-{subject}")
     os.makedirs(meeting, exist_ok=True)
     open(os.path.join(meeting, task_id), "w").close()
     deadline = time.monotonic() + RENDEZVOUS_SECONDS
@@ -55,18 +69,20 @@ def _task_started(task_id=None, task=None, args=None, **_) -> None:
     if not TASK_DIR:
         return
     order_id = _order_of(args)
+    refund_id = _refund_of(args)
     _write(
         {
             "ev": "start",
             "task": task.name,
             "order": order_id,
+            "refund": refund_id,
             "id": task_id,
             "pid": os.getpid(),
             "t": time.time(),
         }
     )
     if order_id and task.name in STAGE_TASKS and os.path.exists(os.path.join(TASK_DIR, "rendezvous")):
-        _met_twin(task.name, order_id, task_id)
+        _met_twin(task.name, refund_id or order_id, task_id)
 
 
 @signals.task_postrun.connect
@@ -77,6 +93,7 @@ def _task_ended(task_id=None, task=None, args=None, state=None, **_) -> None:
                 "ev": "end",
                 "task": task.name,
                 "order": _order_of(args),
+                "refund": _refund_of(args),
                 "id": task_id,
                 "pid": os.getpid(),
                 "t": time.time(),
