@@ -306,38 +306,45 @@ class SandboxAdapter(ProviderAdapter):
                 )
             return sort_charge_answer(response.status_code, data)
 
-    def fetch_status(
-        self, *, channel: PaymentChannel, idempotency_key: str, provider_reference: str = ""
-    ) -> StatusResult:
-        """The charge's status; `ProviderError` when the provider cannot be reached or read."""
+    def _status_query(self, *, path: str, idempotency_key: str, what: str, known: frozenset) -> StatusResult:
+        """GET `path` for the charge or refund under `idempotency_key`; `ProviderError` when the
+        provider cannot be reached or read. A status we do not know yet is no outcome: keep
+        waiting, never guess."""
         try:
             response = self.session.get(
-                f"{settings.SANDBOX_URL}/v1/charges",
+                f"{settings.SANDBOX_URL}{path}",
                 params={"idempotency_key": idempotency_key},
                 timeout=self._timeout,
                 stream=True,
                 allow_redirects=False,
             )
         except (requests.RequestException, http.client.HTTPException, OSError) as exc:
-            raise ProviderError(f"status query failed: {exc.__class__.__name__}") from exc
+            raise ProviderError(f"{what} status query failed: {exc.__class__.__name__}") from exc
         with response:
             code = response.status_code
             try:
                 data = _read_json(response)
             except _Unreadable as exc:
-                raise ProviderError(f"status answer http {code}: {exc}") from exc
+                raise ProviderError(f"{what} status answer http {code}: {exc}") from exc
         if code == 404 and _error_code(data) == "not_found":
             return StatusResult("not_found")
         if not 200 <= code < 300 or not isinstance(data, dict):
-            raise ProviderError(f"status answer http {code} unreadable")
+            raise ProviderError(f"{what} status answer http {code} unreadable")
         if data.get("idempotency_key", idempotency_key) != idempotency_key:
-            raise ProviderError("status answer is about another charge")
+            raise ProviderError(f"{what} status answer is about another {what}")
         status = data.get("status")
         return StatusResult(
-            # A status we do not know yet is no outcome: keep waiting, never guess.
-            status=status if isinstance(status, str) and status in _FINAL_OR_PENDING else "pending",
+            status=status if isinstance(status, str) and status in known else "pending",
             failure_code=_token(data.get("failure_code"), 64),
             provider_reference=_token(data.get("id")),
+        )
+
+    def fetch_status(
+        self, *, channel: PaymentChannel, idempotency_key: str, provider_reference: str = ""
+    ) -> StatusResult:
+        """The charge's status; `ProviderError` when the provider cannot be reached or read."""
+        return self._status_query(
+            path="/v1/charges", idempotency_key=idempotency_key, what="charge", known=_FINAL_OR_PENDING
         )
 
     def refund(self, *, channel: PaymentChannel, request: RefundRequest) -> RefundResult:
@@ -375,33 +382,8 @@ class SandboxAdapter(ProviderAdapter):
             return sort_refund_answer(response.status_code, data)
 
     def fetch_refund_status(self, *, channel: PaymentChannel, idempotency_key: str) -> StatusResult:
-        try:
-            response = self.session.get(
-                f"{settings.SANDBOX_URL}/v1/refunds",
-                params={"idempotency_key": idempotency_key},
-                timeout=self._timeout,
-                stream=True,
-                allow_redirects=False,
-            )
-        except (requests.RequestException, http.client.HTTPException, OSError) as exc:
-            raise ProviderError(f"refund status query failed: {exc.__class__.__name__}") from exc
-        with response:
-            code = response.status_code
-            try:
-                data = _read_json(response)
-            except _Unreadable as exc:
-                raise ProviderError(f"refund status answer http {code}: {exc}") from exc
-        if code == 404 and _error_code(data) == "not_found":
-            return StatusResult("not_found")
-        if not 200 <= code < 300 or not isinstance(data, dict):
-            raise ProviderError(f"refund status answer http {code} unreadable")
-        if data.get("idempotency_key", idempotency_key) != idempotency_key:
-            raise ProviderError("refund status answer is about another refund")
-        status = data.get("status")
-        return StatusResult(
-            status=status if isinstance(status, str) and status in _REFUND_FINAL_OR_PENDING else "pending",
-            failure_code=_token(data.get("failure_code"), 64),
-            provider_reference=_token(data.get("id")),
+        return self._status_query(
+            path="/v1/refunds", idempotency_key=idempotency_key, what="refund", known=_REFUND_FINAL_OR_PENDING
         )
 
     def parse_webhook(self, *, body: bytes, headers: dict[str, str]) -> WebhookEvent:
