@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models import Case, F, Value, When
 from django.urls import reverse
 from django.utils import timezone
 
@@ -743,13 +744,19 @@ def _refund_record(*, attempt: RefundAttempt, result: RefundResult) -> Transitio
             )
             return _refund_refused(attempt, result.error)
         unknown = result.outcome == ChargeOutcome.UNKNOWN
-        RefundAttempt.objects.filter(pk=attempt.pk, status=RA.SENDING).update(
-            status=RA.UNKNOWN if unknown else RA.ACCEPTED,
-            sends=attempt.sends + 1,
+        # The send is recorded even when the provider's webhook outran this answer and already
+        # settled the attempt: only the status is left as the webhook wrote it.
+        answer = {"provider_reference": result.provider_reference} if result.provider_reference else {}
+        RefundAttempt.objects.filter(pk=attempt.pk).update(
+            status=Case(
+                When(status=RA.SENDING, then=Value(RA.UNKNOWN if unknown else RA.ACCEPTED)),
+                default=F("status"),
+            ),
+            sends=F("sends") + 1,
             lease_until=None,
-            provider_reference=result.provider_reference,
             http_status=result.http_status,
             error=result.error[:500],
+            **answer,
         )
         reason = (
             f"outcome unknown at {attempt.channel} ({result.error}); waiting for webhook or poll"

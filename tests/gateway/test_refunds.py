@@ -189,3 +189,24 @@ def test_the_providers_word_may_outrun_our_record_of_the_request(stub, channels)
     # then pending -> processing -> succeeded, in the log
     steps = list(refund.transitions.order_by("id").values_list("from_status", "to_status"))
     assert steps == [(None, "pending"), ("pending", "processing"), ("processing", "succeeded")]
+
+
+@pytest.mark.django_db
+def test_a_webhook_that_outruns_the_answer_leaves_the_send_recorded(stub, channels, monkeypatch):
+    # given the provider's webhook settles the refund while its answer to our request is in flight
+    order = _paid_order(stub)
+    refund = _refund(order)
+    answer_of = stub.refund
+
+    def refund_then_webhook(*, channel, request):
+        answer = answer_of(channel=channel, request=request)
+        services.refund_confirm(idempotency_key=request.idempotency_key, status="succeeded", source="webhook")
+        return answer
+
+    monkeypatch.setattr(stub, "refund", refund_then_webhook)
+    # when the answer is recorded after it
+    services.refund_send(refund_id=refund.pk)
+    # then the webhook's status stands, and the send and its reference are on the record
+    attempt = RefundAttempt.objects.get(refund=refund)
+    assert (attempt.status, attempt.sends, attempt.provider_reference) == ("succeeded", 1, "re_1")
+    assert Refund.objects.get(pk=refund.pk).status == "succeeded"
