@@ -14,7 +14,10 @@ class CallbackDelivery(models.Model):
         DELIVERED = "delivered"
         EXHAUSTED = "exhausted"
 
-    order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="callback_deliveries")
+    # No database FK check (#15): created by the callback stage for an order it read.
+    order = models.ForeignKey(
+        Order, on_delete=models.PROTECT, related_name="callback_deliveries", db_constraint=False
+    )
     # Set for a refund's callback (refund.succeeded / refund.failed); the order is the refund's.
     refund = models.ForeignKey(
         Refund, on_delete=models.PROTECT, related_name="callback_deliveries", null=True, blank=True
@@ -51,7 +54,10 @@ class CallbackDelivery(models.Model):
 
 
 class CallbackAttempt(models.Model):
-    delivery = models.ForeignKey(CallbackDelivery, on_delete=models.CASCADE, related_name="attempt_log")
+    # Append-only history written with its delivery's UPDATE in one statement; no FK check (#15).
+    delivery = models.ForeignKey(
+        CallbackDelivery, on_delete=models.CASCADE, related_name="attempt_log", db_constraint=False
+    )
     url = models.CharField(max_length=2048)
     attempted_at = models.DateTimeField()
     status_code = models.PositiveSmallIntegerField(null=True, blank=True)

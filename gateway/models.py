@@ -16,7 +16,11 @@ class ChargeAttempt(models.Model):
         PAID = "paid"
         FAILED = "failed"
 
-    order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="charge_attempts")
+    # No database FK check (#15): written only by the stage that holds the order; orders are
+    # never deleted.
+    order = models.ForeignKey(
+        Order, on_delete=models.PROTECT, related_name="charge_attempts", db_constraint=False
+    )
     channel = models.CharField(max_length=64)
     provider = models.CharField(max_length=32)
     idempotency_key = models.CharField(max_length=128, unique=True)
@@ -97,7 +101,10 @@ class ProviderWebhook(models.Model):
 
     provider = models.CharField(max_length=32)
     webhook_id = models.CharField(max_length=128)
-    order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="provider_webhooks", null=True)
+    # Set only from a lookup of the order in the same INSERT; no database FK check (#15).
+    order = models.ForeignKey(
+        Order, on_delete=models.PROTECT, related_name="provider_webhooks", null=True, db_constraint=False
+    )
     event_type = models.CharField(max_length=64)
     payload = models.JSONField()
     received_at = models.DateTimeField(auto_now_add=True)

@@ -124,7 +124,11 @@ class Order(models.Model):
 class OrderTransition(models.Model):
     """Append-only: a database trigger refuses UPDATE and DELETE (migration 0002)."""
 
-    order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="transitions")
+    # No database FK check on this hot append-only log (#15): rows are written only in the CTE
+    # that changes the order they name, and orders are never deleted (PROTECT).
+    order = models.ForeignKey(
+        Order, on_delete=models.PROTECT, related_name="transitions", db_constraint=False
+    )
     from_status = models.CharField(max_length=16, null=True, blank=True)
     to_status = models.CharField(max_length=16)
     reason = models.CharField(max_length=200)
