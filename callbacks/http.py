@@ -122,6 +122,10 @@ def _session() -> requests.Session:
         user_agent_override="payments-callbacks/1.0",
     )
     session = Manager(config).get_session()
+    # Nothing from the environment: no proxy (it would see the merchant's host instead of the IP
+    # filter), no .netrc credentials sent to a merchant's URL, and no per-request environment scan
+    # (measured 0.25 ms of CPU per POST).
+    session.trust_env = False
     # Same adapters (and so the same IP filter), only their connections are watched.
     for adapter in session.adapters.values():
         adapter.poolmanager.pool_classes_by_scheme = {

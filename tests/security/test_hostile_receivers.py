@@ -415,3 +415,30 @@ def test_a_healthy_receivers_burst_waits_a_moment_for_a_slot_instead_of_being_pu
     assert results == {"first": True, "second": True}
     assert len(receiver.requests) == 2
     assert Order.objects.get(pk=second.pk).status == "completed"
+
+
+# --- the worker's environment stays out of a merchant's callback ---------------------------------
+
+
+@pytest.mark.django_db
+def test_a_callback_takes_no_credentials_or_proxy_from_the_workers_environment(
+    receivers, tmp_path, monkeypatch
+):
+    # given a .netrc with credentials for the receiver's host, and a proxy that nothing answers
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login ops password secret-from-netrc\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "")
+    callback_http._session.cache_clear()
+    receiver = receivers(lambda conn, stop: conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))
+    _, order = make_paid_order(receiver.url)
+    # when the callback is delivered
+    delivered = callback_deliver(order_id=order.pk)
+    # then it went straight to the receiver, with no Authorization header
+    assert delivered is True
+    (request,) = receiver.requests
+    assert b"authorization:" not in request.lower()
+    assert request.startswith(b"POST /hook ")
+    callback_http._session.cache_clear()
