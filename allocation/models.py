@@ -39,7 +39,10 @@ class PaymentChannel(models.Model):
 
 
 class ChannelDailyVolume(models.Model):
-    channel = models.ForeignKey(PaymentChannel, on_delete=models.CASCADE, related_name="daily_volumes")
+    # No index of its own: channel_day_unique leads with it.
+    channel = models.ForeignKey(
+        PaymentChannel, on_delete=models.CASCADE, related_name="daily_volumes", db_index=False
+    )
     day = models.DateField()
     reserved = models.BigIntegerField(default=0)
     orders = models.PositiveIntegerField(default=0)

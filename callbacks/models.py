@@ -56,7 +56,11 @@ class CallbackDelivery(models.Model):
 class CallbackAttempt(models.Model):
     # Append-only history written with its delivery's UPDATE in one statement; no FK check (#15).
     delivery = models.ForeignKey(
-        CallbackDelivery, on_delete=models.CASCADE, related_name="attempt_log", db_constraint=False
+        CallbackDelivery,
+        on_delete=models.CASCADE,
+        related_name="attempt_log",
+        db_constraint=False,
+        db_index=False,  # attempt_delivery leads with it
     )
     url = models.CharField(max_length=2048)
     attempted_at = models.DateTimeField()

@@ -17,9 +17,9 @@ class ChargeAttempt(models.Model):
         FAILED = "failed"
 
     # No database FK check (#15): written only by the stage that holds the order; orders are
-    # never deleted.
+    # never deleted. No index of its own: attempt_order leads with it.
     order = models.ForeignKey(
-        Order, on_delete=models.PROTECT, related_name="charge_attempts", db_constraint=False
+        Order, on_delete=models.PROTECT, related_name="charge_attempts", db_constraint=False, db_index=False
     )
     channel = models.CharField(max_length=64)
     provider = models.CharField(max_length=32)

@@ -45,7 +45,8 @@ class Merchant(models.Model):
 
 class Order(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid7, editable=False)
-    merchant = models.ForeignKey(Merchant, on_delete=models.PROTECT, related_name="orders")
+    # No index of its own: order_merchant_created and the reference constraint lead with it (#15).
+    merchant = models.ForeignKey(Merchant, on_delete=models.PROTECT, related_name="orders", db_index=False)
     reference = models.CharField(max_length=64)
     amount = models.BigIntegerField(help_text="In the currency's minor units.")
     currency = models.CharField(max_length=3)
@@ -125,9 +126,10 @@ class OrderTransition(models.Model):
     """Append-only: a database trigger refuses UPDATE and DELETE (migration 0002)."""
 
     # No database FK check on this hot append-only log (#15): rows are written only in the CTE
-    # that changes the order they name, and orders are never deleted (PROTECT).
+    # that changes the order they name, and orders are never deleted (PROTECT). Its index is
+    # transition_order's.
     order = models.ForeignKey(
-        Order, on_delete=models.PROTECT, related_name="transitions", db_constraint=False
+        Order, on_delete=models.PROTECT, related_name="transitions", db_constraint=False, db_index=False
     )
     from_status = models.CharField(max_length=16, null=True, blank=True)
     to_status = models.CharField(max_length=16)
@@ -253,7 +255,7 @@ class IdempotencyKey(models.Model):
         IN_FLIGHT = "in_flight"
         DONE = "done"
 
-    merchant = models.ForeignKey(Merchant, on_delete=models.CASCADE)
+    merchant = models.ForeignKey(Merchant, on_delete=models.CASCADE, db_index=False)  # the unique key leads with it
     key = models.CharField(max_length=255)
     request_hash = models.CharField(max_length=64)
     state = models.CharField(max_length=16, choices=State.choices, default=State.IN_FLIGHT)
