@@ -229,7 +229,6 @@ def _charge_record(
                         "charge.answer_conflict",
                         extra={"order_id": str(order.pk), "channel": attempt.channel},
                     )
-        order_provider_reference_set(order_id=order.pk, reference=result.provider_reference)
         reason = (
             f"outcome unknown at {attempt.channel} ({result.error}); waiting for webhook or poll"
             if unknown
@@ -241,7 +240,11 @@ def _charge_record(
             seen_status=OrderStatus.ASSIGNED,
             seen_channel=attempt.channel,
             reason=reason,
+            provider_reference=result.provider_reference,
         )
+        if not transition.applied:
+            # A webhook or another copy moved the order first: the reference is still a fact.
+            order_provider_reference_set(order_id=order.pk, reference=result.provider_reference)
     if unknown:
         channel_record_failure(channel_code=attempt.channel)
     else:

@@ -187,6 +187,7 @@ def order_transition(
     reserved_on: date | None = None,
     failure_code: str | None = None,
     failure_message: str | None = None,
+    provider_reference: str = "",
 ) -> TransitionResult:
     """Move an order to `to`, but only from the exact state the caller decided it for.
 
@@ -218,6 +219,10 @@ def order_transition(
     if to == S.FAILED:
         changes["failure_code"] = failure_code
         changes["failure_message"] = failure_message
+    if provider_reference:
+        # The provider's id for the charge, written with the change that learned it; a known one
+        # never changes (_SET_ONCE).
+        changes["provider_reference"] = provider_reference[:128]
     if to == S.COMPLETED:
         changes["completed_at"] = now
         changes["next_check_at"] = None
@@ -251,6 +256,10 @@ def order_transition(
     return TransitionResult(False, current, current_channel)
 
 
+# Columns a change fills in once and never overwrites.
+_SET_ONCE = frozenset({"provider_reference"})
+
+
 def _move(
     where: dict,
     changes: dict,
@@ -268,7 +277,10 @@ def _move(
     matched. Returns (channel, outbox event id).
     """
     meta = lifecycle.model._meta
-    sets = ", ".join(f"{meta.get_field(name).column} = %s" for name in changes)
+    sets = ", ".join(
+        f"{column} = COALESCE({column}, %s)" if name in _SET_ONCE else f"{column} = %s"
+        for name, column in ((name, meta.get_field(name).column) for name in changes)
+    )
     conds = " AND ".join(f"{meta.get_field(name).column} = %s" for name in where)
     sql = (
         f"WITH changed AS (UPDATE {meta.db_table} SET {sets} WHERE {conds} RETURNING {lifecycle.returning}),"

@@ -207,3 +207,55 @@ def test_confirm_carries_the_creating_requests_id_into_its_event(stub, channels)
     # then: the paid event, which starts the callback task, names the creating request
     paid = OutboxEvent.objects.filter(order_id=order.pk, payload__status="paid").get()
     assert paid.payload["request_id"] == "req-create"
+
+
+@pytest.mark.django_db
+def test_the_accepted_answer_names_the_providers_charge_on_the_order_once(stub, channels):
+    # given an order charged on stub-1, whose answer names the provider's charge
+    order = assigned_order()
+    services.order_charge(order_id=order.pk)
+    charged = Order.objects.get(pk=order.pk)
+    assert (charged.status, charged.provider_reference) == ("processing", f"ch_{order.pk}:stub-1")
+    # when a later word names another reference, the known one stays
+    services.order_confirm(
+        order_id=order.pk,
+        idempotency_key=f"{order.pk}:stub-1",
+        status="paid",
+        source="test",
+        provider_reference="ch_other",
+    )
+    paid = Order.objects.get(pk=order.pk)
+    assert (paid.status, paid.provider_reference) == ("paid", f"ch_{order.pk}:stub-1")
+
+
+@pytest.mark.django_db
+def test_a_reference_learned_after_the_order_moved_on_is_still_recorded(stub, channels):
+    # given the provider's webhook settled the order while our charge call was in flight
+    order = assigned_order()
+    charge_of = stub.charge
+
+    def charge_then_webhook(*, channel, request):
+        answer = charge_of(channel=channel, request=request)
+        services.order_confirm(
+            order_id=order.pk, idempotency_key=request.idempotency_key, status="paid", source="webhook"
+        )
+        return answer
+
+    stub.charge = charge_then_webhook
+    # when the answer is recorded after it (its transition no longer applies)
+    services.order_charge(order_id=order.pk)
+    # then the order is paid and names the provider's charge
+    paid = Order.objects.get(pk=order.pk)
+    assert (paid.status, paid.provider_reference) == ("paid", f"ch_{order.pk}:stub-1")
+
+
+@pytest.mark.django_db
+def test_a_known_reference_is_never_overwritten_by_the_charge_answer(stub, channels):
+    # given the order already names the provider's charge (learned from an early webhook)
+    order = assigned_order()
+    Order.objects.filter(pk=order.pk).update(provider_reference="ch_from_webhook")
+    # when the charge's answer names one too
+    services.order_charge(order_id=order.pk)
+    # then the order moved on and kept the first
+    moved = Order.objects.get(pk=order.pk)
+    assert (moved.status, moved.provider_reference) == ("processing", "ch_from_webhook")
