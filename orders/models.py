@@ -255,7 +255,8 @@ class IdempotencyKey(models.Model):
         IN_FLIGHT = "in_flight"
         DONE = "done"
 
-    merchant = models.ForeignKey(Merchant, on_delete=models.CASCADE, db_index=False)  # the unique key leads with it
+    # No index of its own: idempotency_key_unique leads with it.
+    merchant = models.ForeignKey(Merchant, on_delete=models.CASCADE, db_index=False)
     key = models.CharField(max_length=255)
     request_hash = models.CharField(max_length=64)
     state = models.CharField(max_length=16, choices=State.choices, default=State.IN_FLIGHT)

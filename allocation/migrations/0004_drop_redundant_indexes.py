@@ -1,10 +1,5 @@
-"""Drop the foreign keys' own indexes where another index leads with the same column (#15).
-
-Written out by hand: Django's AlterField(db_index=False) drops every index it finds on the
-column, which on gateway_chargeattempt included attempt_one_live_per_order (the partial unique
-index that keeps one live charge attempt per order), and on orders it drops and re-adds the
-merchant foreign key (a validating scan of the whole table). Here only the named indexes go;
-the model state changes alongside.
+"""Drop the foreign key's own index: another index leads with its column (#15). Written by hand
+for the reason in orders/migrations/0010_drop_redundant_indexes.py.
 """
 
 import django.db.models.deletion

@@ -5,21 +5,30 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('callbacks', '0004_refund_callbacks'),
-        ('orders', '0009_history_without_fk_checks'),
+        ("callbacks", "0004_refund_callbacks"),
+        ("orders", "0009_history_without_fk_checks"),
     ]
 
     operations = [
         migrations.AlterField(
-            model_name='callbackattempt',
-            name='delivery',
-            field=models.ForeignKey(db_constraint=False, on_delete=django.db.models.deletion.CASCADE, related_name='attempt_log', to='callbacks.callbackdelivery'),
+            model_name="callbackattempt",
+            name="delivery",
+            field=models.ForeignKey(
+                db_constraint=False,
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="attempt_log",
+                to="callbacks.callbackdelivery",
+            ),
         ),
         migrations.AlterField(
-            model_name='callbackdelivery',
-            name='order',
-            field=models.ForeignKey(db_constraint=False, on_delete=django.db.models.deletion.PROTECT, related_name='callback_deliveries', to='orders.order'),
+            model_name="callbackdelivery",
+            name="order",
+            field=models.ForeignKey(
+                db_constraint=False,
+                on_delete=django.db.models.deletion.PROTECT,
+                related_name="callback_deliveries",
+                to="orders.order",
+            ),
         ),
     ]

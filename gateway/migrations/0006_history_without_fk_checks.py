@@ -5,21 +5,31 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('gateway', '0005_refund_attempts'),
-        ('orders', '0009_history_without_fk_checks'),
+        ("gateway", "0005_refund_attempts"),
+        ("orders", "0009_history_without_fk_checks"),
     ]
 
     operations = [
         migrations.AlterField(
-            model_name='chargeattempt',
-            name='order',
-            field=models.ForeignKey(db_constraint=False, on_delete=django.db.models.deletion.PROTECT, related_name='charge_attempts', to='orders.order'),
+            model_name="chargeattempt",
+            name="order",
+            field=models.ForeignKey(
+                db_constraint=False,
+                on_delete=django.db.models.deletion.PROTECT,
+                related_name="charge_attempts",
+                to="orders.order",
+            ),
         ),
         migrations.AlterField(
-            model_name='providerwebhook',
-            name='order',
-            field=models.ForeignKey(db_constraint=False, null=True, on_delete=django.db.models.deletion.PROTECT, related_name='provider_webhooks', to='orders.order'),
+            model_name="providerwebhook",
+            name="order",
+            field=models.ForeignKey(
+                db_constraint=False,
+                null=True,
+                on_delete=django.db.models.deletion.PROTECT,
+                related_name="provider_webhooks",
+                to="orders.order",
+            ),
         ),
     ]

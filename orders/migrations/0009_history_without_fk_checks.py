@@ -5,15 +5,19 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('orders', '0008_order_payment_method_provider_reference'),
+        ("orders", "0008_order_payment_method_provider_reference"),
     ]
 
     operations = [
         migrations.AlterField(
-            model_name='ordertransition',
-            name='order',
-            field=models.ForeignKey(db_constraint=False, on_delete=django.db.models.deletion.PROTECT, related_name='transitions', to='orders.order'),
+            model_name="ordertransition",
+            name="order",
+            field=models.ForeignKey(
+                db_constraint=False,
+                on_delete=django.db.models.deletion.PROTECT,
+                related_name="transitions",
+                to="orders.order",
+            ),
         ),
     ]
