@@ -71,9 +71,10 @@ _WITH_HISTORY = (
     + """ RETURNING id, channel, outcome, created_at, completed_at),
 a AS (
     INSERT INTO gateway_chargeattempt (order_id, channel, provider, idempotency_key, status,
-        provider_reference, http_status, error, failure_code, created_at, updated_at)
+        provider_reference, http_status, error, failure_code, webhook_url, created_at, updated_at)
     SELECT id, channel, 'sandbox', id::text || ':' || channel, outcome, 'sbx_' || md5(id::text), 201, '',
         CASE WHEN outcome = 'failed' THEN 'card_declined' ELSE '' END,
+        'http://127.0.0.1:8000/api/v1/gateway/webhooks/sandbox',
         created_at + interval '20 milliseconds', completed_at - interval '50 milliseconds'
     FROM o
 ),
