@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         results["queries_per_order"] = main_phase["queries_per_order"]
         results["app_queries_per_order"] = main_phase["app_queries_per_order"]
         results["fk_check_queries_per_order"] = main_phase["fk_check_queries_per_order"]
+        for key in ("commits_per_order", "wal_records_per_order", "wal_fpi_per_order", "wal_bytes_per_order"):
+            results[key] = main_phase.get(key)
         results["tasks_per_order"] = main_phase["tasks_per_order"]
         results["tasks"] = main_phase["tasks"]
         api.close()

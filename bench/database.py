@@ -88,6 +88,19 @@ class Observer:
             (_uuid_array(ids),),
         )
 
+    def write_counters(self) -> tuple[int, int, int, int]:
+        """(commits in this database, WAL records, full-page images, WAL bytes of the whole server).
+
+        Counts the machine's load does not move, so a change too small for the CPU figures to show
+        through other work still shows here. The commits include this observer's own reads (each
+        one a transaction of its own in autocommit); the caller subtracts them.
+        """
+        ((commits,),) = self._rows(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        )
+        ((records, fpi, wal_bytes),) = self._rows("SELECT wal_records, wal_fpi, wal_bytes FROM pg_stat_wal")
+        return int(commits), int(records), int(fpi), int(wal_bytes)
+
     def has_statement_stats(self) -> bool:
         return bool(self._rows("SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements'"))
 

@@ -87,6 +87,7 @@ def _measure(ctx: Context, label: str, drive: Callable[[], load.LoadResult]) -> 
     stored = ctx.observer.order_count()
     tasks_before, workers_before = ctx.workers.task_totals()
     sql_before = ctx.observer.statements()
+    writes_before = ctx.observer.write_counters()
     own_before = ctx.observer.own_statements
     cpu_before, client_before = cpu_sample(), _client_cpu()
     parts_before = cpu_by_process(RUN, ctx.databases, ctx.servers)
@@ -103,6 +104,11 @@ def _measure(ctx: Context, label: str, drive: Callable[[], load.LoadResult]) -> 
     parts_after = cpu_by_process(RUN, ctx.databases, ctx.servers)
     own = ctx.observer.own_statements - own_before
     sql = statements_delta(sql_before, ctx.observer.statements(), own=own)
+    commits, wal_records, wal_fpi, wal_bytes = (
+        after - before for after, before in zip(ctx.observer.write_counters(), writes_before, strict=True)
+    )
+    # Less the observer's own transactions in between: its reads, its WAL read, its statement list.
+    commits -= own + 2
     tasks_after, workers_after = ctx.workers.task_totals()
     timings = ctx.observer.timings(result.ids)
 
@@ -149,6 +155,11 @@ def _measure(ctx: Context, label: str, drive: Callable[[], load.LoadResult]) -> 
         "fk_check_queries_per_order": round(sql.fk_checks / per, 1),
         "app_queries_per_order": round((sql.toplevel - sql.fk_checks) / per, 1),
         "nested_queries_per_order": round(sql.nested / per, 1),
+        "commits_per_order": round(max(commits, 0) / per, 1),
+        # Whole server: the sandbox's ledger database shares it (a few records per order).
+        "wal_records_per_order": round(wal_records / per, 1),
+        "wal_fpi_per_order": round(wal_fpi / per, 2),
+        "wal_bytes_per_order": round(wal_bytes / per),
         "busiest_statements": [
             {"per_order": round(calls / per, 2), "query": text[:300]} for calls, text in sql.top
         ],

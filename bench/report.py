@@ -151,6 +151,13 @@ def table(results: dict) -> str:
             f" = {_fmt(results['app_queries_per_order'])} sent by the application"
             f" + {_fmt(results['fk_check_queries_per_order'])} foreign-key checks PostgreSQL runs at COMMIT"
         )
+    if results.get("commits_per_order") is not None:
+        lines.append(
+            f"writes per order: {_fmt(results['commits_per_order'])} commits in the payments database;"
+            f" WAL {_fmt(results['wal_records_per_order'])} records, {_fmt(results['wal_fpi_per_order'])}"
+            f" full-page images, {_fmt(results['wal_bytes_per_order'])} bytes"
+            " (whole server, the sandbox's ledger included)"
+        )
     if results.get("tasks"):
         lines.append("tasks in the burst: " + ", ".join(f"{k} {v}" for k, v in results["tasks"].items()))
     lines.append("targets:")
