@@ -228,6 +228,19 @@ def sort_intent(intent: Any, http_status: int | None = 200) -> ChargeResult:
     )
 
 
+def _retrieve(what: str, call):
+    """A status query's answer; None when Stripe does not know the object (404). Any other failure
+    is the provider's (ProviderError): the poll asks again later."""
+    try:
+        return call()
+    except stripe.InvalidRequestError as exc:
+        if exc.http_status == 404:
+            return None
+        raise ProviderError(f"{what} answer http {exc.http_status}") from exc
+    except stripe.StripeError as exc:
+        raise ProviderError(f"{what} query failed: {exc.__class__.__name__}") from exc
+
+
 class StripeAdapter(ProviderAdapter):
     name = "stripe"
     # Stripe's own answer to a bad signature (its libraries' examples answer 400 too).
@@ -303,14 +316,11 @@ class StripeAdapter(ProviderAdapter):
         """
         if not provider_reference.startswith("pi_"):
             return StatusResult("not_found")
-        try:
-            intent = self._client(channel).v1.payment_intents.retrieve(provider_reference)
-        except stripe.InvalidRequestError as exc:
-            if exc.http_status == 404:
-                return StatusResult("not_found")
-            raise ProviderError(f"status answer http {exc.http_status}") from exc
-        except stripe.StripeError as exc:
-            raise ProviderError(f"status query failed: {exc.__class__.__name__}") from exc
+        intent = _retrieve(
+            "status", lambda: self._client(channel).v1.payment_intents.retrieve(provider_reference)
+        )
+        if intent is None:
+            return StatusResult("not_found")
         data = intent.to_dict()
         metadata = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
         if metadata.get("attempt", idempotency_key) != idempotency_key:
@@ -368,14 +378,9 @@ class StripeAdapter(ProviderAdapter):
         reference = provider_reference_of_refund(idempotency_key=idempotency_key)
         if not reference.startswith("re_"):
             return StatusResult("not_found")
-        try:
-            refund = self._client(channel).v1.refunds.retrieve(reference)
-        except stripe.InvalidRequestError as exc:
-            if exc.http_status == 404:
-                return StatusResult("not_found")
-            raise ProviderError(f"refund status answer http {exc.http_status}") from exc
-        except stripe.StripeError as exc:
-            raise ProviderError(f"refund status query failed: {exc.__class__.__name__}") from exc
+        refund = _retrieve("refund status", lambda: self._client(channel).v1.refunds.retrieve(reference))
+        if refund is None:
+            return StatusResult("not_found")
         status, failure_code = refund_status(refund.to_dict())
         return StatusResult(status, failure_code=failure_code, provider_reference=reference)
 

@@ -241,3 +241,21 @@ def test_status_answer_5xx_is_a_provider_error(adapter, peers):
     peer = peers(answer(500, recorded("error_api_error")))
     with pytest.raises(ProviderError):
         adapter.fetch_status(channel=channel(peer.url), idempotency_key=KEY, provider_reference="pi_1")
+
+
+def test_status_of_an_intent_stripe_does_not_know_is_not_found(adapter, peers):
+    # Stripe's answer to retrieving an unknown object: 404 resource_missing (an InvalidRequestError)
+    missing = json.dumps(
+        {
+            "error": {
+                "code": "resource_missing",
+                "message": "No such payment_intent: 'pi_1'",
+                "param": "intent",
+                "type": "invalid_request_error",
+            }
+        }
+    )
+    peer = peers(answer(404, missing))
+    status = adapter.fetch_status(channel=channel(peer.url), idempotency_key=KEY, provider_reference="pi_1")
+    assert status.status == "not_found"
+    assert len(peer.requests) == 1
