@@ -18,8 +18,10 @@ from tests.e2e.conftest import ROOT, VENV
 from tests.faults import harness
 from tests.faults.servers import PgServer, RedisServer
 
-PG_PORT = int(os.environ.get("FAULT_PG_PORT", "55442"))
-REDIS_PORT = int(os.environ.get("FAULT_REDIS_PORT", "56389"))
+# Below the ephemeral port range, as the scale suite's (tests/scale/conftest.py): the fault
+# scenarios restart these servers mid-run, when a client socket may hold any ephemeral port.
+PG_PORT = int(os.environ.get("FAULT_PG_PORT", "25442"))
+REDIS_PORT = int(os.environ.get("FAULT_REDIS_PORT", "26389"))
 DB_NAME = "payments_faults"
 SANDBOX_DB = "test_sandbox_faults"
 

@@ -125,6 +125,9 @@ class PgServer:
                     "-w",
                     "-t",
                     "60",
+                    # the port asked for, whatever an older cluster's postgresql.conf says
+                    "-o",
+                    f"-p {self.port}",
                     "start",
                 ]
             ),

@@ -29,8 +29,11 @@ from tests.faults.servers import RedisServer
 from tests.scale.servers import RabbitNode, SentinelGroup
 
 SCALE = ROOT / ".run" / "scale"
-# Ports: SCALE_PORT_BASE moves them all (two suites on one machine).
-BASE = int(os.environ.get("SCALE_PORT_BASE", "38800"))
+# Ports: SCALE_PORT_BASE moves them all (two suites on one machine). Below Linux's ephemeral
+# range (32768-60999): these servers start late in the run, when thousands of client sockets
+# (established or in TIME_WAIT) hold ephemeral ports, and a listener cannot bind a port one of
+# them holds, SO_REUSEADDR or not; CI saw Redis and gunicorn fail to bind 388xx that way.
+BASE = int(os.environ.get("SCALE_PORT_BASE", "29800"))
 TEMPLATE_DB = f"scale_template_{BASE}"
 
 
@@ -169,9 +172,13 @@ class ScaleStack(Stack):
             if not self.alive(name):
                 self.procs.pop(name, None)
                 self.start(name)
-        wait_for(
-            lambda: _ok(f"http://{self.web}/readyz") and _ok(f"http://{self.sandbox}/healthz"), 90, "web"
-        )
+        try:
+            wait_for(
+                lambda: _ok(f"http://{self.web}/readyz") and _ok(f"http://{self.sandbox}/healthz"), 90, "web"
+            )
+        except AssertionError as timeout:
+            tails = "\n".join(f"--- {name}.log:\n{self.log(name)[-1500:]}" for name in ("web", "sandbox"))
+            raise AssertionError(f"{timeout}\n{tails}") from None
         expected = len(self.hosts) * len(QUEUES)
         wait_for(lambda: len(self.workers()) >= expected, 90, f"{self.name} workers consuming")
 

@@ -19,11 +19,19 @@ import redis
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 
 
-def _wait(predicate, timeout: float, what: str) -> None:
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _wait(predicate, timeout: float, what: str, log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
+            where = f"; the end of {log}:\n{_tail(log)}" if log else ""
+            raise RuntimeError(f"timed out waiting for {what}{where}")
         time.sleep(0.05)
 
 
@@ -62,8 +70,8 @@ class SentinelGroup:
             if role == "replica":
                 args += ["--replicaof", "127.0.0.1", str(self.ports["master"])]
             subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
-        for port in self.ports.values():
-            _wait(lambda port=port: self._up(port), 10, f"redis {port}")
+        for role, port in self.ports.items():
+            _wait(lambda port=port: self._up(port), 10, f"redis {port}", self.root / f"{role}.log")
         for port in self.sentinel_ports:
             conf = self.root / f"sentinel-{port}.conf"
             conf.write_text(

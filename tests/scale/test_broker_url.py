@@ -13,7 +13,7 @@ from config.broker import broker_settings
 from tests.e2e.conftest import ROOT, VENV
 
 QUEUES = ("orders", "allocation", "gateway", "callbacks")
-SENTINELS = "sentinel://127.0.0.1:38820;sentinel://127.0.0.1:38821"
+SENTINELS = "sentinel://127.0.0.1:29820;sentinel://127.0.0.1:29821"
 AMQP = "amqp://guest:guest@127.0.0.1:5672//"
 
 
