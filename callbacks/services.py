@@ -21,7 +21,7 @@ from core import metrics
 from core.faults import fault_point
 from core.retention import delete_in_batches
 from orders.models import Order, OrderStatus, RefundStatus
-from orders.selectors import refund_by_id
+from orders.selectors import order_with_merchant, refund_by_id
 from orders.serializers import order_representation, refund_representation
 from orders.services import merchant_signing_secrets, refund_callback_scheduled
 from orders.transitions import order_transition
@@ -112,7 +112,7 @@ def _next_delay(attempts: int) -> float | None:
 
 def callback_deliver(*, order_id) -> bool:
     """Make the due attempt of the order's callback, if any. True when the client took it."""
-    order = Order.objects.select_related("merchant").filter(pk=order_id).first()
+    order = order_with_merchant(order_id=order_id)
     if order is None:
         logger.warning("callback.order_missing", extra={"order_id": str(order_id)})
         return False
@@ -152,7 +152,7 @@ def refund_callback_deliver(*, refund_id) -> bool:
         return False
     if refund.status not in (RefundStatus.SUCCEEDED, RefundStatus.FAILED):
         return False
-    order = Order.objects.select_related("merchant").get(pk=refund.order_id)
+    order = order_with_merchant(order_id=refund.order_id)
     url = order.callback_url or order.merchant.callback_url
     if not url:
         # Nothing to deliver; the refund is settled either way.

@@ -20,7 +20,7 @@ from allocation.services import (
     channel_release,
     order_reallocate,
 )
-from core import metrics
+from core import metrics, rows
 from core.faults import fault_point
 from core.logging import request_id_var
 from core.retention import delete_in_batches
@@ -101,13 +101,6 @@ def _claim_attempt(*, order: Order, channel_code: str, provider: str) -> tuple[C
         cursor.execute(_RETAKE_SQL, [_lease_seconds(), key])
         leased = cursor.fetchone() is not None
     return ChargeAttempt.objects.filter(idempotency_key=key).first(), leased
-
-
-def _from_row(model, names: list[str], row) -> object:
-    """An instance with only `names` loaded, as QuerySet.only() makes it, without building a query."""
-    values = dict(zip(names, row, strict=True))
-    loaded = [field.attname for field in model._meta.concrete_fields if field.attname in values]
-    return model.from_db(connection.alias, loaded, [values[name] for name in loaded])
 
 
 _CHARGE_FIELDS = (
@@ -320,14 +313,14 @@ def _attempt_with_order(
         row = cursor.fetchone()
     if row is None:
         return None
-    attempt = _from_row(
+    attempt = rows.instance(
         ChargeAttempt,
-        ["id", "status", "channel", "order_id", "provider", "provider_reference"],
+        ("id", "status", "channel", "order_id", "provider", "provider_reference"),
         (*row[:4], row[7], row[8]),
     )
-    attempt.order = _from_row(
+    attempt.order = rows.instance(
         Order,
-        ["id", "status", "channel", "request_id", "provider_reference"],
+        ("id", "status", "channel", "request_id", "provider_reference"),
         (row[3], row[4], row[5], row[6], row[9]),
     )
     return attempt

@@ -2,11 +2,13 @@
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cache
 
 from django.db import connection
 from django.db.models import Count, QuerySet, Sum
 from django.db.models.functions import TruncMinute
 
+from core import rows
 from orders.models import Merchant, Order, OrderStatus, OrderTransition, OutboxEvent, Refund, RefundTransition
 
 
@@ -26,16 +28,41 @@ def order_fields(*, order_id, fields: tuple[str, ...]) -> Order | None:
     """The order with only `fields` loaded (as QuerySet.only() loads them), from one plain SELECT.
 
     Every stage reads its order through here once per task; a plain SELECT spares the ORM's
-    query compilation on that path. Other apps read orders' table only through this module.
+    query compilation on that path (core/rows.py). Other apps read orders' table only through
+    this module.
     """
     with connection.cursor() as cursor:
-        cursor.execute(f"SELECT {', '.join(fields)} FROM {Order._meta.db_table} WHERE id = %s", [order_id])
+        cursor.execute(
+            f"SELECT {rows.select_list(Order, fields)} FROM {Order._meta.db_table} WHERE id = %s", [order_id]
+        )
+        row = cursor.fetchone()
+    return None if row is None else rows.instance(Order, fields, row)
+
+
+@cache
+def _order_with_merchant_sql() -> str:
+    order, merchant = (
+        rows.select_list(Order, rows.all_columns(Order), "o"),
+        rows.select_list(Merchant, rows.all_columns(Merchant), "m"),
+    )
+    return (
+        f"SELECT {order}, {merchant} FROM {Order._meta.db_table} o"
+        f" JOIN {Merchant._meta.db_table} m ON m.id = o.merchant_id WHERE o.id = %s"
+    )
+
+
+def order_with_merchant(*, order_id) -> Order | None:
+    """The whole order with its merchant loaded (select_related("merchant")), from one plain SELECT:
+    what a callback needs to build, sign and address its body."""
+    with connection.cursor() as cursor:
+        cursor.execute(_order_with_merchant_sql(), [order_id])
         row = cursor.fetchone()
     if row is None:
         return None
-    values = dict(zip(fields, row, strict=True))
-    loaded = [field.attname for field in Order._meta.concrete_fields if field.attname in values]
-    return Order.from_db(connection.alias, loaded, [values[name] for name in loaded])
+    split = len(rows.all_columns(Order))
+    order = rows.instance(Order, rows.all_columns(Order), row[:split])
+    order.merchant = rows.instance(Merchant, rows.all_columns(Merchant), row[split:])
+    return order
 
 
 def order_get(*, merchant: Merchant, order_id) -> Order | None:
