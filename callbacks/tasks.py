@@ -1,12 +1,11 @@
 """The callback stages (order and refund callbacks), and the beat sweep that makes due retries happen."""
 
-from celery import current_app as celery_app
 from celery import shared_task
 from django.conf import settings
 
 from callbacks import services
 from core.retention import retention_cutoff
-from core.tasks import stage_task
+from core.tasks import stage_send, stage_task
 from orders import events
 
 
@@ -25,10 +24,10 @@ def sweep_deliveries() -> int:
     due = services.deliveries_due(batch=settings.SWEEP_BATCH)
     for order_id, refund_id in due:
         if refund_id is None:
-            celery_app.send_task(events.CALLBACK, args=[{"order_id": order_id, "redelivery": True}])
+            stage_send(events.CALLBACK, {"order_id": order_id, "redelivery": True})
         else:
             message = {"order_id": order_id, "payload": {"refund_id": refund_id}, "redelivery": True}
-            celery_app.send_task(events.REFUND_CALLBACK, args=[message])
+            stage_send(events.REFUND_CALLBACK, message)
     return len(due)
 
 

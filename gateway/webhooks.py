@@ -2,7 +2,6 @@
 
 import logging
 
-from celery import current_app as celery_app
 from django.core.exceptions import RequestDataTooBig
 from django.db import transaction
 from django.http import HttpRequest, JsonResponse, UnreadablePostError
@@ -10,6 +9,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from core.faults import fault_point
 from core.middleware import error_response
+from core.tasks import stage_send
 from gateway import services
 from gateway.providers.base import IgnoredWebhook, InvalidWebhook, MalformedWebhook, get_adapter
 from orders import events
@@ -21,21 +21,19 @@ def _hand_off(event, provider: str) -> None:
     # A refund's word goes to the refund's confirm stage, a charge's to the order's.
     task = events.REFUND_CONFIRM if event.kind == "refund" else events.CONFIRM
     try:
-        celery_app.send_task(
+        stage_send(
             task,
-            args=[
-                {
-                    "order_id": event.order_id,
-                    "idempotency_key": event.idempotency_key,
-                    "status": event.status,
-                    "failure_code": event.failure_code,
-                    "webhook_id": event.webhook_id,
-                    # The verified channel: confirm settles only that channel's charge or refund.
-                    "channel": event.channel,
-                    "provider": provider,
-                    "provider_reference": event.provider_reference,
-                }
-            ],
+            {
+                "order_id": event.order_id,
+                "idempotency_key": event.idempotency_key,
+                "status": event.status,
+                "failure_code": event.failure_code,
+                "webhook_id": event.webhook_id,
+                # The verified channel: confirm settles only that channel's charge or refund.
+                "channel": event.channel,
+                "provider": provider,
+                "provider_reference": event.provider_reference,
+            },
         )
     except Exception as exc:  # broker down: the stored webhook stays, status polling settles it
         logger.warning("webhook.handoff_failed", extra={"order_id": event.order_id, "error": repr(exc)})

@@ -4,12 +4,12 @@ import json
 import logging
 from datetime import timedelta
 
-from celery import current_app as celery_app
 from django.db import connection, transaction
 from django.utils import timezone
 
 from core.faults import fault_point
 from core.logging import request_id_var
+from core.tasks import stage_send
 from orders.events import subscribers_for
 from orders.models import OutboxEvent
 
@@ -79,7 +79,7 @@ def outbox_publish(*, events: list[OutboxEvent]) -> int:
                 # A short argsrepr (what monitoring shows) spares Celery's saferepr walk over
                 # the whole payload on every publish.
                 short = {key: message[key] for key in ("event_id", "topic", "order_id")}
-                celery_app.send_task(task_name, args=[message], argsrepr=repr([short]), kwargsrepr="{}")
+                stage_send(task_name, message, argsrepr=repr([short]))
         except Exception as exc:  # the broker is down or unreachable: the relay retries later
             logger.warning(
                 "outbox.publish_failed",

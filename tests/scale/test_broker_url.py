@@ -10,6 +10,7 @@ from celery import Celery
 from django.core.exceptions import ImproperlyConfigured
 
 from config.broker import broker_settings
+from core.tasks import publish_declares
 from tests.e2e.conftest import ROOT, VENV
 
 QUEUES = ("orders", "allocation", "gateway", "callbacks")
@@ -67,6 +68,15 @@ def test_rabbitmq_declares_quorum_queues_with_publisher_confirms():
 def test_redis_queues_are_plain_lists():
     app = app_for("redis://127.0.0.1:6379/0")
     assert {q.queue_arguments for q in app.conf.task_queues} == {None}
+
+
+@pytest.mark.parametrize(
+    ("url", "declares"),
+    [("redis://127.0.0.1:6379/0", ()), ("rediss://127.0.0.1:6380/0", ()), (SENTINELS, ()), (AMQP, None)],
+)
+def test_publishes_declare_their_queue_only_where_an_undeclared_queue_drops_messages(url, declares):
+    # None: kombu's default, the target queue declared (once per connection) before publishing
+    assert publish_declares(app_for(url)) == declares
 
 
 def test_an_unknown_scheme_is_refused():
