@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -98,6 +99,12 @@ CREATE TABLE IF NOT EXISTS sandbox_refund_first_tries (
     created_at      timestamptz NOT NULL DEFAULT now()
 );
 """
+# Which SCHEMA a database has: a process finding its own already there runs no DDL at all.
+# `CREATE INDEX IF NOT EXISTS` takes a SHARE lock on its table before it looks, so a worker booting
+# beside one already serving could deadlock with a charge's INSERT (seen in CI: the worker failed
+# to boot and gunicorn shut the whole sandbox down).
+_SCHEMA_VERSION = hashlib.sha256(SCHEMA.encode()).hexdigest()[:16]
+_SCHEMA_VERSION_TABLE = "CREATE TABLE IF NOT EXISTS sandbox_schema (version text PRIMARY KEY)"
 
 _CHARGE_COLUMNS = (
     "id, idempotency_key, channel, order_id, amount, currency, webhook_url,"
@@ -267,6 +274,14 @@ def ensure_database(dsn: str) -> None:
         admin.close()  # also releases the advisory lock
 
 
+def _schema_current(cur) -> bool:
+    cur.execute("SELECT to_regclass('sandbox_schema') IS NOT NULL")
+    if not cur.fetchone()[0]:
+        return False
+    cur.execute("SELECT EXISTS (SELECT 1 FROM sandbox_schema WHERE version = %s)", (_SCHEMA_VERSION,))
+    return cur.fetchone()[0]
+
+
 class Store:
     """Connection pool plus the handful of statements the sandbox needs (one or two per request)."""
 
@@ -311,13 +326,23 @@ class Store:
                 self._pool.putconn(conn, close=broken or bool(conn.closed))
 
     def init_schema(self) -> None:
-        """Create the tables if missing; serialised across processes by an advisory lock."""
+        """Create the tables if missing, unless this SCHEMA is already in place (then no DDL and no
+        locks); serialised across processes by an advisory lock."""
         with self.connection() as conn:
+            with conn.cursor() as cur:
+                if _schema_current(cur):
+                    return
             conn.autocommit = False
             try:
                 with conn.cursor() as cur:
                     cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
-                    cur.execute(SCHEMA)
+                    if not _schema_current(cur):
+                        cur.execute(SCHEMA)
+                        cur.execute(_SCHEMA_VERSION_TABLE)
+                        cur.execute(
+                            "INSERT INTO sandbox_schema (version) VALUES (%s) ON CONFLICT DO NOTHING",
+                            (_SCHEMA_VERSION,),
+                        )
                 conn.commit()
             except BaseException:
                 conn.rollback()
