@@ -15,22 +15,22 @@ from django.db.models import Model
 
 
 @cache
-def _plan(model: type[Model], names: tuple[str, ...]) -> tuple[list, list[str], list[int], tuple]:
+def _plan(model: type[Model], names: tuple[str, ...]) -> tuple[tuple, tuple, tuple, tuple]:
     """The fields `names` (attnames) in the model's own order, where each one's value sits in a
     row ordered as `names`, and their conversions from the database."""
     by_attname = {field.attname: field for field in model._meta.concrete_fields}
     unknown = [name for name in names if name not in by_attname]
     if unknown:
         raise ValueError(f"{model.__name__} has no column(s) {unknown}")
-    fields = [field for field in model._meta.concrete_fields if field.attname in names]
-    positions = [names.index(field.attname) for field in fields]
+    fields = tuple(field for field in model._meta.concrete_fields if field.attname in names)
+    positions = tuple(names.index(field.attname) for field in fields)
     converters = []
     for index, field in enumerate(fields):
         column = field.get_col(model._meta.db_table)
         found = connection.ops.get_db_converters(column) + field.get_db_converters(connection)
         if found:
             converters.append((index, tuple(found), column))
-    return fields, [field.attname for field in fields], positions, tuple(converters)
+    return fields, tuple(field.attname for field in fields), positions, tuple(converters)
 
 
 @cache
@@ -39,8 +39,10 @@ def all_columns(model: type[Model]) -> tuple[str, ...]:
     return tuple(field.attname for field in model._meta.concrete_fields)
 
 
+@cache
 def select_list(model: type[Model], names: tuple[str, ...], table: str = "") -> str:
-    """`names` as SQL columns, in the order given, qualified by `table` when given."""
+    """`names` as SQL columns, in the order given, qualified by `table` when given (spelled once
+    per arguments: the stages ask for the same few on every task)."""
     fields, _, positions, _ = _plan(model, names)
     by_position = {position: field for field, position in zip(fields, positions, strict=True)}
     prefix = f"{table}." if table else ""
