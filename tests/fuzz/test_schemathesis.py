@@ -210,15 +210,31 @@ FORGED_CURSORS = st.builds(
 )
 
 
+WEBHOOKS = "POST /api/v1/gateway/webhooks/{provider}"
+# A generated `data.channel` rarely has a channel code's shape, and then the body is refused as
+# unreadable (400) before any signature is looked at; name a seeded channel and a well-formed
+# unknown one part of the time, so the signature check (401) is reached whatever the seed.
+WEBHOOK_CHANNELS = st.sampled_from([None, "sandbox-a", "no-such-channel"])
+
+
+def _with_channel(case, channel):
+    if channel is not None:
+        data = case.body.get("data")
+        case.body = {**case.body, "data": {**(data if isinstance(data, dict) else {}), "channel": channel}}
+    return case
+
+
 @schema.hook
 def flatmap_case(context, case):
     # Random text almost never decodes as a cursor: for positive list cases, mix in forged
     # decodable ones (400) and a real one (200). Negative cases keep what they were made with.
-    if (
-        case.operation.label != "GET /api/v1/orders"
-        or not known_cursors
-        or case.meta.generation.mode.is_negative
-    ):
+    if case.meta.generation.mode.is_negative:
+        return st.just(case)
+    if case.operation.label == WEBHOOKS:
+        if isinstance(case.body, dict):
+            return WEBHOOK_CHANNELS.map(lambda channel: _with_channel(case, channel))
+        return st.just(case)
+    if case.operation.label != "GET /api/v1/orders" or not known_cursors:
         return st.just(case)
 
     def with_cursor(cursor):
