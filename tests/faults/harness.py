@@ -736,6 +736,23 @@ def refund_logs(sql, refund_ids) -> dict[str, list[RefundStep]]:
     return logs
 
 
+def outran_by_webhook(sql, kind: str, row_id: str) -> bool:
+    """Whether the provider's webhook, not the stage, took this order or refund to processing.
+
+    Between the provider's answer and the stage's commit, the webhook the provider sends as it
+    accepts (the sandbox's comes `SANDBOX_WEBHOOK_DELAY` later) can reach the web and settle the
+    charge or refund first when the worker is slow; the confirm stage then writes the move to
+    processing with "learned from provider webhook" (gateway.services).
+    """
+    table = {"order": "orders_ordertransition", "refund": "orders_refundtransition"}[kind]
+    rows = sql(
+        f"SELECT 1 FROM {table} WHERE {kind}_id = %s AND to_status = 'processing'"
+        " AND reason LIKE '%%learned from provider webhook%%'",
+        (row_id,),
+    )
+    return bool(rows)
+
+
 def refund_status_at(log: list[RefundStep], moment: float) -> str | None:
     status = None
     for step in log:

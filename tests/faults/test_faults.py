@@ -113,6 +113,10 @@ STAGE_OF_POINT = {
     "callback.after_post": (("callbacks.callback",), {"paid", "failed"}),
     "callback.after_commit": (("callbacks.callback",), {"completed"}),
 }
+# Between the provider's answer and the charge's commit the provider's webhook can settle the order
+# first when the worker is slow (seen for refunds in CI): allowed only where the order's log shows
+# the webhook did it.
+OUTRUN_BY_WEBHOOK = {"charge.after_provider": {"processing", "paid", "failed", "completed"}}
 
 
 # Polls come only for the orders the sandbox never tells (61) or that time out (62): in the
@@ -132,7 +136,12 @@ def killed_in_stage(faults, point: str, fired: list[tuple[int, float]]) -> set[s
         for run in runs:
             log = harness.transition_logs(faults.sql, [run.order])[run.order]
             status = harness.status_at(log, at)
-            assert status in statuses, f"{run.order} was {status} when pid {pid} died at {point}: {log}"
+            outran = status in OUTRUN_BY_WEBHOOK.get(point, ()) and harness.outran_by_webhook(
+                faults.sql, "order", run.order
+            )
+            assert status in statuses or outran, (
+                f"{run.order} was {status} when pid {pid} died at {point}: {log}"
+            )
             in_flight.add(run.order)
     return in_flight
 

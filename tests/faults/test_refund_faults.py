@@ -48,6 +48,10 @@ REFUND_POINTS = {
     "refund.after_provider": {"pending"},
     "refund.after_commit": {"pending", "processing", "succeeded", "failed"},
 }
+# After the provider answered and before our commit, the provider's webhook can settle the refund
+# first (a CI run saw it settled while the pool child was still alive at this point): allowed only
+# where the refund's log shows the webhook did it.
+OUTRUN_BY_WEBHOOK = {"refund.after_provider": {"processing", "succeeded", "failed"}}
 
 
 def killed_refunds(faults, point: str, fired: list[tuple[int, float]]) -> set[str]:
@@ -59,7 +63,12 @@ def killed_refunds(faults, point: str, fired: list[tuple[int, float]]) -> set[st
         for run in runs:
             log = harness.refund_logs(faults.sql, [run.refund])[run.refund]
             status = harness.refund_status_at(log, at)
-            assert status in REFUND_POINTS[point], f"{run.refund} was {status} when pid {pid} died: {log}"
+            outran = status in OUTRUN_BY_WEBHOOK.get(point, ()) and harness.outran_by_webhook(
+                faults.sql, "refund", run.refund
+            )
+            assert status in REFUND_POINTS[point] or outran, (
+                f"{run.refund} was {status} when pid {pid} died: {log}"
+            )
             if point == "refund.after_commit":
                 # the provider's answer was recorded before the death
                 ((sends,),) = faults.sql(
