@@ -77,10 +77,16 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(args: list[str], *, timeout: float, what: str) -> str:
+def _run(args: list[str], *, timeout: float, what: str, cwd: Path = WORK, env: dict | None = None) -> str:
     try:
         result = subprocess.run(
-            args, cwd=WORK, env=_env(), capture_output=True, text=True, timeout=timeout, check=False
+            args,
+            cwd=cwd,
+            env={**_env(), **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
     except subprocess.TimeoutExpired as exc:
         raise CeilingError(f"{what}: no answer within {timeout:g} s") from exc
@@ -92,17 +98,17 @@ def _run(args: list[str], *, timeout: float, what: str) -> str:
     return result.stdout
 
 
-def _copy(source: Path) -> None:
+def _copy(source: Path, work: Path = WORK) -> None:
     """A fresh writable copy of the reference (its files are read-only; results/ starts empty)."""
-    if WORK.exists():
-        for path in [WORK, *WORK.rglob("*")]:
+    if work.exists():
+        for path in [work, *work.rglob("*")]:
             if not path.is_symlink():
                 path.chmod(path.stat().st_mode | stat.S_IWUSR)
-        shutil.rmtree(WORK)
-    shutil.copytree(source, WORK, ignore=shutil.ignore_patterns("__pycache__", "results"))
-    for path in [WORK, *WORK.rglob("*")]:
+        shutil.rmtree(work)
+    shutil.copytree(source, work, ignore=shutil.ignore_patterns("__pycache__", "results"))
+    for path in [work, *work.rglob("*")]:
         path.chmod(path.stat().st_mode | stat.S_IWUSR)
-    (WORK / "results").mkdir()
+    (work / "results").mkdir()
 
 
 def _venv_ready() -> bool:

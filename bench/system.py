@@ -80,6 +80,20 @@ def _processes() -> dict[int, tuple[int, str, float]]:
     return out
 
 
+def tree_cpu(root: int) -> float:
+    """CPU seconds so far of a process and every descendant of it alive now."""
+    procs = _processes()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += procs.get(pid, (0, "", 0.0))[2]
+        todo.extend(children.get(pid, ()))
+    return total
+
+
 def parent_pid(pid: int) -> int | None:
     """The parent of a local process (None if it is not visible here)."""
     try:
