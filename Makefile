@@ -45,11 +45,18 @@ status:
 # it in one process. `make test-faults` runs the fault scenarios alone.
 # The API fuzz run goes last in a process of its own: under xdist schemathesis's parametrized
 # operations collapse into one item per test and send well under half the cases.
+# `make test TESTS="tests/orders tests/gateway"` runs only those paths, in one pytest run; ARGS
+# passes options (`ARGS="-k refund -x"`) to every run.
 XDIST ?= -n 2
+TESTS ?=
 test: .venv/.installed
 	@scripts/services.sh ensure-test
+ifeq ($(strip $(TESTS)),)
 	DJANGO_SETTINGS_MODULE=config.settings.test $(PY) -m pytest $(XDIST) --ignore=tests/fuzz $(ARGS)
 	DJANGO_SETTINGS_MODULE=config.settings.test $(PY) -m pytest tests/fuzz $(ARGS)
+else
+	DJANGO_SETTINGS_MODULE=config.settings.test $(PY) -m pytest $(XDIST) $(TESTS) $(ARGS)
+endif
 
 test-faults: services
 	DJANGO_SETTINGS_MODULE=config.settings.test $(PY) -m pytest tests/faults -s $(ARGS)
