@@ -72,6 +72,14 @@ class _Unreadable(Exception):
     """The answer's body was too large, too slow or cut off."""
 
 
+class _NoAnswer(Exception):
+    """No readable answer to a charge or refund request, and what that tells of its outcome."""
+
+    def __init__(self, outcome: ChargeOutcome, error: str, *, http_status: int | None = None) -> None:
+        super().__init__(error)
+        self.outcome, self.error, self.http_status = outcome, error, http_status
+
+
 def _never_sent(exc: requests.ConnectionError) -> bool:
     """True when the request provably never reached the provider (refused, DNS, connect timeout).
 
@@ -282,32 +290,43 @@ class SandboxAdapter(ProviderAdapter):
             "webhook_url": request.webhook_url,
         }
         try:
-            # No redirects: a 307 would send the charge somewhere else, a 302 turn it into a GET.
+            code, data = self._send("/v1/charges", body, request.idempotency_key)
+        except _NoAnswer as failed:
+            return ChargeResult(failed.outcome, http_status=failed.http_status, error=failed.error)
+        return sort_charge_answer(code, data)
+
+    def _send(self, path: str, body: dict, idempotency_key: str) -> tuple[int, Any]:
+        """POST a charge or refund under its idempotency key: (HTTP status, JSON answer or None).
+
+        `_NoAnswer` says what is known when no readable answer came back: REJECTED when the request
+        provably never left, UNKNOWN once it may have (a timeout, a cut or oversized answer).
+        """
+        try:
+            # No redirects: a 307 would send the request somewhere else, a 302 turn it into a GET.
             response = self.session.post(
-                f"{settings.SANDBOX_URL}/v1/charges",
+                f"{settings.SANDBOX_URL}{path}",
                 json=body,
-                headers={"Idempotency-Key": request.idempotency_key},
+                headers={"Idempotency-Key": idempotency_key},
                 timeout=self._timeout,
                 stream=True,
                 allow_redirects=False,
             )
         except requests.ConnectionError as exc:
             if _never_sent(exc):
-                return ChargeResult(ChargeOutcome.REJECTED, error=f"not sent: {exc.__class__.__name__}")
-            return ChargeResult(ChargeOutcome.UNKNOWN, error=f"after sending: {exc.__class__.__name__}")
+                raise _NoAnswer(ChargeOutcome.REJECTED, f"not sent: {exc.__class__.__name__}") from exc
+            raise _NoAnswer(ChargeOutcome.UNKNOWN, f"after sending: {exc.__class__.__name__}") from exc
         except (requests.RequestException, http.client.HTTPException, OSError) as exc:
-            # A read timeout, or anything else once the request may have left: maybe charged.
-            return ChargeResult(ChargeOutcome.UNKNOWN, error=f"after sending: {exc.__class__.__name__}")
+            # A read timeout, or anything else once the request may have left: maybe made.
+            raise _NoAnswer(ChargeOutcome.UNKNOWN, f"after sending: {exc.__class__.__name__}") from exc
         with response:
             try:
-                data = _read_json(response)
+                return response.status_code, _read_json(response)
             except _Unreadable as exc:
-                return ChargeResult(
+                raise _NoAnswer(
                     ChargeOutcome.UNKNOWN,
+                    f"http {response.status_code}: {exc}",
                     http_status=response.status_code,
-                    error=f"http {response.status_code}: {exc}",
-                )
-            return sort_charge_answer(response.status_code, data)
+                ) from exc
 
     def _status_query(self, *, path: str, idempotency_key: str, what: str, known: frozenset) -> StatusResult:
         """GET `path` for the charge or refund under `idempotency_key`; `ProviderError` when the
@@ -357,32 +376,14 @@ class SandboxAdapter(ProviderAdapter):
             "webhook_url": request.webhook_url,
         }
         try:
-            response = self.session.post(
-                f"{settings.SANDBOX_URL}/v1/refunds",
-                json=body,
-                headers={"Idempotency-Key": request.idempotency_key},
-                timeout=self._timeout,
-                stream=True,
-                allow_redirects=False,
+            code, data = self._send("/v1/refunds", body, request.idempotency_key)
+        except _NoAnswer as failed:
+            # Never sent: nothing refunded, so the refund is asked again later on the same channel.
+            retry = failed.outcome == ChargeOutcome.REJECTED
+            return RefundResult(
+                failed.outcome, http_status=failed.http_status, error=failed.error, retry=retry
             )
-        except requests.ConnectionError as exc:
-            if _never_sent(exc):
-                return RefundResult(
-                    ChargeOutcome.REJECTED, error=f"not sent: {exc.__class__.__name__}", retry=True
-                )
-            return RefundResult(ChargeOutcome.UNKNOWN, error=f"after sending: {exc.__class__.__name__}")
-        except (requests.RequestException, http.client.HTTPException, OSError) as exc:
-            return RefundResult(ChargeOutcome.UNKNOWN, error=f"after sending: {exc.__class__.__name__}")
-        with response:
-            try:
-                data = _read_json(response)
-            except _Unreadable as exc:
-                return RefundResult(
-                    ChargeOutcome.UNKNOWN,
-                    http_status=response.status_code,
-                    error=f"http {response.status_code}: {exc}",
-                )
-            return sort_refund_answer(response.status_code, data)
+        return sort_refund_answer(code, data)
 
     def fetch_refund_status(self, *, channel: PaymentChannel, idempotency_key: str) -> StatusResult:
         return self._status_query(

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import pytest
 
 from allocation.models import PaymentChannel
-from gateway.providers.base import ChargeOutcome, ChargeRequest, ProviderError
+from gateway.providers.base import ChargeOutcome, ChargeRequest, ProviderError, RefundRequest
 from gateway.providers.sandbox import MAX_ANSWER_BYTES, SandboxAdapter
 from tests.peers import LoopbackServer, read_http_request
 
@@ -272,6 +272,62 @@ def test_a_refused_connection_is_rejected_nothing_was_sent(adapter, settings):
         closed.close()
     assert result.outcome == REJECTED
     assert result.error.startswith("not sent")
+
+
+def refund(adapter: SandboxAdapter):
+    request = RefundRequest(
+        refund_id="01a22a48-b737-786c-a84c-0b2d41ca6739",
+        order_id="01a22a48-b737-786c-a84c-0b2d41ca6738",
+        amount=500,
+        currency="USD",
+        idempotency_key="refund:01a22a48-b737-786c-a84c-0b2d41ca6739",
+        charge_idempotency_key="01a22a48-b737-786c-a84c-0b2d41ca6738:sandbox-a",
+        webhook_url="http://127.0.0.1:8000/api/v1/gateway/webhooks/sandbox",
+    )
+    return adapter.refund(channel=CHANNEL, request=request)
+
+
+def test_a_refund_never_sent_is_rejected_and_asked_again_later(adapter, settings):
+    # given: a port that is bound but not listening
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    settings.SANDBOX_URL = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    try:
+        result = refund(adapter)
+    finally:
+        closed.close()
+    # then: nothing refunded, and the same refund goes again on the same channel (never a failover)
+    assert (result.outcome, result.retry, result.http_status) == (REJECTED, True, None)
+    assert result.error.startswith("not sent")
+
+
+# The refund goes through the charge's transport: whatever may hide a refund is UNKNOWN, and an
+# UNKNOWN refund is never sent again blindly (it waits for the webhook or the status poll).
+REFUND_NO_ANSWER = {
+    name: ANSWERS[name]
+    for name in (
+        "read timeout after sending",
+        "connection reset after sending",
+        "garbage instead of a status line",
+        "201 over the size bound",
+        "201 body dripped a byte at a time",
+        "201 body cut short",
+    )
+}
+
+
+@pytest.mark.parametrize("name", list(REFUND_NO_ANSWER))
+def test_a_refund_without_a_readable_answer_is_unknown_and_not_retried(adapter, peers, settings, name):
+    script, _, http_status = REFUND_NO_ANSWER[name]
+    peer = peers(script)
+    settings.SANDBOX_URL = peer.url
+    # when
+    result = refund(adapter)
+    # then: it reached the peer under the refund's own key, and what it did is not known
+    assert len(peer.requests) == 1
+    assert b"POST /v1/refunds " in peer.requests[0]
+    assert b"Idempotency-Key: refund:01a22a48-b737-786c-a84c-0b2d41ca6739" in peer.requests[0]
+    assert (result.outcome, result.retry, result.http_status) == (UNKNOWN, False, http_status), result
 
 
 def test_a_connect_timeout_is_rejected_nothing_was_sent(adapter, settings):
