@@ -217,6 +217,16 @@ def adapter(settings):
 
 
 @pytest.fixture
+def closed_port(settings):
+    """The adapter pointed at a port that is bound but not listening: the handshake is refused."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    settings.SANDBOX_URL = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    yield
+    closed.close()
+
+
+@pytest.fixture
 def peers():
     started: list[Peer] = []
 
@@ -233,6 +243,15 @@ def peers():
 CHANNEL = PaymentChannel(code="sandbox-a", provider="sandbox")
 
 
+def through(peers, settings, script, send) -> tuple[bytes, object]:
+    """Point the adapter at a peer running `script`, send, and return what arrived (once) and the result."""
+    peer = peers(script)
+    settings.SANDBOX_URL = peer.url
+    result = send()
+    assert len(peer.requests) == 1
+    return peer.requests[0], result
+
+
 def charge(adapter: SandboxAdapter):
     request = ChargeRequest(
         order_id="01a22a48-b737-786c-a84c-0b2d41ca6738",
@@ -247,13 +266,10 @@ def charge(adapter: SandboxAdapter):
 @pytest.mark.parametrize("name", list(ANSWERS))
 def test_a_charge_answer_is_sorted_by_what_it_says_about_the_money(adapter, peers, settings, name):
     script, outcome, http_status = ANSWERS[name]
-    peer = peers(script)
-    settings.SANDBOX_URL = peer.url
-    # when
-    result = charge(adapter)
-    # then: the request did reach the peer, and its answer is sorted as the table says
-    assert len(peer.requests) == 1
-    assert b"Idempotency-Key: 01a22a48-b737-786c-a84c-0b2d41ca6738:sandbox-a" in peer.requests[0]
+    # when the request reaches the peer
+    request, result = through(peers, settings, script, lambda: charge(adapter))
+    # then its answer is sorted as the table says
+    assert b"Idempotency-Key: 01a22a48-b737-786c-a84c-0b2d41ca6738:sandbox-a" in request
     assert (result.outcome, result.http_status) == (outcome, http_status), result
     if outcome == ACCEPTED:
         assert result.provider_reference == "ch_1"
@@ -261,15 +277,8 @@ def test_a_charge_answer_is_sorted_by_what_it_says_about_the_money(adapter, peer
     assert len(result.error) <= 500 and "\x00" not in result.error
 
 
-def test_a_refused_connection_is_rejected_nothing_was_sent(adapter, settings):
-    # given: a port that is bound but not listening, so the handshake is refused
-    closed = socket.socket()
-    closed.bind(("127.0.0.1", 0))
-    settings.SANDBOX_URL = f"http://127.0.0.1:{closed.getsockname()[1]}"
-    try:
-        result = charge(adapter)
-    finally:
-        closed.close()
+def test_a_refused_connection_is_rejected_nothing_was_sent(adapter, closed_port):
+    result = charge(adapter)
     assert result.outcome == REJECTED
     assert result.error.startswith("not sent")
 
@@ -287,15 +296,8 @@ def refund(adapter: SandboxAdapter):
     return adapter.refund(channel=CHANNEL, request=request)
 
 
-def test_a_refund_never_sent_is_rejected_and_asked_again_later(adapter, settings):
-    # given: a port that is bound but not listening
-    closed = socket.socket()
-    closed.bind(("127.0.0.1", 0))
-    settings.SANDBOX_URL = f"http://127.0.0.1:{closed.getsockname()[1]}"
-    try:
-        result = refund(adapter)
-    finally:
-        closed.close()
+def test_a_refund_never_sent_is_rejected_and_asked_again_later(adapter, closed_port):
+    result = refund(adapter)
     # then: nothing refunded, and the same refund goes again on the same channel (never a failover)
     assert (result.outcome, result.retry, result.http_status) == (REJECTED, True, None)
     assert result.error.startswith("not sent")
@@ -319,14 +321,11 @@ REFUND_NO_ANSWER = {
 @pytest.mark.parametrize("name", list(REFUND_NO_ANSWER))
 def test_a_refund_without_a_readable_answer_is_unknown_and_not_retried(adapter, peers, settings, name):
     script, _, http_status = REFUND_NO_ANSWER[name]
-    peer = peers(script)
-    settings.SANDBOX_URL = peer.url
-    # when
-    result = refund(adapter)
-    # then: it reached the peer under the refund's own key, and what it did is not known
-    assert len(peer.requests) == 1
-    assert b"POST /v1/refunds " in peer.requests[0]
-    assert b"Idempotency-Key: refund:01a22a48-b737-786c-a84c-0b2d41ca6739" in peer.requests[0]
+    # when the refund reaches the peer under its own key
+    request, result = through(peers, settings, script, lambda: refund(adapter))
+    assert b"POST /v1/refunds " in request
+    assert b"Idempotency-Key: refund:01a22a48-b737-786c-a84c-0b2d41ca6739" in request
+    # then what it did is not known
     assert (result.outcome, result.retry, result.http_status) == (UNKNOWN, False, http_status), result
 
 
@@ -437,12 +436,6 @@ def test_a_status_answer_is_read_or_refused_cleanly(adapter, peers, settings, na
     assert len(peer.requests) == 1
 
 
-def test_a_status_query_to_a_closed_port_is_a_provider_error(adapter, settings):
-    closed = socket.socket()
-    closed.bind(("127.0.0.1", 0))
-    settings.SANDBOX_URL = f"http://127.0.0.1:{closed.getsockname()[1]}"
-    try:
-        with pytest.raises(ProviderError):
-            adapter.fetch_status(channel=CHANNEL, idempotency_key=KEY)
-    finally:
-        closed.close()
+def test_a_status_query_to_a_closed_port_is_a_provider_error(adapter, closed_port):
+    with pytest.raises(ProviderError):
+        adapter.fetch_status(channel=CHANNEL, idempotency_key=KEY)
