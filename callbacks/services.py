@@ -17,7 +17,7 @@ from django.utils import timezone
 from callbacks.http import PostResult, post_json, storable_text
 from callbacks.models import CallbackDelivery
 from callbacks.signing import signature_headers
-from core import metrics
+from core import metrics, prepared
 from core.faults import fault_point
 from core.retention import delete_in_batches
 from orders.models import Order, OrderStatus, RefundStatus
@@ -68,7 +68,8 @@ def _claim(*, subject: _Subject) -> tuple[int, str, int] | None:
     """
     lease = timezone.now() + timedelta(seconds=settings.CALLBACK_TOTAL_TIMEOUT + LEASE_EXTRA_SECONDS)
     with connection.cursor() as cursor:
-        cursor.execute(
+        prepared.execute(
+            cursor,
             _CLAIM_NEW_SQL,
             [
                 subject.order.pk,
@@ -80,7 +81,7 @@ def _claim(*, subject: _Subject) -> tuple[int, str, int] | None:
         )
         row = cursor.fetchone()
         if row is None:
-            cursor.execute(_CLAIM_DUE_SQL, [lease, subject.subject_id, subject.event_type])
+            prepared.execute(cursor, _CLAIM_DUE_SQL, [lease, subject.subject_id, subject.event_type])
             row = cursor.fetchone()
     return row
 
@@ -99,7 +100,7 @@ UPDATE callbacks_callbackdelivery SET {sets} WHERE id = %s
 def _record_attempt(*, attempt: list, delivery_id: int, changes: dict) -> None:
     sets = ", ".join(f"{CallbackDelivery._meta.get_field(name).column} = %s" for name in changes)
     with connection.cursor() as cursor:
-        cursor.execute(_RECORD_SQL.format(sets=sets), [*attempt, *changes.values(), delivery_id])
+        prepared.execute(cursor, _RECORD_SQL.format(sets=sets), [*attempt, *changes.values(), delivery_id])
 
 
 def _next_delay(attempts: int) -> float | None:
@@ -225,7 +226,7 @@ def _receiver_slot(*, merchant_id) -> Iterator[bool]:
     ]
     with connection.cursor() as cursor:
         for key in keys:
-            cursor.execute(_SLOT_LOCK_SQL, [key])
+            prepared.execute(cursor, _SLOT_LOCK_SQL, [key])
             if cursor.fetchone()[0]:
                 held = key
                 break
@@ -253,7 +254,7 @@ def _receiver_slot(*, merchant_id) -> Iterator[bool]:
     finally:
         try:
             with connection.cursor() as cursor:
-                cursor.execute(_SLOT_UNLOCK_SQL, [held])
+                prepared.execute(cursor, _SLOT_UNLOCK_SQL, [held])
         except DatabaseError:
             # The connection is gone, and the lock with it.
             logger.warning("callback.slot_release_failed", extra={"merchant": str(merchant_id)})

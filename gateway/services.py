@@ -20,7 +20,7 @@ from allocation.services import (
     channel_release,
     order_reallocate,
 )
-from core import metrics, rows
+from core import metrics, prepared, rows
 from core.faults import fault_point
 from core.logging import request_id_var
 from core.retention import delete_in_batches
@@ -86,7 +86,9 @@ def _claim_attempt(*, order: Order, channel_code: str, provider: str) -> tuple[C
     key = _idempotency_key(order.pk, channel_code)
     webhook_url = _webhook_url(provider)
     with connection.cursor() as cursor:
-        cursor.execute(_CLAIM_SQL, [order.pk, channel_code, provider, key, webhook_url, _lease_seconds()])
+        prepared.execute(
+            cursor, _CLAIM_SQL, [order.pk, channel_code, provider, key, webhook_url, _lease_seconds()]
+        )
         row = cursor.fetchone()
         if row is not None:
             attempt = ChargeAttempt(
@@ -203,7 +205,8 @@ def _charge_record(
     with transaction.atomic():
         if attempt.status == A.SENDING:
             with connection.cursor() as cursor:
-                cursor.execute(
+                prepared.execute(
+                    cursor,
                     "UPDATE gateway_chargeattempt SET status = %s, provider_reference = %s, http_status = %s,"
                     " error = %s, lease_until = NULL WHERE id = %s AND status = %s",
                     [
@@ -292,10 +295,11 @@ def _attempt_with_order(
     """
     with connection.cursor() as cursor:
         if settle_order_id is None:
-            cursor.execute(_ATTEMPT_SQL, [idempotency_key])
+            prepared.execute(cursor, _ATTEMPT_SQL, [idempotency_key])
         else:
             settled = A.PAID if status == "paid" else A.FAILED
-            cursor.execute(
+            prepared.execute(
+                cursor,
                 _SETTLE_SQL,
                 [
                     settled,
@@ -443,7 +447,8 @@ def webhook_receive(*, provider: str, event: WebhookEvent) -> bool:
     # A refund's webhook names the refund's own key; a charge's the charge's.
     table = "gateway_refundattempt" if event.kind == "refund" else "gateway_chargeattempt"
     with connection.cursor() as cursor:
-        cursor.execute(
+        prepared.execute(
+            cursor,
             f"SELECT channel, provider FROM {table} WHERE idempotency_key = %s",
             [event.idempotency_key],
         )
@@ -460,7 +465,8 @@ def webhook_receive(*, provider: str, event: WebhookEvent) -> bool:
                 },
             )
             raise WebhookChannelMismatch(event.idempotency_key)
-        cursor.execute(
+        prepared.execute(
+            cursor,
             "INSERT INTO gateway_providerwebhook"
             " (provider, webhook_id, order_id, event_type, payload, received_at)"
             " VALUES (%s, %s, (SELECT id FROM orders_order WHERE id = %s), %s, %s, now())"

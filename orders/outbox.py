@@ -7,6 +7,7 @@ from datetime import timedelta
 from django.db import connection, transaction
 from django.utils import timezone
 
+from core import prepared
 from core.faults import fault_point
 from core.logging import request_id_var
 from core.tasks import stage_send
@@ -49,7 +50,8 @@ def event_emit(*, topic: str, order_id, payload: dict) -> OutboxEvent:
     event = event_prepare(topic=topic, order_id=order_id, payload=payload)
     # A plain INSERT spares the ORM's per-call query compilation.
     with connection.cursor() as cursor:
-        cursor.execute(
+        prepared.execute(
+            cursor,
             _INSERT_SQL,
             [topic, order_id, json.dumps(event.payload), event.created_at, event.published_at],
         )
@@ -89,7 +91,7 @@ def outbox_publish(*, events: list[OutboxEvent]) -> int:
         sent.append(event.id)
     if sent:
         with connection.cursor() as cursor:
-            cursor.execute(_MARK_PUBLISHED_SQL, [timezone.now(), sent])
+            prepared.execute(cursor, _MARK_PUBLISHED_SQL, [timezone.now(), sent])
     return len(sent)
 
 

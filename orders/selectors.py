@@ -8,7 +8,7 @@ from django.db import connection
 from django.db.models import Count, QuerySet, Sum
 from django.db.models.functions import TruncMinute
 
-from core import rows
+from core import prepared, rows
 from orders.models import Merchant, Order, OrderStatus, OrderTransition, OutboxEvent, Refund, RefundTransition
 
 
@@ -32,8 +32,10 @@ def order_fields(*, order_id, fields: tuple[str, ...]) -> Order | None:
     this module.
     """
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT {rows.select_list(Order, fields)} FROM {Order._meta.db_table} WHERE id = %s", [order_id]
+        prepared.execute(
+            cursor,
+            f"SELECT {rows.select_list(Order, fields)} FROM {Order._meta.db_table} WHERE id = %s",
+            [order_id],
         )
         row = cursor.fetchone()
     return None if row is None else rows.instance(Order, fields, row)
@@ -55,7 +57,7 @@ def order_with_merchant(*, order_id) -> Order | None:
     """The whole order with its merchant loaded (select_related("merchant")), from one plain SELECT:
     what a callback needs to build, sign and address its body."""
     with connection.cursor() as cursor:
-        cursor.execute(_order_with_merchant_sql(), [order_id])
+        prepared.execute(cursor, _order_with_merchant_sql(), [order_id])
         row = cursor.fetchone()
     if row is None:
         return None

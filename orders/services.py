@@ -9,12 +9,13 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cache
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from core import crypto, metrics
+from core import crypto, metrics, prepared, rows
 from core.errors import Conflict, InvalidRequest, NotFound, Unprocessable
 from core.retention import delete_in_batches
 from core.urlsafety import UnsafeUrl, callback_url_check
@@ -76,7 +77,10 @@ def merchant_create(*, name: str, callback_url: str = "") -> MerchantCredentials
     return MerchantCredentials(merchant, api_key, webhook_secret)
 
 
-_MERCHANT_BY_PREFIX_SQL = "SELECT * FROM {table} WHERE api_key_prefix = %s AND is_active"
+@cache
+def _merchant_by_prefix_sql() -> str:
+    columns = rows.select_list(Merchant, rows.all_columns(Merchant))
+    return f"SELECT {columns} FROM {Merchant._meta.db_table} WHERE api_key_prefix = %s AND is_active"
 
 
 def merchant_authenticate(*, api_key: str) -> Merchant | None:
@@ -84,11 +88,11 @@ def merchant_authenticate(*, api_key: str) -> Merchant | None:
     if not api_key.startswith(API_KEY_PREFIX):
         return None
     prefix = api_key[len(API_KEY_PREFIX) :].split("_", 1)[0]
-    # Every API call runs this: raw() spares the ORM compiling the same query each time.
-    merchant = next(
-        iter(Merchant.objects.raw(_MERCHANT_BY_PREFIX_SQL.format(table=Merchant._meta.db_table), [prefix])),
-        None,
-    )
+    # Every API call runs this: a plain, prepared SELECT spares compiling the same query each time.
+    with connection.cursor() as cursor:
+        prepared.execute(cursor, _merchant_by_prefix_sql(), [prefix])
+        row = cursor.fetchone()
+    merchant = None if row is None else rows.instance(Merchant, rows.all_columns(Merchant), row)
     if merchant is None or not hmac.compare_digest(merchant.api_key_hash, _hash_key(api_key)):
         return None
     return merchant
@@ -155,7 +159,8 @@ class _Claim:
 def _claim_key(*, merchant: Merchant, key: str, fingerprint: str) -> _Claim | None:
     """Insert the key as in flight and commit at once, so concurrent requests see it. None: taken."""
     with connection.cursor() as cursor:
-        cursor.execute(
+        prepared.execute(
+            cursor,
             "INSERT INTO orders_idempotencykey (merchant_id, key, request_hash, state, created_at)"
             " VALUES (%s, %s, %s, 'in_flight', now())"
             " ON CONFLICT (merchant_id, key) DO NOTHING RETURNING id, created_at",
@@ -395,7 +400,8 @@ def order_provider_reference_set(*, order_id, reference: str) -> bool:
     if not reference:
         return False
     with connection.cursor() as cursor:
-        cursor.execute(
+        prepared.execute(
+            cursor,
             "UPDATE orders_order SET provider_reference = %s, updated_at = now()"
             " WHERE id = %s AND provider_reference IS NULL",
             [reference[:128], order_id],

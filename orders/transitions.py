@@ -18,7 +18,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from core import metrics
+from core import metrics, prepared
 from orders import events
 from orders.models import IgnoredSignal, Order, OrderStatus, Outcome, Refund, RefundStatus
 from orders.outbox import OUTBOX_INSERT, event_prepare, event_written
@@ -160,7 +160,7 @@ def _insert(
         *([json.dumps(answer), answer_key_id] if answer_key_id is not None else []),
     ]
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        prepared.execute(cursor, sql, params)
         event_written(event, cursor.fetchone()[1])
     row._state.adding, row._state.db = False, connection.alias
 
@@ -294,7 +294,7 @@ def _move(
         *_logged_and_announced_params(from_status, to, reason, changes["updated_at"], event),
     ]
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        prepared.execute(cursor, sql, params)
         return cursor.fetchone()
 
 
