@@ -156,6 +156,36 @@ def test_a_silent_receiver_is_bounded_too(small_bounds, receivers):
     assert_waits_for_retry(order)
 
 
+def test_a_shorter_deadline_is_kept_while_a_longer_attempt_is_in_flight(receivers, settings):
+    # given one attempt in flight to a dripping receiver with a 30 s total (another thread)
+    first = receivers(lambda conn, stop: drip(conn, stop, b"HTTP/1.1 2"))
+    settings.CALLBACK_CONNECT_TIMEOUT, settings.CALLBACK_TOTAL_TIMEOUT = 1.0, 30.0
+    results = []
+    longer = threading.Thread(
+        target=lambda: results.append(callback_http.post_json(url=first.url, body="{}", headers={})),
+        daemon=True,
+    )
+    longer.start()
+    deadline = time.monotonic() + 10
+    while not first.requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert first.requests, "the first attempt never reached its receiver"
+    # when a second attempt, with a 1 s total, meets a dripping receiver too
+    second = receivers(lambda conn, stop: drip(conn, stop, b"HTTP/1.1 2"))
+    settings.CALLBACK_TOTAL_TIMEOUT = 1.0
+    ended = callback_http.post_json(url=second.url, body="{}", headers={})
+    # then it ends at its own deadline, not the earlier attempt's: that one is still running
+    assert ended.error == TIMEOUT_ERROR
+    assert longer.is_alive()
+    # and one thread watches both deadlines, none is started per attempt
+    threads = threading.enumerate()
+    assert [t.name for t in threads].count("callbacks-reaper") == 1
+    assert not [t for t in threads if isinstance(t, threading.Timer)]
+    first.close()  # ends the first attempt: its receiver hangs up
+    longer.join(10)
+    assert not longer.is_alive() and results and not results[0].ok
+
+
 # --- huge answers: bounded reads -----------------------------------------------------------------
 
 
