@@ -11,10 +11,11 @@ Use it only where the plan does not depend on the values — lookups by key and 
 what a stage runs per order. A generic plan cannot use a partial index whose predicate a
 parameter decides; the sweeps and the console's searches stay plain.
 
-Prepared statements live in the database session, as the callback slots' advisory locks do:
-behind a connection pooler it needs session pooling (docs/scaling.md). A statement whose result
-columns change under it (a migration altering its table) fails once with "cached plan must not
-change result type"; restarting the processes after a migration, as a deploy does, prepares again.
+Prepared statements live in the database session: a process behind a transaction-mode pooler
+runs with PREPARED_STATEMENTS=false (README, "PostgreSQL connections"), and then `execute` is
+plain cursor.execute. A statement whose result columns change under it (a migration altering its
+table) fails with "cached plan must not change result type"; restarting the processes after a
+migration, as a deploy does, prepares again.
 """
 
 import hashlib
@@ -22,6 +23,8 @@ import re
 import weakref
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
+
+from django.conf import settings
 
 # Statement names prepared on each psycopg2 connection; a reconnect is a new connection, which
 # starts with none, and a closed one drops out with its entry.
@@ -67,6 +70,9 @@ def execute(cursor, sql: str, params: Sequence | Mapping = ()) -> None:
     `cursor` is a Django cursor (`connection.cursor()`); errors surface as Django's database
     errors either way, so a stage's retry on OperationalError still applies.
     """
+    if not settings.PREPARED_STATEMENTS:
+        cursor.execute(sql, params)
+        return
     name, prepare, run, order = spelled(sql)
     raw = cursor.cursor.connection
     names = _prepared.get(raw)

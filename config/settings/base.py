@@ -69,6 +69,10 @@ DATABASES = {
 # Persistent connections: a new PostgreSQL connection per request costs more than the request.
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=600)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# The per-order statements are prepared by name once per connection (core/prepared.py). A process
+# behind a transaction-mode pooler (PgBouncer) must turn this off: its next transaction may land on
+# a server connection that never saw the PREPARE (README, "PostgreSQL connections").
+PREPARED_STATEMENTS = env.bool("PREPARED_STATEMENTS", default=True)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env("REDIS_URL", default="redis://127.0.0.1:56379/0")

@@ -13,6 +13,11 @@ from tests.factories import OrderFactory
 pytestmark = pytest.mark.django_db
 
 
+@pytest.fixture(autouse=True)
+def _prepared_on(settings):
+    settings.PREPARED_STATEMENTS = True  # whatever the environment says
+
+
 def _prepared_here() -> dict[str, str]:
     """This session's prepared statements: name -> statement text."""
     with connection.cursor() as cursor:
@@ -85,6 +90,15 @@ def test_a_prepared_prepare_survives_the_rollback_of_its_transaction():
         _run(sql, [1])
         raise RuntimeError("roll back")
     assert _run(sql, [21]) == [(42,)]
+
+
+def test_behind_a_transaction_pool_nothing_is_prepared(settings):
+    # PREPARED_STATEMENTS=false: the statement runs as plain text, as it did before
+    settings.PREPARED_STATEMENTS = False
+    sql = "SELECT %(a)s::int + %(b)s::int -- never prepared"
+    assert _run(sql, {"a": 40, "b": 2}) == [(42,)]
+    assert _run("SELECT %s::text -- never prepared either", ["x"]) == [("x",)]
+    assert not [text for text in _prepared_here().values() if "never prepared" in text]
 
 
 def test_the_stage_statements_run_prepared_and_do_what_they_did():
