@@ -98,6 +98,23 @@ def _run(args: list[str], *, timeout: float, what: str, cwd: Path = WORK, env: d
     return result.stdout
 
 
+def start_services(cwd: Path = WORK, *, attempts: int = 4, pause: float = 20.0) -> None:
+    """The reference's start_services.sh, tried again for a minute if it fails.
+
+    Its ports (55532, 56479) lie in Linux's ephemeral range: right after a burst, one of the
+    product's client sockets (open, or in TIME_WAIT for up to 60 s) can hold one, and PostgreSQL
+    then cannot bind it ("Address already in use"; a ceiling was lost so on 2026-11-30).
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            _run(["./start_services.sh"], timeout=120, what="start_services.sh", cwd=cwd)
+            return
+        except CeilingError:
+            if attempt == attempts:
+                raise
+            time.sleep(pause)
+
+
 def _copy(source: Path, work: Path = WORK) -> None:
     """A fresh writable copy of the reference (its files are read-only; results/ starts empty)."""
     if work.exists():
@@ -213,7 +230,7 @@ def run(
             log("ceiling: setting up /tmp/ceil-venv and the tools (setup_venv.sh, about a minute)")
             _run(["./setup_venv.sh"], timeout=600, what="setup_venv.sh")
         started_services = not _redis_up()
-        _run(["./start_services.sh"], timeout=120, what="start_services.sh")
+        start_services()
         if not started_services:
             out["services_note"] = "its PostgreSQL/Redis were already running; left running"
         _run([str(VENV / "bin" / "python"), "manage.py", "migrate", "-v0"], timeout=120, what="migrate")

@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     if not ceiling._venv_ready():
         ceiling._run(["./setup_venv.sh"], timeout=600, what="setup_venv.sh", cwd=WORK)
     started = not ceiling._redis_up()
-    ceiling._run(["./start_services.sh"], timeout=120, what="start_services.sh", cwd=WORK)
+    ceiling.start_services(WORK)
     try:
         ceiling._run(
             [str(ceiling.VENV / "bin" / "python"), "manage.py", "migrate", "-v0"],
