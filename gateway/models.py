@@ -106,6 +106,12 @@ class ProviderWebhook(models.Model):
         Order, on_delete=models.PROTECT, related_name="provider_webhooks", null=True, db_constraint=False
     )
     event_type = models.CharField(max_length=64)
+    # The word it carries, as its adapter read it: the charge's or refund's key, and paid /
+    # failed (charges) or succeeded / failed (refunds). The first one stored for a key is the
+    # provider's word on it, whatever order the confirm stage sees them in (services.first_word).
+    idempotency_key = models.CharField(max_length=128, default="", blank=True)
+    status = models.CharField(max_length=16, default="", blank=True)
+    failure_code = models.CharField(max_length=64, default="", blank=True)
     payload = models.JSONField()
     received_at = models.DateTimeField(auto_now_add=True)
 

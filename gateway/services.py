@@ -359,6 +359,14 @@ def order_confirm(
             return None
         return TransitionResult(False, attempt.order.status, attempt.order.channel)
     with transaction.atomic():
+        first = first_word(order_id=order_uuid, idempotency_key=idempotency_key)
+        if first is not None and first[0] in ("paid", "failed") and first[0] != status:
+            logger.warning(
+                "confirm.first_word_kept",
+                extra={"order_id": str(order_id), "status": status, "first": first[0], "source": source},
+            )
+            source = f"{source}: its first word, a later one said {status}"
+            status, failure_code = first
         attempt = _attempt_with_order(
             idempotency_key,
             settle_order_id=order_uuid,
@@ -467,19 +475,43 @@ def webhook_receive(*, provider: str, event: WebhookEvent) -> bool:
             raise WebhookChannelMismatch(event.idempotency_key)
         prepared.execute(
             cursor,
-            "INSERT INTO gateway_providerwebhook"
-            " (provider, webhook_id, order_id, event_type, payload, received_at)"
-            " VALUES (%s, %s, (SELECT id FROM orders_order WHERE id = %s), %s, %s, now())"
+            "INSERT INTO gateway_providerwebhook (provider, webhook_id, order_id, event_type,"
+            " idempotency_key, status, failure_code, payload, received_at)"
+            " VALUES (%s, %s, (SELECT id FROM orders_order WHERE id = %s), %s, %s, %s, %s, %s, now())"
             " ON CONFLICT (provider, webhook_id) DO NOTHING RETURNING id",
             [
                 provider,
                 event.webhook_id,
                 _as_uuid(event.order_id),
                 event.event_type,
+                event.idempotency_key[:128],
+                event.status[:16],
+                (event.failure_code or "")[:64],
                 json.dumps(event.payload),
             ],
         )
         return cursor.fetchone() is not None
+
+
+_FIRST_WORD_SQL = (
+    "SELECT status, failure_code FROM gateway_providerwebhook"
+    " WHERE order_id = %s AND idempotency_key = %s AND status <> '' ORDER BY id LIMIT 1"
+)
+
+
+def first_word(*, order_id, idempotency_key: str) -> tuple[str, str] | None:
+    """(status, failure_code) of the first webhook stored for this charge or refund, or None.
+
+    Webhooks are stored in the order they arrive and handed to the confirm stage after; the
+    hand-offs can reach it in another order (a broker failing over held three `paid` words of a
+    row-81 order for 9 s while the late `failed` one went straight through, and the order was
+    failed with the money taken). The first word stored is the provider's word: a later,
+    contradicting one is late whichever reaches the confirm stage first (SPEC 1).
+    """
+    with connection.cursor() as cursor:
+        prepared.execute(cursor, _FIRST_WORD_SQL, [order_id, idempotency_key])
+        row = cursor.fetchone()
+    return None if row is None else (row[0], row[1])
 
 
 def _as_uuid(value: str) -> uuid.UUID | None:
@@ -831,6 +863,14 @@ def refund_confirm(
                 },
             )
             return None
+        first = first_word(order_id=attempt.order_id, idempotency_key=idempotency_key)
+        if first is not None and first[0] in (RS.SUCCEEDED, RS.FAILED) and first[0] != status:
+            logger.warning(
+                "refund_confirm.first_word_kept",
+                extra={"refund_id": str(attempt.refund_id), "status": status, "first": first[0]},
+            )
+            source = f"{source}: its first word, a later one said {status}"
+            status, failure_code = first
         RefundAttempt.objects.filter(pk=attempt.pk).exclude(status__in=(RA.SUCCEEDED, RA.FAILED)).update(
             status=status, failure_code=failure_code[:64], lease_until=None
         )

@@ -9,7 +9,7 @@ from django.db import connection
 from core.logging import request_id_var
 from gateway import services
 from gateway.models import ChargeAttempt
-from gateway.providers.base import ChargeOutcome
+from gateway.providers.base import ChargeOutcome, WebhookEvent
 from orders.models import Order, OrderTransition, OutboxEvent
 from tests.stub_provider import assigned_order, path
 
@@ -259,3 +259,78 @@ def test_a_known_reference_is_never_overwritten_by_the_charge_answer(stub, chann
     # then the order moved on and kept the first
     moved = Order.objects.get(pk=order.pk)
     assert (moved.status, moved.provider_reference) == ("processing", "ch_from_webhook")
+
+
+def _stored(order, key: str, status: str, n: int, failure_code: str = "") -> None:
+    """A verified webhook stored as the web stores it on arrival (webhook_receive)."""
+    event = WebhookEvent(
+        webhook_id=f"msg_{order.pk}_{n}",
+        event_type=f"charge.{status}",
+        status=status,
+        order_id=str(order.pk),
+        idempotency_key=key,
+        channel="stub-1",
+        failure_code=failure_code,
+        provider_reference="",
+        payload={"n": n},
+    )
+    assert services.webhook_receive(provider="stub", event=event)
+
+
+def _confirm(order, key: str, status: str, failure_code: str = ""):
+    return services.order_confirm(
+        order_id=order.pk,
+        idempotency_key=key,
+        status=status,
+        failure_code=failure_code,
+        source="provider webhook",
+        channel="stub-1",
+        provider="stub",
+    )
+
+
+@pytest.mark.django_db
+def test_the_first_stored_word_wins_whichever_confirm_arrives_first(stub, channels):
+    # given a charge whose provider said paid, then (late) failed — SPEC 5 row 81 — both stored on arrival
+    order = assigned_order()
+    services.order_charge(order_id=order.pk)
+    key = f"{order.pk}:stub-1"
+    _stored(order, key, "paid", 1)
+    _stored(order, key, "failed", 2, "card_declined")
+    # when the failed word's hand-off reaches the confirm stage first (a failing-over broker held
+    # the paid one back: seen in CI's Sentinel scenario)
+    _confirm(order, key, "failed", "card_declined")
+    # then the order is paid, as the provider said first, and the log says why
+    order.refresh_from_db()
+    assert (order.status, order.outcome, order.failure_code) == ("paid", "paid", None)
+    assert ChargeAttempt.objects.get(idempotency_key=key).status == "paid"
+    moved = OrderTransition.objects.get(order=order, to_status="paid")
+    assert "its first word, a later one said failed" in moved.reason
+    # and the held-back paid word, when it comes, is a duplicate
+    _confirm(order, key, "paid")
+    order.refresh_from_db()
+    assert order.status == "paid"
+    assert OrderTransition.objects.filter(order=order, to_status__in=("paid", "failed")).count() == 1
+
+
+@pytest.mark.django_db
+def test_a_first_failed_word_is_kept_too(stub, channels):
+    order = assigned_order()
+    services.order_charge(order_id=order.pk)
+    key = f"{order.pk}:stub-1"
+    _stored(order, key, "failed", 1, "card_declined")
+    _stored(order, key, "paid", 2)
+    _confirm(order, key, "paid")
+    order.refresh_from_db()
+    assert (order.status, order.outcome, order.failure_code) == ("failed", "failed", "card_declined")
+
+
+@pytest.mark.django_db
+def test_without_a_stored_word_the_confirms_own_word_counts(stub, channels):
+    # a status poll's answer, or a webhook stored before the word was recorded with it
+    order = assigned_order()
+    services.order_charge(order_id=order.pk)
+    key = f"{order.pk}:stub-1"
+    services.order_confirm(order_id=order.pk, idempotency_key=key, status="failed", source="status poll")
+    order.refresh_from_db()
+    assert (order.status, order.outcome) == ("failed", "failed")

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from gateway import services
 from gateway.models import RefundAttempt
-from gateway.providers.base import ChargeOutcome, RefundResult
+from gateway.providers.base import ChargeOutcome, RefundResult, WebhookEvent
 from orders.models import IgnoredSignal, Order, Refund
 from orders.services import refund_create, refund_fingerprint
 from tests.stub_provider import assigned_order
@@ -210,3 +210,34 @@ def test_a_webhook_that_outruns_the_answer_leaves_the_send_recorded(stub, channe
     attempt = RefundAttempt.objects.get(refund=refund)
     assert (attempt.status, attempt.sends, attempt.provider_reference) == ("succeeded", 1, "re_1")
     assert Refund.objects.get(pk=refund.pk).status == "succeeded"
+
+
+@pytest.mark.django_db
+def test_a_refunds_first_stored_word_wins_whichever_confirm_arrives_first(stub, channels):
+    # given a refund whose provider said succeeded, then failed, both stored on arrival
+    order = _paid_order(stub)
+    refund = _refund(order)
+    services.refund_send(refund_id=refund.pk)
+    key = f"refund:{refund.pk}"
+    for n, status in enumerate(("succeeded", "failed")):
+        event = WebhookEvent(
+            webhook_id=f"msg_{refund.pk}_{n}",
+            event_type=f"refund.{status}",
+            status=status,
+            order_id=str(order.pk),
+            idempotency_key=key,
+            channel="stub-1",
+            failure_code="" if status == "succeeded" else "refund_declined",
+            provider_reference="",
+            payload={"n": n},
+            kind="refund",
+        )
+        assert services.webhook_receive(provider="stub", event=event)
+    # when the failed word reaches the confirm stage first
+    services.refund_confirm(
+        idempotency_key=key, status="failed", source="webhook", channel="stub-1", provider="stub"
+    )
+    # then the refund succeeded, as the provider said first, and the order counts it refunded
+    assert Refund.objects.get(pk=refund.pk).status == "succeeded"
+    assert Order.objects.get(pk=order.pk).amount_refunded == 500
+    assert RefundAttempt.objects.get(refund=refund).status == "succeeded"
