@@ -359,7 +359,9 @@ def order_confirm(
             return None
         return TransitionResult(False, attempt.order.status, attempt.order.channel)
     with transaction.atomic():
-        first = first_word(order_id=order_uuid, idempotency_key=idempotency_key)
+        # A webhook's word (it names its signer) yields to the first one stored; a status poll's
+        # answer is the provider's word now, and counts as it is.
+        first = first_word(order_id=order_uuid, idempotency_key=idempotency_key) if channel else None
         if first is not None and first[0] in ("paid", "failed") and first[0] != status:
             logger.warning(
                 "confirm.first_word_kept",
@@ -506,7 +508,8 @@ def first_word(*, order_id, idempotency_key: str) -> tuple[str, str] | None:
     hand-offs can reach it in another order (a broker failing over held three `paid` words of a
     row-81 order for 9 s while the late `failed` one went straight through, and the order was
     failed with the money taken). The first word stored is the provider's word: a later,
-    contradicting one is late whichever reaches the confirm stage first (SPEC 1).
+    contradicting one is late whichever reaches the confirm stage first (SPEC 1). Only webhook
+    words defer to it; a status poll's answer is the provider's word now.
     """
     with connection.cursor() as cursor:
         prepared.execute(cursor, _FIRST_WORD_SQL, [order_id, idempotency_key])
@@ -863,7 +866,7 @@ def refund_confirm(
                 },
             )
             return None
-        first = first_word(order_id=attempt.order_id, idempotency_key=idempotency_key)
+        first = first_word(order_id=attempt.order_id, idempotency_key=idempotency_key) if channel else None
         if first is not None and first[0] in (RS.SUCCEEDED, RS.FAILED) and first[0] != status:
             logger.warning(
                 "refund_confirm.first_word_kept",

@@ -326,11 +326,12 @@ def test_a_first_failed_word_is_kept_too(stub, channels):
 
 
 @pytest.mark.django_db
-def test_without_a_stored_word_the_confirms_own_word_counts(stub, channels):
-    # a status poll's answer, or a webhook stored before the word was recorded with it
+def test_a_status_polls_answer_counts_as_it_is(stub, channels):
+    # the provider's word now (a poll names no signer), whatever webhook was stored before it
     order = assigned_order()
     services.order_charge(order_id=order.pk)
     key = f"{order.pk}:stub-1"
+    _stored(order, key, "paid", 1)
     services.order_confirm(order_id=order.pk, idempotency_key=key, status="failed", source="status poll")
     order.refresh_from_db()
     assert (order.status, order.outcome) == ("failed", "failed")
