@@ -496,8 +496,12 @@ def webhook_receive(*, provider: str, event: WebhookEvent) -> bool:
 
 
 _FIRST_WORD_SQL = (
-    "SELECT status, failure_code FROM gateway_providerwebhook"
-    " WHERE order_id = %s AND idempotency_key = %s AND status <> '' ORDER BY id LIMIT 1"
+    "SELECT w.status, w.failure_code FROM gateway_providerwebhook w"
+    " WHERE w.order_id = %s AND w.idempotency_key = %s AND w.status <> ''"
+    # A charge already settled has had its word: what comes after is late, recorded as it came.
+    " AND NOT EXISTS (SELECT 1 FROM gateway_chargeattempt a"
+    "  WHERE a.idempotency_key = w.idempotency_key AND a.status IN ('paid', 'failed'))"
+    " ORDER BY w.id LIMIT 1"
 )
 
 
@@ -509,7 +513,9 @@ def first_word(*, order_id, idempotency_key: str) -> tuple[str, str] | None:
     row-81 order for 9 s while the late `failed` one went straight through, and the order was
     failed with the money taken). The first word stored is the provider's word: a later,
     contradicting one is late whichever reaches the confirm stage first (SPEC 1). Only webhook
-    words defer to it; a status poll's answer is the provider's word now.
+    words defer to it; a status poll's answer is the provider's word now. None once the charge is
+    settled (the caller checks a refund's attempt itself): a word after that is late, and is
+    recorded as ignored with what it said.
     """
     with connection.cursor() as cursor:
         prepared.execute(cursor, _FIRST_WORD_SQL, [order_id, idempotency_key])
@@ -866,7 +872,12 @@ def refund_confirm(
                 },
             )
             return None
-        first = first_word(order_id=attempt.order_id, idempotency_key=idempotency_key) if channel else None
+        settled = attempt.status in (RA.SUCCEEDED, RA.FAILED)
+        first = (
+            first_word(order_id=attempt.order_id, idempotency_key=idempotency_key)
+            if channel and not settled
+            else None
+        )
         if first is not None and first[0] in (RS.SUCCEEDED, RS.FAILED) and first[0] != status:
             logger.warning(
                 "refund_confirm.first_word_kept",

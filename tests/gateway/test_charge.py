@@ -335,3 +335,20 @@ def test_a_status_polls_answer_counts_as_it_is(stub, channels):
     services.order_confirm(order_id=order.pk, idempotency_key=key, status="failed", source="status poll")
     order.refresh_from_db()
     assert (order.status, order.outcome) == ("failed", "failed")
+
+
+@pytest.mark.django_db
+def test_a_late_word_after_the_charge_settled_is_recorded_as_what_it_said(stub, channels):
+    # given the paid word stored and confirmed
+    order = assigned_order()
+    services.order_charge(order_id=order.pk)
+    key = f"{order.pk}:stub-1"
+    _stored(order, key, "paid", 1)
+    _confirm(order, key, "paid")
+    # when the late failed word is stored and confirmed
+    _stored(order, key, "failed", 2, "card_declined")
+    _confirm(order, key, "failed", "card_declined")
+    # then it is recorded as ignored, saying failed, and the outcome stays
+    order.refresh_from_db()
+    assert (order.status, order.outcome) == ("paid", "paid")
+    assert order.ignored_signals.filter(requested_status="failed").count() == 1

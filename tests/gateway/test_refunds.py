@@ -241,3 +241,9 @@ def test_a_refunds_first_stored_word_wins_whichever_confirm_arrives_first(stub, 
     assert Refund.objects.get(pk=refund.pk).status == "succeeded"
     assert Order.objects.get(pk=order.pk).amount_refunded == 500
     assert RefundAttempt.objects.get(refund=refund).status == "succeeded"
+    # and once settled, a late word is recorded as what it said
+    services.refund_confirm(
+        idempotency_key=key, status="failed", source="webhook", channel="stub-1", provider="stub"
+    )
+    assert IgnoredSignal.objects.filter(refund=refund, requested_status="failed").count() == 1
+    assert Refund.objects.get(pk=refund.pk).status == "succeeded"
