@@ -3,6 +3,7 @@ provider), and the helpers the gateway's tests build orders with."""
 
 import threading
 
+from gateway import services
 from gateway.providers import base
 from gateway.providers.base import ChargeOutcome, ChargeResult, RefundResult, StatusResult
 from orders.models import Order, OrderTransition
@@ -75,3 +76,22 @@ def path(order: Order) -> list[tuple]:
         .order_by("id")
         .values_list("from_status", "to_status", "channel")
     )
+
+
+def stored_webhook(
+    order: Order, key: str, status: str, n: int, *, failure_code: str = "", kind: str = "charge"
+):
+    """A verified stub-1 webhook about `key` saying `status`, stored as the web stores one on arrival."""
+    event = base.WebhookEvent(
+        webhook_id=f"msg_{key}_{n}",
+        event_type=f"{kind}.{status}",
+        status=status,
+        order_id=str(order.pk),
+        idempotency_key=key,
+        channel="stub-1",
+        failure_code=failure_code,
+        provider_reference="",
+        payload={"n": n},
+        kind=kind,
+    )
+    assert services.webhook_receive(provider="stub", event=event)

@@ -9,9 +9,9 @@ from django.db import connection
 from core.logging import request_id_var
 from gateway import services
 from gateway.models import ChargeAttempt
-from gateway.providers.base import ChargeOutcome, WebhookEvent
+from gateway.providers.base import ChargeOutcome
 from orders.models import Order, OrderTransition, OutboxEvent
-from tests.stub_provider import assigned_order, path
+from tests.stub_provider import assigned_order, path, stored_webhook
 
 
 @pytest.mark.django_db
@@ -261,20 +261,11 @@ def test_a_known_reference_is_never_overwritten_by_the_charge_answer(stub, chann
     assert (moved.status, moved.provider_reference) == ("processing", "ch_from_webhook")
 
 
-def _stored(order, key: str, status: str, n: int, failure_code: str = "") -> None:
-    """A verified webhook stored as the web stores it on arrival (webhook_receive)."""
-    event = WebhookEvent(
-        webhook_id=f"msg_{order.pk}_{n}",
-        event_type=f"charge.{status}",
-        status=status,
-        order_id=str(order.pk),
-        idempotency_key=key,
-        channel="stub-1",
-        failure_code=failure_code,
-        provider_reference="",
-        payload={"n": n},
-    )
-    assert services.webhook_receive(provider="stub", event=event)
+def _charged() -> tuple[Order, str]:
+    """An order charged on stub-1 (processing), and its charge's key."""
+    order = assigned_order()
+    services.order_charge(order_id=order.pk)
+    return order, f"{order.pk}:stub-1"
 
 
 def _confirm(order, key: str, status: str, failure_code: str = ""):
@@ -292,11 +283,9 @@ def _confirm(order, key: str, status: str, failure_code: str = ""):
 @pytest.mark.django_db
 def test_the_first_stored_word_wins_whichever_confirm_arrives_first(stub, channels):
     # given a charge whose provider said paid, then (late) failed — SPEC 5 row 81 — both stored on arrival
-    order = assigned_order()
-    services.order_charge(order_id=order.pk)
-    key = f"{order.pk}:stub-1"
-    _stored(order, key, "paid", 1)
-    _stored(order, key, "failed", 2, "card_declined")
+    order, key = _charged()
+    stored_webhook(order, key, "paid", 1)
+    stored_webhook(order, key, "failed", 2, failure_code="card_declined")
     # when the failed word's hand-off reaches the confirm stage first (a failing-over broker held
     # the paid one back: seen in CI's Sentinel scenario)
     _confirm(order, key, "failed", "card_declined")
@@ -315,11 +304,9 @@ def test_the_first_stored_word_wins_whichever_confirm_arrives_first(stub, channe
 
 @pytest.mark.django_db
 def test_a_first_failed_word_is_kept_too(stub, channels):
-    order = assigned_order()
-    services.order_charge(order_id=order.pk)
-    key = f"{order.pk}:stub-1"
-    _stored(order, key, "failed", 1, "card_declined")
-    _stored(order, key, "paid", 2)
+    order, key = _charged()
+    stored_webhook(order, key, "failed", 1, failure_code="card_declined")
+    stored_webhook(order, key, "paid", 2)
     _confirm(order, key, "paid")
     order.refresh_from_db()
     assert (order.status, order.outcome, order.failure_code) == ("failed", "failed", "card_declined")
@@ -328,10 +315,8 @@ def test_a_first_failed_word_is_kept_too(stub, channels):
 @pytest.mark.django_db
 def test_a_status_polls_answer_counts_as_it_is(stub, channels):
     # the provider's word now (a poll names no signer), whatever webhook was stored before it
-    order = assigned_order()
-    services.order_charge(order_id=order.pk)
-    key = f"{order.pk}:stub-1"
-    _stored(order, key, "paid", 1)
+    order, key = _charged()
+    stored_webhook(order, key, "paid", 1)
     services.order_confirm(order_id=order.pk, idempotency_key=key, status="failed", source="status poll")
     order.refresh_from_db()
     assert (order.status, order.outcome) == ("failed", "failed")
@@ -340,13 +325,11 @@ def test_a_status_polls_answer_counts_as_it_is(stub, channels):
 @pytest.mark.django_db
 def test_a_late_word_after_the_charge_settled_is_recorded_as_what_it_said(stub, channels):
     # given the paid word stored and confirmed
-    order = assigned_order()
-    services.order_charge(order_id=order.pk)
-    key = f"{order.pk}:stub-1"
-    _stored(order, key, "paid", 1)
+    order, key = _charged()
+    stored_webhook(order, key, "paid", 1)
     _confirm(order, key, "paid")
     # when the late failed word is stored and confirmed
-    _stored(order, key, "failed", 2, "card_declined")
+    stored_webhook(order, key, "failed", 2, failure_code="card_declined")
     _confirm(order, key, "failed", "card_declined")
     # then it is recorded as ignored, saying failed, and the outcome stays
     order.refresh_from_db()

@@ -11,10 +11,10 @@ from django.utils import timezone
 
 from gateway import services
 from gateway.models import RefundAttempt
-from gateway.providers.base import ChargeOutcome, RefundResult, WebhookEvent
+from gateway.providers.base import ChargeOutcome, RefundResult
 from orders.models import IgnoredSignal, Order, Refund
 from orders.services import refund_create, refund_fingerprint
-from tests.stub_provider import assigned_order
+from tests.stub_provider import assigned_order, stored_webhook
 
 UNAVAILABLE = RefundResult(ChargeOutcome.REJECTED, http_status=503, error="channel_unavailable", retry=True)
 
@@ -219,20 +219,8 @@ def test_a_refunds_first_stored_word_wins_whichever_confirm_arrives_first(stub, 
     refund = _refund(order)
     services.refund_send(refund_id=refund.pk)
     key = f"refund:{refund.pk}"
-    for n, status in enumerate(("succeeded", "failed")):
-        event = WebhookEvent(
-            webhook_id=f"msg_{refund.pk}_{n}",
-            event_type=f"refund.{status}",
-            status=status,
-            order_id=str(order.pk),
-            idempotency_key=key,
-            channel="stub-1",
-            failure_code="" if status == "succeeded" else "refund_declined",
-            provider_reference="",
-            payload={"n": n},
-            kind="refund",
-        )
-        assert services.webhook_receive(provider="stub", event=event)
+    stored_webhook(order, key, "succeeded", 1, kind="refund")
+    stored_webhook(order, key, "failed", 2, failure_code="refund_declined", kind="refund")
     # when the failed word reaches the confirm stage first
     services.refund_confirm(
         idempotency_key=key, status="failed", source="webhook", channel="stub-1", provider="stub"
