@@ -50,7 +50,18 @@ class ChargeAttemptAdmin(ReadOnlyAdmin):
 
 @admin.register(ProviderWebhook)
 class ProviderWebhookAdmin(ReadOnlyAdmin):
-    list_display = ("id", "provider", "event_type", "webhook_id", "order_display", "received_at")
+    # What it said (status, failure code) beside what it was: the confirm stage settles a charge
+    # or refund with the first word stored for its key, and this is where an operator reads it.
+    list_display = (
+        "id",
+        "provider",
+        "event_type",
+        "status",
+        "failure_code",
+        "webhook_id",
+        "order_display",
+        "received_at",
+    )
     list_filter = (ProviderFilter,)
     ordering = ("-id",)
     paginator = EstimatedCountPaginator
@@ -58,7 +69,17 @@ class ProviderWebhookAdmin(ReadOnlyAdmin):
     show_facets = admin.ShowFacets.NEVER
     search_fields = ("=webhook_id",)
     search_help_text = "Exact webhook id or order id."
-    fields = ("provider", "webhook_id", "event_type", "order_display", "received_at", "payload_display")
+    fields = (
+        "provider",
+        "webhook_id",
+        "event_type",
+        "order_display",
+        "idempotency_key",
+        "status",
+        "failure_code",
+        "received_at",
+        "payload_display",
+    )
     readonly_fields = ("order_display", "payload_display")
 
     @admin.display(description="order")

@@ -38,14 +38,22 @@ def test_provider_webhooks_list_and_page(operator, make_order):
         provider="sandbox",
         webhook_id="wh_1",
         order=order,
-        event_type="charge.paid",
-        payload={"status": "paid"},
+        event_type="charge.failed",
+        idempotency_key="ord-key-1",
+        status="failed",
+        failure_code="card_declined",
+        payload={"status": "failed"},
     )
 
     assert [w.pk for w in operator.get(WEBHOOKS, {"q": "wh_1"}).context["cl"].result_list] == [webhook.pk]
     assert [w.pk for w in operator.get(WEBHOOKS, {"q": str(order.pk)}).context["cl"].result_list] == [
         webhook.pk
     ]
-    assert operator.get(WEBHOOKS, {"event_type": "charge.paid"}).status_code == 200
+    listing = operator.get(WEBHOOKS).content.decode()
+    # The word it carried shows in the list and on its page, not only inside the payload.
+    assert '<td class="field-status">failed</td>' in listing
+    assert '<td class="field-failure_code">card_declined</td>' in listing
+    assert operator.get(WEBHOOKS, {"event_type": "charge.failed"}).status_code == 200
     page = operator.get(f"{WEBHOOKS}{webhook.pk}/change/").content.decode()
-    assert "&quot;status&quot;: &quot;paid&quot;" in page
+    assert "&quot;status&quot;: &quot;failed&quot;" in page
+    assert "ord-key-1" in page and "card_declined" in page
