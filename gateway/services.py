@@ -362,13 +362,15 @@ def order_confirm(
         # A webhook's word (it names its signer) yields to the first one stored; a status poll's
         # answer is the provider's word now, and counts as it is.
         first = first_word(order_id=order_uuid, idempotency_key=idempotency_key) if channel else None
-        if first is not None and first[0] in ("paid", "failed") and first[0] != status:
-            logger.warning(
-                "confirm.first_word_kept",
-                extra={"order_id": str(order_id), "status": status, "first": first[0], "source": source},
-            )
-            source = f"{source}: its first word, a later one said {status}"
-            status, failure_code = first
+        status, failure_code, source = _first_word_kept(
+            first,
+            ("paid", "failed"),
+            status,
+            failure_code,
+            source,
+            event="confirm.first_word_kept",
+            extra={"order_id": str(order_id)},
+        )
         attempt = _attempt_with_order(
             idempotency_key,
             settle_order_id=order_uuid,
@@ -521,6 +523,25 @@ def first_word(*, order_id, idempotency_key: str) -> tuple[str, str] | None:
         prepared.execute(cursor, _FIRST_WORD_SQL, [order_id, idempotency_key])
         row = cursor.fetchone()
     return None if row is None else (row[0], row[1])
+
+
+def _first_word_kept(
+    first: tuple[str, str] | None,
+    finals: tuple[str, str],
+    status: str,
+    failure_code: str,
+    source: str,
+    *,
+    event: str,
+    extra: dict,
+) -> tuple[str, str, str]:
+    """(status, failure_code, source) to settle with: the first stored word when it is final and
+    says otherwise (logged as `event`, and named in the transition's reason), else the word as it
+    came."""
+    if first is None or first[0] not in finals or first[0] == status:
+        return status, failure_code, source
+    logger.warning(event, extra={**extra, "status": status, "first": first[0], "source": source})
+    return first[0], first[1], f"{source}: its first word, a later one said {status}"
 
 
 def _as_uuid(value: str) -> uuid.UUID | None:
@@ -878,13 +899,15 @@ def refund_confirm(
             if channel and not settled
             else None
         )
-        if first is not None and first[0] in (RS.SUCCEEDED, RS.FAILED) and first[0] != status:
-            logger.warning(
-                "refund_confirm.first_word_kept",
-                extra={"refund_id": str(attempt.refund_id), "status": status, "first": first[0]},
-            )
-            source = f"{source}: its first word, a later one said {status}"
-            status, failure_code = first
+        status, failure_code, source = _first_word_kept(
+            first,
+            (RS.SUCCEEDED, RS.FAILED),
+            status,
+            failure_code,
+            source,
+            event="refund_confirm.first_word_kept",
+            extra={"refund_id": str(attempt.refund_id)},
+        )
         RefundAttempt.objects.filter(pk=attempt.pk).exclude(status__in=(RA.SUCCEEDED, RA.FAILED)).update(
             status=status, failure_code=failure_code[:64], lease_until=None
         )
