@@ -20,7 +20,7 @@ from allocation.selectors import channels_with_volume
 from callbacks.selectors import callbacks_health, deliveries_exhausted
 from console.admin.allocation import circuit_state, success_rate, volume_against_cap
 from console.admin.orders import status_badge
-from console.metrics import queue_depths
+from core.broker import BROKER_ERRORS, queue_depths
 from gateway.selectors import ChannelResults, charge_results_by_channel
 from orders.models import OrderStatus
 from orders.selectors import (
@@ -63,7 +63,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     ]
     try:
         queues = queue_depths()
-    except redis.RedisError:
+    except (redis.RedisError, *BROKER_ERRORS):  # a RabbitMQ broker raises its own
         queues = None
     # Whole minutes only: the current one is still filling and would always look like a drop.
     this_minute = now.replace(second=0, microsecond=0)

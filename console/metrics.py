@@ -17,62 +17,17 @@ import threading
 import time
 
 import redis
-from amqp.exceptions import AMQPError
 from django.conf import settings
 from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse
-from kombu.exceptions import KombuError
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 
 from core import metrics as _counters  # noqa: F401  (registers the counters before a scrape)
+from core.broker import BROKER_ERRORS, queue_depths
 from core.middleware import error_response
 
 logger = logging.getLogger(__name__)
-
-
-# A RabbitMQ broker that cannot be reached (the Redis ones raise redis.RedisError).
-BROKER_ERRORS = (OSError, KombuError, AMQPError)
-
-# kombu's Redis transport keeps one list per queue and priority step; the plain name is step 0.
-_KOMBU_PRIORITY_SEP = "\x06\x16"
-_KOMBU_PRIORITY_STEPS = (3, 6, 9)
-
-
-def queue_depths() -> dict[str, int]:
-    """Messages waiting in each service's Celery queue, read from the broker (SPEC 12): Redis list
-    lengths on a Redis or Sentinel broker, a passive queue declare on RabbitMQ. Raises
-    redis.RedisError or one of BROKER_ERRORS."""
-    from core.redis import get_broker_redis
-
-    queues = tuple(settings.SERVICE_QUEUES)
-    client = get_broker_redis()
-    if client is None:
-        return _amqp_queue_depths(queues)
-    pipe = client.pipeline(transaction=False)
-    for queue in queues:
-        pipe.llen(queue)
-        for step in _KOMBU_PRIORITY_STEPS:
-            pipe.llen(f"{queue}{_KOMBU_PRIORITY_SEP}{step}")
-    lengths = pipe.execute()
-    per_queue = 1 + len(_KOMBU_PRIORITY_STEPS)
-    return {queue: sum(lengths[i * per_queue : (i + 1) * per_queue]) for i, queue in enumerate(queues)}
-
-
-def _amqp_queue_depths(queues: tuple[str, ...]) -> dict[str, int]:
-    from celery import current_app
-
-    depths = {}
-    with current_app.connection_for_read() as conn:
-        conn.ensure_connection(max_retries=1)
-        for queue in queues:
-            # a channel per queue: a passive declare of a queue not declared yet closes its channel
-            with conn.channel() as channel:
-                try:
-                    depths[queue] = channel.queue_declare(queue=queue, passive=True).message_count
-                except conn.channel_errors:
-                    depths[queue] = 0
-    return depths
 
 
 class _DatabaseCounts:

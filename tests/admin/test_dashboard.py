@@ -6,6 +6,7 @@ import pytest
 from django.utils import timezone
 
 from callbacks.services import callback_deliver
+from core.redis import get_broker_redis
 from orders.models import Order, OrderStatus
 from orders.selectors import orders_latency, orders_per_minute
 from tests.admin.factories import ChargeAttemptFactory
@@ -110,3 +111,15 @@ def test_anonymous_and_non_staff_users_are_sent_to_the_login(client, django_user
     client.force_login(django_user_model.objects.create_user(username="not-staff", password="x" * 12))
     response = client.get(URL)
     assert response.status_code == 302 and response["Location"].startswith("/admin/login/")
+
+
+def test_dashboard_answers_when_a_rabbitmq_broker_cannot_be_reached(operator, settings):
+    """The queue depths are then unknown (kombu's own error, not Redis's), and the page still answers."""
+    settings.CELERY_BROKER_URL = "amqp://guest:guest@127.0.0.1:1//"  # nothing listens there
+    get_broker_redis.cache_clear()
+    try:
+        response = operator.get(URL)
+    finally:
+        get_broker_redis.cache_clear()
+    assert response.status_code == 200
+    assert response.context["queues"] is None

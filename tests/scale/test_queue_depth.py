@@ -3,7 +3,7 @@ may live on a Redis of their own). The Sentinel and RabbitMQ brokers are scraped
 
 import pytest
 
-from console.metrics import queue_depths
+from core.broker import queue_depths
 from core.redis import get_broker_redis, get_redis
 
 
