@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cache
 
+import redis
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from core import crypto, metrics, prepared, rows
+from core.broker import BROKER_ERRORS, queue_depths
 from core.errors import Conflict, InvalidRequest, NotFound, Unprocessable
 from core.retention import delete_in_batches
 from core.urlsafety import UnsafeUrl, callback_url_check
@@ -418,14 +420,50 @@ def idempotency_keys_prune(*, older_than_hours: int) -> int:
 MAX_SWEEP_CHECKS = 30
 
 
+class _DeepQueues:
+    """The service queues holding at least SWEEP_HOLD_QUEUE_DEPTH messages, read from the broker
+    once per sweep pass, and only if something is due.
+
+    An overdue order whose stage's queue is that deep is most likely waiting in it: re-announcing
+    it would add a second message behind the first, and under a backlog longer than the stage's
+    timeout every pass would add more, so an overloaded stage would be handed more work the further
+    behind it fell. Held, the order is looked at again one stage timeout later, its check not
+    counted; a message that was really lost is re-announced once the queue is shallower. A broker
+    that cannot be read holds nothing back: the sweep then re-announces as it always did.
+    """
+
+    def __init__(self) -> None:
+        self._deep: frozenset[str] | None = None
+
+    def holds(self, topic: str, payload: dict) -> bool:
+        if settings.SWEEP_HOLD_QUEUE_DEPTH <= 0:
+            return False
+        if self._deep is None:
+            self._deep = self._read()
+        # A task named "<app>.<name>" runs on its app's queue (CELERY_TASK_ROUTES).
+        return any(task.partition(".")[0] in self._deep for task in events.subscribers_for(topic, payload))
+
+    @staticmethod
+    def _read() -> frozenset[str]:
+        try:
+            depths = queue_depths()
+        except (redis.RedisError, *BROKER_ERRORS) as exc:
+            logger.warning("sweep.queue_depth_unavailable", extra={"error": repr(exc)})
+            return frozenset()
+        return frozenset(queue for queue, n in depths.items() if n >= settings.SWEEP_HOLD_QUEUE_DEPTH)
+
+
 def orders_sweep(*, batch: int) -> int:
     """Re-announce orders whose stage is overdue (SPEC 8); each subscriber is idempotent.
 
     Reads through the partial index on next_check_at, so completed orders cost nothing.
     An order re-announced MAX_SWEEP_CHECKS times (or POLL_MAX_COUNT for processing) is left
-    for operators: its next_check_at becomes NULL and the console lists it as stuck.
+    for operators: its next_check_at becomes NULL and the console lists it as stuck. An order
+    whose stage's queue is deep is held for a stage timeout instead (_DeepQueues).
     """
     now = timezone.now()
+    deep = _DeepQueues()
+    held = 0
     with transaction.atomic():
         stuck = list(
             Order.objects.select_for_update(skip_locked=True)
@@ -447,23 +485,24 @@ def orders_sweep(*, batch: int) -> int:
                 if order.status == OrderStatus.PROCESSING
                 else settings.STAGE_TIMEOUT_SECONDS[order.status]
             )
+            payload = {
+                "order_id": str(order.id),
+                "status": order.status,
+                "channel": order.channel,
+                "redelivery": True,
+            }
+            if deep.holds(topic, payload):
+                Order.objects.filter(pk=order.pk).update(next_check_at=now + timedelta(seconds=base))
+                held += 1
+                continue
             delay = min(base * (2 ** min(order.check_count, 16)), settings.SWEEP_MAX_BACKOFF_SECONDS)
             Order.objects.filter(pk=order.pk).update(
                 next_check_at=now + timedelta(seconds=delay), check_count=order.check_count + 1
             )
-            event_emit(
-                topic=topic,
-                order_id=order.id,
-                payload={
-                    "order_id": str(order.id),
-                    "status": order.status,
-                    "channel": order.channel,
-                    "redelivery": True,
-                },
-            )
+            event_emit(topic=topic, order_id=order.id, payload=payload)
     if stuck:
-        logger.info("orders.swept", extra={"count": len(stuck)})
-    return len(stuck)
+        logger.info("orders.swept", extra={"count": len(stuck) - held, "held": held})
+    return len(stuck) - held
 
 
 # --- refunds: due times (SPEC 9: waiting is stored on the row, swept by beat) ---------------------------
@@ -475,6 +514,8 @@ def refunds_sweep(*, batch: int) -> int:
     Reads through the partial index on next_check_at, so settled refunds cost nothing.
     """
     now = timezone.now()
+    deep = _DeepQueues()
+    held = 0
     with transaction.atomic():
         due = list(
             Refund.objects.select_for_update(skip_locked=True)
@@ -500,24 +541,26 @@ def refunds_sweep(*, batch: int) -> int:
                 refund.status, "paid"
             )
             base = settings.POLL_INTERVAL_SECONDS if processing else settings.STAGE_TIMEOUT_SECONDS[stage]
+            topic = events.REFUND_REANNOUNCE[refund.status]
+            payload = {
+                "order_id": str(refund.order_id),
+                "refund_id": str(refund.pk),
+                "status": refund.status,
+                "channel": refund.channel,
+                "redelivery": True,
+            }
+            if deep.holds(topic, payload):
+                Refund.objects.filter(pk=refund.pk).update(next_check_at=now + timedelta(seconds=base))
+                held += 1
+                continue
             delay = min(base * (2 ** min(refund.check_count, 16)), settings.SWEEP_MAX_BACKOFF_SECONDS)
             Refund.objects.filter(pk=refund.pk).update(
                 next_check_at=now + timedelta(seconds=delay), check_count=refund.check_count + 1
             )
-            event_emit(
-                topic=events.REFUND_REANNOUNCE[refund.status],
-                order_id=refund.order_id,
-                payload={
-                    "order_id": str(refund.order_id),
-                    "refund_id": str(refund.pk),
-                    "status": refund.status,
-                    "channel": refund.channel,
-                    "redelivery": True,
-                },
-            )
+            event_emit(topic=topic, order_id=refund.order_id, payload=payload)
     if due:
-        logger.info("refunds.swept", extra={"count": len(due)})
-    return len(due)
+        logger.info("refunds.swept", extra={"count": len(due) - held, "held": held})
+    return len(due) - held
 
 
 def refund_retry_later(*, refund_id, seconds: float) -> bool:

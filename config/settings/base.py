@@ -220,6 +220,9 @@ POLL_INTERVAL_SECONDS = env.float("POLL_INTERVAL_SECONDS", default=180.0)
 POLL_MAX_COUNT = env.int("POLL_MAX_COUNT", default=20)
 # The sweep's backoff doubles per re-announcement of the same order, up to this many seconds.
 SWEEP_MAX_BACKOFF_SECONDS = env.float("SWEEP_MAX_BACKOFF_SECONDS", default=3600.0)
+# A queue holding this many messages is behind: the sweeps put off re-announcing into it (the
+# order's own message is most likely among them) instead of deepening it. 0: never hold off.
+SWEEP_HOLD_QUEUE_DEPTH = env.int("SWEEP_HOLD_QUEUE_DEPTH", default=500)
 IDEMPOTENCY_KEY_TTL_HOURS = env.int("IDEMPOTENCY_KEY_TTL_HOURS", default=48)
 # An in-flight idempotency key older than this belongs to a request that died.
 IDEMPOTENCY_IN_FLIGHT_TIMEOUT_SECONDS = env.float("IDEMPOTENCY_IN_FLIGHT_TIMEOUT_SECONDS", default=60.0)
