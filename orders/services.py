@@ -453,6 +453,22 @@ class _DeepQueues:
         return frozenset(queue for queue, n in depths.items() if n >= settings.SWEEP_HOLD_QUEUE_DEPTH)
 
 
+def _reannounce_or_hold(
+    model, row, *, order_id, topic: str, payload: dict, base: float, now: datetime, deep: _DeepQueues
+) -> bool:
+    """Re-announce an overdue order or refund (its next due time doubling from `base` per check),
+    or hold it one `base` while its stage's queue is deep. True when held."""
+    if deep.holds(topic, payload):
+        model.objects.filter(pk=row.pk).update(next_check_at=now + timedelta(seconds=base))
+        return True
+    delay = min(base * (2 ** min(row.check_count, 16)), settings.SWEEP_MAX_BACKOFF_SECONDS)
+    model.objects.filter(pk=row.pk).update(
+        next_check_at=now + timedelta(seconds=delay), check_count=row.check_count + 1
+    )
+    event_emit(topic=topic, order_id=order_id, payload=payload)
+    return False
+
+
 def orders_sweep(*, batch: int) -> int:
     """Re-announce orders whose stage is overdue (SPEC 8); each subscriber is idempotent.
 
@@ -491,15 +507,9 @@ def orders_sweep(*, batch: int) -> int:
                 "channel": order.channel,
                 "redelivery": True,
             }
-            if deep.holds(topic, payload):
-                Order.objects.filter(pk=order.pk).update(next_check_at=now + timedelta(seconds=base))
-                held += 1
-                continue
-            delay = min(base * (2 ** min(order.check_count, 16)), settings.SWEEP_MAX_BACKOFF_SECONDS)
-            Order.objects.filter(pk=order.pk).update(
-                next_check_at=now + timedelta(seconds=delay), check_count=order.check_count + 1
+            held += _reannounce_or_hold(
+                Order, order, order_id=order.id, topic=topic, payload=payload, base=base, now=now, deep=deep
             )
-            event_emit(topic=topic, order_id=order.id, payload=payload)
     if stuck:
         logger.info("orders.swept", extra={"count": len(stuck) - held, "held": held})
     return len(stuck) - held
@@ -549,15 +559,16 @@ def refunds_sweep(*, batch: int) -> int:
                 "channel": refund.channel,
                 "redelivery": True,
             }
-            if deep.holds(topic, payload):
-                Refund.objects.filter(pk=refund.pk).update(next_check_at=now + timedelta(seconds=base))
-                held += 1
-                continue
-            delay = min(base * (2 ** min(refund.check_count, 16)), settings.SWEEP_MAX_BACKOFF_SECONDS)
-            Refund.objects.filter(pk=refund.pk).update(
-                next_check_at=now + timedelta(seconds=delay), check_count=refund.check_count + 1
+            held += _reannounce_or_hold(
+                Refund,
+                refund,
+                order_id=refund.order_id,
+                topic=topic,
+                payload=payload,
+                base=base,
+                now=now,
+                deep=deep,
             )
-            event_emit(topic=topic, order_id=refund.order_id, payload=payload)
     if due:
         logger.info("refunds.swept", extra={"count": len(due) - held, "held": held})
     return len(due) - held

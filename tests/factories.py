@@ -1,14 +1,16 @@
 """Factories for the domain; merchants go through the service so keys and secrets are real."""
 
 import itertools
+from datetime import timedelta
 
 import factory
+from django.utils import timezone
 from factory.django import DjangoModelFactory
 
 from allocation.models import PaymentChannel
-from orders.models import Order, OrderStatus
-from orders.services import MerchantCredentials, merchant_create
-from orders.transitions import order_transition
+from orders.models import Order, OrderStatus, Refund
+from orders.services import MerchantCredentials, merchant_create, refund_create
+from orders.transitions import order_transition, refund_transition
 
 _counter = itertools.count(1)
 
@@ -58,3 +60,23 @@ class ChannelFactory(DjangoModelFactory):
     priority = 1
     weight = 1
     enabled = True
+
+
+def overdue_refund(status: str = "pending") -> Refund:
+    """A refund of 100 on a paid order of 1000, moved to `status`, its sweep due a second ago."""
+    order = OrderFactory(amount=1000)
+    make_paid(order.pk)
+    result = refund_create(
+        merchant=Order.objects.get(pk=order.pk).merchant,
+        order_id=str(order.pk),
+        idempotency_key="k",
+        fingerprint="f",
+        amount=100,
+    )
+    refund_id = result.body["id"]
+    if status != "pending":
+        refund_transition(refund_id=refund_id, to="processing", seen_status="pending", reason="test")
+    if status in ("succeeded", "failed"):
+        refund_transition(refund_id=refund_id, to=status, seen_status="processing", reason="test")
+    Refund.objects.filter(pk=refund_id).update(next_check_at=timezone.now() - timedelta(seconds=1))
+    return Refund.objects.get(pk=refund_id)

@@ -7,30 +7,10 @@ import pytest
 from django.utils import timezone
 
 from orders import events, services
-from orders.models import Order, OutboxEvent, Refund
-from orders.transitions import refund_transition
-from tests.factories import OrderFactory, make_paid
+from orders.models import OutboxEvent, Refund
+from tests.factories import overdue_refund
 
 pytestmark = pytest.mark.django_db
-
-
-def _refund(status: str = "pending") -> Refund:
-    order = OrderFactory(amount=1000)
-    make_paid(order.pk)
-    result = services.refund_create(
-        merchant=Order.objects.get(pk=order.pk).merchant,
-        order_id=str(order.pk),
-        idempotency_key="k",
-        fingerprint="f",
-        amount=100,
-    )
-    refund_id = result.body["id"]
-    if status != "pending":
-        refund_transition(refund_id=refund_id, to="processing", seen_status="pending", reason="test")
-    if status in ("succeeded", "failed"):
-        refund_transition(refund_id=refund_id, to=status, seen_status="processing", reason="test")
-    Refund.objects.filter(pk=refund_id).update(next_check_at=timezone.now() - timedelta(seconds=1))
-    return Refund.objects.get(pk=refund_id)
 
 
 @pytest.mark.parametrize(
@@ -43,7 +23,7 @@ def _refund(status: str = "pending") -> Refund:
     ],
 )
 def test_an_overdue_refund_is_re_announced_to_the_stage_that_moves_it(status, topic, subscriber):
-    refund = _refund(status)
+    refund = overdue_refund(status)
     before = OutboxEvent.objects.count()
     assert services.refunds_sweep(batch=10) == 1
     event = OutboxEvent.objects.order_by("-id").first()
@@ -61,14 +41,14 @@ def test_an_overdue_refund_is_re_announced_to_the_stage_that_moves_it(status, to
 
 
 def test_the_sweep_gives_up_after_its_bound():
-    refund = _refund("pending")
+    refund = overdue_refund("pending")
     Refund.objects.filter(pk=refund.pk).update(check_count=services.MAX_SWEEP_CHECKS)
     services.refunds_sweep(batch=10)
     assert Refund.objects.get(pk=refund.pk).next_check_at is None
 
 
 def test_a_503_is_waited_for_on_the_row():
-    refund = _refund("pending")
+    refund = overdue_refund("pending")
     assert services.refund_retry_later(refund_id=refund.pk, seconds=60)
     assert Refund.objects.get(pk=refund.pk).next_check_at > timezone.now() + timedelta(seconds=59)
     assert services.refunds_sweep(batch=10) == 0

@@ -13,7 +13,7 @@ from django.utils import timezone
 from core.redis import get_broker_redis
 from orders import events, services
 from orders.models import Order, OrderStatus, OutboxEvent, Refund
-from tests.factories import OrderFactory, make_paid
+from tests.factories import OrderFactory, overdue_refund
 
 pytestmark = pytest.mark.django_db
 
@@ -75,16 +75,7 @@ def test_a_deep_queue_holds_back_only_the_orders_bound_for_it(broker):
 
 
 def test_a_deep_queue_holds_back_an_overdue_refund_too(broker):
-    order = OrderFactory(amount=1000)
-    make_paid(order.pk)
-    refund_id = services.refund_create(
-        merchant=Order.objects.get(pk=order.pk).merchant,
-        order_id=str(order.pk),
-        idempotency_key="k",
-        fingerprint="f",
-        amount=100,
-    ).body["id"]
-    _due_again(Refund, refund_id)
+    refund_id = overdue_refund("pending").pk
     refunds_announced = OutboxEvent.objects.filter(topic=events.REFUND_CREATED).count
     before = refunds_announced()
     broker.rpush("gateway", "m1", "m2", "m3")  # the refund stage runs on the gateway queue
