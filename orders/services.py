@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from functools import cache
 
 import redis
+from celery import current_app as current_celery_app
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
@@ -422,7 +423,7 @@ MAX_SWEEP_CHECKS = 30
 
 class _DeepQueues:
     """The service queues holding at least SWEEP_HOLD_QUEUE_DEPTH messages, read from the broker
-    once per sweep pass, and only if something is due.
+    once per sweep pass, before its transaction takes any row lock, and only if something is due.
 
     An overdue order whose stage's queue is that deep is most likely waiting in it: re-announcing
     it would add a second message behind the first, and under a backlog longer than the stage's
@@ -432,25 +433,28 @@ class _DeepQueues:
     that cannot be read holds nothing back: the sweep then re-announces as it always did.
     """
 
-    def __init__(self) -> None:
-        self._deep: frozenset[str] | None = None
-
-    def holds(self, topic: str, payload: dict) -> bool:
-        if settings.SWEEP_HOLD_QUEUE_DEPTH <= 0:
-            return False
-        if self._deep is None:
-            self._deep = self._read()
-        # A task named "<app>.<name>" runs on its app's queue (CELERY_TASK_ROUTES).
-        return any(task.partition(".")[0] in self._deep for task in events.subscribers_for(topic, payload))
-
-    @staticmethod
-    def _read() -> frozenset[str]:
+    def __init__(self, due) -> None:
+        """`due`: the rows the pass will look at (an unevaluated queryset); the broker is read only
+        when the hold is on and one of them exists."""
+        self._deep: frozenset[str] = frozenset()
+        limit = settings.SWEEP_HOLD_QUEUE_DEPTH
+        if limit <= 0 or not due.exists():
+            return
         try:
             depths = queue_depths()
         except (redis.RedisError, *BROKER_ERRORS) as exc:
             logger.warning("sweep.queue_depth_unavailable", extra={"error": repr(exc)})
-            return frozenset()
-        return frozenset(queue for queue, n in depths.items() if n >= settings.SWEEP_HOLD_QUEUE_DEPTH)
+            return
+        self._deep = frozenset(queue for queue, n in depths.items() if n >= limit)
+
+    def holds(self, topic: str, payload: dict) -> bool:
+        if not self._deep:
+            return False
+        router = current_celery_app.amqp.router
+        return any(
+            router.route({}, task)["queue"].name in self._deep
+            for task in events.subscribers_for(topic, payload)
+        )
 
 
 def _reannounce_or_hold(
@@ -478,7 +482,7 @@ def orders_sweep(*, batch: int) -> int:
     whose stage's queue is deep is held for a stage timeout instead (_DeepQueues).
     """
     now = timezone.now()
-    deep = _DeepQueues()
+    deep = _DeepQueues(Order.objects.filter(next_check_at__lte=now))
     held = 0
     with transaction.atomic():
         stuck = list(
@@ -524,7 +528,7 @@ def refunds_sweep(*, batch: int) -> int:
     Reads through the partial index on next_check_at, so settled refunds cost nothing.
     """
     now = timezone.now()
-    deep = _DeepQueues()
+    deep = _DeepQueues(Refund.objects.filter(next_check_at__lte=now))
     held = 0
     with transaction.atomic():
         due = list(
