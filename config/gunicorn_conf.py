@@ -2,10 +2,13 @@
 
 import os
 
+from core import http_server
+
 bind = os.environ.get("WEB_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("WEB_WORKERS") or 3)
 threads = int(os.environ.get("WEB_THREADS") or 2)
-worker_class = "gthread" if threads > 1 else "sync"
+# gthread with a read deadline per request (core/http_server.py), also for one thread.
+worker_class = "core.http_server.ThreadWorker"
 keepalive = 30
 timeout = 60
 graceful_timeout = 15
@@ -14,6 +17,8 @@ errorlog = "-"
 proc_name = "payments-web"
 # Gunicorn's per-user control socket would collide with the sandbox's gunicorn; we do not use it.
 control_socket_disable = True
+# Requests gunicorn rejects before Django sees them are answered in the API's JSON error shape.
+http_server.install()
 
 
 def on_starting(server) -> None:

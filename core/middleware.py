@@ -1,10 +1,10 @@
-"""Request-wide concerns that must run before any view: request id and the body size limit."""
+"""Request-wide concerns that must run before any view: request id, the body size limit, reading the body."""
 
 import ipaddress
 import re
 
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse, UnreadablePostError
 
 from core.logging import new_request_id, request_id_var
 from core.ratelimit import window_count
@@ -39,7 +39,7 @@ def error_response(status: int, code: str, message: str, fields: dict | None = N
 
 
 class BodySizeLimitMiddleware:
-    """413 for bodies over the limit, before anything reads them (SPEC 3)."""
+    """413 for bodies over the limit, before anything reads them (SPEC 3); then reads the body."""
 
     def __init__(self, get_response):
         self.get_response = get_response
@@ -52,7 +52,23 @@ class BodySizeLimitMiddleware:
             return error_response(400, "bad_request", "Content-Length is not a number.")
         if length > limit:
             return error_response(413, "payload_too_large", f"Request body exceeds {limit} bytes.")
+        try:
+            # Read whole now, within the web server's read deadline (core/http_server.py), so a
+            # body that never arrives is one clear answer here rather than an error in a view.
+            request.body  # noqa: B018 (the read is the point)
+        except UnreadablePostError as exc:
+            if _caused_by(exc, TimeoutError):
+                return error_response(408, "request_timeout", "The request body did not arrive in time.")
+            return error_response(400, "bad_request", "The request body could not be read.")
         return self.get_response(request)
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    while exc is not None:
+        if isinstance(exc, kind):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 _API_PREFIX = "/api/"

@@ -189,6 +189,9 @@ def stack(django_db_setup, django_db_blocker, tmp_path_factory):
         "TEST_REDIS_URL": settings.REDIS_URL,
         "WEB_BIND": WEB,
         "WEB_WORKERS": "2",
+        "WEB_THREADS": "2",
+        # A client's request must arrive within this (core/http_server.py; tests/e2e/test_web_server.py).
+        "WEB_REQUEST_READ_SECONDS": "2",
         "SANDBOX_BIND": SANDBOX,
         "SANDBOX_WORKERS": "1",
         "SANDBOX_DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/test_sandbox_e2e_{_BASE}",
