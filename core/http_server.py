@@ -2,12 +2,13 @@
 error answers in the API's JSON shape. Self-contained (no Django): it runs in gunicorn's master
 and in its workers' main threads, outside any request.
 
-A deadline on reading. Gunicorn's threaded worker hands a connection to a thread as soon as its
-first bytes arrive, and that thread then reads the request head and, through the application,
-the body, from a blocking socket with no timeout: a client that sends half a header and waits
-holds the thread for as long as it likes, and a handful of such clients hold every thread of
-the API. `ThreadWorker` gives each request `WEB_REQUEST_READ_SECONDS` (default 10) from its first
-byte to its last: a head not complete by then closes the connection; a body not complete by then
+A deadline on reading. Gunicorn's threaded worker hands a new connection to a thread at once,
+which waits up to 5 s for its first bytes, then reads the request head and, through the
+application, the body, from a blocking socket with no timeout: a client that sends half a header
+and waits holds the thread for as long as it likes, and a handful of such clients (or a few dozen
+that send nothing) hold every thread of the API. `ThreadWorker` gives a connection a thread only
+once its first bytes arrive, and each request `WEB_REQUEST_READ_SECONDS` (default 10) from its
+first byte to its last: a head not complete by then closes the connection; a body not complete by then
 raises `ClientTooSlow` in the application, which answers 408 (core.middleware). Writing an answer
 has a timeout of its own per send, so a client that does not read cannot hold a thread either.
 Slow clients are bounded, not banished: a production deployment still belongs behind a buffering
@@ -24,8 +25,10 @@ import errno
 import json
 import logging
 import os
+import selectors
 import socket
 import time
+from functools import partial
 from http import HTTPStatus
 
 from gunicorn import util
@@ -115,21 +118,31 @@ class _SlowClientLogFilter(logging.Filter):
 
 
 class ThreadWorker(gthread.ThreadWorker):
-    """Gunicorn's threaded worker, its client sockets given a read deadline per request."""
+    """Gunicorn's threaded worker: a thread only for a connection that has sent something, and
+    then a read deadline per request."""
 
     def init_process(self) -> None:
         self.log.error_log.addFilter(_SlowClientLogFilter())
         super().init_process()
 
     def accept(self, listener) -> None:
-        """gthread.ThreadWorker.accept (gunicorn 27), its client socket wrapped."""
+        """gthread.ThreadWorker.accept (gunicorn 27): the client socket wrapped, and parked in the
+        poller until it is readable."""
         try:
             client_sock, client_addr = listener.accept()
             self.nr_conns += 1
             client_sock.setblocking(True)
-            if not self.cfg.is_ssl:  # TLS wraps the raw socket: terminate TLS in front instead
-                client_sock = _DeadlineSocket(client_sock)
-            self.enqueue_req(gthread.TConn(self.cfg, client_sock, client_addr, listener.getsockname()))
+            if self.cfg.is_ssl:  # TLS wraps the raw socket: terminate TLS in front instead
+                self.enqueue_req(gthread.TConn(self.cfg, client_sock, client_addr, listener.getsockname()))
+                return
+            conn = gthread.TConn(self.cfg, _DeadlineSocket(client_sock), client_addr, listener.getsockname())
+            # No thread until the client's first bytes arrive (gunicorn hands a new connection to
+            # a thread at once, which then waits up to 5 s for them): the connection waits in the
+            # poller, as gunicorn's own deferred ones do, and closes after `keepalive` seconds.
+            conn.timeout = time.monotonic() + self.cfg.keepalive
+            self.pending_conns.append(conn)
+            waiting = partial(self.on_pending_socket_readable, conn)
+            self.poller.register(conn.sock, selectors.EVENT_READ, waiting)
         except OSError as e:
             if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
                 raise

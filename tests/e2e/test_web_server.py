@@ -115,3 +115,16 @@ def test_a_body_that_never_arrives_is_a_408_and_leaves_the_key_free(live):
     )
     assert status == 201, body
     assert Order.objects.filter(merchant_id=creds.merchant.id, reference="slow-1").count() == 1
+
+
+def test_connections_that_send_nothing_hold_no_thread(live):
+    # Gunicorn's own worker gives each new connection a thread that waits up to 5 s for its first
+    # bytes, in arrival order: 40 silent ones would hold the stack's 4 threads for ~50 s, and a
+    # request behind them would wait that long. Here they wait in the poller, holding nothing.
+    silent = [socket.create_connection((HOST, int(PORT)), timeout=PATIENCE) for _ in range(40)]
+    try:
+        time.sleep(0.5)
+        assert requests.get(f"http://{WEB}/healthz", timeout=PATIENCE).status_code == 200
+    finally:
+        for sock in silent:
+            sock.close()
