@@ -1,5 +1,7 @@
 """Merchants, orders, refunds, their append-only transition logs, the event outbox, idempotency keys."""
 
+import json
+
 from django.db import models
 from django.db.models import Q
 
@@ -261,9 +263,20 @@ class IdempotencyKey(models.Model):
     request_hash = models.CharField(max_length=64)
     state = models.CharField(max_length=16, choices=State.choices, default=State.IN_FLIGHT)
     response_status = models.PositiveSmallIntegerField(null=True)
+    # The first answer's body as JSON text, its keys in the order they were sent, so a replay is
+    # byte for byte the same (SPEC 3: "the same status code and body"); jsonb sorts keys.
+    response_text = models.TextField(null=True)
+    # Answers stored before `response_text` existed (keys reordered). Read only when
+    # `response_text` is empty; drop it once those keys are past IDEMPOTENCY_KEY_TTL_HOURS.
     response_body = models.JSONField(null=True)
     created_at = models.DateTimeField()
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["merchant", "key"], name="idempotency_key_unique")]
         indexes = [models.Index(fields=["created_at"], name="idempotency_created")]
+
+    def stored_answer(self):
+        """The body of the first answer, as it was sent."""
+        if self.response_text is None:
+            return self.response_body
+        return json.loads(self.response_text)

@@ -224,7 +224,7 @@ def _idempotent(
                 "This Idempotency-Key was used with a different request body.",
             )
         elif existing.state == IdempotencyKey.State.DONE:
-            return CreateResult(existing.response_status, existing.response_body, True)
+            return CreateResult(existing.response_status, existing.stored_answer(), True)
         else:
             # A request that died mid-flight left its key in flight: the first retry after the
             # timeout takes it over (the dead request's transaction never committed anything).

@@ -120,8 +120,7 @@ def _due(status: str):
 
 # The API's idempotency key gets its stored answer in the statement that inserts the order or refund.
 _KEY_DONE = (
-    "UPDATE orders_idempotencykey SET state = 'done', response_status = 201,"
-    " response_body = %s::jsonb WHERE id = %s"
+    "UPDATE orders_idempotencykey SET state = 'done', response_status = 201, response_text = %s WHERE id = %s"
 )
 
 

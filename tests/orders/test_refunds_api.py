@@ -179,7 +179,7 @@ def test_replay_answers_the_same_without_a_second_refund_and_another_body_is_422
     first = _refund(api, order.pk, {"amount": 100}, key="same")
     replay = _refund(api, order.pk, {"amount": 100}, key="same")
     assert (first.status_code, replay.status_code) == (201, 201)
-    assert replay.json() == first.json()
+    assert replay.content == first.content  # byte for byte, fields in the same order
     assert replay["Idempotent-Replayed"] == "true" and "Idempotent-Replayed" not in first
     _error(_refund(api, order.pk, {"amount": 101}, key="same"), 422, "idempotency_key_reused")
     # the same key and body for another order is another request
