@@ -1,9 +1,11 @@
 """Request-wide concerns that must run before any view: request id, the body size limit, reading the body."""
 
+import io
 import ipaddress
 import re
 
 from django.conf import settings
+from django.core.handlers.wsgi import LimitedStream
 from django.http import HttpRequest, HttpResponse, JsonResponse, UnreadablePostError
 
 from core.logging import new_request_id, request_id_var
@@ -46,6 +48,11 @@ class BodySizeLimitMiddleware:
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         limit = settings.MAX_REQUEST_BODY_BYTES
+        chunked = "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower()
+        if chunked and "CONTENT_LENGTH" not in request.META:
+            refused = _take_chunked_body(request, limit)
+            if refused is not None:
+                return refused
         try:
             length = int(request.META.get("CONTENT_LENGTH") or 0)
         except ValueError:
@@ -61,6 +68,23 @@ class BodySizeLimitMiddleware:
                 return error_response(408, "request_timeout", "The request body did not arrive in time.")
             return error_response(400, "bad_request", "The request body could not be read.")
         return self.get_response(request)
+
+
+def _take_chunked_body(request: HttpRequest, limit: int) -> HttpResponse | None:
+    """A chunked body (no Content-Length) read here, up to the limit: Django reads a body only as
+    far as Content-Length says, so without this a chunked create would arrive empty (a misleading
+    "amount is required") and any size would pass the 413 check."""
+    try:
+        data = request.META["wsgi.input"].read(limit + 1)
+    except TimeoutError:
+        return error_response(408, "request_timeout", "The request body did not arrive in time.")
+    except Exception:  # a malformed chunk: the server's parse errors are not OSErrors
+        return error_response(400, "bad_request", "The request body is not valid chunked encoding.")
+    if len(data) > limit:
+        return error_response(413, "payload_too_large", f"Request body exceeds {limit} bytes.")
+    request.META["CONTENT_LENGTH"] = str(len(data))
+    request._stream = LimitedStream(io.BytesIO(data), len(data))
+    return None
 
 
 def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
