@@ -34,6 +34,8 @@ from http import HTTPStatus
 from gunicorn import util
 from gunicorn.workers import gthread
 
+from core.http_codes import ERROR_CODES
+
 READ_SECONDS = float(os.environ.get("WEB_REQUEST_READ_SECONDS") or 10)
 SEND_SECONDS = float(os.environ.get("WEB_RESPONSE_SEND_SECONDS") or 30)
 
@@ -152,15 +154,6 @@ class ThreadWorker(gthread.ThreadWorker):
 
 # Gunicorn answers an unknown Transfer-Encoding with 501; to the client it is a bad request.
 _STATUS_FOR_CLIENT = {501: 400}
-_CODES = {
-    400: "bad_request",
-    403: "forbidden",
-    408: "request_timeout",
-    414: "uri_too_long",
-    417: "expectation_failed",
-    431: "headers_too_large",
-    500: "internal_error",
-}
 # Gunicorn's message may quote the request line or a header back; enough of it to debug by.
 _MESSAGE_LIMIT = 200
 
@@ -172,7 +165,7 @@ def error_bytes(status: int, reason: str, message: str) -> bytes:
         reason = HTTPStatus(status).phrase
     except ValueError:
         pass
-    code = _CODES.get(status, "bad_request")
+    code = ERROR_CODES.get(status, "bad_request")
     body = json.dumps({"error": {"code": code, "message": (message or reason)[:_MESSAGE_LIMIT]}}).encode()
     head = (
         f"HTTP/1.1 {status} {reason}\r\n"

@@ -8,6 +8,7 @@ from django.conf import settings
 from django.core.handlers.wsgi import LimitedStream
 from django.http import HttpRequest, HttpResponse, JsonResponse, UnreadablePostError
 
+from core.http_codes import ERROR_CODES
 from core.logging import new_request_id, request_id_var
 from core.ratelimit import window_count
 
@@ -50,9 +51,10 @@ class BodySizeLimitMiddleware:
         limit = settings.MAX_REQUEST_BODY_BYTES
         chunked = "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower()
         if chunked and "CONTENT_LENGTH" not in request.META:
-            refused = _take_chunked_body(request, limit)
-            if refused is not None:
-                return refused
+            try:
+                _buffer_chunked_body(request, limit)
+            except Exception as exc:  # a malformed chunk: the server's parse errors are not OSErrors
+                return _unreadable(exc)
         try:
             length = int(request.META.get("CONTENT_LENGTH") or 0)
         except ValueError:
@@ -64,27 +66,23 @@ class BodySizeLimitMiddleware:
             # body that never arrives is one clear answer here rather than an error in a view.
             request.body  # noqa: B018 (the read is the point)
         except UnreadablePostError as exc:
-            if _caused_by(exc, TimeoutError):
-                return error_response(408, "request_timeout", "The request body did not arrive in time.")
-            return error_response(400, "bad_request", "The request body could not be read.")
+            return _unreadable(exc)
         return self.get_response(request)
 
 
-def _take_chunked_body(request: HttpRequest, limit: int) -> HttpResponse | None:
-    """A chunked body (no Content-Length) read here, up to the limit: Django reads a body only as
-    far as Content-Length says, so without this a chunked create would arrive empty (a misleading
-    "amount is required") and any size would pass the 413 check."""
-    try:
-        data = request.META["wsgi.input"].read(limit + 1)
-    except TimeoutError:
-        return error_response(408, "request_timeout", "The request body did not arrive in time.")
-    except Exception:  # a malformed chunk: the server's parse errors are not OSErrors
-        return error_response(400, "bad_request", "The request body is not valid chunked encoding.")
-    if len(data) > limit:
-        return error_response(413, "payload_too_large", f"Request body exceeds {limit} bytes.")
+def _buffer_chunked_body(request: HttpRequest, limit: int) -> None:
+    """Read a chunked body (no Content-Length), at most one byte past the limit, and give it its
+    length: Django reads a body only as far as Content-Length says, so a chunked create would
+    arrive empty (a misleading "amount is required") and any size would pass the 413 check."""
+    data = request.META["wsgi.input"].read(limit + 1)
     request.META["CONTENT_LENGTH"] = str(len(data))
     request._stream = LimitedStream(io.BytesIO(data), len(data))
-    return None
+
+
+def _unreadable(exc: BaseException) -> HttpResponse:
+    if _caused_by(exc, TimeoutError):
+        return error_response(408, "request_timeout", "The request body did not arrive in time.")
+    return error_response(400, "bad_request", "The request body could not be read.")
 
 
 def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
@@ -118,7 +116,7 @@ class ApiJsonErrorsMiddleware:
             or response.get("Content-Type", "").startswith("application/json")
         ):
             return response
-        code = _CODES_BY_STATUS.get(response.status_code, "error")
+        code = ERROR_CODES.get(response.status_code, "error")
         replaced = error_response(response.status_code, code, _MESSAGES.get(code, "The request failed."))
         for header in _KEPT_HEADERS:
             if header in response:
@@ -126,19 +124,6 @@ class ApiJsonErrorsMiddleware:
         return replaced
 
 
-_CODES_BY_STATUS = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    406: "not_acceptable",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    429: "rate_limited",
-    500: "internal_error",
-    503: "service_unavailable",
-}
 _MESSAGES = {
     "bad_request": "The request could not be understood.",
     "unauthorized": "Authentication is required.",
