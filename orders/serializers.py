@@ -327,4 +327,11 @@ class OrderListQuerySerializer(serializers.Serializer):
         blank = sorted(name for name in self.fields if name in data and data.get(name) == "")
         if blank:
             raise serializers.ValidationError({name: ["Must not be empty."] for name in blank})
+        # A query string may repeat a parameter; DRF would read the last copy and drop the rest
+        # unseen (`?limit=[...]&limit=30.0` passed as 30), so a repeated filter is a 400 too.
+        repeated = sorted(
+            name for name in self.fields if len(getattr(data, "getlist", lambda _: [])(name)) > 1
+        )
+        if repeated:
+            raise serializers.ValidationError({name: ["Give this parameter once."] for name in repeated})
         return super().to_internal_value(data)
