@@ -258,6 +258,9 @@ def test_worker_main_process_killed_then_restarted(faults, queue):
     injector.join()
     killed = injector.evidence
     assert killed, f"no process of {name} was seen dead after the kill"
+    # (the messages delivered before the kill that the broker still counts as unacknowledged)
+    broker = faults.redis.client()
+    held = set(broker.zrangebyscore("unacked_index", 0, injector.started))
     # when it comes back a little later (what a process manager does)
     time.sleep(max(0.0, injector.started + 1.5 - time.time()))
     restarted = time.time()
@@ -275,6 +278,15 @@ def test_worker_main_process_killed_then_restarted(faults, queue):
         webhook_secret=faults.webhook_secret,
     )
     assert_clean(report)
+    # and the messages the dead worker held are given back by the broker, run and acknowledged
+    # within the visibility timeout and one restore round (10 s), not up to 100 s later
+    visibility = float(faults.stack.env["CELERY_VISIBILITY_TIMEOUT"])
+    back_by = injector.ended + visibility + 10 + 5
+    wait_for(
+        lambda: not held & set(broker.hkeys("unacked")),
+        max(1.0, back_by - time.time()),
+        f"the {len(held)} messages {name} held when killed to be redelivered and acknowledged",
+    )
 
 
 def test_relay_worker_and_beat_killed_then_restarted(faults):

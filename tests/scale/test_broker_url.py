@@ -55,6 +55,7 @@ def test_sentinel_names_its_master():
     app = app_for(SENTINELS, sentinel_master="payments")
     assert app.conf.broker_transport_options["master_name"] == "payments"
     assert app.conf.broker_transport_options["visibility_timeout"] == 300
+    assert app.conf.broker_transport_options["unacked_restore_throttle"] == 1
 
 
 def test_rabbitmq_declares_quorum_queues_with_publisher_confirms():
