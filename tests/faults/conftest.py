@@ -9,12 +9,13 @@ import json
 import os
 import shutil
 import subprocess
+import time
 
 import psycopg2
 import pytest
 from django.conf import settings
 
-from tests.e2e.conftest import ROOT, VENV
+from tests.e2e.conftest import QUEUES, ROOT, VENV
 from tests.faults import harness
 from tests.faults.servers import PgServer, RedisServer
 
@@ -27,7 +28,9 @@ SANDBOX_DB = "test_sandbox_faults"
 
 
 class FaultEnv:
-    def __init__(self, *, stack, pg, redis_server, receiver, api_key, webhook_secret, dsn) -> None:
+    def __init__(
+        self, *, stack, pg, redis_server, receiver, api_key, webhook_secret, dsn, sandbox_dsn
+    ) -> None:
         self.stack = stack
         self.pg = pg
         self.redis = redis_server
@@ -35,18 +38,50 @@ class FaultEnv:
         self.api_key = api_key
         self.webhook_secret = webhook_secret
         self.dsn = dsn
+        self.sandbox_dsn = sandbox_dsn
 
     def load(self, scenario: str) -> harness.Load:
         return harness.Load(api_key=self.api_key, scenario=scenario, receiver=self.receiver)
 
-    def sql(self, query: str, params=()) -> list[tuple]:
-        conn = psycopg2.connect(self.dsn)
+    def sql(self, query: str, params=(), *, dsn: str | None = None) -> list[tuple]:
+        conn = psycopg2.connect(dsn or self.dsn)
         try:
             with conn, conn.cursor() as cursor:
                 cursor.execute(query, params)
                 return cursor.fetchall() if cursor.description else []
         finally:
             conn.close()
+
+    def busy(self) -> list[str]:
+        """What is still at work from an earlier scenario: provider webhooks the sandbox has yet to
+        send, messages waiting in a service queue, messages a worker holds (unacked)."""
+        pending = self.sql(
+            "SELECT count(*) FROM sandbox_webhooks WHERE status = 'pending'", dsn=self.sandbox_dsn
+        )[0][0]
+        client = self.redis.client()
+        waiting = {queue: client.llen(queue) for queue in QUEUES}
+        busy = [f"{queue}: {n} waiting" for queue, n in waiting.items() if n]
+        if pending:
+            busy.append(f"sandbox: {pending} webhooks to send")
+        if unacked := client.hlen("unacked"):
+            busy.append(f"{unacked} unacked")
+        return busy
+
+    def settle(self, timeout: float = 60) -> None:
+        """Wait until the previous scenario's work is done (twice in a row, 0.3 s apart), so that
+        none of it can be the fault the next scenario arms for: a late webhook's confirm, or the
+        message a killed worker held, which the broker gives back only after the visibility timeout
+        (20 s here) and its next restore round (seen 40 s after delivery). Bounded: a scenario
+        that starts on a stack still busy says so and goes on (its own checks decide)."""
+        deadline = time.monotonic() + timeout
+        quiet_once = False
+        while time.monotonic() < deadline:
+            busy = self.busy()
+            if not busy and quiet_once:
+                return
+            quiet_once = not busy
+            time.sleep(0.3)
+        print(f"stack still busy after {timeout}s: {busy}")
 
 
 def _manage(env: dict, *args: str) -> str:
@@ -134,6 +169,7 @@ def fault_env():
         api_key=creds["api_key"],
         webhook_secret=creds["webhook_secret"],
         dsn=pg.dsn(DB_NAME),
+        sandbox_dsn=sandbox_dsn,
     )
     try:
         stack.start_all()
@@ -153,6 +189,7 @@ def faults(fault_env):
     fault_env.receiver.start()
     harness.disarm_all()
     fault_env.stack.ensure_running()
+    fault_env.settle()
     fault_env.sql("UPDATE allocation_paymentchannel SET circuit_open_until = NULL, daily_cap = NULL")
     harness.RENDEZVOUS.unlink(missing_ok=True)
     client = fault_env.redis.client()
