@@ -267,7 +267,10 @@ LOG_LEVEL = env("LOG_LEVEL", default="INFO")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"context": {"()": "core.logging.ContextFilter"}},
+    "filters": {
+        "context": {"()": "core.logging.ContextFilter"},
+        "client_fault_line": {"()": "core.logging.ClientFaultLine"},
+    },
     "formatters": {
         "json": {
             "()": "pythonjsonlogger.json.JsonFormatter",
@@ -283,6 +286,8 @@ LOGGING = {
         # The library logs request bodies (payment methods) at DEBUG and every request at INFO.
         "stripe": {"level": "WARNING"},
         "gunicorn.access": {"level": "WARNING"},
+        # A request for a Host not in ALLOWED_HOSTS (a JSON 400): one line, no traceback.
+        "django.security.DisallowedHost": {"filters": ["client_fault_line"]},
     },
 }
 

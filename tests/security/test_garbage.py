@@ -9,6 +9,7 @@ query strings) are passed as a WSGI server would pass them.
 
 import base64
 import json
+import logging
 import socket
 import threading
 import uuid
@@ -441,3 +442,18 @@ def test_a_callback_host_whose_dns_never_answers_does_not_hold_the_request(
         answer.set()
         request.join(timeout=60)
     assert responses[0].status_code == 201, responses[0].content
+
+
+@pytest.mark.django_db
+def test_a_foreign_host_is_a_json_400_and_one_log_line_without_a_traceback(caplog):
+    # given a request for a Host this server does not serve (ALLOWED_HOSTS)
+    caplog.set_level(logging.INFO)
+    response = Client(raise_request_exception=False).get(ORDERS, HTTP_HOST="evil.example")
+    # then the client gets the API's JSON 400
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "bad_request"
+    # and the log one warning naming the host, without Django's traceback (no log flood)
+    (record,) = [r for r in caplog.records if r.name == "django.security.DisallowedHost"]
+    # (the handlers' redaction renders a traceback into exc_text: neither may carry one)
+    assert (record.levelname, record.exc_info, record.exc_text) == ("WARNING", None, None)
+    assert "evil.example" in record.getMessage()
