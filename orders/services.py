@@ -221,7 +221,7 @@ def _idempotent(
         elif existing.request_hash != fingerprint:
             raise Unprocessable(
                 "idempotency_key_reused",
-                "This Idempotency-Key was used with a different request body.",
+                "This Idempotency-Key was used for a different request (another body, order or endpoint).",
             )
         elif existing.state == IdempotencyKey.State.DONE:
             return CreateResult(existing.response_status, existing.stored_answer(), True)
