@@ -16,6 +16,11 @@ _KOMBU_PRIORITY_SEP = "\x06\x16"
 _KOMBU_PRIORITY_STEPS = (3, 6, 9)
 
 
+def redis_queue_keys(queue: str) -> tuple[str, ...]:
+    """The Redis lists that hold a queue's waiting messages on a Redis or Sentinel broker."""
+    return (queue, *(f"{queue}{_KOMBU_PRIORITY_SEP}{step}" for step in _KOMBU_PRIORITY_STEPS))
+
+
 def queue_depths() -> dict[str, int]:
     """Messages waiting in each service's Celery queue, read from the broker (SPEC 12): Redis list
     lengths on a Redis or Sentinel broker, a passive queue declare on RabbitMQ. Raises
@@ -28,9 +33,8 @@ def queue_depths() -> dict[str, int]:
         return _amqp_queue_depths(queues)
     pipe = client.pipeline(transaction=False)
     for queue in queues:
-        pipe.llen(queue)
-        for step in _KOMBU_PRIORITY_STEPS:
-            pipe.llen(f"{queue}{_KOMBU_PRIORITY_SEP}{step}")
+        for key in redis_queue_keys(queue):
+            pipe.llen(key)
     lengths = pipe.execute()
     per_queue = 1 + len(_KOMBU_PRIORITY_STEPS)
     return {queue: sum(lengths[i * per_queue : (i + 1) * per_queue]) for i, queue in enumerate(queues)}

@@ -2,7 +2,8 @@
 
 No workers. `Pipeline.deliver_events` hands each outbox event written since the machine started
 to the Celery task bodies its topic subscribes (the registry in orders/events.py, the real task
-functions, called in this thread: no broker, no eager mode), in the order they were written.
+functions, called in this thread: no broker, no eager mode), in the order they were written;
+the copies the product publishes to the broker are dropped, as workers would have taken them.
 `Pipeline.beat` is what beat does: the order sweep and the callback sweep.
 
 Time. The product has no clock of its own to control: it compares stored instants (next_check_at,
@@ -33,7 +34,8 @@ from allocation.selectors import channel_cache_clear
 from callbacks.models import CallbackDelivery
 from callbacks.services import deliveries_due
 from config.celery_app import app as celery_app
-from core.redis import get_redis
+from core.broker import redis_queue_keys
+from core.redis import get_broker_redis, get_redis
 from orders.events import subscribers_for
 from orders.models import Order, OrderTransition, OutboxEvent, Refund, RefundTransition
 
@@ -137,6 +139,7 @@ class Pipeline:
         while count < limit:
             events = self.undelivered(order_ids)
             if not events:
+                self.consume_broker_queues()
                 return count
             event = events[0]
             self.delivered_up_to = event.id
@@ -150,6 +153,15 @@ class Pipeline:
             self.hand_over(message)
             count += 1
         raise AssertionError(f"more than {limit} events in a row: the pipeline does not settle")
+
+    @staticmethod
+    def consume_broker_queues() -> None:
+        """The product also publishes each event to the broker (no worker takes it here): drop
+        those copies, as the workers this pipeline stands for would have taken them. Left there,
+        they pile up example after example until the sweep reads a deep queue and holds off
+        (SWEEP_HOLD_QUEUE_DEPTH), which no real run with workers would see."""
+        client = get_broker_redis()
+        client.delete(*(key for queue in settings.SERVICE_QUEUES for key in redis_queue_keys(queue)))
 
     def beat(self, order_ids) -> None:
         """One round of beat: the order, refund and callback sweeps, then what they announced."""
