@@ -423,6 +423,13 @@ def make_machine(provider: ScriptedProvider, endpoint: Endpoint, merchant):
             if self.clock.advance_to_next_due(list(self.seen_rank)):
                 self.pipeline.beat(list(self.seen_rank))
 
+        @rule()
+        def a_quiet_while(self):
+            """Only time passes, through the next three due times: the provider and the receiver
+            keep answering as they do now, so the sweep backs off (and may give up) on what is stuck."""
+            for _ in range(3):
+                self.time_passes()
+
         def needs_a_person(self) -> set[str]:
             """What the console lists: orders the sweep gave up on, and exhausted callbacks."""
             stuck = {
