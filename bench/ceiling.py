@@ -98,21 +98,30 @@ def _run(args: list[str], *, timeout: float, what: str, cwd: Path = WORK, env: d
     return result.stdout
 
 
-def start_services(cwd: Path = WORK, *, attempts: int = 4, pause: float = 20.0) -> None:
-    """The reference's start_services.sh, tried again for a minute if it fails.
+def _retried(action, *, attempts: int = 4, pause: float = 20.0):
+    """`action()`, tried again for a minute if it fails.
 
-    Its ports (55532, 56479) lie in Linux's ephemeral range: right after a burst, one of the
-    product's client sockets (open, or in TIME_WAIT for up to 60 s) can hold one, and PostgreSQL
-    then cannot bind it ("Address already in use"; a ceiling was lost so on 2026-11-30).
+    The reference's ports (PostgreSQL 55532, Redis 56479, gunicorn 58000) lie in Linux's ephemeral
+    range: right after a burst, one of the product's client sockets (open, or in TIME_WAIT for up
+    to 60 s) can hold one, and the server then cannot bind it ("Address already in use"; a ceiling
+    was lost so on 2026-11-30 for PostgreSQL, and the API ceiling on 2026-12-01 for gunicorn).
     """
     for attempt in range(1, attempts + 1):
         try:
-            _run(["./start_services.sh"], timeout=120, what="start_services.sh", cwd=cwd)
-            return
+            return action()
         except CeilingError:
             if attempt == attempts:
                 raise
             time.sleep(pause)
+
+
+def start_services(cwd: Path = WORK, *, attempts: int = 4, pause: float = 20.0) -> None:
+    """The reference's start_services.sh (_retried)."""
+    _retried(
+        lambda: _run(["./start_services.sh"], timeout=120, what="start_services.sh", cwd=cwd),
+        attempts=attempts,
+        pause=pause,
+    )
 
 
 def _copy(source: Path, work: Path = WORK) -> None:
@@ -186,8 +195,14 @@ def _chain(orders: int, worker: tuple[str, int, int], timeout: float) -> dict:
 _WRK_LINE = re.compile(r"POST /orders: req/s=([\d.]+) avg=(\S+) p50=(\S+) p99=(\S+)(.*)")
 
 
-def _http(timeout: float = 120.0) -> dict:
-    out = _run(["./bench_http.sh", HTTP_CLASS, str(HTTP_THREADS), "1"], timeout=timeout, what="bench_http.sh")
+def _http(timeout: float = 120.0, *, attempts: int = 4, pause: float = 25.0) -> dict:
+    out = _retried(
+        lambda: _run(
+            ["./bench_http.sh", HTTP_CLASS, str(HTTP_THREADS), "1"], timeout=timeout, what="bench_http.sh"
+        ),
+        attempts=attempts,
+        pause=pause,
+    )
     match = _WRK_LINE.search(out)
     if not match:
         raise CeilingError(f"bench_http.sh printed no POST /orders figure: {out.strip()[-200:]!r}")
