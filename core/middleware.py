@@ -5,8 +5,10 @@ import ipaddress
 import re
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.handlers.wsgi import LimitedStream
 from django.http import HttpRequest, HttpResponse, JsonResponse, UnreadablePostError
+from django.urls import Resolver404, resolve
 
 from core.http_codes import ERROR_CODES
 from core.logging import new_request_id, request_id_var
@@ -200,3 +202,53 @@ def _failed_to_authenticate(path: str, login_post: bool, status: int) -> bool:
     if path.startswith(_WEBHOOK_PREFIX):
         return status in (400, 401, 403, 404)
     return status == 401
+
+
+class ConsoleGarbageMiddleware:
+    """The operators' console (/admin/) refuses, with a 400, input none of its pages produce and
+    Django's admin would hand to the database as it is (answering 500):
+
+    - a NUL character in the query string (a list filter `?status__exact=%00`): PostgreSQL text
+      cannot hold one;
+    - an action on ids that are not ids of the page's model (`_selected_action=garbage` on a
+      UUID or integer key).
+
+    Staff only in practice, but every byte from the network may be garbage.
+    """
+
+    def __init__(self, get_response) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        if request.path_info.startswith("/admin/"):
+            problem = _console_garbage(request)
+            if problem:
+                return error_response(400, "bad_request", problem)
+        return self.get_response(request)
+
+
+def _console_garbage(request: HttpRequest) -> str | None:
+    query = request.META.get("QUERY_STRING", "")
+    if ("%00" in query or "\x00" in query) and any(
+        "\x00" in key or any("\x00" in value for value in request.GET.getlist(key)) for key in request.GET
+    ):
+        return "A query parameter holds a NUL character."
+    if request.method != "POST" or "_selected_action" not in request.POST:
+        return None
+    try:
+        view = resolve(request.path_info).func
+    except Resolver404:
+        return None
+    model_admin = getattr(view, "model_admin", None)
+    if model_admin is None:
+        return None
+    key = model_admin.model._meta.pk
+    for value in request.POST.getlist("_selected_action"):
+        try:
+            if "\x00" in value:
+                raise ValidationError("NUL")
+            key.to_python(value)
+        except ValidationError:
+            plural = model_admin.model._meta.verbose_name_plural
+            return f"The selection holds an id that is not one of {plural}."
+    return None
