@@ -119,3 +119,33 @@ def test_a_nul_in_a_list_filter_and_an_action_on_a_forged_id_are_a_400(console):
     assert response.status_code == 400
     channel.refresh_from_db()
     assert channel.enabled
+
+
+# the console's other pages, as raw paths and query strings
+PAGES = [
+    "/admin/?%00=%00",
+    "/admin/dashboard/?q=%00&window=%ff&status=" + "s" * 3000,
+    "/admin/orders/?%00",
+    "/admin/nonexistent/",
+    "/admin/orders/nonexistent/",
+    "/admin/r/garbage/garbage/",
+    "/admin/r/1/%00/",
+    "/admin/r/99999999999999999999/1/",
+    "/admin/autocomplete/?app_label=orders&model_name=order&field_name=merchant&term=%00",
+    "/admin/autocomplete/?app_label=%00&model_name=%00&field_name=%00",
+    "/admin/autocomplete/?term=" + "t" * 5000,
+    "/admin/jsi18n/?language=%00",
+    "/admin/login/?next=%00",
+    "/admin/login/?next=//evil.example/",
+    "/admin/password_change/?%00",
+    "/admin/logout/",
+]
+
+
+def test_the_consoles_other_pages_never_give_a_500_on_garbage(console):
+    problems = [
+        f"GET {path[:80]} -> {response.status_code}"
+        for path in PAGES
+        if (response := console.get(path)).status_code >= 500
+    ]
+    assert problems == []
