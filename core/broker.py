@@ -31,13 +31,12 @@ def queue_depths() -> dict[str, int]:
     client = get_broker_redis()
     if client is None:
         return _amqp_queue_depths(queues)
+    keys = {queue: redis_queue_keys(queue) for queue in queues}
     pipe = client.pipeline(transaction=False)
-    for queue in queues:
-        for key in redis_queue_keys(queue):
-            pipe.llen(key)
-    lengths = pipe.execute()
-    per_queue = 1 + len(_KOMBU_PRIORITY_STEPS)
-    return {queue: sum(lengths[i * per_queue : (i + 1) * per_queue]) for i, queue in enumerate(queues)}
+    for key in (key for per_queue in keys.values() for key in per_queue):
+        pipe.llen(key)
+    lengths = iter(pipe.execute())
+    return {queue: sum(next(lengths) for _ in per_queue) for queue, per_queue in keys.items()}
 
 
 def _amqp_queue_depths(queues: tuple[str, ...]) -> dict[str, int]:

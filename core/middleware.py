@@ -230,7 +230,7 @@ class ConsoleGarbageMiddleware:
 def _console_garbage(request: HttpRequest) -> str | None:
     query = request.META.get("QUERY_STRING", "")
     if ("%00" in query or "\x00" in query) and any(
-        "\x00" in key or any("\x00" in value for value in request.GET.getlist(key)) for key in request.GET
+        "\x00" in text for key, values in request.GET.lists() for text in (key, *values)
     ):
         return "A query parameter holds a NUL character."
     if request.method != "POST" or "_selected_action" not in request.POST:
