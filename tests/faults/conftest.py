@@ -15,6 +15,7 @@ import psycopg2
 import pytest
 from django.conf import settings
 
+from core.broker import redis_queue_keys
 from tests.e2e.conftest import QUEUES, ROOT, VENV
 from tests.faults import harness
 from tests.faults.servers import PgServer, RedisServer
@@ -59,7 +60,7 @@ class FaultEnv:
             "SELECT count(*) FROM sandbox_webhooks WHERE status = 'pending'", dsn=self.sandbox_dsn
         )[0][0]
         client = self.redis.client()
-        waiting = {queue: client.llen(queue) for queue in QUEUES}
+        waiting = {queue: sum(map(client.llen, redis_queue_keys(queue))) for queue in QUEUES}
         busy = [f"{queue}: {n} waiting" for queue, n in waiting.items() if n]
         if pending:
             busy.append(f"sandbox: {pending} webhooks to send")
