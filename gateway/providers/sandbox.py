@@ -110,7 +110,7 @@ def _read_json(response: requests.Response) -> Any:
     # The read timeout applies per socket read; a body dripped a byte at a time is cut off here.
     deadline = time.monotonic() + settings.GATEWAY_READ_TIMEOUT
     declared = response.headers.get("Content-Length", "")
-    if declared.isdigit() and int(declared) > MAX_ANSWER_BYTES:
+    if declared.isascii() and declared.isdigit() and int(declared) > MAX_ANSWER_BYTES:
         raise _Unreadable(f"answer of {declared} bytes")
     chunks, size = [], 0
     try:

@@ -118,7 +118,7 @@ class _BoundedSession(requests.Session):
         declared = response.headers.get("Content-Length", "")
         chunks, size = [], 0
         try:
-            if declared.isdigit() and int(declared) > MAX_ANSWER_BYTES:
+            if declared.isascii() and declared.isdigit() and int(declared) > MAX_ANSWER_BYTES:
                 raise _AnswerUnreadable(f"answer of {declared} bytes")
             while chunk := response.raw.read1(_CHUNK_BYTES, decode_content=True):
                 size += len(chunk)

@@ -206,6 +206,13 @@ ANSWERS = {
     "closed without an answer": (hang_up, UNKNOWN, None),
     "garbage instead of a status line": (raw(b"NOT HTTP AT ALL\r\n\r\n"), UNKNOWN, None),
     "a status code out of range": (raw(b"HTTP/1.1 999999 Odd\r\nContent-Length: 0\r\n\r\n"), UNKNOWN, None),
+    # "\xb2" is "²" in Latin-1, as HTTP headers are read: str.isdigit() says yes, int() says no;
+    # a length that is not a number is not a bound, and the body is read to its end as without one
+    "201 declaring a Content-Length of a superscript two": (
+        raw(b'HTTP/1.1 201 Created\r\nConnection: close\r\nContent-Length: \xb2\r\n\r\n{"id":"ch_1"}'),
+        ACCEPTED,
+        201,
+    ),
 }
 
 

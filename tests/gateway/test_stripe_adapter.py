@@ -18,7 +18,7 @@ from allocation.models import PaymentChannel
 from core import crypto
 from gateway.providers.base import ChargeOutcome, ChargeRequest, ProviderError
 from gateway.providers.stripe import MAX_ANSWER_BYTES, StripeAdapter, sort_stripe_error
-from tests.gateway.test_adapter_answers import Peer, answer, drip, hang_up, reset, silent
+from tests.gateway.test_adapter_answers import Peer, answer, drip, hang_up, raw, reset, silent
 
 ACCEPTED, REJECTED, UNKNOWN = ChargeOutcome.ACCEPTED, ChargeOutcome.REJECTED, ChargeOutcome.UNKNOWN
 RECORDED = Path(__file__).parent / "stripe_recorded"
@@ -88,6 +88,13 @@ ANSWERS = {
     "reset after the request": (reset, UNKNOWN, None, "", "", ""),
     "hung up after the request": (hang_up, UNKNOWN, None, "", "", ""),
     "body dripped past the deadline": (drip(200), UNKNOWN, None, "", "", ""),
+    # "\xb2" is "²" in Latin-1, as HTTP headers are read: str.isdigit() says yes, int() says no;
+    # a length that is not a number is not a bound, and the body is read to its end as without one
+    "200 declaring a Content-Length of a superscript two": (
+        raw(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            b"Content-Length: \xb2\r\n\r\n" + recorded("payment_intent_processing").encode()),
+        ACCEPTED, 200, "", "", "pi_3QxS4bLkdIwHu7ix0Pr0cEss",
+    ),
 }  # fmt: skip
 
 
