@@ -4,6 +4,7 @@ The actions need `allocation.manage_paymentchannel`: the page is read-only, so n
 "change" permission applies, and viewing a channel must not be enough to switch it off.
 """
 
+import re
 from datetime import timedelta
 
 from django import forms
@@ -168,7 +169,9 @@ class PaymentChannelAdmin(ReadOnlyAdmin):
         """Set or rotate a channel's API key and endpoint secret (`allocation.manage_paymentchannel`)."""
         if not self.has_manage_paymentchannel_permission(request):
             raise PermissionDenied
-        channel = PaymentChannel.objects.filter(pk=object_id).first() if object_id.isdigit() else None
+        # ASCII digits only: str.isdigit() also says yes to "²" (int() does not) and to Arabic-Indic ones
+        is_id = re.fullmatch(r"[0-9]{1,18}", object_id)
+        channel = PaymentChannel.objects.filter(pk=object_id).first() if is_id else None
         if channel is None:
             raise Http404("No such channel.")
         form = CredentialsForm(request.POST or None)

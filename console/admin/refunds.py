@@ -19,6 +19,7 @@ from orders.services import refund_create, refund_fingerprint
 
 REFUND_PERMISSION = "orders.change_order"
 _FORM_KEY = re.compile(r"[0-9a-f]{32}")
+_AMOUNT = re.compile(r"[0-9]{1,13}")  # ASCII digits only: str.isdigit() also says yes to "²"
 
 
 class RefundInline(ReadOnlyInline):
@@ -121,7 +122,7 @@ def order_refund_view(model_admin: admin.ModelAdmin, request, object_id: str):
     raw_amount = request.POST.get("amount", "").strip()
     data: dict = {}
     if raw_amount:
-        if not raw_amount.isdigit() or len(raw_amount) > 13:
+        if not _AMOUNT.fullmatch(raw_amount):
             model_admin.message_user(request, "Amount: a whole number of minor units.", messages.ERROR)
             return back
         data["amount"] = int(raw_amount)

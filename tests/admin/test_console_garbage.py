@@ -1,6 +1,9 @@
 """The operators' console under garbage: every list page and object page, with query strings and
-ids no form produces. A staff member's browser (or a pasted link) can send them; the answer is a
-page, a redirect or a 4xx, never a 500."""
+ids no form produces, and every form it draws posted back with values no browser sends. A staff
+member's browser (or a pasted link, or a forged post) can send them; the answer is a page, a
+redirect or a 4xx, never a 500."""
+
+import re
 
 import pytest
 from django.contrib import admin
@@ -9,7 +12,8 @@ from django.test import Client
 from django.urls import NoReverseMatch, reverse
 
 from allocation.models import PaymentChannel
-from tests.factories import OrderFactory
+from tests.admin.factories import ChargeAttemptFactory
+from tests.factories import ChannelFactory, OrderFactory, overdue_refund
 
 # raw query strings, undecoded as they arrive
 QUERIES = [
@@ -84,11 +88,13 @@ def test_garbage_query_strings_and_ids_never_give_a_500(console, name, route):
             response = console.get(url)
             if response.status_code >= 500:
                 problems.append(f"GET {view} {object_id[:40]} -> {response.status_code}")
-    # ids as they arrive in the path, undecoded
-    for raw in ("%00", "%ff", "x%00y", "%2e%2e", "1%0a2"):
-        response = console.get(f"{changelist}{raw}/change/")
-        if response.status_code >= 500:
-            problems.append(f"GET raw {raw} -> {response.status_code}")
+    # ids as they arrive in the path, undecoded ("%C2%B2" is "²", "%D9%A1" an Arabic-Indic one:
+    # both are digits to str.isdigit()), on the object pages and the console's own views
+    for raw in ("%00", "%ff", "x%00y", "%2e%2e", "1%0a2", "%C2%B2", "1%C2%B2", "%D9%A1"):
+        for view in ("change", "history", "delete", "credentials", "refund"):
+            response = console.get(f"{changelist}{raw}/{view}/")
+            if response.status_code >= 500:
+                problems.append(f"GET raw {raw}/{view}/ -> {response.status_code}")
     # an action on ids no checkbox carries
     page = console.get(changelist)
     assert page.status_code == 200, f"{name}: the operator does not see the list ({page.status_code})"
@@ -148,4 +154,79 @@ def test_the_consoles_other_pages_never_give_a_500_on_garbage(console):
         for path in PAGES
         if (response := console.get(path)).status_code >= 500
     ]
+    assert problems == []
+
+
+# values for every field of a posted form at once
+FORM_VALUES = [
+    "\x00",
+    "a\x00b",
+    "x" * 100_000,
+    "\u00b2",  # a digit to str.isdigit(), not to int()
+    "\u0661\u0662",  # 12 to int(), in Arabic-Indic digits
+    "9" * 40,
+    "-1",
+    "1e400",
+    "NaN",
+    "",
+    "{",
+    "javascript:alert(1)",
+    "http://[::1",
+]
+
+
+def _form_fields(response) -> set[str]:
+    """The names of the fields of the form(s) a console page draws, inlines' included."""
+    names: set[str] = set()
+    for key in ("adminform", "form"):
+        form = (response.context or {}).get(key)
+        if form is not None:
+            names |= set(getattr(form, "form", form).fields)
+    for inline in (response.context or {}).get("inline_admin_formsets") or []:
+        formset = inline.formset
+        names |= {formset.management_form.add_prefix(name) for name in formset.management_form.fields}
+        names |= {form.add_prefix(name) for form in formset.forms for name in form.fields}
+    return names
+
+
+def test_every_console_form_posted_back_with_garbage_never_gives_a_500(console):
+    # given a row of every model the console shows, and a user the forms may change
+    ChannelFactory(code="sandbox-a", provider="sandbox", currencies=["USD"])
+    order = overdue_refund("succeeded").order
+    ChargeAttemptFactory(order=order)
+    other = User.objects.create_user("other", password="pw-123456789")
+    ops = User.objects.get(username="ops")
+    urls = ["/admin/password_change/", reverse("admin:allocation_paymentchannel_credentials", args=[1])]
+    for model in admin.site._registry:
+        route = f"admin:{model._meta.app_label}_{model._meta.model_name}"
+        urls.append(reverse(f"{route}_add"))
+        row = other if model is User else model.objects.first()
+        if row is not None:
+            urls.append(reverse(f"{route}_change", args=[row.pk]))
+    problems, drawn = [], 0
+    for url in urls:
+        console.force_login(ops)  # a password change logs the operator out
+        page = console.get(url)
+        if page.status_code != 200:  # a form the console does not offer (read-only models)
+            continue
+        drawn += 1
+        names = _form_fields(page) | {"_save", "_continue"}
+        # when the form comes back empty, then with garbage in every field
+        for value in (None, *FORM_VALUES):
+            data = {} if value is None else dict.fromkeys(names, value)
+            response = console.post(url, data)
+            if response.status_code >= 500:
+                problems.append(f"POST {url} {value!r:.20} -> {response.status_code}")
+    # and the order page's refund form, with a key the page drew
+    console.force_login(ops)
+    change = console.get(reverse("admin:orders_order_change", args=[order.pk])).content.decode()
+    key = re.search(r'name="refund_key" value="([0-9a-f]{32})"', change).group(1)
+    refund = reverse("admin:orders_order_refund", args=[order.pk])
+    for value in FORM_VALUES:
+        for data in ({"amount": value}, {"amount": "1", "reason": value}):
+            response = console.post(refund, {"refund_key": key, **data})
+            if response.status_code >= 500:
+                problems.append(f"POST refund {data!r:.40} -> {response.status_code}")
+    # then every form drawn answered a page, a redirect or a 4xx
+    assert drawn >= 10, f"only {drawn} console forms were drawn: the test reaches less than it says"
     assert problems == []
