@@ -199,10 +199,27 @@ def _production_env(**overrides: str | None) -> dict[str, str]:
     return {name: value for name, value in env.items() if value is not None}
 
 
-def _python(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+def _python(args: list[str], env: dict[str, str], cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False
     )
+
+
+@pytest.fixture
+def production_host(tmp_path) -> Path:
+    """This checkout as a production host holds it: the code without `.run/` (no embedded stack).
+
+    manage.py is copied (Python would resolve a symlinked script back into this checkout); the
+    rest are links.
+    """
+    for entry in REPO.iterdir():
+        if entry.name == ".run":
+            continue
+        if entry.name == "manage.py":
+            (tmp_path / entry.name).write_bytes(entry.read_bytes())
+        else:
+            (tmp_path / entry.name).symlink_to(entry)
+    return tmp_path
 
 
 @pytest.mark.parametrize(
@@ -214,15 +231,30 @@ def _python(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess
     ],
     ids=["manage.py", "wsgi", "celery"],
 )
-def test_an_entry_point_without_a_settings_module_refuses_to_start_on_defaults(entry_point):
-    # given a process started with no DJANGO_SETTINGS_MODULE and none of production's secrets
+def test_an_entry_point_without_a_settings_module_refuses_to_start_on_defaults(entry_point, production_host):
+    # given a process on a production host started with no DJANGO_SETTINGS_MODULE and none of
+    # production's secrets
     env = {"PATH": os.environ.get("PATH", "")}
     # when
-    result = _python(entry_point, env)
+    result = _python(entry_point, env, cwd=production_host)
     # then it is production's settings that load, and they refuse: no quiet development defaults
     assert result.returncode != 0, result.stdout
     assert "ImproperlyConfigured" in result.stderr, result.stderr[-2000:]
     assert "SECRET_KEY" in result.stderr
+
+
+def test_manage_py_in_a_checkout_with_its_embedded_stack_runs_on_the_local_settings():
+    # given this checkout, whose embedded stack (.run/pg) `make test` has made, and an
+    # environment that names no settings (SPEC 2: `.venv/bin/python manage.py create_merchant NAME`)
+    assert os.path.lexists(REPO / ".run" / "pg")
+    probe = "from django.conf import settings; print(settings.SETTINGS_MODULE)"
+    env = {"PATH": os.environ.get("PATH", "")}
+    # when, then: the local settings (those of `make run` and `make up`)
+    local = _python(["manage.py", "shell", "-c", probe], env)
+    assert local.stdout.split()[-1:] == ["config.settings.local"], local.stderr[-2000:]
+    # but an environment that holds a SECRET_KEY is a production one, and stays production
+    production = _python(["manage.py", "shell", "-c", probe], _production_env(DJANGO_SETTINGS_MODULE=None))
+    assert production.stdout.split()[-1:] == ["config.settings.production"], production.stderr[-2000:]
 
 
 @pytest.mark.parametrize(
