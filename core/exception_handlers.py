@@ -1,5 +1,6 @@
 """The API layer's errors: one JSON shape for every error, {"error": {"code", "message", "fields"}}
-(SPEC 3), and the one place domain errors (core/errors.py) become HTTP statuses."""
+(SPEC 3; `fields` is {} when no one field is at fault), and the one place domain errors
+(core/errors.py) become HTTP statuses."""
 
 import logging
 
@@ -9,6 +10,7 @@ from rest_framework import exceptions, status
 from rest_framework.response import Response
 
 from core.errors import Conflict, DomainError, InvalidRequest, NotFound, Unprocessable
+from core.http_codes import error_body
 from core.middleware import error_response
 
 logger = logging.getLogger(__name__)
@@ -74,7 +76,7 @@ def api_exception_handler(exc, context) -> Response | None:
         # say so with a 503 rather than a 500 that reads as a bug.
         logger.warning("api.database_unavailable", extra={"error": repr(exc)})
         response = Response(
-            {"error": {"code": "service_unavailable", "message": "Temporarily unavailable; retry shortly."}},
+            error_body("service_unavailable", "Temporarily unavailable; retry shortly."),
             status=status.HTTP_503_SERVICE_UNAVAILABLE,
         )
         response["Retry-After"] = "1"
@@ -86,10 +88,7 @@ def api_exception_handler(exc, context) -> Response | None:
         )
         exc = ApiError(http_status, exc.code, exc.message, exc.fields)
     if isinstance(exc, ApiError):
-        body = {"error": {"code": exc.code, "message": exc.message}}
-        if exc.fields:
-            body["error"]["fields"] = exc.fields
-        return Response(_safe(body), status=exc.status_code)
+        return Response(_safe(error_body(exc.code, exc.message, exc.fields)), status=exc.status_code)
     from rest_framework.views import exception_handler  # late: rest_framework.views imports our auth
 
     response = exception_handler(exc, context)
@@ -101,13 +100,13 @@ def api_exception_handler(exc, context) -> Response | None:
         if isinstance(detail, dict):
             non_field = detail.get("non_field_errors")
             message = str(non_field[0]) if non_field else "The request is not valid."
-            body = {"error": {"code": code, "message": message, "fields": _flatten(detail)}}
+            body = error_body(code, message, _flatten(detail))
         else:
             items = _flatten(detail)
             message = items[0] if isinstance(items, list) and items else str(items)
-            body = {"error": {"code": code, "message": message}}
+            body = error_body(code, message)
     else:
-        body = {"error": {"code": code, "message": str(exc.detail)}}
+        body = error_body(code, str(exc.detail))
     if response.status_code == status.HTTP_401_UNAUTHORIZED:
         response["WWW-Authenticate"] = 'Bearer realm="api"'
     response.data = _safe(body)

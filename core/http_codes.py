@@ -2,6 +2,12 @@
 `{"error": {"code", ...}}`), shared by Django's middleware and the web server's own answers
 (core/http_server.py, which runs before Django is set up: this module imports nothing)."""
 
+
+def error_body(code: str, message: str, fields: dict | None = None) -> dict:
+    """SPEC 3's error object: `fields` always present, empty when no one field is at fault."""
+    return {"error": {"code": code, "message": message, "fields": fields or {}}}
+
+
 ERROR_CODES = {
     400: "bad_request",
     401: "unauthorized",

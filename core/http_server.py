@@ -16,8 +16,8 @@ proxy (README, "Deployment").
 
 JSON error answers. A request gunicorn cannot parse (a request line over its limit, a malformed
 header, a transfer coding it does not know) never reaches Django: gunicorn answers it itself, in
-HTML. `install()` makes those answers the same `{"error": {"code", "message"}}` as every other
-error of the API (SPEC 3), and answers a transfer coding it does not know with 400 rather than
+HTML. `install()` makes those answers the same `{"error": {"code", "message", "fields"}}` as every
+other error of the API (SPEC 3), and answers a transfer coding it does not know with 400 rather than
 501: the fault is the client's, and no input may earn a 5xx.
 """
 
@@ -34,7 +34,7 @@ from http import HTTPStatus
 from gunicorn import util
 from gunicorn.workers import gthread
 
-from core.http_codes import ERROR_CODES
+from core.http_codes import ERROR_CODES, error_body
 
 READ_SECONDS = float(os.environ.get("WEB_REQUEST_READ_SECONDS") or 10)
 SEND_SECONDS = float(os.environ.get("WEB_RESPONSE_SEND_SECONDS") or 30)
@@ -166,7 +166,7 @@ def error_bytes(status: int, reason: str, message: str) -> bytes:
     except ValueError:
         pass
     code = ERROR_CODES.get(status, "bad_request")
-    body = json.dumps({"error": {"code": code, "message": (message or reason)[:_MESSAGE_LIMIT]}}).encode()
+    body = json.dumps(error_body(code, (message or reason)[:_MESSAGE_LIMIT])).encode()
     head = (
         f"HTTP/1.1 {status} {reason}\r\n"
         "Connection: close\r\n"

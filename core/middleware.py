@@ -10,7 +10,7 @@ from django.core.handlers.wsgi import LimitedStream
 from django.http import HttpRequest, HttpResponse, JsonResponse, UnreadablePostError
 from django.urls import Resolver404, resolve
 
-from core.http_codes import ERROR_CODES
+from core.http_codes import ERROR_CODES, error_body
 from core.logging import new_request_id, request_id_var
 from core.ratelimit import window_count
 
@@ -37,10 +37,7 @@ class RequestIdMiddleware:
 
 
 def error_response(status: int, code: str, message: str, fields: dict | None = None) -> JsonResponse:
-    body = {"error": {"code": code, "message": message}}
-    if fields:
-        body["error"]["fields"] = fields
-    return JsonResponse(body, status=status)
+    return JsonResponse(error_body(code, message, fields), status=status)
 
 
 class BodySizeLimitMiddleware:

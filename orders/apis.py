@@ -35,7 +35,7 @@ ErrorSerializer = inline_serializer(
             fields={
                 "code": serializers.CharField(),
                 "message": serializers.CharField(),
-                "fields": serializers.DictField(required=False),
+                "fields": serializers.DictField(help_text="The fields at fault and why; {} when none is."),
             },
         )
     },

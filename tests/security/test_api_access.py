@@ -133,7 +133,7 @@ def test_another_merchants_order_is_404_everywhere_and_never_listed(order_of_a):
         response = b.get(path)
         # then: as if it did not exist, and nothing of it in the answer
         assert response.status_code == 404
-        assert response.json() == {"error": {"code": "not_found", "message": "No such order."}}
+        assert response.json() == {"error": {"code": "not_found", "message": "No such order.", "fields": {}}}
     for query in ("", "?reference=inv-1", f"?status={order['status']}"):
         response = b.get(f"{ORDERS}{query}")
         assert response.status_code == 200

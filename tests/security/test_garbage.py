@@ -301,7 +301,13 @@ def _problem(response, api: bool) -> str | None:
                 f"{response.status_code} not JSON: {response.get('Content-Type')} {response.content[:100]!r}"
             )
         error = json.loads(response.content).get("error")
-        if not isinstance(error, dict) or not error.get("code") or not error.get("message"):
+        # SPEC 3: {"error": {"code", "message", "fields"}}, `fields` an object even when empty
+        if (
+            not isinstance(error, dict)
+            or not error.get("code")
+            or not error.get("message")
+            or not isinstance(error.get("fields"), dict)
+        ):
             return f"{response.status_code} not the error shape: {response.content[:200]!r}"
     return None
 
