@@ -242,18 +242,28 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-def _claimed_channel(body: bytes) -> tuple[dict, str]:
-    """The unverified body and the channel it claims to come from; `MalformedWebhook` if unreadable."""
+def _claimed_channel(body: bytes) -> tuple[dict | None, str]:
+    """The body, parsed as we store it (None when only a lenient parse reads it: NaN, an infinity,
+    a number out of range), and the channel it claims to come from, unverified.
+
+    A body that names no channel cannot have its signature checked (the secret is the channel's),
+    so it is refused as unverifiable, `InvalidWebhook` (401, SPEC 5), never as malformed: only a
+    body whose signature has verified is judged for its shape (`MalformedWebhook`, 400).
+    """
     try:
-        # NaN and infinities are not JSON, and PostgreSQL's jsonb would refuse them when stored.
-        unverified = json.loads(body.decode("utf-8"), parse_float=_finite, parse_constant=_no_constant)
+        text = body.decode("utf-8")
+        try:
+            # NaN and infinities are not JSON, and PostgreSQL's jsonb would refuse them when stored.
+            strict = lenient = json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+        except ValueError:
+            strict, lenient = None, json.loads(text)
     except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested too deep
-        raise MalformedWebhook("body is not JSON") from exc
-    data = unverified.get("data") if isinstance(unverified, dict) else None
+        raise InvalidWebhook("body is not JSON: no channel to verify it for") from exc
+    data = lenient.get("data") if isinstance(lenient, dict) else None
     code = data.get("channel") if isinstance(data, dict) else None
     if not isinstance(code, str) or not _CHANNEL_CODE.fullmatch(code):
-        raise MalformedWebhook("body has no `data.channel`")
-    return unverified, code
+        raise InvalidWebhook("body has no `data.channel`: no channel to verify it for")
+    return strict, code
 
 
 class SandboxAdapter(ProviderAdapter):
@@ -407,6 +417,8 @@ class SandboxAdapter(ProviderAdapter):
         except (WebhookVerificationError, EmptyWebhookSecretError, ValueError, TypeError) as exc:
             # ValueError covers malformed signature lists and bad base64 (binascii.Error).
             raise InvalidWebhook(str(exc) or exc.__class__.__name__) from exc
+        if unverified is None:
+            raise MalformedWebhook("body holds NaN, an infinity or a number out of range")
         return _verified_event(unverified, channel_code, headers)
 
 

@@ -233,7 +233,7 @@ _GARBAGE_BODIES = {
 
 
 @pytest.mark.parametrize("name", list(_GARBAGE_BODIES))
-def test_an_unreadable_webhook_body_is_a_400_before_any_query(
+def test_a_webhook_body_that_names_no_channel_is_a_401_before_any_query(
     processing_order, redis_client, django_assert_num_queries, name
 ):
     body = _GARBAGE_BODIES[name]
@@ -241,9 +241,34 @@ def test_an_unreadable_webhook_body_is_a_400_before_any_query(
     # when: not even the channel table is read for a body that cannot name a channel
     with django_assert_num_queries(0):
         response = APIClient().post(URL, body, content_type="application/json", **headers)
+    # then its signature cannot be checked against any channel's secret: a bad signature (SPEC 5),
+    # whatever else is wrong with the body
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_signature"
+    assert_nothing_changed(processing_order, redis_client)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"type": "charge.succeeded", "order_id": "%(order)s", "status": "paid"}',
+        '{"event": "payment.paid", "data": {"order_id": "%(order)s"}}',
+        '{"type": "charge.paid", "data": {"channel": "sandbox-a", "order_id": "%(order)s"}}',
+    ],
+    ids=["no-data", "data-without-channel", "names-a-channel"],
+)
+def test_a_webhook_with_a_bad_signature_is_a_401_whatever_shape_its_body_has(
+    processing_order, redis_client, body
+):
+    # given an event as someone who has not read our sandbox's format might write it, and a
+    # signature made with a secret that is not the channel's
+    body = body % {"order": processing_order.pk}
+    headers = signed_headers(body, secret="whsec_" + base64.b64encode(b"not the channel's").decode())
+    # when
+    response = post(body, headers)
     # then
-    assert response.status_code == 400
-    assert response.json()["error"]["code"] == "invalid_body"
+    assert response.status_code == 401, response.content
+    assert response.json()["error"]["code"] == "invalid_signature"
     assert_nothing_changed(processing_order, redis_client)
 
 
