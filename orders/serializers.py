@@ -171,7 +171,8 @@ class OrderCreateSerializer(ClosedSerializer):
 
     def validate_currency(self, value: str) -> str:
         code = value.upper()
-        if not code.isalpha() or pycountry.currencies.get(alpha_3=code) is None:
+        # ASCII first: str.upper() makes "USD" of "u\u017fd" (a long s) and "INR" of "\u0131nr"
+        if not value.isascii() or not code.isalpha() or pycountry.currencies.get(alpha_3=code) is None:
             raise serializers.ValidationError("Not an ISO 4217 currency code.")
         return code
 

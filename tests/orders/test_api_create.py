@@ -208,8 +208,37 @@ def test_missing_amount_is_rejected(api):
 
 @pytest.mark.parametrize(
     "currency",
-    ["XYZ", "US", "USDD", 12, "", None, "U$D", " USD", "usd\n", True],
-    ids=["unknown", "short", "long", "number", "empty", "null", "symbol", "space", "newline", "bool"],
+    [
+        "XYZ",
+        "US",
+        "USDD",
+        12,
+        "",
+        None,
+        "U$D",
+        " USD",
+        "usd\n",
+        True,
+        "u\u017fd",
+        "\u0131nr",
+        "\uff35\uff33\uff24",
+    ],
+    ids=[
+        "unknown",
+        "short",
+        "long",
+        "number",
+        "empty",
+        "null",
+        "symbol",
+        "space",
+        "newline",
+        "bool",
+        # letters that upper-case into ASCII (long s, dotless i) and full-width letters
+        "long-s",
+        "dotless-i",
+        "full-width",
+    ],
 )
 def test_bad_currency_is_rejected(api, currency):
     response = _post(api, _body(currency=currency))
