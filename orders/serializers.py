@@ -230,7 +230,17 @@ class RefundCreateSchema(OrderCreateSchema):
     target_class = RefundCreateSerializer
 
 
+class _BlankIsNullUrlField(serializers.URLField):
+    """A URL column whose "" means none: answered as null, like every other absent value."""
+
+    def to_representation(self, value: str) -> str | None:
+        return value or None
+
+
 class OrderSerializer(serializers.ModelSerializer):
+    # "" in the row when neither the order nor its merchant has one (SPEC 6: completes at once)
+    callback_url = _BlankIsNullUrlField(read_only=True, allow_null=True)
+
     class Meta:
         model = Order
         fields = (

@@ -132,6 +132,19 @@ def test_callback_url_defaults_to_the_merchants(db):
     assert Order.objects.get().callback_url == "https://merchant.example/default-hook"
 
 
+def test_no_callback_url_anywhere_is_null_not_an_empty_string(db):
+    # given a merchant without a callback URL, and an order that names none
+    creds = make_merchant(callback_url="")
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {creds.api_key}")
+    # when
+    response = _post(client, _body())
+    # then the order says it has none, as it says of every absent value
+    assert response.status_code == 201, response.content
+    assert response.json()["callback_url"] is None
+    assert client.get(f"{URL}/{response.json()['id']}").json()["callback_url"] is None
+
+
 def test_explicit_callback_url_wins_over_the_merchants(api):
     response = _post(api, _body(callback_url="https://merchant.example/own"))
 
