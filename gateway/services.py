@@ -175,6 +175,27 @@ def order_charge(*, order_id) -> TransitionResult | None:
     return _charge_record(order=order, channel=channel, attempt=attempt, result=result)
 
 
+def _charge_answer_late(*, order: Order, attempt: ChargeAttempt, result: ChargeResult) -> None:
+    """The charge's answer came back to an attempt that no longer waits for it.
+
+    Settled (paid or failed): the provider's webhook or a poll told us first, as when the request
+    timed out after the charge was made (SPEC 5, row 62) - expected, and the attempt keeps that
+    word. Refused: another copy recorded a refusal of this very attempt while the provider
+    accepted it here - never expected (the lease keeps copies apart), so shown loudly.
+    """
+    status = ChargeAttempt.objects.filter(pk=attempt.pk).values_list("status", flat=True).first()
+    extra = {
+        "order_id": str(order.pk),
+        "channel": attempt.channel,
+        "attempt_status": status,
+        "outcome": result.outcome.value,
+    }
+    if status == A.REJECTED:
+        logger.error("charge.answer_conflict", extra=extra)
+    else:
+        logger.info("charge.answer_after_settlement", extra=extra)
+
+
 def _charge_record(
     *, order: Order, channel: PaymentChannel, attempt: ChargeAttempt, result: ChargeResult
 ) -> TransitionResult:
@@ -219,12 +240,7 @@ def _charge_record(
                     ],
                 )
                 if cursor.rowcount == 0:
-                    # Another copy recorded a refusal of this very attempt while the provider
-                    # accepted it here: never expected (the lease keeps copies apart), shown loudly.
-                    logger.error(
-                        "charge.answer_conflict",
-                        extra={"order_id": str(order.pk), "channel": attempt.channel},
-                    )
+                    _charge_answer_late(order=order, attempt=attempt, result=result)
         reason = (
             f"outcome unknown at {attempt.channel} ({result.error}); waiting for webhook or poll"
             if unknown

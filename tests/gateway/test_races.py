@@ -247,3 +247,31 @@ def test_an_allocation_that_finds_no_room_does_not_fail_the_order_a_racing_copy_
         ("pending", "assigned")
     ]
     assert _reserved("tight") == AMOUNT
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_timeout_answered_after_the_webhook_settled_the_charge_is_no_alarm(gated, caplog):
+    """SPEC row 62: the charge request times out, but the charge is made and its webhook arrives
+    while the request is still waiting. The attempt then holds the provider's word before the
+    timeout comes back; that is the expected order of things, not a conflict of copies."""
+    # given a charge whose call stays inside the provider, which will answer "unknown" (a timeout)
+    ChannelFactory(code="stub-1", provider="stub", priority=1)
+    gated.answers["stub-1"] = ChargeOutcome.UNKNOWN
+    order = assigned_order("stub-1")
+    _reserve(order, "stub-1")
+    y, y_result = _in_thread(services.order_charge, order_id=order.pk)
+    assert gated.entered.wait(30)
+    # when the provider's paid webhook is confirmed meanwhile, and the timeout then comes back
+    services.order_confirm(
+        order_id=order.pk, idempotency_key=f"{order.pk}:stub-1", status="paid", source="webhook"
+    )
+    with caplog.at_level("INFO", logger="gateway.services"):
+        gated.release.set()
+        y.join(30)
+    # then the order is paid, the attempt keeps the provider's word, and no error is logged
+    assert not isinstance(y_result[0], BaseException), y_result
+    assert Order.objects.get(pk=order.pk).outcome == "paid"
+    assert ChargeAttempt.objects.get(order=order).status == ChargeAttempt.Status.PAID
+    events = [(record.levelname, record.getMessage()) for record in caplog.records]
+    assert ("INFO", "charge.answer_after_settlement") in events, events
+    assert not [record for record in caplog.records if record.levelno >= 40], events
