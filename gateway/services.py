@@ -212,7 +212,7 @@ def _charge_record(
                 )
                 if refused_here:
                     channel_release(channel_code=attempt.channel, amount=order.amount, day=order.reserved_on)
-        if refused_here:
+        if refused_here and not result.request_refused:
             channel_record_failure(channel_code=attempt.channel)
         refused_by = tuple(
             ChargeAttempt.objects.filter(order_id=order.pk, status=A.REJECTED).values_list(

@@ -32,9 +32,13 @@ class StubProvider(base.ProviderAdapter):
     def charge(self, *, channel, request):
         with self.lock:
             self.calls.append(request.idempotency_key)
-            outcome = self.answers.get(channel.code, ChargeOutcome.ACCEPTED)
+            # an outcome, or a whole ChargeResult to answer as it is
+            answer = self.answers.get(channel.code, ChargeOutcome.ACCEPTED)
+            outcome = answer.outcome if isinstance(answer, ChargeResult) else answer
             if outcome != ChargeOutcome.REJECTED:
                 self.charges.add(request.idempotency_key)
+        if isinstance(answer, ChargeResult):
+            return answer
         return ChargeResult(outcome, provider_reference=f"ch_{request.idempotency_key}", http_status=201)
 
     def fetch_status(self, *, channel, idempotency_key, provider_reference=""):

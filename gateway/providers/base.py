@@ -23,6 +23,10 @@ class ChargeResult:
     # how it ended: "paid" or "failed" (with the provider's failure code); "" when it comes later.
     status: str = ""
     failure_code: str = ""
+    # A REJECTED charge refused for what the request carries (the payer's payment method, the
+    # order's amount), not for the channel's health: the circuit breaker does not count it, so
+    # one merchant's bad tokens cannot close a channel to every merchant (SPEC 4, 9).
+    request_refused: bool = False
 
 
 @dataclass(frozen=True)

@@ -205,7 +205,14 @@ def sort_stripe_error(exc: stripe.StripeError) -> ChargeResult:
         if reference:  # an intent exists: the request got as far as making one
             return ChargeResult(ChargeOutcome.UNKNOWN, http_status=status, error=code or f"http {status}")
         label = code or {401: "authentication_error", 403: "permission_error"}.get(status, "invalid_request")
-        return ChargeResult(ChargeOutcome.REJECTED, http_status=status, error=label)
+        # A key refused (401, 403) is the channel's fault; an invalid request (400, 404: no such
+        # payment method, an amount below the minimum) is the order's.
+        return ChargeResult(
+            ChargeOutcome.REJECTED,
+            http_status=status,
+            error=label,
+            request_refused=isinstance(exc, stripe.InvalidRequestError),
+        )
     # RateLimitError (429), APIError (409, 5xx, an answer that is not Stripe's JSON), anything else.
     return ChargeResult(ChargeOutcome.UNKNOWN, http_status=status, error=code or f"http {status}")
 

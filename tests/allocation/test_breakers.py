@@ -15,7 +15,7 @@ from allocation.services import (
     order_allocate,
 )
 from gateway import services
-from gateway.providers.base import ChargeOutcome
+from gateway.providers.base import ChargeOutcome, ChargeResult
 from orders.models import Order, OrderTransition
 from tests.factories import ChannelFactory, OrderFactory, make_merchant
 from tests.stub_provider import assigned_order
@@ -173,3 +173,31 @@ def test_a_refused_order_waits_for_a_cooling_channel_then_fails_over_to_it(break
     assert (order.status, order.channel) == ("processing", "stub-2")
     assert stub.charges == {f"{order.pk}:stub-2"}
     assert stub.calls.count(f"{order.pk}:stub-1") == 1
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("refusal", "opens"),
+    [
+        (
+            ChargeResult(
+                ChargeOutcome.REJECTED, http_status=404, error="resource_missing", request_refused=True
+            ),
+            False,
+        ),
+        (ChargeResult(ChargeOutcome.REJECTED, http_status=401, error="authentication_error"), True),
+    ],
+    ids=["the-requests-fault", "the-channels-fault"],
+)
+def test_only_refusals_that_are_the_channels_fault_open_its_breaker(breaker, stub, refusal, opens):
+    # given stub-1 refuses every charge, as told; stub-2 takes what it refuses
+    ChannelFactory(code="stub-1", provider="stub", priority=1)
+    ChannelFactory(code="stub-2", provider="stub", priority=2)
+    stub.answers["stub-1"] = refusal
+    # when more orders than the threshold are refused by it
+    orders = [assigned_order("stub-1") for _ in range(breaker.CIRCUIT_FAILURE_THRESHOLD + 2)]
+    for order in orders:
+        services.order_charge(order_id=order.pk)
+    # then each failed over to stub-2 either way, and stub-1's breaker opened only for its own fault
+    assert {Order.objects.get(pk=order.pk).channel for order in orders} == {"stub-2"}
+    assert (PaymentChannel.objects.get(code="stub-1").circuit_open_until is not None) is opens

@@ -208,6 +208,21 @@ def test_each_library_error_class_maps_onto_one_outcome(error, outcome):
     assert sort_stripe_error(error).outcome == outcome
 
 
+@pytest.mark.parametrize(
+    ("error", "request_refused"),
+    [
+        (_error(stripe.InvalidRequestError, 400, "error_no_such_payment_method"), True),
+        (_error(stripe.AuthenticationError, 401, "error_invalid_api_key"), False),
+        (_error(stripe.PermissionError, 403, "error_permission"), False),
+    ],
+    ids=["no-such-payment-method", "invalid-api-key", "key-without-permission"],
+)
+def test_a_refusal_of_the_requests_payment_method_is_not_the_channels_fault(error, request_refused):
+    # the circuit breaker counts only what says something about the channel (SPEC 4)
+    result = sort_stripe_error(error)
+    assert (result.outcome, result.request_refused) == (REJECTED, request_refused)
+
+
 def test_status_is_asked_by_payment_intent_id(adapter, peers):
     peer = peers(answer(200, recorded("payment_intent_succeeded")))
     status = adapter.fetch_status(
