@@ -198,7 +198,7 @@ class PaymentChannelAdmin(ReadOnlyAdmin):
                         f"{name.replace('_', ' ')} {credential_hint(getattr(channel, name + '_encrypted'))}"
                         for name in changed
                     )
-                    self.message_user(request, f"{channel.code}: {hints}.", messages.SUCCESS)
+                    self.message_user(request, f"Channel {channel.code}: {hints}.", messages.SUCCESS)
                 else:
                     self.message_user(request, "Nothing to change: both fields were empty.", messages.INFO)
                 return HttpResponseRedirect(

@@ -177,6 +177,7 @@ class OrderAdmin(ReadOnlyAdmin):
     )
     readonly_fields = (
         "amount_display",
+        "amount_refunded_display",
         "status_display",
         "payment_method_display",
         "metadata_display",
@@ -199,7 +200,7 @@ class OrderAdmin(ReadOnlyAdmin):
             "merchant",
             "reference",
             "amount_display",
-            "amount_refunded",
+            "amount_refunded_display",
             "status_display",
             "outcome",
             "channel",
@@ -229,6 +230,11 @@ class OrderAdmin(ReadOnlyAdmin):
     @admin.display(description="amount", ordering="amount")
     def amount_display(self, obj: Order) -> str:
         return money_format(amount=obj.amount, currency=obj.currency)
+
+    @admin.display(description="amount refunded")
+    def amount_refunded_display(self, obj: Order) -> str:
+        # in the amount's own terms ("25.00 USD"), not in minor units beside it
+        return money_format(amount=obj.amount_refunded, currency=obj.currency)
 
     @admin.display(description="status", ordering="status")
     def status_display(self, obj: Order) -> str:
@@ -360,7 +366,7 @@ class OrderAdmin(ReadOnlyAdmin):
             if order.status != OrderStatus.PROCESSING:
                 self.message_user(
                     request,
-                    f"{order.reference}: {order.status}, nothing to ask the provider.",
+                    f"Order {order.reference}: {order.status}, nothing to ask the provider.",
                     messages.WARNING,
                 )
                 continue
@@ -375,7 +381,9 @@ class OrderAdmin(ReadOnlyAdmin):
             )
             level = messages.SUCCESS if now != OrderStatus.PROCESSING else messages.INFO
             detail = "provider had no final answer yet" if now == OrderStatus.PROCESSING else f"now {now}"
-            self.message_user(request, f"{order.reference}: re-queried, {detail}.", level)
+            # Not led by the reference: the admin's template capitalises a message's first letter,
+            # and a reference pasted from "Ab-1" into the exact-match search would find nothing.
+            self.message_user(request, f"Order {order.reference}: re-queried, {detail}.", level)
         return self._back_to_order(request, queryset)
 
 

@@ -204,7 +204,8 @@ def test_requery_asks_the_provider_and_applies_its_answer(operator, make_order, 
     assert order.transitions.order_by("-id").first().reason == "provider says paid via status poll"
     assert fake_provider.status_queries == [f"{order.pk}:fake-a"]
     html = response.content.decode()
-    assert "re-queried, now paid" in html
+    # led by a word, not the reference, which the admin's template would capitalise
+    assert f"Order {order.reference}: re-queried, now paid" in html
     assert "nothing to ask the provider" in html
     assert LogEntry.objects.get(object_id=str(order.pk)).user == admin_user
     assert Order.objects.get(pk=untouched.pk).status == OrderStatus.PENDING

@@ -7,6 +7,7 @@ import pytest
 from django.contrib.admin.models import LogEntry
 
 from orders.models import Order, OrderStatus, Refund
+from orders.transitions import refund_transition
 
 pytestmark = pytest.mark.django_db
 
@@ -79,3 +80,16 @@ def test_dashboard_and_metrics_count_refunds(operator, make_order, client):
     metrics = client.get("/metrics").content.decode()
     assert 'refunds{status="pending"} 1.0' in metrics
     assert "refunded_amount" in metrics
+
+
+def test_the_orders_page_shows_the_amount_refunded_in_the_amounts_own_terms(operator, make_order):
+    # given a paid order of 10.50 USD of which 2.50 were refunded
+    order = make_order(OrderStatus.PAID)
+    _refund(operator, order, amount="250")
+    refund = Refund.objects.get(order=order)
+    refund_transition(refund_id=refund.pk, to="processing", seen_status="pending", reason="test")
+    refund_transition(refund_id=refund.pk, to="succeeded", seen_status="processing", reason="test")
+    # when
+    page = _page(operator, order).content.decode()
+    # then it reads as the amount beside it does, not in minor units
+    assert re.search(r"Amount refunded:</label>\s*<div[^>]*>2\.50 USD</div>", page), page
