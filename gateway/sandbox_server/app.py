@@ -214,8 +214,20 @@ def _read_json(environ: dict[str, Any]) -> Any:
     raw = environ["wsgi.input"].read(length) if length > 0 else b""
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise ApiError(400, "invalid_json", "body is not valid JSON") from exc
+
+
+def _storable(value: str, name: str) -> str:
+    """`value`, if PostgreSQL can store it as text: no NUL, no lone surrogate (JSON allows both)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    else:
+        if "\x00" not in value:
+            return value
+    raise ApiError(400, "invalid_request", f"`{name}` holds a NUL or an unpaired surrogate")
 
 
 def _text_field(body: dict[str, Any], name: str, max_length: int = MAX_FIELD_LENGTH) -> str:
@@ -224,7 +236,7 @@ def _text_field(body: dict[str, Any], name: str, max_length: int = MAX_FIELD_LEN
         raise ApiError(400, "invalid_request", f"`{name}` must be a non-empty string")
     if len(value) > max_length:
         raise ApiError(400, "invalid_request", f"`{name}` is too long")
-    return value
+    return _storable(value, name)
 
 
 def parse_charge_request(environ: dict[str, Any]) -> ChargeRequest:
@@ -234,6 +246,7 @@ def parse_charge_request(environ: dict[str, Any]) -> ChargeRequest:
         raise ApiError(400, "missing_idempotency_key", "the Idempotency-Key header is required")
     if len(key) > MAX_KEY_LENGTH:
         raise ApiError(400, "invalid_request", "Idempotency-Key is too long")
+    _storable(key, "Idempotency-Key")
     body = _read_json(environ)
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_request", "body must be a JSON object")
@@ -253,6 +266,8 @@ def parse_charge_request(environ: dict[str, Any]) -> ChargeRequest:
         or len(webhook_url) > MAX_URL_LENGTH
     ):
         raise ApiError(400, "invalid_request", "`webhook_url` must be an http(s) URL")
+    if webhook_url is not None:
+        _storable(webhook_url, "webhook_url")
     return ChargeRequest(key, channel, order_id, amount, currency.upper(), webhook_url)
 
 
@@ -339,7 +354,7 @@ def create_charge(environ: dict[str, Any]) -> tuple[int, Any]:
 
 def _query_param(environ: dict[str, Any], name: str) -> str | None:
     values = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True).get(name)
-    return values[0] if values else None
+    return _storable(values[0], name) if values else None
 
 
 def get_charge(environ: dict[str, Any]) -> tuple[int, Any]:
@@ -419,6 +434,7 @@ def parse_refund_request(environ: dict[str, Any]) -> RefundRequest:
         raise ApiError(400, "missing_idempotency_key", "the Idempotency-Key header is required")
     if len(key) > MAX_KEY_LENGTH:
         raise ApiError(400, "invalid_request", "Idempotency-Key is too long")
+    _storable(key, "Idempotency-Key")
     body = _read_json(environ)
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_request", "body must be a JSON object")
@@ -433,6 +449,8 @@ def parse_refund_request(environ: dict[str, Any]) -> RefundRequest:
         or len(webhook_url) > MAX_URL_LENGTH
     ):
         raise ApiError(400, "invalid_request", "`webhook_url` must be an http(s) URL")
+    if webhook_url is not None:
+        _storable(webhook_url, "webhook_url")
     return RefundRequest(key, charge_key, amount, webhook_url)
 
 

@@ -157,6 +157,49 @@ def test_bad_input_is_400_and_charges_nothing(
     assert sandbox.ledger(order_id) == []
 
 
+_GARBAGE_QUERIES = [
+    "/sandbox/charges?order=%00",
+    "/sandbox/refunds?order=%00",
+    "/v1/charges?idempotency_key=%00",
+    "/v1/refunds?idempotency_key=%00",
+    "/sandbox/charges?order=%ED%A0%80",
+    "/sandbox/charges?order=" + "x" * 3000,
+]
+
+
+@pytest.mark.parametrize("path", _GARBAGE_QUERIES, ids=range(len(_GARBAGE_QUERIES)))
+def test_a_query_the_database_cannot_hold_is_a_400_or_nothing_found(sandbox: Sandbox, path: str) -> None:
+    # PostgreSQL text cannot hold a NUL: such a query never reaches it
+    response = sandbox.session.get(sandbox.url(path), timeout=5)
+
+    assert response.status_code in (200, 400, 404), response.text
+    assert response.headers["Content-Type"] == "application/json"
+
+
+_GARBAGE_BODIES = {
+    "nested-5000-deep": "[" * 5000,
+    "nul-in-order-id": '{"amount": 100, "currency": "USD", "order_id": "a\\u0000b", "channel": "sandbox-a"}',
+    "lone-surrogate-in-channel": '{"amount": 100, "currency": "USD", "order_id": "o", "channel": "\\ud800"}',
+    "nul-in-webhook-url": '{"amount": 100, "currency": "USD", "order_id": "o", "channel": "sandbox-a",'
+    ' "webhook_url": "http://x/\\u0000"}',
+    "nul-in-charge-key": '{"amount": 100, "charge_idempotency_key": "k\\u0000"}',
+}
+
+
+@pytest.mark.parametrize("path", ["/v1/charges", "/v1/refunds"])
+@pytest.mark.parametrize("name", list(_GARBAGE_BODIES))
+def test_a_body_the_database_cannot_hold_is_a_400(sandbox: Sandbox, path: str, name: str) -> None:
+    response = sandbox.session.post(
+        sandbox.url(path),
+        data=_GARBAGE_BODIES[name],
+        headers={"Idempotency-Key": new_id("key"), "Content-Type": "application/json"},
+        timeout=5,
+    )
+
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] in ("invalid_json", "invalid_request")
+
+
 # --- outcomes by amount ---------------------------------------------------------------------------------
 
 
