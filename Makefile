@@ -22,10 +22,9 @@ seed: migrate
 	@$(PY) manage.py seed_sandbox
 	@$(PY) manage.py seed_demo_merchant
 
-run: seed
-	@echo "Starting web :8000, sandbox :8001, workers, beat (Ctrl-C stops all)"
-	@rm -rf .run/prometheus
-	.venv/bin/honcho -f Procfile start
+# Services, migrations and seeds are the script's own steps: it must know which servers it started.
+run: .venv/.installed
+	scripts/run.sh
 
 up: seed
 	@scripts/stack.sh up

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Owns the embedded PostgreSQL and Redis under .run/: install (Debian packages), init, start, stop.
-# Usage: scripts/services.sh {ensure|ensure-test|start|stop|status}
+# Usage: scripts/services.sh {ensure|ensure-test|start|stop|stop-pg|stop-redis|status}
 # (ensure-test: also installs rabbitmq-server, which tests/scale runs a node of)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -106,17 +106,24 @@ start_redis() {
   fi
 }
 
-stop_all() {
+stop_pg() {
   local bin; bin=$(pg_bindir)
   if [ -n "$bin" ] && pg_running; then as_pg "$bin/pg_ctl" -D "$(pg_home)/pg" -m fast -w stop >/dev/null || true; fi
+}
+
+stop_redis() {
   if redis_running; then redis-cli -h 127.0.0.1 -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true; fi
 }
+
+stop_all() { stop_pg; stop_redis; }
 
 case "${1:-ensure}" in
   ensure) ensure_packages; start_pg; start_redis ;;
   ensure-test) ensure_packages test; start_pg; start_redis ;;
   start) start_pg; start_redis ;;
   stop) stop_all ;;
+  stop-pg) stop_pg ;;
+  stop-redis) stop_redis ;;
   status) pg_running && echo "postgres: up" || echo "postgres: down"; redis_running && echo "redis: up" || echo "redis: down" ;;
   *) echo "usage: $0 {ensure|ensure-test|start|stop|status}" >&2; exit 2 ;;
 esac

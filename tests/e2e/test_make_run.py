@@ -1,0 +1,104 @@
+"""`make run` (SPEC 2): the whole stack in the foreground, and Ctrl-C stops all of it, the
+PostgreSQL and Redis servers it started included.
+
+Run in a copy of this checkout (links to everything but `.run/`, so its servers and data are its
+own) with every port moved off the defaults, so neither a developer's stack nor the test servers
+are touched. About half a minute: a fresh cluster, migrations, seeds, then the stack.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+_BASE = int(os.environ.get("RUN_PORT_BASE", "18600"))
+PORTS = {
+    "web": _BASE,
+    "sandbox": _BASE + 1,
+    "localstripe": _BASE + 2,
+    "postgres": _BASE + 3,
+    "redis": _BASE + 4,
+}
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture
+def checkout(tmp_path) -> Path:
+    copy = tmp_path / "checkout"
+    copy.mkdir()
+    for entry in ROOT.iterdir():
+        if entry.name not in (".run", ".git"):
+            (copy / entry.name).symlink_to(entry)
+    return copy
+
+
+def test_ctrl_c_on_make_run_stops_all_of_it(checkout):
+    # given nothing of this stack is running
+    busy = [name for name, port in PORTS.items() if _listening(port)]
+    assert not busy, f"ports of this test already in use: {busy}"
+    web, pg, redis_port = PORTS["web"], PORTS["postgres"], PORTS["redis"]
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.local",
+        "PG_PORT": str(pg),
+        "REDIS_PORT": str(redis_port),
+        "DATABASE_URL": f"postgres://payments@127.0.0.1:{pg}/payments",
+        "SANDBOX_DATABASE_URL": f"postgres://payments@127.0.0.1:{pg}/sandbox",
+        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "WEB_BIND": f"127.0.0.1:{web}",
+        "SANDBOX_BIND": f"127.0.0.1:{PORTS['sandbox']}",
+        "SANDBOX_URL": f"http://127.0.0.1:{PORTS['sandbox']}",
+        "LOCALSTRIPE_BIND": f"127.0.0.1:{PORTS['localstripe']}",
+        "LOCALSTRIPE_URL": f"http://127.0.0.1:{PORTS['localstripe']}",
+        "PUBLIC_BASE_URL": f"http://127.0.0.1:{web}",
+        "WEB_WORKERS": "1",
+    }
+    for name in ("CELERY_BROKER_URL", "CACHE_URL", "TEST_REDIS_URL", "PROMETHEUS_MULTIPROC_DIR"):
+        env.pop(name, None)
+    log = (checkout / "run.log").open("wb")
+    # when `make run` has brought the stack up (its own process group: the terminal's, for Ctrl-C)
+    run = subprocess.Popen(
+        ["make", "run"], cwd=checkout, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and run.poll() is None:
+            try:
+                if requests.get(f"http://127.0.0.1:{web}/readyz", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        assert run.poll() is None, (checkout / "run.log").read_text()[-3000:]
+        up = {name for name, port in PORTS.items() if _listening(port)}
+        assert up == set(PORTS), f"not up: {set(PORTS) - up}\n" + (checkout / "run.log").read_text()[-3000:]
+        # and Ctrl-C reaches its process group
+        os.killpg(run.pid, signal.SIGINT)
+        run.wait(timeout=90)
+        # then nothing of it is left listening: the app processes, PostgreSQL and Redis
+        left = [name for name, port in PORTS.items() if _listening(port)]
+        assert left == [], (
+            f"still listening after Ctrl-C: {left}\n" + (checkout / "run.log").read_text()[-2000:]
+        )
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+        # whatever the outcome, this copy's servers go, and its cluster with them (as root it lives
+        # under postgres's home, `.run/pg` a link to it: the test's directory is closed to postgres)
+        subprocess.run(["scripts/services.sh", "stop"], cwd=checkout, env=env, check=False, timeout=60)
+        log.close()
+        cluster = checkout / ".run" / "pg"
+        if cluster.is_symlink():
+            shutil.rmtree(cluster.resolve().parent, ignore_errors=True)
