@@ -484,6 +484,23 @@ def test_nan_is_rejected(api):
     _assert_rejected(_post_raw(api, b'{"amount": NaN, "currency": "USD", "reference": "r"}'))
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"amount": 1, "amount": 100000, "currency": "USD", "reference": "r"}',
+        b'{"amount": 1050, "currency": "USD", "reference": "r", "metadata": {"k": "a", "k": "b"}}',
+    ],
+    ids=["top-level", "nested"],
+)
+def test_a_key_given_twice_is_refused_not_read_one_way(api, raw):
+    # which of the two a parser keeps is the parser's choice: a proxy may read the first, Python the last
+    error = _assert_rejected(_post_raw(api, raw))
+
+    assert error["code"] == "malformed_json"
+    assert "more than once" in error["message"]
+    assert Order.objects.count() == 0
+
+
 def test_deeply_nested_json_is_a_400_not_a_500(api):
     response = _post_raw(api, "[" * 5000 + "]" * 5000)
 
