@@ -119,30 +119,24 @@ def test_lower_case_currency_is_accepted_and_returned_upper_case(api):
     assert Order.objects.get().currency == "EUR"
 
 
-def test_callback_url_defaults_to_the_merchants(db):
-    # given
-    creds = make_merchant(callback_url="https://merchant.example/default-hook")
+@pytest.mark.parametrize(
+    ("merchants", "shown"),
+    [("https://merchant.example/default-hook", "https://merchant.example/default-hook"), ("", None)],
+    ids=["the-merchants", "none-anywhere-is-null"],
+)
+def test_an_order_that_names_no_callback_url_takes_its_merchants(db, merchants, shown):
+    # given a merchant with a callback URL or without one (then the order has none: null, as every
+    # absent value is, not an empty string)
+    creds = make_merchant(callback_url=merchants)
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {creds.api_key}")
     # when
     response = _post(client, _body())
     # then
     assert response.status_code == 201, response.content
-    assert response.json()["callback_url"] == "https://merchant.example/default-hook"
-    assert Order.objects.get().callback_url == "https://merchant.example/default-hook"
-
-
-def test_no_callback_url_anywhere_is_null_not_an_empty_string(db):
-    # given a merchant without a callback URL, and an order that names none
-    creds = make_merchant(callback_url="")
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {creds.api_key}")
-    # when
-    response = _post(client, _body())
-    # then the order says it has none, as it says of every absent value
-    assert response.status_code == 201, response.content
-    assert response.json()["callback_url"] is None
-    assert client.get(f"{URL}/{response.json()['id']}").json()["callback_url"] is None
+    assert response.json()["callback_url"] == shown
+    assert client.get(f"{URL}/{response.json()['id']}").json()["callback_url"] == shown
+    assert Order.objects.get().callback_url == merchants
 
 
 def test_explicit_callback_url_wins_over_the_merchants(api):
