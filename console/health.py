@@ -7,6 +7,28 @@ from django.http import HttpRequest, JsonResponse
 from core.redis import get_redis
 
 
+class ProbesMiddleware:
+    """GET or HEAD /healthz, /readyz and /metrics answer before Django looks at the Host header.
+
+    Load balancers, orchestrators and Prometheus reach each web process by its address
+    (`Host: 10.0.3.7:8000`), which is not a host the API serves (ALLOWED_HOSTS); Django would refuse
+    them with a 400 before any view. The probes build no URL from the Host, so it does not matter to
+    them. First in MIDDLEWARE; every other path goes through the whole chain.
+    """
+
+    def __init__(self, get_response) -> None:
+        from console.metrics import metrics_view  # late: the metrics module registers collectors
+
+        self.get_response = get_response
+        self.probes = {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics_view}
+
+    def __call__(self, request: HttpRequest):
+        probe = self.probes.get(request.path_info)
+        if probe is not None and request.method in ("GET", "HEAD"):
+            return probe(request)
+        return self.get_response(request)
+
+
 def healthz(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok"})
 

@@ -5,6 +5,8 @@ process started without DJANGO_SETTINGS_MODULE refuses to start here instead of 
 on the local settings; the Makefile, scripts/stack.sh and the tests name their module.
 """
 
+from urllib.parse import urlsplit
+
 from cryptography.fernet import Fernet
 from django.core.exceptions import ImproperlyConfigured
 
@@ -33,6 +35,9 @@ DEBUG = False
 # Part of every charge request (the provider's webhook address), stored with the attempt before
 # the first send: it must be the same public address on every host, so it has no default here.
 PUBLIC_BASE_URL = env("PUBLIC_BASE_URL")
+# The host merchants and providers reach (PUBLIC_BASE_URL's) unless told otherwise; a request for
+# another Host is a 400. The probes answer any Host (console/health.py ProbesMiddleware).
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=[urlsplit(PUBLIC_BASE_URL).hostname or ""])
 # Every sandbox channel's webhook secret derives from this one; the public default would let
 # anyone sign webhooks that settle charges.
 SANDBOX_SECRET = env("SANDBOX_SECRET")

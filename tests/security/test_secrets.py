@@ -283,7 +283,7 @@ _HTTPS_PROBE = """
 import json, django
 django.setup()
 from django.test import Client
-client = Client()
+client = Client(HTTP_HOST="pay.example")  # PUBLIC_BASE_URL's host
 answers = {}
 for name, kwargs in (
     ("http", {}),
@@ -296,6 +296,13 @@ r = client.get("/healthz")
 answers["healthz"] = [r.status_code, None, None]
 answers["metrics"] = client.get("/metrics").status_code
 answers["metrics_with_token"] = client.get("/metrics", HTTP_AUTHORIZATION="Bearer metrics-token-1").status_code
+# a load balancer's and Prometheus's Host: the node's address
+node = {"HTTP_HOST": "10.0.3.7:8000"}
+answers["node_healthz"] = client.get("/healthz", **node).status_code
+answers["node_readyz"] = client.get("/readyz", **node).status_code
+answers["node_metrics"] = client.get("/metrics", HTTP_AUTHORIZATION="Bearer metrics-token-1", **node).status_code
+answers["node_api"] = client.get("/api/v1/orders", secure=True, **node).status_code
+answers["foreign_api"] = client.get("/api/v1/orders", secure=True, HTTP_HOST="evil.example").status_code
 r = client.get("/admin/login/", secure=True)
 answers["csrf_cookie_secure"] = bool(r.cookies["csrftoken"]["secure"])
 print(json.dumps(answers))
@@ -309,8 +316,8 @@ def test_production_serves_https_only_and_trusts_x_forwarded_proto_only_when_con
     assert result.returncode == 0, result.stderr[-3000:]
     answers = json.loads(result.stdout.strip().splitlines()[-1])
     # then plain HTTP is redirected to HTTPS, even when the client claims HTTPS itself
-    assert answers["http"][:2] == [301, "https://testserver/api/v1/orders"]
-    assert answers["http_claiming_https"][:2] == [301, "https://testserver/api/v1/orders"]
+    assert answers["http"][:2] == [301, "https://pay.example/api/v1/orders"]
+    assert answers["http_claiming_https"][:2] == [301, "https://pay.example/api/v1/orders"]
     # and over HTTPS the API answers, with HSTS, and cookies are HTTPS-only
     assert answers["https"][0] == 401
     assert "max-age=31536000" in answers["https"][2]
@@ -319,6 +326,10 @@ def test_production_serves_https_only_and_trusts_x_forwarded_proto_only_when_con
     assert answers["healthz"][0] == 200
     assert answers["metrics"] == 401
     assert answers["metrics_with_token"] == 200
+    # and they answer whatever Host a load balancer or Prometheus sends (its node's address), while
+    # the API serves only PUBLIC_BASE_URL's host when ALLOWED_HOSTS is not set
+    assert (answers["node_healthz"], answers["node_readyz"], answers["node_metrics"]) == (200, 200, 200)
+    assert (answers["node_api"], answers["foreign_api"]) == (400, 400)
 
     # given a proxy of ours that sets X-Forwarded-Proto
     result = _python(["-c", _HTTPS_PROBE], _production_env(TRUST_X_FORWARDED_PROTO="true"))
