@@ -406,6 +406,17 @@ def channel_credentials_set(
     return sorted(name.removesuffix("_encrypted") for name in changes)
 
 
+def channel_create(*, channel: PaymentChannel) -> PaymentChannel:
+    """Operator action: a new channel (validated by the console's form); allocation takes it at once.
+
+    Its API key and webhook secret are set afterwards, encrypted (channel_credentials_set).
+    """
+    channel.save()
+    channel_cache_clear()
+    logger.info("channel.created", extra={"channel": channel.code, "provider": channel.provider})
+    return channel
+
+
 def channel_set_enabled(*, channel: PaymentChannel, enabled: bool) -> None:
     PaymentChannel.objects.filter(pk=channel.pk).update(enabled=enabled)
     logger.info("channel.enabled_changed", extra={"channel": channel.code, "enabled": enabled})

@@ -23,11 +23,14 @@ from allocation.selectors import channel_recent_volume, channels_with_volume, cr
 from allocation.services import (
     InvalidCredential,
     channel_circuit_close,
+    channel_create,
     channel_credentials_set,
     channel_set_enabled,
 )
 from console.adminkit import ReadOnlyAdmin, audit
+from gateway.providers.base import provider_names
 from gateway.selectors import ChannelResults, charge_results_by_channel
+from orders.serializers import CURRENCY_CODES
 
 SUCCESS_WINDOW = timedelta(hours=1)
 
@@ -96,6 +99,62 @@ class CredentialsForm(forms.Form):
     )
 
 
+class ChannelAddForm(forms.ModelForm):
+    """A new channel (`allocation.add_paymentchannel`). Once made, a channel changes only through
+    the list's actions and its credentials page; its API key and webhook secret are set there."""
+
+    provider = forms.ChoiceField(choices=())
+    api_base = forms.URLField(
+        max_length=500,
+        required=False,
+        assume_scheme="https",
+        help_text="Empty: the provider's default (Stripe: STRIPE_API_BASE).",
+    )
+
+    class Meta:
+        model = PaymentChannel
+        fields = (
+            "code",
+            "provider",
+            "currencies",
+            "min_amount",
+            "max_amount",
+            "fee_bps",
+            "fee_fixed",
+            "priority",
+            "weight",
+            "daily_cap",
+            "enabled",
+            "api_base",
+        )
+        help_texts = {"currencies": "ISO 4217 codes, comma-separated: USD,EUR."}
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["provider"].choices = [(name, name) for name in provider_names()]
+
+    def clean_currencies(self) -> list[str]:
+        codes = [code.strip().upper() for code in self.cleaned_data["currencies"]]
+        unknown = [code for code in codes if not code.isascii() or code not in _CURRENCIES]
+        if unknown:
+            raise forms.ValidationError(f"Not ISO 4217 codes: {', '.join(unknown)}.")
+        if not codes or len(set(codes)) != len(codes):
+            raise forms.ValidationError("At least one currency, each once.")
+        return codes
+
+    def clean(self):
+        data = super().clean()
+        low, high = data.get("min_amount"), data.get("max_amount")
+        if low is not None and low < 1:
+            self.add_error("min_amount", "At least 1.")
+        if low is not None and high is not None and high < low:
+            self.add_error("max_amount", "Not below the minimum.")
+        return data
+
+
+_CURRENCIES = frozenset(CURRENCY_CODES)
+
+
 @admin.register(PaymentChannel)
 class PaymentChannelAdmin(ReadOnlyAdmin):
     list_display = (
@@ -147,6 +206,26 @@ class PaymentChannelAdmin(ReadOnlyAdmin):
 
     def get_queryset(self, request):
         return channels_with_volume(day=timezone.now().date())
+
+    # Adding is the one change made through a form; the rest are actions and the credentials page.
+    def has_add_permission(self, request, obj=None) -> bool:
+        return request.user.has_perm("allocation.add_paymentchannel")
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        if obj is None:
+            kwargs["form"] = ChannelAddForm
+        return super().get_form(request, obj, change=change, **kwargs)
+
+    def get_fields(self, request, obj=None):
+        return ChannelAddForm.Meta.fields if obj is None else self.fields
+
+    def get_readonly_fields(self, request, obj=None):
+        return () if obj is None else self.readonly_fields
+
+    def save_model(self, request, obj, form, change) -> None:
+        if change:  # no change permission: Django never gets here for an existing channel
+            raise PermissionDenied
+        channel_create(channel=obj)
 
     def get_urls(self):
         view = self.admin_site.admin_view(self.credentials_view)

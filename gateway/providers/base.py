@@ -139,3 +139,8 @@ def register(adapter: ProviderAdapter) -> None:
 
 def get_adapter(name: str) -> ProviderAdapter | None:
     return _adapters.get(name)
+
+
+def provider_names() -> list[str]:
+    """The providers a channel can name: those with an adapter."""
+    return sorted(_adapters)

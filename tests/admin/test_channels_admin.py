@@ -119,3 +119,70 @@ def test_search_and_the_read_only_channel_page(operator):
     assert "gAAAA-secret-ciphertext" not in html and "webhook_secret_encrypted" not in html
     assert "Last 14 days" in html and "no volume yet" in html
     assert operator.post(f"{LIST}{off.pk}/change/", {"enabled": "on"}).status_code == 403
+
+
+ADD = f"{LIST}add/"
+STRIPE_CHANNEL = {
+    "code": "stripe-live",
+    "provider": "stripe",
+    "currencies": "usd, EUR",
+    "min_amount": "50",
+    "max_amount": "",
+    "fee_bps": "290",
+    "fee_fixed": "30",
+    "priority": "1",
+    "weight": "1",
+    "daily_cap": "",
+    "enabled": "on",
+    "api_base": "",
+}
+
+
+def test_an_operator_adds_a_channel_then_sets_its_credentials(operator):
+    # when a channel is added from the console (README: a live Stripe channel)
+    response = operator.post(ADD, STRIPE_CHANNEL)
+    # then it exists as given, currencies in upper case, and the addition is in its history
+    assert response.status_code == 302, response.content.decode()[-2000:]
+    channel = PaymentChannel.objects.get(code="stripe-live")
+    assert (channel.provider, channel.currencies, channel.min_amount, channel.max_amount) == (
+        "stripe",
+        ["USD", "EUR"],
+        50,
+        None,
+    )
+    assert (channel.fee_bps, channel.fee_fixed, channel.enabled, channel.api_base) == (290, 30, True, "")
+    assert LogEntry.objects.filter(object_id=str(channel.pk), action_flag=1).exists()
+    # and its credentials page takes its key and secret
+    page = operator.get(f"{LIST}{channel.pk}/credentials/")
+    assert page.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("currencies", "ZZZ"),
+        ("currencies", "USD,usd"),
+        ("currencies", ""),
+        ("provider", "nope"),
+        ("code", "not a slug"),
+        ("min_amount", "0"),
+        ("max_amount", "10"),  # below min_amount 50
+        ("api_base", "not a url"),
+    ],
+)
+def test_a_channel_the_form_cannot_take_is_refused_and_nothing_is_made(operator, field, value):
+    response = operator.post(ADD, {**STRIPE_CHANNEL, field: value})
+
+    assert response.status_code == 200  # the form again, with its error
+    assert response.context["adminform"].form.errors.get(field), response.context["adminform"].form.errors
+    assert not PaymentChannel.objects.filter(code=STRIPE_CHANNEL["code"]).exists()
+
+
+def test_only_an_operator_with_the_add_permission_adds_a_channel(staff):
+    viewer = staff("allocation.view_paymentchannel", "allocation.manage_paymentchannel")
+    assert viewer.get(ADD).status_code == 403
+    assert viewer.post(ADD, STRIPE_CHANNEL).status_code == 403
+    assert not PaymentChannel.objects.filter(code="stripe-live").exists()
+    adder = staff("allocation.view_paymentchannel", "allocation.add_paymentchannel")
+    assert adder.post(ADD, STRIPE_CHANNEL).status_code == 302
+    assert PaymentChannel.objects.filter(code="stripe-live").exists()
