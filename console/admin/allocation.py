@@ -99,6 +99,23 @@ class CredentialsForm(forms.Form):
     )
 
 
+# What an operator gives a new channel, in the order its page shows them.
+_SETTABLE = (
+    "code",
+    "provider",
+    "currencies",
+    "min_amount",
+    "max_amount",
+    "fee_bps",
+    "fee_fixed",
+    "priority",
+    "weight",
+    "daily_cap",
+    "enabled",
+    "api_base",
+)
+
+
 class ChannelAddForm(forms.ModelForm):
     """A new channel (`allocation.add_paymentchannel`). Once made, a channel changes only through
     the list's actions and its credentials page; its API key and webhook secret are set there."""
@@ -113,20 +130,7 @@ class ChannelAddForm(forms.ModelForm):
 
     class Meta:
         model = PaymentChannel
-        fields = (
-            "code",
-            "provider",
-            "currencies",
-            "min_amount",
-            "max_amount",
-            "fee_bps",
-            "fee_fixed",
-            "priority",
-            "weight",
-            "daily_cap",
-            "enabled",
-            "api_base",
-        )
+        fields = _SETTABLE
         help_texts = {"currencies": "ISO 4217 codes, comma-separated: USD,EUR."}
 
     def __init__(self, *args, **kwargs) -> None:
@@ -174,18 +178,7 @@ class PaymentChannelAdmin(ReadOnlyAdmin):
     show_facets = admin.ShowFacets.NEVER
     actions = ("enable", "disable", "close_circuit")
     fields = (
-        "code",
-        "provider",
-        "currencies_display",
-        "min_amount",
-        "max_amount",
-        "fee_bps",
-        "fee_fixed",
-        "priority",
-        "weight",
-        "daily_cap",
-        "enabled",
-        "api_base",
+        *("currencies_display" if name == "currencies" else name for name in _SETTABLE),
         "credentials",
         "today_volume",
         "today_orders",
