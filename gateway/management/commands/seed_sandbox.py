@@ -95,5 +95,5 @@ class Command(BaseCommand):
         self.stdout.write(
             f"registered webhook endpoint {url} at localstripe"
             if registered
-            else f"localstripe not reachable at {settings.LOCALSTRIPE_URL}: it registers {url} when it starts"
+            else f"localstripe is not running yet: it registers {url} itself when it starts"
         )
