@@ -136,6 +136,12 @@ class OrderListCreateApi(APIView):
         request=OrderCreateSerializer,
         parameters=[IDEMPOTENCY_KEY_PARAMETER],
         responses={201: OrderSerializer, **ERRORS},
+        description="Take a payment order (SPEC 3). The same Idempotency-Key with the same body answers"
+        " the first 201 again, with the header `Idempotent-Replayed: true`, and makes no second order;"
+        " with another body: `idempotency_key_reused` (422); while the first is still in flight:"
+        " `idempotency_key_in_use` (409). A `reference` already used with another key:"
+        " `duplicate_reference` (409). The order then moves on by itself: poll it, or wait for the"
+        " signed callback.",
     )
     def post(self, request):
         key = _idempotency_key(request)
