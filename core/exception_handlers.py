@@ -6,6 +6,7 @@ import logging
 
 from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, JsonResponse
+from django.urls import Resolver404, resolve
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 
@@ -114,7 +115,21 @@ def api_exception_handler(exc, context) -> Response | None:
 
 
 def handler404(request: HttpRequest, exception=None) -> JsonResponse:
+    path = request.path
+    if path.startswith("/api/v1/") and path.endswith("/") and _resolves(path.rstrip("/")):
+        # DRF's own routers end paths with "/", ours do not (SPEC 3): say so rather than "not found"
+        return error_response(
+            404, "not_found", f"No such path: API paths have no trailing slash ({path.rstrip('/')[:200]})."
+        )
     return error_response(404, "not_found", "The requested resource was not found.")
+
+
+def _resolves(path: str) -> bool:
+    try:
+        resolve(path)
+    except Resolver404:
+        return False
+    return True
 
 
 def handler500(request: HttpRequest) -> JsonResponse:

@@ -26,12 +26,13 @@ def _create(client, **overrides):
     return response.json()
 
 
-def _assert_error(response, status: int, code: str) -> None:
+def _assert_error(response, status: int, code: str) -> dict:
     assert response.status_code == status, response.content
     assert response["Content-Type"].startswith("application/json")
     error = response.json()["error"]
     assert error["code"] == code
     assert isinstance(error["message"], str) and error["message"]
+    return error
 
 
 # --- detail -------------------------------------------------------------------------------
@@ -161,6 +162,23 @@ def test_unsupported_method_is_a_json_405(api, method, path):
 @pytest.mark.parametrize("path", ["/nope", "/api/v1/nope", "/api/v1/orders/", "/api/v2/orders"])
 def test_unknown_url_is_a_json_404(api, path):
     _assert_error(api.get(path), 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    ("path", "hint"),
+    [
+        ("/api/v1/orders/", "/api/v1/orders"),
+        ("/api/v1/orders/01a22a48-b737-786c-a84c-0b2d41ca6738/events/", "/api/v1/orders/01a22a48-"),
+        ("/api/v1/nope/", None),
+    ],
+)
+def test_a_trailing_slash_on_an_api_path_is_a_404_that_says_so(api, path, hint):
+    error = _assert_error(api.get(path), 404, "not_found")
+
+    if hint:
+        assert "no trailing slash" in error["message"] and hint in error["message"]
+    else:
+        assert "trailing slash" not in error["message"]
 
 
 # --- list ---------------------------------------------------------------------------------
