@@ -105,12 +105,19 @@ def _error_code(data: Any) -> str:
     return _token(error.get("code"), 64) if isinstance(error, dict) else ""
 
 
+def declared_length(response: requests.Response) -> int | None:
+    """The answer's Content-Length, when it is a number: ASCII digits only (str.isdigit() also says
+    yes to "²", which int() refuses); anything else declares nothing and the read stays bounded."""
+    declared = response.headers.get("Content-Length", "")
+    return int(declared) if declared.isascii() and declared.isdigit() else None
+
+
 def _read_json(response: requests.Response) -> Any:
     """The answer's JSON, or None when it is not JSON; `_Unreadable` past the size or time bound."""
     # The read timeout applies per socket read; a body dripped a byte at a time is cut off here.
     deadline = time.monotonic() + settings.GATEWAY_READ_TIMEOUT
-    declared = response.headers.get("Content-Length", "")
-    if declared.isascii() and declared.isdigit() and int(declared) > MAX_ANSWER_BYTES:
+    declared = declared_length(response)
+    if declared is not None and declared > MAX_ANSWER_BYTES:
         raise _Unreadable(f"answer of {declared} bytes")
     chunks, size = [], 0
     try:

@@ -50,7 +50,14 @@ from gateway.providers.base import (
     WebhookEvent,
     register,
 )
-from gateway.providers.sandbox import _finite, _never_sent, _no_constant, _payload_storable, _token
+from gateway.providers.sandbox import (
+    _finite,
+    _never_sent,
+    _no_constant,
+    _payload_storable,
+    _token,
+    declared_length,
+)
 from gateway.selectors import channel_of_refund, provider_reference_of_charge, provider_reference_of_refund
 
 logger = logging.getLogger(__name__)
@@ -115,10 +122,10 @@ class _BoundedSession(requests.Session):
         kwargs["stream"] = True
         response = super().request(method, url, **kwargs)
         deadline = time.monotonic() + settings.GATEWAY_READ_TIMEOUT
-        declared = response.headers.get("Content-Length", "")
+        declared = declared_length(response)
         chunks, size = [], 0
         try:
-            if declared.isascii() and declared.isdigit() and int(declared) > MAX_ANSWER_BYTES:
+            if declared is not None and declared > MAX_ANSWER_BYTES:
                 raise _AnswerUnreadable(f"answer of {declared} bytes")
             while chunk := response.raw.read1(_CHUNK_BYTES, decode_content=True):
                 size += len(chunk)
