@@ -51,6 +51,16 @@ class StrictCharField(serializers.CharField):
 # case is accepted too (SPEC 3), which an enum cannot say, so clients and fuzzers read a narrower
 # rule than the API applies, never a wider one.
 CURRENCY_CODES = sorted(currency.alpha_3 for currency in pycountry.currencies)
+_CURRENCY_CODES = frozenset(CURRENCY_CODES)
+
+
+def iso_currency(value: str) -> str | None:
+    """The ISO 4217 code `value` names in any case, upper-cased; None if it names none.
+
+    ASCII first: str.upper() makes "USD" of "u\u017fd" (a long s) and "INR" of "\u0131nr".
+    """
+    code = value.upper()
+    return code if value.isascii() and code in _CURRENCY_CODES else None
 
 
 @extend_schema_field(
@@ -170,9 +180,8 @@ class OrderCreateSerializer(ClosedSerializer):
     )
 
     def validate_currency(self, value: str) -> str:
-        code = value.upper()
-        # ASCII first: str.upper() makes "USD" of "u\u017fd" (a long s) and "INR" of "\u0131nr"
-        if not value.isascii() or not code.isalpha() or pycountry.currencies.get(alpha_3=code) is None:
+        code = iso_currency(value)
+        if code is None:
             raise serializers.ValidationError("Not an ISO 4217 currency code.")
         return code
 

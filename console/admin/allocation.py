@@ -30,7 +30,7 @@ from allocation.services import (
 from console.adminkit import ReadOnlyAdmin, audit
 from gateway.providers.base import provider_names
 from gateway.selectors import ChannelResults, charge_results_by_channel
-from orders.serializers import CURRENCY_CODES
+from orders.serializers import iso_currency
 
 SUCCESS_WINDOW = timedelta(hours=1)
 
@@ -138,8 +138,9 @@ class ChannelAddForm(forms.ModelForm):
         self.fields["provider"].choices = [(name, name) for name in provider_names()]
 
     def clean_currencies(self) -> list[str]:
-        codes = [code.strip().upper() for code in self.cleaned_data["currencies"]]
-        unknown = [code for code in codes if not code.isascii() or code not in _CURRENCIES]
+        given = [value.strip() for value in self.cleaned_data["currencies"]]
+        codes = [iso_currency(value) for value in given]
+        unknown = [value for value, code in zip(given, codes, strict=True) if code is None]
         if unknown:
             raise forms.ValidationError(f"Not ISO 4217 codes: {', '.join(unknown)}.")
         if not codes or len(set(codes)) != len(codes):
@@ -154,9 +155,6 @@ class ChannelAddForm(forms.ModelForm):
         if low is not None and high is not None and high < low:
             self.add_error("max_amount", "Not below the minimum.")
         return data
-
-
-_CURRENCIES = frozenset(CURRENCY_CODES)
 
 
 @admin.register(PaymentChannel)
