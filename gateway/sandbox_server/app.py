@@ -220,13 +220,12 @@ def _read_json(environ: dict[str, Any]) -> Any:
 
 def _storable(value: str, name: str) -> str:
     """`value`, if PostgreSQL can store it as text: no NUL, no lone surrogate (JSON allows both)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        pass
-    else:
-        if "\x00" not in value:
+    if "\x00" not in value:
+        try:
+            value.encode("utf-8")
             return value
+        except UnicodeEncodeError:
+            pass
     raise ApiError(400, "invalid_request", f"`{name}` holds a NUL or an unpaired surrogate")
 
 
