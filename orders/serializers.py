@@ -154,7 +154,13 @@ def _field_copy(field: serializers.Field) -> serializers.Field:
 
 
 class ClosedSerializer(serializers.Serializer):
-    """A JSON object body whose unknown fields are refused (SPEC 3), named in `fields`."""
+    """A JSON object body whose unknown fields are refused (SPEC 3), named in `fields`.
+
+    An optional field declared `allow_null` and sent as `null` counts as not sent: the objects we
+    answer say `null` for every absent value, and generated clients send `null` for an unset one.
+    A field where `null` and absence would mean different things (a refund's amount: absent is
+    "everything still refundable") is not declared `allow_null`, and `null` stays a 400.
+    """
 
     def get_fields(self):
         return {name: _field_copy(field) for name, field in self._declared_fields.items()}
@@ -165,18 +171,35 @@ class ClosedSerializer(serializers.Serializer):
         unknown = sorted(set(data) - set(self.fields))
         if unknown:
             raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
-        return super().to_internal_value(data)
+        fields = self.fields
+        return super().to_internal_value(
+            {
+                name: value
+                for name, value in data.items()
+                if value is not None or fields[name].required or not fields[name].allow_null
+            }
+        )
 
 
 class OrderCreateSerializer(ClosedSerializer):
     amount = StrictIntegerField()
     currency = CurrencyField(max_length=3, min_length=3, trim_whitespace=False)
     reference = StrictCharField(max_length=64, min_length=1, trim_whitespace=False, validators=[_printable])
-    callback_url = CallbackUrlField(max_length=2048, required=False, allow_blank=False, trim_whitespace=False)
-    description = StrictCharField(max_length=1000, required=False, allow_blank=True, trim_whitespace=False)
-    metadata = MetadataField(child=StrictCharField(allow_blank=True, trim_whitespace=False), required=False)
+    callback_url = CallbackUrlField(
+        max_length=2048, required=False, allow_null=True, allow_blank=False, trim_whitespace=False
+    )
+    description = StrictCharField(
+        max_length=1000, required=False, allow_null=True, allow_blank=True, trim_whitespace=False
+    )
+    metadata = MetadataField(
+        child=StrictCharField(allow_blank=True, trim_whitespace=False), required=False, allow_null=True
+    )
     payment_method = PaymentMethodField(
-        max_length=payment_methods.MAX_LENGTH, required=False, allow_blank=False, trim_whitespace=False
+        max_length=payment_methods.MAX_LENGTH,
+        required=False,
+        allow_null=True,
+        allow_blank=False,
+        trim_whitespace=False,
     )
 
     def validate_currency(self, value: str) -> str:
@@ -212,11 +235,20 @@ class RefundCreateSerializer(ClosedSerializer):
     """SPEC 10: every field optional; no amount means everything still refundable."""
 
     amount = StrictIntegerField(required=False)
-    reason = StrictCharField(max_length=500, required=False, allow_blank=True, trim_whitespace=False)
-    reference = StrictCharField(
-        max_length=64, min_length=1, required=False, trim_whitespace=False, validators=[_printable]
+    reason = StrictCharField(
+        max_length=500, required=False, allow_null=True, allow_blank=True, trim_whitespace=False
     )
-    metadata = MetadataField(child=StrictCharField(allow_blank=True, trim_whitespace=False), required=False)
+    reference = StrictCharField(
+        max_length=64,
+        min_length=1,
+        required=False,
+        allow_null=True,
+        trim_whitespace=False,
+        validators=[_printable],
+    )
+    metadata = MetadataField(
+        child=StrictCharField(allow_blank=True, trim_whitespace=False), required=False, allow_null=True
+    )
 
     def validate_reference(self, value: str) -> str:
         return _reference_checked(value)

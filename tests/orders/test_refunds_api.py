@@ -151,6 +151,27 @@ def test_bad_input_is_400_and_refunds_nothing(api, merchant_creds, body, field):
 
 
 @pytest.mark.django_db
+def test_null_for_an_optional_field_is_the_field_left_out_but_not_for_the_amount(api, merchant_creds):
+    # given a paid order
+    order = _paid_order(merchant_creds.merchant, amount=1000)
+    # when a refund names its optional fields as null
+    response = _refund(api, order.pk, {"amount": 300, "reason": None, "reference": None, "metadata": None})
+    # then it is the refund without them
+    assert response.status_code == 201, response.content
+    assert {name: response.json()[name] for name in ("amount", "reason", "reference", "metadata")} == {
+        "amount": 300,
+        "reason": None,
+        "reference": None,
+        "metadata": {},
+    }
+    # but a null amount is not read as "everything still refundable", which leaving it out means:
+    # money does not move on a value the client may not have meant
+    error = _error(_refund(api, order.pk, {"amount": None}), 400, "invalid_request")
+    assert "amount" in error["fields"]
+    assert Refund.objects.count() == 1
+
+
+@pytest.mark.django_db
 def test_a_body_that_is_not_an_object_is_400(api, merchant_creds):
     order = _paid_order(merchant_creds.merchant)
     response = api.post(
