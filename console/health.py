@@ -4,6 +4,7 @@ import redis
 from django.db import DatabaseError, connection
 from django.http import HttpRequest, JsonResponse
 
+from core.middleware import error_response
 from core.redis import get_redis
 
 
@@ -13,7 +14,8 @@ class ProbesMiddleware:
     Load balancers, orchestrators and Prometheus reach each web process by its address
     (`Host: 10.0.3.7:8000`), which is not a host the API serves (ALLOWED_HOSTS); Django would refuse
     them with a 400 before any view. The probes build no URL from the Host, so it does not matter to
-    them. First in MIDDLEWARE; every other path goes through the whole chain.
+    them. Any other method is a JSON 405 naming GET and HEAD (not the CSRF page Django would draw
+    for a POST). First in MIDDLEWARE; every other path goes through the whole chain.
     """
 
     def __init__(self, get_response) -> None:
@@ -24,9 +26,13 @@ class ProbesMiddleware:
 
     def __call__(self, request: HttpRequest):
         probe = self.probes.get(request.path_info)
-        if probe is not None and request.method in ("GET", "HEAD"):
+        if probe is None:
+            return self.get_response(request)
+        if request.method in ("GET", "HEAD"):
             return probe(request)
-        return self.get_response(request)
+        response = error_response(405, "method_not_allowed", "Only GET and HEAD are allowed here.")
+        response["Allow"] = "GET, HEAD"
+        return response
 
 
 def healthz(request: HttpRequest) -> JsonResponse:

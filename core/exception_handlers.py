@@ -4,8 +4,9 @@
 
 import logging
 
+from django.core.exceptions import PermissionDenied
 from django.db import InterfaceError, OperationalError
-from django.http import HttpRequest, JsonResponse
+from django.http import Http404, HttpRequest, JsonResponse
 from django.urls import Resolver404, resolve
 from rest_framework import exceptions, status
 from rest_framework.response import Response
@@ -90,6 +91,12 @@ def api_exception_handler(exc, context) -> Response | None:
         exc = ApiError(http_status, exc.code, exc.message, exc.fields)
     if isinstance(exc, ApiError):
         return Response(_safe(error_body(exc.code, exc.message, exc.fields)), status=exc.status_code)
+    # DRF's handler answers Django's own two as its NotFound and PermissionDenied, but reading our
+    # body from the original would find no `detail`: convert first, as it does.
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound()
+    elif isinstance(exc, PermissionDenied):
+        exc = exceptions.PermissionDenied()
     from rest_framework.views import exception_handler  # late: rest_framework.views imports our auth
 
     response = exception_handler(exc, context)

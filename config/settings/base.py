@@ -114,6 +114,7 @@ REST_FRAMEWORK = {
     "DEFAULT_THROTTLE_CLASSES": ["orders.throttling.MerchantKeyRateThrottle"],
     "DEFAULT_PARSER_CLASSES": ["core.parsers.JSONParser"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_CONTENT_NEGOTIATION_CLASS": "core.negotiation.ContentNegotiation",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "core.exception_handlers.api_exception_handler",
     "UNAUTHENTICATED_USER": None,

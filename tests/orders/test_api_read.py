@@ -6,9 +6,12 @@ from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from django.core.exceptions import PermissionDenied
+from django.http import Http404
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from core.exception_handlers import api_exception_handler
 from orders.models import Order, OrderStatus, Outcome
 from orders.transitions import order_transition
 from tests.factories import OrderFactory
@@ -425,6 +428,54 @@ def test_api_docs_page_is_served(client):
 
     assert response.status_code == 200
     assert b"swagger" in response.content.lower()
+
+
+@pytest.mark.parametrize("value", ["xml", "html", "api", "csv", "%00", "x" * 300])
+def test_a_format_no_renderer_has_is_a_406_saying_what_there_is(api, value):
+    # given an order to read and to list
+    order = _create(api)
+    paths = [URL, f"{URL}/{order['id']}", f"{URL}/{order['id']}/events", f"{URL}/{order['id']}/refunds"]
+    # when each is asked for in a format none of its renderers speaks, as are the schema and docs
+    # (the docs page is HTML: `?format=html` is its own)
+    docs = ["/api/docs/"] if value != "html" else []
+    answers = {path: api.get(f"{path}?format={value}") for path in [*paths, "/api/schema/", *docs]}
+    posted = api.post(
+        f"{URL}?format={value}", {**BODY, "reference": "fmt"}, format="json", HTTP_IDEMPOTENCY_KEY="f"
+    )
+    # then each is a 406 in the error shape (DRF's own negotiation raised Http404: a 500), and the
+    # API's say what there is without echoing the value
+    for path, response in [*answers.items(), ("POST", posted)]:
+        error = _assert_error(response, 406, "not_acceptable")
+        assert error["fields"] == {} and value not in error["message"], (path, error)
+        if path.startswith(URL) or path == "POST":
+            assert "answered as" in error["message"], (path, error)
+    assert "json" in answers[URL].json()["error"]["message"]
+    # and the refused create made no order, so the same key then takes the body
+    assert Order.objects.filter(reference="fmt").count() == 0
+    assert (
+        api.post(URL, {**BODY, "reference": "fmt"}, format="json", HTTP_IDEMPOTENCY_KEY="f").status_code
+        == 201
+    )
+    # while the formats that exist still answer
+    assert api.get(f"{URL}?format=json").status_code == 200
+    assert api.get("/api/schema/?format=yaml").status_code == 200
+
+
+def test_djangos_own_404_and_403_raised_in_a_view_are_answered_in_the_error_shape():
+    # (what the unknown format raised before: the handler read a `detail` they do not have)
+    for exc, status, code in [(Http404(), 404, "not_found"), (PermissionDenied(), 403, "forbidden")]:
+        response = api_exception_handler(exc, {})
+        assert response.status_code == status
+        assert response.data["error"]["code"] == code and response.data["error"]["fields"] == {}
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics"])
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "BREW"])
+def test_a_probe_answers_another_method_with_a_json_405(client, path, method):
+    response = client.generic(method, path, b"{}", content_type="application/json")
+
+    _assert_error(response, 405, "method_not_allowed")
+    assert response["Allow"] == "GET, HEAD"
 
 
 def test_healthz(client):
