@@ -22,6 +22,7 @@ from urllib3.exceptions import NewConnectionError
 from allocation.models import PaymentChannel
 from allocation.selectors import channel_by_code
 from core import crypto
+from core.http_deadline import deadline, watched
 from gateway.providers.base import (
     ChargeOutcome,
     ChargeRequest,
@@ -91,6 +92,24 @@ def _never_sent(exc: requests.ConnectionError) -> bool:
     reason = exc.args[0] if exc.args else None
     inner = getattr(reason, "reason", reason)
     return isinstance(inner, (NewConnectionError, ConnectionRefusedError))
+
+
+def exchange_seconds() -> float:
+    """How long one call to a provider may take, all of it: connect, send, status line, headers and
+    body. A peer that drips its answer trips no per-read timeout; this bound is what keeps a worker
+    from waiting on it (and inside the sending lease, gateway/services.py)."""
+    return settings.GATEWAY_CONNECT_TIMEOUT + settings.GATEWAY_READ_TIMEOUT
+
+
+def _failure(exc: Exception | None, watchdog) -> str:
+    if watchdog.expired or exc is None:
+        return f"no whole answer within {exchange_seconds():g} s"
+    return exc.__class__.__name__ if not isinstance(exc, _Unreadable) else str(exc)
+
+
+def _base(channel: PaymentChannel) -> str:
+    """The channel's own API base when an operator set one, else the sandbox's address."""
+    return (channel.api_base or settings.SANDBOX_URL).rstrip("/")
 
 
 def _token(value: Any, max_length: int = 128) -> str:
@@ -291,7 +310,8 @@ class SandboxAdapter(ProviderAdapter):
             session.mount("https://", HTTPAdapter(pool_connections=4, pool_maxsize=32, max_retries=0))
             # Compressed answers could expand past any bound we count in raw bytes.
             session.headers["Accept-Encoding"] = "identity"
-            self._session = session
+            # Each call inside `deadline`: a peer dripping its status line or headers is cut off too.
+            self._session = watched(session)
         return self._session
 
     @property
@@ -307,64 +327,78 @@ class SandboxAdapter(ProviderAdapter):
             "webhook_url": request.webhook_url,
         }
         try:
-            code, data = self._send("/v1/charges", body, request.idempotency_key)
+            code, data = self._send(_base(channel), "/v1/charges", body, request.idempotency_key)
         except _NoAnswer as failed:
             return ChargeResult(failed.outcome, http_status=failed.http_status, error=failed.error)
         return sort_charge_answer(code, data)
 
-    def _send(self, path: str, body: dict, idempotency_key: str) -> tuple[int, Any]:
+    def _send(self, base: str, path: str, body: dict, idempotency_key: str) -> tuple[int, Any]:
         """POST a charge or refund under its idempotency key: (HTTP status, JSON answer or None).
 
         `_NoAnswer` says what is known when no readable answer came back: REJECTED when the request
-        provably never left, UNKNOWN once it may have (a timeout, a cut or oversized answer).
+        provably never left, UNKNOWN once it may have (a timeout, a cut or oversized answer, no
+        whole answer by the exchange's deadline).
         """
-        try:
-            # No redirects: a 307 would send the request somewhere else, a 302 turn it into a GET.
-            response = self.session.post(
-                f"{settings.SANDBOX_URL}{path}",
-                json=body,
-                headers={"Idempotency-Key": idempotency_key},
-                timeout=self._timeout,
-                stream=True,
-                allow_redirects=False,
-            )
-        except requests.ConnectionError as exc:
-            if _never_sent(exc):
-                raise _NoAnswer(ChargeOutcome.REJECTED, f"not sent: {exc.__class__.__name__}") from exc
-            raise _NoAnswer(ChargeOutcome.UNKNOWN, f"after sending: {exc.__class__.__name__}") from exc
-        except (requests.RequestException, http.client.HTTPException, OSError) as exc:
-            # A read timeout, or anything else once the request may have left: maybe made.
-            raise _NoAnswer(ChargeOutcome.UNKNOWN, f"after sending: {exc.__class__.__name__}") from exc
-        with response:
+        with deadline(exchange_seconds()) as watchdog:
             try:
-                return response.status_code, _read_json(response)
-            except _Unreadable as exc:
-                raise _NoAnswer(
-                    ChargeOutcome.UNKNOWN,
-                    f"http {response.status_code}: {exc}",
-                    http_status=response.status_code,
-                ) from exc
+                # No redirects: a 307 would send the request somewhere else, a 302 turn it into a GET.
+                response = self.session.post(
+                    f"{base}{path}",
+                    json=body,
+                    headers={"Idempotency-Key": idempotency_key},
+                    timeout=self._timeout,
+                    stream=True,
+                    allow_redirects=False,
+                )
+            except requests.ConnectionError as exc:
+                if _never_sent(exc):
+                    raise _NoAnswer(ChargeOutcome.REJECTED, f"not sent: {exc.__class__.__name__}") from exc
+                raise _NoAnswer(ChargeOutcome.UNKNOWN, f"after sending: {_failure(exc, watchdog)}") from exc
+            except (requests.RequestException, http.client.HTTPException, OSError) as exc:
+                # A read timeout, or anything else once the request may have left: maybe made.
+                raise _NoAnswer(ChargeOutcome.UNKNOWN, f"after sending: {_failure(exc, watchdog)}") from exc
+            with response:
+                try:
+                    data = _read_json(response)
+                except _Unreadable as exc:
+                    raise _NoAnswer(
+                        ChargeOutcome.UNKNOWN,
+                        f"http {response.status_code}: {_failure(exc, watchdog)}",
+                        http_status=response.status_code,
+                    ) from exc
+        if watchdog.expired:
+            # Cut at the deadline, a head can still parse (its headers end where the cut fell) and
+            # the body read as ended: what was read is not the whole answer.
+            raise _NoAnswer(ChargeOutcome.UNKNOWN, f"after sending: {_failure(None, watchdog)}")
+        return response.status_code, data
 
-    def _status_query(self, *, path: str, idempotency_key: str, what: str, known: frozenset) -> StatusResult:
+    def _status_query(
+        self, *, base: str, path: str, idempotency_key: str, what: str, known: frozenset
+    ) -> StatusResult:
         """GET `path` for the charge or refund under `idempotency_key`; `ProviderError` when the
         provider cannot be reached or read. A status we do not know yet is no outcome: keep
         waiting, never guess."""
-        try:
-            response = self.session.get(
-                f"{settings.SANDBOX_URL}{path}",
-                params={"idempotency_key": idempotency_key},
-                timeout=self._timeout,
-                stream=True,
-                allow_redirects=False,
-            )
-        except (requests.RequestException, http.client.HTTPException, OSError) as exc:
-            raise ProviderError(f"{what} status query failed: {exc.__class__.__name__}") from exc
-        with response:
-            code = response.status_code
+        with deadline(exchange_seconds()) as watchdog:
             try:
-                data = _read_json(response)
-            except _Unreadable as exc:
-                raise ProviderError(f"{what} status answer http {code}: {exc}") from exc
+                response = self.session.get(
+                    f"{base}{path}",
+                    params={"idempotency_key": idempotency_key},
+                    timeout=self._timeout,
+                    stream=True,
+                    allow_redirects=False,
+                )
+            except (requests.RequestException, http.client.HTTPException, OSError) as exc:
+                raise ProviderError(f"{what} status query failed: {_failure(exc, watchdog)}") from exc
+            with response:
+                code = response.status_code
+                try:
+                    data = _read_json(response)
+                except _Unreadable as exc:
+                    raise ProviderError(
+                        f"{what} status answer http {code}: {_failure(exc, watchdog)}"
+                    ) from exc
+        if watchdog.expired:
+            raise ProviderError(f"{what} status answer: {_failure(None, watchdog)}")
         if code == 404 and _error_code(data) == "not_found":
             return StatusResult("not_found")
         if not 200 <= code < 300 or not isinstance(data, dict):
@@ -383,7 +417,11 @@ class SandboxAdapter(ProviderAdapter):
     ) -> StatusResult:
         """The charge's status; `ProviderError` when the provider cannot be reached or read."""
         return self._status_query(
-            path="/v1/charges", idempotency_key=idempotency_key, what="charge", known=_FINAL_OR_PENDING
+            base=_base(channel),
+            path="/v1/charges",
+            idempotency_key=idempotency_key,
+            what="charge",
+            known=_FINAL_OR_PENDING,
         )
 
     def refund(self, *, channel: PaymentChannel, request: RefundRequest) -> RefundResult:
@@ -393,7 +431,7 @@ class SandboxAdapter(ProviderAdapter):
             "webhook_url": request.webhook_url,
         }
         try:
-            code, data = self._send("/v1/refunds", body, request.idempotency_key)
+            code, data = self._send(_base(channel), "/v1/refunds", body, request.idempotency_key)
         except _NoAnswer as failed:
             # Never sent: nothing refunded, so the refund is asked again later on the same channel.
             retry = failed.outcome == ChargeOutcome.REJECTED
@@ -404,7 +442,11 @@ class SandboxAdapter(ProviderAdapter):
 
     def fetch_refund_status(self, *, channel: PaymentChannel, idempotency_key: str) -> StatusResult:
         return self._status_query(
-            path="/v1/refunds", idempotency_key=idempotency_key, what="refund", known=_REFUND_FINAL_OR_PENDING
+            base=_base(channel),
+            path="/v1/refunds",
+            idempotency_key=idempotency_key,
+            what="refund",
+            known=_REFUND_FINAL_OR_PENDING,
         )
 
     def parse_webhook(self, *, body: bytes, headers: dict[str, str]) -> WebhookEvent:

@@ -35,6 +35,7 @@ from django.conf import settings
 from allocation.models import PaymentChannel
 from allocation.selectors import channels_of_provider
 from core import crypto
+from core.http_deadline import deadline, watched
 from gateway.providers.base import (
     ChargeOutcome,
     ChargeRequest,
@@ -57,6 +58,7 @@ from gateway.providers.sandbox import (
     _payload_storable,
     _token,
     declared_length,
+    exchange_seconds,
 )
 from gateway.selectors import channel_of_refund, provider_reference_of_charge, provider_reference_of_refund
 
@@ -107,7 +109,8 @@ class _AnswerUnreadable(requests.RequestException):
 
 class _BoundedSession(requests.Session):
     """A requests session that never follows redirects, never takes compressed answers (they could
-    expand past any bound) and reads at most MAX_ANSWER_BYTES, by a deadline, of any answer.
+    expand past any bound) and reads at most MAX_ANSWER_BYTES of any answer, the whole exchange by
+    one deadline (a peer dripping its status line or headers trips no per-read timeout).
 
     The stripe library reads `response.content` whole and without a bound; this session reads it
     first, so the library only ever sees a bounded body.
@@ -116,12 +119,27 @@ class _BoundedSession(requests.Session):
     def __init__(self) -> None:
         super().__init__()
         self.headers["Accept-Encoding"] = "identity"
+        watched(self)
 
     def request(self, method, url, **kwargs):
         kwargs["allow_redirects"] = False
         kwargs["stream"] = True
+        with deadline(exchange_seconds()) as watchdog:
+            try:
+                response = self._bounded(method, url, **kwargs)
+            except requests.RequestException as exc:
+                if watchdog.expired:
+                    raise _AnswerUnreadable(f"no whole answer within {exchange_seconds():g} s") from exc
+                raise
+        # Cut at the deadline, a head can still parse (its headers end where the cut fell) and the
+        # body read as ended: whatever was read is not the whole answer.
+        if watchdog.expired:
+            raise _AnswerUnreadable(f"no whole answer within {exchange_seconds():g} s")
+        return response
+
+    def _bounded(self, method, url, **kwargs):
         response = super().request(method, url, **kwargs)
-        deadline = time.monotonic() + settings.GATEWAY_READ_TIMEOUT
+        until = time.monotonic() + settings.GATEWAY_READ_TIMEOUT
         declared = declared_length(response)
         chunks, size = [], 0
         try:
@@ -131,7 +149,7 @@ class _BoundedSession(requests.Session):
                 size += len(chunk)
                 if size > MAX_ANSWER_BYTES:
                     raise _AnswerUnreadable(f"answer over {MAX_ANSWER_BYTES} bytes")
-                if time.monotonic() > deadline:
+                if time.monotonic() > until:
                     raise _AnswerUnreadable("answer too slow")
                 chunks.append(chunk)
         except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
@@ -140,6 +158,13 @@ class _BoundedSession(requests.Session):
             response.close()
         response._content = b"".join(chunks)
         return response
+
+
+def _cause(exc: stripe.APIConnectionError) -> str:
+    """What ended a call that got no usable answer: our own bound's words, else the error's class."""
+    if isinstance(exc.__cause__, _AnswerUnreadable):
+        return str(exc.__cause__)[:200]
+    return exc.__cause__.__class__.__name__ if exc.__cause__ else "connection error"
 
 
 def decline_code(error: Any) -> str:
@@ -203,8 +228,7 @@ def sort_stripe_error(exc: stripe.StripeError) -> ChargeResult:
     if isinstance(exc, stripe.APIConnectionError):
         if isinstance(exc.__cause__, requests.ConnectionError) and _never_sent(exc.__cause__):
             return ChargeResult(ChargeOutcome.REJECTED, error=f"not sent: {exc.__cause__.__class__.__name__}")
-        cause = exc.__cause__.__class__.__name__ if exc.__cause__ else "connection error"
-        return ChargeResult(ChargeOutcome.UNKNOWN, error=f"after sending: {cause}")
+        return ChargeResult(ChargeOutcome.UNKNOWN, error=f"after sending: {_cause(exc)}")
     if isinstance(exc, stripe.IdempotencyError):
         # The key was used before with other parameters: the first request may have charged.
         return ChargeResult(ChargeOutcome.UNKNOWN, http_status=status, error="idempotency_error")

@@ -107,6 +107,30 @@ def drip(status: int):
     return script
 
 
+def drip_head(start: bytes):
+    """Answers `start` at once, then the rest of the status line or headers a byte at a time, each
+    byte well inside the read timeout: no per-read timeout ever fires, only a deadline on the whole
+    exchange ends it (the peer gives up after DEADLINE, so a client without one is slow, not hung)."""
+
+    def script(peer: Peer, conn: socket.socket) -> None:
+        peer.read_request(conn)
+        conn.sendall(start)
+        give_up = time.monotonic() + DEADLINE
+        while not peer.done.wait(TIMEOUT / 5) and time.monotonic() < give_up:
+            conn.sendall(b"x")
+
+    return script
+
+
+# A provider dripping the head of its answer: the exchange's deadline cuts it, and says so (before
+# the deadline existed, the call waited as long as the peer dripped: every gateway worker at once).
+HEAD_DRIPS = {
+    "status line dripped": drip_head(b"HTTP/1.1 2"),
+    "headers dripped": drip_head(b"HTTP/1.1 201 Created\r\nX-Slow: "),
+}
+CUT_BY_THE_DEADLINE = "no whole answer within"
+
+
 def endless(status: int):
     """Answers a chunked body that does not end: 8 MiB, then silence with the connection open.
 
@@ -268,6 +292,45 @@ def charge(adapter: SandboxAdapter):
         webhook_url="http://127.0.0.1:8000/api/v1/gateway/webhooks/sandbox",
     )
     return adapter.charge(channel=CHANNEL, request=request)
+
+
+@pytest.mark.parametrize("name", list(HEAD_DRIPS))
+def test_a_charge_answer_dripping_its_head_is_cut_by_the_deadline_and_unknown(adapter, peers, settings, name):
+    request, result = through(peers, settings, HEAD_DRIPS[name], lambda: charge(adapter))
+    assert b"Idempotency-Key: " in request
+    # may have been charged: never a failover, and the error says the exchange ran out of time
+    assert (result.outcome, result.http_status) == (UNKNOWN, None), result
+    assert CUT_BY_THE_DEADLINE in result.error, result
+
+
+@pytest.mark.parametrize("name", list(HEAD_DRIPS))
+def test_a_refund_or_status_answer_dripping_its_head_is_cut_by_the_deadline(adapter, peers, settings, name):
+    _, result = through(peers, settings, HEAD_DRIPS[name], lambda: refund(adapter))
+    assert (result.outcome, result.retry) == (UNKNOWN, False) and CUT_BY_THE_DEADLINE in result.error
+    peer = peers(HEAD_DRIPS[name])
+    settings.SANDBOX_URL = peer.url
+    with pytest.raises(ProviderError, match=CUT_BY_THE_DEADLINE):
+        adapter.fetch_status(channel=CHANNEL, idempotency_key=KEY)
+
+
+def test_a_channel_with_an_api_base_of_its_own_is_called_there(adapter, peers, settings):
+    # given a sandbox channel an operator pointed elsewhere (the console offers it for every
+    # provider), and the default sandbox address pointing at nothing that answers
+    peer = peers(answer(201, '{"id":"ch_1","status":"pending"}'))
+    settings.SANDBOX_URL = "http://127.0.0.1:9"
+    channel = PaymentChannel(code="sandbox-a", provider="sandbox", api_base=peer.url + "/")
+    # when a charge, a status query and a refund go out
+    request = ChargeRequest(
+        order_id="01a22a48-b737-786c-a84c-0b2d41ca6738",
+        amount=1050,
+        currency="USD",
+        idempotency_key=KEY,
+        webhook_url="http://127.0.0.1:8000/api/v1/gateway/webhooks/sandbox",
+    )
+    result = adapter.charge(channel=channel, request=request)
+    # then they reach the channel's own base (before: SANDBOX_URL, whatever the channel said)
+    assert (result.outcome, result.provider_reference) == (ACCEPTED, "ch_1")
+    assert peer.requests[0].startswith(b"POST /v1/charges ")
 
 
 @pytest.mark.parametrize("name", list(ANSWERS))

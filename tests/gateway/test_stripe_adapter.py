@@ -18,7 +18,17 @@ from allocation.models import PaymentChannel
 from core import crypto
 from gateway.providers.base import ChargeOutcome, ChargeRequest, ProviderError
 from gateway.providers.stripe import MAX_ANSWER_BYTES, StripeAdapter, sort_stripe_error
-from tests.gateway.test_adapter_answers import Peer, answer, drip, hang_up, raw, reset, silent
+from tests.gateway.test_adapter_answers import (
+    CUT_BY_THE_DEADLINE,
+    HEAD_DRIPS,
+    Peer,
+    answer,
+    drip,
+    hang_up,
+    raw,
+    reset,
+    silent,
+)
 
 ACCEPTED, REJECTED, UNKNOWN = ChargeOutcome.ACCEPTED, ChargeOutcome.REJECTED, ChargeOutcome.UNKNOWN
 RECORDED = Path(__file__).parent / "stripe_recorded"
@@ -138,6 +148,15 @@ def charge(adapter: StripeAdapter, api_base: str):
         payment_method="pm_card_visa",
     )
     return adapter.charge(channel=channel(api_base), request=request)
+
+
+@pytest.mark.parametrize("name", list(HEAD_DRIPS))
+def test_a_stripe_answer_dripping_its_head_is_cut_by_the_deadline_and_unknown(adapter, peers, name):
+    peer = peers(HEAD_DRIPS[name])
+    result = charge(adapter, peer.url)
+    assert len(peer.requests) == 1
+    assert (result.outcome, result.http_status) == (UNKNOWN, None), result
+    assert CUT_BY_THE_DEADLINE in result.error, result
 
 
 @pytest.mark.parametrize("name", list(ANSWERS))

@@ -179,7 +179,7 @@ def test_a_shorter_deadline_is_kept_while_a_longer_attempt_is_in_flight(receiver
     assert longer.is_alive()
     # and one thread watches both deadlines, none is started per attempt
     threads = threading.enumerate()
-    assert [t.name for t in threads].count("callbacks-reaper") == 1
+    assert [t.name for t in threads].count("http-deadline-reaper") == 1
     assert not [t for t in threads if isinstance(t, threading.Timer)]
     first.close()  # ends the first attempt: its receiver hangs up
     longer.join(10)
