@@ -27,7 +27,9 @@ def callbacks_health(*, since: datetime) -> CallbackHealth:
     pending = CallbackDelivery.objects.filter(status=D.PENDING).count()
     exhausted = CallbackDelivery.objects.filter(status=D.EXHAUSTED).count()
     window = CallbackAttempt.objects.filter(attempted_at__gte=since).aggregate(
-        attempts=Count("id"), succeeded=Count("id", filter=Q(status_code__gte=200, status_code__lt=300))
+        attempts=Count("id"),
+        # a 2xx status whose answer then ran past the total timeout is a failed attempt
+        succeeded=Count("id", filter=Q(status_code__gte=200, status_code__lt=300, error="")),
     )
     return CallbackHealth(pending, exhausted, window["attempts"], window["succeeded"])
 

@@ -55,6 +55,9 @@ def callback_url_check(url: str, *, resolve: bool = True) -> None:
         port = parts.port
     except ValueError as exc:
         raise UnsafeUrl("not a valid URL") from exc
+    if port == 0:
+        # urlsplit takes it; the HTTP client would then call port 80 (or 443) instead
+        raise UnsafeUrl("not a valid URL: port 0")
     if parts.scheme not in ("http", "https"):
         raise UnsafeUrl("only http and https URLs are accepted")
     if not parts.hostname:

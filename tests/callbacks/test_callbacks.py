@@ -2,14 +2,17 @@
 
 import threading
 import time
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from django.db import connection
+from django.utils import timezone
 from standardwebhooks.webhooks import Webhook
 
 from callbacks import services
 from callbacks.models import CallbackAttempt, CallbackDelivery
+from callbacks.selectors import callbacks_health
 from orders.models import Merchant, Order, OrderTransition
 from orders.transitions import order_transition
 from tests.factories import OrderFactory, make_merchant, make_paid, make_paid_order
@@ -192,3 +195,22 @@ def test_an_order_without_its_own_url_is_delivered_to_its_merchants(endpoint):
     assert services.callback_deliver(order_id=order.pk) is True
     assert len(e.received) == 1
     assert Order.objects.get(pk=order.pk).status == "completed"
+
+
+@pytest.mark.django_db
+def test_a_2xx_cut_off_by_the_total_timeout_is_not_counted_as_answered_2xx():
+    # given three attempts in the last hour: a clean 2xx, a 2xx whose answer ran past the total
+    # timeout (the status line came, the rest was dripped), and a 500
+    now = timezone.now()
+    delivery = CallbackDelivery.objects.create(
+        order=OrderFactory(), event_type="order.paid", webhook_id="msg_1"
+    )
+    for status_code, error in [(200, ""), (200, "timeout: total 15 s exceeded"), (500, "")]:
+        CallbackAttempt.objects.create(
+            delivery=delivery, url="http://r.example/", attempted_at=now, status_code=status_code,
+            latency_ms=5, error=error,
+        )  # fmt: skip
+    # when the console counts them
+    health = callbacks_health(since=now - timedelta(hours=1))
+    # then only the clean one answered 2xx
+    assert (health.attempts, health.succeeded) == (3, 1)

@@ -424,6 +424,7 @@ def test_description_not_a_string_is_rejected(api):
         "http://",
         "",
         42,
+        "http://127.0.0.1:0/hook",
         "https://merchant.example/" + "p" * 2048,
     ],
     ids=[
@@ -436,6 +437,7 @@ def test_description_not_a_string_is_rejected(api):
         "no-host",
         "empty",
         "number",
+        "port-zero",
         "too-long",
     ],
 )
