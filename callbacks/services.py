@@ -6,10 +6,11 @@ import logging
 import random
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import redis
 from django.conf import settings
 from django.db import DatabaseError, OperationalError, connection, transaction
 from django.utils import timezone
@@ -19,6 +20,7 @@ from callbacks.models import CallbackDelivery
 from callbacks.signing import signature_headers
 from core import metrics, prepared
 from core.faults import fault_point
+from core.redis import get_redis
 from core.retention import delete_in_batches
 from orders.models import Order, OrderStatus, RefundStatus
 from orders.selectors import order_with_merchant, refund_by_id
@@ -179,14 +181,20 @@ def refund_callback_deliver(*, refund_id) -> bool:
 
 
 def _deliver(*, subject: _Subject, url: str) -> bool:
-    with _receiver_slot(merchant_id=subject.order.merchant_id) as slot:
-        if not slot:
+    merchant_id = subject.order.merchant_id
+    struggling = _struggling(merchant_id)
+    with ExitStack() as held:
+        # A struggling receiver's callback neither waits for a slot of its merchant's nor runs
+        # without one of the few all struggling receivers share.
+        if not held.enter_context(_slot(_receiver_keys(merchant_id), wait=not struggling)) or (
+            struggling and not held.enter_context(_slot(_struggling_keys(), wait=False))
+        ):
             _defer(subject=subject)
             return False
         claim = _claim(subject=subject)
         if claim is None:
             return False
-        return _attempt(subject=subject, url=url, claim=claim)
+        return _attempt(subject=subject, url=url, claim=claim, struggling=struggling)
 
 
 def _complete_without_callback(*, order: Order, event_type: str) -> None:
@@ -213,24 +221,30 @@ _SLOT_UNLOCK_SQL = "SELECT pg_advisory_unlock(hashtextextended(%s, 0))"
 _SLOT_WAIT_SQL = "SELECT pg_advisory_lock(hashtextextended(%s, 0))"
 
 
-@contextmanager
-def _receiver_slot(*, merchant_id) -> Iterator[bool]:
-    """Hold one of the merchant's CALLBACK_RECEIVER_CONCURRENCY slots, or yield False if all are taken.
+def _receiver_keys(merchant_id) -> list[str]:
+    """A merchant's CALLBACK_RECEIVER_CONCURRENCY slots. Keyed by merchant, not host: the merchant
+    chooses every URL its orders carry, so spreading them over many hosts must not buy more than
+    its share."""
+    return [f"callbacks.receiver:{merchant_id}:{n}" for n in range(settings.CALLBACK_RECEIVER_CONCURRENCY)]
 
-    Keyed by merchant, not host: the merchant chooses every URL its orders carry, so spreading
-    them over many hosts must not buy more than its share.
-    """
+
+def _struggling_keys() -> list[str]:
+    """The CALLBACK_STRUGGLING_CONCURRENCY slots every struggling receiver's callbacks share."""
+    return [f"callbacks.struggling:{n}" for n in range(settings.CALLBACK_STRUGGLING_CONCURRENCY)]
+
+
+@contextmanager
+def _slot(keys: list[str], *, wait: bool) -> Iterator[bool]:
+    """Hold one of the slots `keys`, or yield False if all are taken (after a short wait for one,
+    when `wait`)."""
     held = None
-    keys = [
-        f"callbacks.receiver:{merchant_id}:{slot}" for slot in range(settings.CALLBACK_RECEIVER_CONCURRENCY)
-    ]
     with connection.cursor() as cursor:
         for key in keys:
             prepared.execute(cursor, _SLOT_LOCK_SQL, [key])
             if cursor.fetchone()[0]:
                 held = key
                 break
-    if held is None and settings.CALLBACK_RECEIVER_WAIT_SECONDS > 0:
+    if held is None and keys and wait and settings.CALLBACK_RECEIVER_WAIT_SECONDS > 0:
         # A healthy receiver frees its slots within milliseconds: wait a moment for one rather
         # than push the callback back by seconds; a slow receiver's slots stay taken, and then
         # the wait ends at lock_timeout (the session-level lock outlives the transaction).
@@ -257,7 +271,34 @@ def _receiver_slot(*, merchant_id) -> Iterator[bool]:
                 prepared.execute(cursor, _SLOT_UNLOCK_SQL, [held])
         except DatabaseError:
             # The connection is gone, and the lock with it.
-            logger.warning("callback.slot_release_failed", extra={"merchant": str(merchant_id)})
+            logger.warning("callback.slot_release_failed", extra={"slot": held})
+
+
+# A receiver whose last attempt failed is struggling until one succeeds (or the mark expires,
+# CALLBACK_STRUGGLING_SECONDS after its last failure). Its callbacks then share a few slots with
+# every other struggling receiver's (above) and no longer wait for one of their own: however many
+# receivers hang or fail, their retries hold at most CALLBACK_STRUGGLING_CONCURRENCY workers, and
+# the rest serve everyone else (SPEC 9). The mark is a hint kept in Redis: lost, a receiver is
+# trusted again until it fails again; Redis unreachable, nobody is marked.
+_STRUGGLING_MARK = "callbacks:struggling:{}"
+
+
+def _struggling(merchant_id) -> bool:
+    try:
+        return bool(get_redis().exists(_STRUGGLING_MARK.format(merchant_id)))
+    except redis.RedisError:
+        return False
+
+
+def _struggling_update(merchant_id, *, ok: bool, was: bool) -> None:
+    mark = _STRUGGLING_MARK.format(merchant_id)
+    try:
+        if not ok:
+            get_redis().set(mark, "1", ex=settings.CALLBACK_STRUGGLING_SECONDS)
+        elif was:
+            get_redis().delete(mark)
+    except redis.RedisError as exc:
+        logger.warning("callback.struggling_mark_unavailable", extra={"error": repr(exc)})
 
 
 _DEFER_SQL = """
@@ -301,7 +342,7 @@ def _defer(*, subject: _Subject) -> None:
     logger.info("callback.receiver_busy", extra={"order_id": str(subject.order.pk)})
 
 
-def _attempt(*, subject: _Subject, url: str, claim: tuple[int, str, int]) -> bool:
+def _attempt(*, subject: _Subject, url: str, claim: tuple[int, str, int], struggling: bool) -> bool:
     """Send the claimed attempt and record it. Whatever fails after the claim is a recorded failure:
     an exception here would leave the claim to expire and the attempt to repeat unseen."""
     _, webhook_id, attempts = claim
@@ -327,6 +368,7 @@ def _attempt(*, subject: _Subject, url: str, claim: tuple[int, str, int]) -> boo
         )
     # An answer cut off by the total bound counts as an error, whatever its status line said.
     metrics.callback_attempted(status_code=None if result.error else result.status_code)
+    _struggling_update(order.merchant_id, ok=result.ok, was=struggling)
     fault_point("callback.after_post")
     log.update(status_code=result.status_code, latency_ms=result.latency_ms)
     try:

@@ -304,6 +304,12 @@ CALLBACK_RECEIVER_BUSY_SECONDS = env.float("CALLBACK_RECEIVER_BUSY_SECONDS", def
 # Before that, a worker waits this long for one of the slots: a healthy receiver frees one within
 # milliseconds, so a burst of one merchant's callbacks is not pushed back by seconds.
 CALLBACK_RECEIVER_WAIT_SECONDS = env.float("CALLBACK_RECEIVER_WAIT_SECONDS", default=0.5)
+# A receiver whose last attempt failed (a timeout, a refusal, a non-2xx) is "struggling" until one
+# succeeds, or this long after its last failure: its callbacks share, with every other struggling
+# receiver's, this many attempts at once across all workers (keep it below the callbacks workers'
+# concurrency, so the rest always serve healthy receivers), and no longer wait for a slot.
+CALLBACK_STRUGGLING_CONCURRENCY = env.int("CALLBACK_STRUGGLING_CONCURRENCY", default=2)
+CALLBACK_STRUGGLING_SECONDS = env.int("CALLBACK_STRUGGLING_SECONDS", default=600)
 
 # API hardening
 # Every error under /api/ in the JSON shape, whichever view answered (SPEC 3); right after the

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import pytest
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from callbacks import http as callback_http
@@ -445,6 +446,94 @@ def test_a_healthy_receivers_burst_waits_a_moment_for_a_slot_instead_of_being_pu
     assert results == {"first": True, "second": True}
     assert len(receiver.requests) == 2
     assert Order.objects.get(pk=second.pk).status == "completed"
+
+
+OK_200 = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+ERROR_500 = b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n"
+
+
+def first_fails_then(then: Callable[[socket.socket, threading.Event], None]):
+    """A receiver that answers its first request 500 and every later one with `then`."""
+    seen = []
+
+    def script(conn, stop):
+        seen.append(1)
+        if len(seen) == 1:
+            conn.sendall(ERROR_500)
+        else:
+            then(conn, stop)
+
+    return script
+
+
+def due_again(order) -> None:
+    CallbackDelivery.objects.filter(order=order).update(next_attempt_at="2000-01-01T00:00:00Z")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_struggling_receivers_share_a_few_workers_and_never_wait_for_a_slot(receivers, settings):
+    # given one slot per merchant, one slot shared by all struggling receivers, and a wait for a
+    # merchant's slot long enough to hang this test if it were taken
+    settings.CALLBACK_RECEIVER_CONCURRENCY = 1
+    settings.CALLBACK_STRUGGLING_CONCURRENCY = 1
+    settings.CALLBACK_RECEIVER_WAIT_SECONDS = SAFETY_SECONDS
+    settings.CALLBACK_RECEIVER_BUSY_SECONDS = 3600  # a deferred delivery stays not due in this test
+    release = threading.Event()
+
+    def held_open(conn, stop):
+        release.wait(SAFETY_SECONDS)
+        conn.sendall(OK_200)
+
+    # merchants A and B whose receivers failed their first callback (500): both are struggling now
+    hanging = receivers(first_fails_then(held_open))
+    recovered = receivers(first_fails_then(lambda conn, stop: conn.sendall(OK_200)))
+    healthy = receivers(answer(OK_200))
+    creds_a, a1 = make_paid_order(hanging.url)
+    a2 = OrderFactory(merchant=creds_a.merchant, callback_url=hanging.url)
+    make_paid(a2.pk)
+    _, b1 = make_paid_order(recovered.url)
+    _, c1 = make_paid_order(healthy.url)
+    assert callback_deliver(order_id=a1.pk) is False
+    assert callback_deliver(order_id=b1.pk) is False
+    # when A's retry hangs in the one shared slot
+    due_again(a1)
+    results: dict[str, bool] = {}
+
+    def deliver_a1():
+        try:
+            results["a1"] = callback_deliver(order_id=a1.pk)
+        finally:
+            connection.close()
+
+    worker = threading.Thread(target=deliver_a1)
+    worker.start()
+    try:
+        wait_until(lambda: len(hanging.requests) == 2)
+        due_again(b1)
+        with CaptureQueriesContext(connection) as queries:
+            # B's retry and A's next callback (its merchant slot taken too) come up meanwhile
+            b1_delivered = callback_deliver(order_id=b1.pk)
+            a2_delivered = callback_deliver(order_id=a2.pk)
+            # and a merchant whose receiver never failed
+            c1_delivered = callback_deliver(order_id=c1.pk)
+    finally:
+        release.set()
+        worker.join()
+    # then the struggling ones were deferred at once: no request, no attempt spent, no wait for
+    # a slot (before, B's retry ran beside A's, and A's next callback waited for A's slot)
+    assert (b1_delivered, a2_delivered) == (False, False)
+    assert (len(recovered.requests), len(hanging.requests)) == (1, 2)
+    assert [d.attempts for d in CallbackDelivery.objects.filter(order__in=[b1, a2]).order_by("attempts")] == [
+        0,
+        1,
+    ]
+    assert not [q["sql"] for q in queries.captured_queries if "pg_advisory_lock(" in q["sql"]]
+    # while the healthy merchant was served, and A's retry went through once answered
+    assert c1_delivered is True and results == {"a1": True}
+    # and a success ends the struggle: B's next retry runs as before
+    due_again(b1)
+    assert callback_deliver(order_id=b1.pk) is True
+    assert Order.objects.get(pk=b1.pk).status == "completed"
 
 
 # --- the worker's environment stays out of a merchant's callback ---------------------------------
