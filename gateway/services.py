@@ -37,7 +37,7 @@ from gateway.providers.base import (
 from orders.models import Order, OrderStatus, Refund, RefundStatus
 from orders.selectors import order_fields, refund_fields
 from orders.services import order_provider_reference_set, refund_retry_later
-from orders.transitions import TransitionResult, order_transition, refund_transition
+from orders.transitions import TransitionResult, order_signal_ignored, order_transition, refund_transition
 
 logger = logging.getLogger(__name__)
 
@@ -289,7 +289,9 @@ _ATTEMPT_SQL = (
 # they were before the UPDATE (one snapshot per statement), like the separate read it replaces.
 _SETTLE_SQL = (
     "WITH settled AS (UPDATE gateway_chargeattempt SET status = %s, failure_code = %s"
-    " WHERE idempotency_key = %s AND order_id = %s AND status NOT IN (%s, %s)"
+    # A refused attempt stays refused: the provider's later word about it is a contradiction
+    # (order_confirm), never a settlement.
+    " WHERE idempotency_key = %s AND order_id = %s AND status NOT IN (%s, %s, %s)"
     # A webhook settles only a charge of the channel (and provider) whose secret signed it.
     " AND (%s::text IS NULL OR (channel = %s AND provider = %s))) " + _ATTEMPT_SQL
 )
@@ -324,6 +326,7 @@ def _attempt_with_order(
                     settle_order_id,
                     A.PAID,
                     A.FAILED,
+                    A.REJECTED,
                     channel,
                     channel,
                     provider,
@@ -411,6 +414,8 @@ def order_confirm(
             )
             return None
         order = attempt.order
+        if attempt.status == A.REJECTED:
+            return _word_after_refusal(attempt=attempt, status=status, source=source)
         if provider_reference and not attempt.provider_reference:
             # The provider named its charge first here (a lost create answer, a declined Stripe
             # charge whose error named no PaymentIntent): record it on the attempt.
@@ -460,6 +465,27 @@ def order_confirm(
     metrics.charge_settled(channel=attempt.channel, status=status, applied=result.applied)
     fault_point("confirm.after_commit")
     return result
+
+
+def _word_after_refusal(*, attempt: ChargeAttempt, status: str, source: str) -> TransitionResult:
+    """The provider refused this charge request as charging nothing (the order failed over, or
+    failed), and now gives a final word about it. The refusal decided the order and stays as it
+    was; "failed" agrees with it, but "paid" says money may have been taken on a charge we were
+    told never happened: recorded on the order and logged loudly, for an operator to settle with
+    the provider (and refund there if the money was taken)."""
+    order = attempt.order
+    extra = {"order_id": str(order.pk), "channel": attempt.channel, "status": status, "source": source}
+    if status != "paid":
+        logger.info("confirm.refused_attempt_word", extra=extra)
+        return TransitionResult(False, order.status, order.channel)
+    order_signal_ignored(
+        order_id=order.pk,
+        current=order.status,
+        to=OrderStatus.PAID,
+        reason=f"provider says paid via {source} for a charge {attempt.channel} refused: ask the provider",
+    )
+    logger.error("confirm.paid_after_refusal", extra=extra)
+    return TransitionResult(False, order.status, order.channel)
 
 
 class WebhookChannelMismatch(Exception):

@@ -332,6 +332,11 @@ def _logged_and_announced_params(from_status: str | None, to: str, reason: str, 
     ]
 
 
+def order_signal_ignored(*, order_id, current: str, to: str, reason: str) -> None:
+    """Record a signal that asked the order to move to `to` and was not applied (shown to operators)."""
+    _record_ignored(order_id, current, to, reason)
+
+
 def _record_ignored(order_id, current: str, to: str, reason: str) -> None:
     IgnoredSignal.objects.create(
         order_id=order_id, status_at_signal=current, requested_status=to, reason=reason[:200]

@@ -335,3 +335,62 @@ def test_a_late_word_after_the_charge_settled_is_recorded_as_what_it_said(stub, 
     order.refresh_from_db()
     assert (order.status, order.outcome) == ("paid", "paid")
     assert order.ignored_signals.filter(requested_status="failed").count() == 1
+
+
+@pytest.mark.django_db
+def test_a_paid_word_for_a_refused_charge_changes_nothing_and_is_shown_loudly(stub, channels, caplog):
+    # given an order both channels refused (nothing charged): failed with channel_unavailable
+    stub.answers.update({"stub-1": ChargeOutcome.REJECTED, "stub-2": ChargeOutcome.REJECTED})
+    order = assigned_order()
+    services.order_charge(order_id=order.pk)
+    services.order_charge(order_id=order.pk)
+    # when the first channel's provider says, signed, that it took the money after all
+    result = services.order_confirm(
+        order_id=order.pk,
+        idempotency_key=f"{order.pk}:stub-1",
+        status="paid",
+        source="webhook",
+        channel="stub-1",
+        provider="stub",
+        provider_reference="ch_contradiction",
+    )
+    # then the order and the refusal stay as they were (before: the attempt was rewritten paid
+    # and the order took the reference, with only INFO lines)
+    order.refresh_from_db()
+    assert result is not None and not result.applied
+    assert (order.status, order.outcome, order.failure_code) == ("failed", "failed", "channel_unavailable")
+    assert order.provider_reference is None
+    attempt = ChargeAttempt.objects.get(idempotency_key=f"{order.pk}:stub-1")
+    assert (attempt.status, attempt.provider_reference) == ("rejected", "")
+    # and an operator is shown it: on the order, and as an error to alert on
+    [signal] = order.ignored_signals.all()
+    assert signal.requested_status == "paid" and "refused" in signal.reason
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        "confirm.paid_after_refusal"
+    ]
+
+
+@pytest.mark.django_db
+def test_a_paid_word_for_a_refused_charge_does_not_break_the_live_one(stub, channels, caplog):
+    # given an order refused by stub-1 and now processing on stub-2
+    stub.answers["stub-1"] = ChargeOutcome.REJECTED
+    order = assigned_order()
+    services.order_charge(order_id=order.pk)
+    services.order_charge(order_id=order.pk)
+    assert Order.objects.get(pk=order.pk).status == "processing"
+    # when stub-1's provider says paid for its refused charge (before: the rewrite to paid broke
+    # attempt_one_live_per_order and the confirm task crashed with an IntegrityError)
+    services.order_confirm(
+        order_id=order.pk, idempotency_key=f"{order.pk}:stub-1", status="paid", source="webhook",
+        channel="stub-1", provider="stub",
+    )  # fmt: skip
+    # then nothing moved, and stub-2's own word still settles the order
+    assert Order.objects.get(pk=order.pk).status == "processing"
+    assert ChargeAttempt.objects.get(idempotency_key=f"{order.pk}:stub-1").status == "rejected"
+    services.order_confirm(
+        order_id=order.pk, idempotency_key=f"{order.pk}:stub-2", status="paid", source="webhook",
+        channel="stub-2", provider="stub",
+    )  # fmt: skip
+    order.refresh_from_db()
+    assert (order.status, order.outcome, order.channel) == ("paid", "paid", "stub-2")
+    assert "confirm.paid_after_refusal" in [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
