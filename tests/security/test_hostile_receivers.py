@@ -347,6 +347,21 @@ def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
         time.sleep(0.01)
 
 
+def deliver_in_background(order_id, results: dict, name: str) -> threading.Thread:
+    """callback_deliver in a thread of its own (so on a connection of its own); its answer goes
+    into `results[name]`."""
+
+    def run():
+        try:
+            results[name] = callback_deliver(order_id=order_id)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_slow_receiver_holds_no_more_than_its_merchants_share_of_workers(receivers, settings):
     # given one slot per merchant, and merchant A's receiver holding its first callback open
@@ -365,14 +380,7 @@ def test_a_slow_receiver_holds_no_more_than_its_merchants_share_of_workers(recei
     make_paid(second.pk)
     _, other = make_paid_order(fast.url)
 
-    def deliver_first():
-        try:
-            callback_deliver(order_id=first.pk)
-        finally:
-            connection.close()
-
-    worker = threading.Thread(target=deliver_first)
-    worker.start()
+    worker = deliver_in_background(first.pk, {}, "first")
     try:
         wait_until(lambda: len(slow.requests) == 1)
         # when a second callback of the same merchant and one of another merchant come up
@@ -419,19 +427,10 @@ def test_a_healthy_receivers_burst_waits_a_moment_for_a_slot_instead_of_being_pu
     second = OrderFactory(merchant=creds.merchant, callback_url=receiver.url)
     make_paid(second.pk)
     results: dict[str, bool] = {}
-
-    def deliver(name, order_id):
-        try:
-            results[name] = callback_deliver(order_id=order_id)
-        finally:
-            connection.close()
-
-    holder = threading.Thread(target=deliver, args=("first", first.pk))
-    holder.start()
+    holder = deliver_in_background(first.pk, results, "first")
     wait_until(lambda: len(receiver.requests) == 1)
     # when the merchant's next callback comes up while the slot is taken
-    waiter = threading.Thread(target=deliver, args=("second", second.pk))
-    waiter.start()
+    waiter = deliver_in_background(second.pk, results, "second")
     with connection.cursor() as cursor:  # it queues for the slot (pg_locks is read live)
         wait_until(
             lambda: (
@@ -498,15 +497,7 @@ def test_struggling_receivers_share_a_few_workers_and_never_wait_for_a_slot(rece
     # when A's retry hangs in the one shared slot
     due_again(a1)
     results: dict[str, bool] = {}
-
-    def deliver_a1():
-        try:
-            results["a1"] = callback_deliver(order_id=a1.pk)
-        finally:
-            connection.close()
-
-    worker = threading.Thread(target=deliver_a1)
-    worker.start()
+    worker = deliver_in_background(a1.pk, results, "a1")
     try:
         wait_until(lambda: len(hanging.requests) == 2)
         due_again(b1)
