@@ -152,3 +152,34 @@ def add_plain_django_paths(result: dict, generator, request, public) -> dict:
     """drf-spectacular postprocessing hook: add PATHS to the generated document."""
     result.setdefault("paths", {}).update(PATHS)
     return result
+
+
+# The response headers a client acts on, on every operation that can send them.
+_REPLAYED = {
+    "description": "`true` when this is the stored answer to an earlier request with the same"
+    " Idempotency-Key and body (no second order or refund was made); absent on the first answer.",
+    "schema": {"type": "string", "enum": ["true"]},
+}
+_RETRY_AFTER = {
+    "description": "Seconds to wait before trying again.",
+    "schema": {"type": "string", "pattern": "^[0-9]+$"},
+}
+_IDEMPOTENT_CREATES = ("orders_create", "orders_refunds_create")
+
+
+def declare_response_headers(result: dict, generator, request, public) -> dict:
+    """drf-spectacular postprocessing hook: `Idempotent-Replayed` on the creates' 201 and
+    `Retry-After` on every 429 and 503, which drf-spectacular has no view-level way to say."""
+    for path, operations in result.get("paths", {}).items():
+        if not path.startswith("/api/v1/"):
+            continue  # the probes' 503 says "not ready", with no time to wait
+        for operation in operations.values():
+            if not isinstance(operation, dict):
+                continue
+            responses = operation.get("responses", {})
+            if operation.get("operationId") in _IDEMPOTENT_CREATES and "201" in responses:
+                responses["201"].setdefault("headers", {})["Idempotent-Replayed"] = _REPLAYED
+            for code in ("429", "503"):
+                if code in responses:
+                    responses[code].setdefault("headers", {})["Retry-After"] = _RETRY_AFTER
+    return result

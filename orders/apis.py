@@ -40,7 +40,11 @@ ErrorSerializer = inline_serializer(
         )
     },
 )
-ERRORS = {code: OpenApiResponse(ErrorSerializer) for code in (400, 401, 404, 405, 409, 413, 415, 422, 429)}
+# Every API operation may answer these: the request's own faults, and 503 while PostgreSQL is
+# unreachable (retry with the same Idempotency-Key).
+ERRORS = {
+    code: OpenApiResponse(ErrorSerializer) for code in (400, 401, 404, 405, 406, 409, 413, 415, 422, 429, 503)
+}
 
 
 def _idempotency_key(request) -> str:

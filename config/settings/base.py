@@ -347,4 +347,5 @@ CALLBACK_URL_RESOLVE_TIMEOUT_SECONDS = env.float("CALLBACK_URL_RESOLVE_TIMEOUT_S
 SPECTACULAR_SETTINGS["POSTPROCESSING_HOOKS"] = [
     "drf_spectacular.hooks.postprocess_schema_enums",
     "config.openapi.add_plain_django_paths",
+    "config.openapi.declare_response_headers",
 ]

@@ -421,6 +421,15 @@ def test_openapi_schema_describes_the_order_api(client):
     assert {"get", "post"} <= set(schema["paths"]["/api/v1/orders"])
     request_body = schema["components"]["schemas"]["OrderCreateRequest"]["properties"]
     assert request_body["amount"]["type"] == "integer"
+    # the headers a client acts on are declared where they are sent
+    for path in ("/api/v1/orders", "/api/v1/orders/{order_id}/refunds"):
+        created = schema["paths"][path]["post"]["responses"]["201"]
+        assert created["headers"]["Idempotent-Replayed"]["schema"]["enum"] == ["true"]
+    for operation in (schema["paths"]["/api/v1/orders"]["get"], schema["paths"]["/api/v1/orders"]["post"]):
+        for code in ("429", "503"):
+            assert "Retry-After" in operation["responses"][code]["headers"]
+        assert "406" in operation["responses"]
+    assert "headers" not in schema["paths"]["/readyz"]["get"]["responses"]["503"]
 
 
 def test_api_docs_page_is_served(client):
