@@ -8,6 +8,7 @@ import re
 from datetime import timedelta
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpResponseRedirect
@@ -29,6 +30,7 @@ from allocation.services import (
 )
 from console.adminkit import ReadOnlyAdmin, audit
 from gateway.providers.base import provider_names
+from gateway.providers.sandbox import sandbox_channel_secret
 from gateway.selectors import ChannelResults, charge_results_by_channel
 from orders.serializers import iso_currency
 
@@ -42,8 +44,10 @@ def _minor(amount: int | None) -> str:
 def volume_against_cap(channel: PaymentChannel) -> str:
     """Today's reserved volume against the daily cap; `channel` comes from channels_with_volume."""
     reserved = getattr(channel, "day_reserved", None) or 0
-    if not channel.daily_cap:
+    if channel.daily_cap is None:
         return f"{reserved:,} / no cap"
+    if channel.daily_cap <= 0:  # only from before the add form refused it: it takes nothing
+        return f"{reserved:,} / {channel.daily_cap:,} (takes no orders)"
     share = reserved / channel.daily_cap
     colour = "#dc3545" if share >= 0.9 else "#b58105" if share >= 0.7 else "inherit"
     return format_html(
@@ -61,6 +65,14 @@ def circuit_state(channel: PaymentChannel) -> str:
         return format_html(
             '<span style="color:#dc3545;font-weight:bold">open</span> until {}',
             until.strftime("%H:%M:%S UTC"),
+        )
+    if until:
+        # The cool-down is over, and no charge has succeeded since: one trial order at a time
+        # decides whether it closes (success) or opens again (another technical failure).
+        return format_html(
+            '<span style="color:#b58105;font-weight:bold">half-open</span> since {}: {}',
+            until.strftime("%H:%M:%S UTC"),
+            "one trial order at a time",
         )
     return mark_safe('<span style="color:#198754">closed</span>')
 
@@ -152,6 +164,12 @@ class ChannelAddForm(forms.ModelForm):
         low, high = data.get("min_amount"), data.get("max_amount")
         if low is not None and low < 1:
             self.add_error("min_amount", "At least 1.")
+        # 0 would read as "no share" and "no room", but allocation takes a weight of 0 as 1 and a
+        # cap of 0 refuses every order: leave the cap empty for none, disable a channel to stop it.
+        if data.get("weight") is not None and data["weight"] < 1:
+            self.add_error("weight", "At least 1.")
+        if data.get("daily_cap") is not None and data["daily_cap"] < 1:
+            self.add_error("daily_cap", "At least 1; leave it empty for no cap.")
         if low is not None and high is not None and high < low:
             self.add_error("max_amount", "Not below the minimum.")
         return data
@@ -217,6 +235,19 @@ class PaymentChannelAdmin(ReadOnlyAdmin):
         if change:  # no change permission: Django never gets here for an existing channel
             raise PermissionDenied
         channel_create(channel=obj)
+        if obj.provider == "sandbox":
+            # The sandbox signs a channel's webhooks with the secret derived from SANDBOX_SECRET and
+            # the code, as seed_sandbox sets it; without it every webhook would be refused (401).
+            secret = sandbox_channel_secret(obj.code, settings.SANDBOX_SECRET)
+            channel_credentials_set(channel=obj, webhook_secret=secret)
+            obj.refresh_from_db()
+        if not obj.webhook_secret_encrypted:
+            self.message_user(
+                request,
+                f"Channel {obj.code} has no webhook secret yet: set it on its credentials page. Until"
+                " then its provider's webhooks are refused, and its orders settle only by status polls.",
+                messages.WARNING,
+            )
 
     def get_urls(self):
         view = self.admin_site.admin_view(self.credentials_view)

@@ -8,7 +8,9 @@ from django.utils import timezone
 
 from allocation.models import PaymentChannel
 from allocation.services import channel_reserve, order_allocate
+from core import crypto
 from gateway.models import ChargeAttempt
+from gateway.providers.sandbox import sandbox_channel_secret
 from tests.admin.factories import ChargeAttemptFactory
 from tests.factories import ChannelFactory
 
@@ -168,6 +170,9 @@ def test_an_operator_adds_a_channel_then_sets_its_credentials(operator):
         ("min_amount", "0"),
         ("max_amount", "10"),  # below min_amount 50
         ("api_base", "not a url"),
+        # allocation would take weight 0 as 1, and a cap of 0 refuses every order (shown "no cap")
+        ("weight", "0"),
+        ("daily_cap", "0"),
     ],
 )
 def test_a_channel_the_form_cannot_take_is_refused_and_nothing_is_made(operator, field, value):
@@ -186,3 +191,33 @@ def test_only_an_operator_with_the_add_permission_adds_a_channel(staff):
     adder = staff("allocation.view_paymentchannel", "allocation.add_paymentchannel")
     assert adder.post(ADD, STRIPE_CHANNEL).status_code == 302
     assert PaymentChannel.objects.filter(code="stripe-live").exists()
+
+
+def test_a_sandbox_channel_added_in_the_console_gets_the_sandboxs_webhook_secret(operator, settings):
+    # when a sandbox channel is added (before: no webhook secret, so every sandbox webhook for it
+    # was refused 401 and its orders settled only by status polls, with nothing said)
+    response = operator.post(
+        ADD, {**STRIPE_CHANNEL, "code": "sandbox-extra", "provider": "sandbox"}, follow=True
+    )
+    # then it has the secret the sandbox signs its webhooks with, as seed_sandbox gives its own
+    channel = PaymentChannel.objects.get(code="sandbox-extra")
+    secret = sandbox_channel_secret("sandbox-extra", settings.SANDBOX_SECRET)
+    assert crypto.decrypt(channel.webhook_secret_encrypted) == secret
+    assert not [m for m in response.context["messages"] if m.level_tag == "warning"]
+
+
+def test_a_stripe_channel_added_without_a_webhook_secret_is_said_to_need_one(operator):
+    response = operator.post(ADD, STRIPE_CHANNEL, follow=True)
+
+    [warning] = [str(m) for m in response.context["messages"] if m.level_tag == "warning"]
+    assert "stripe-live has no webhook secret" in warning and "credentials page" in warning
+
+
+def test_a_half_open_circuit_is_not_shown_closed(operator):
+    # given a channel whose cool-down ended and that no charge has closed since
+    ChannelFactory(code="trial", circuit_open_until=timezone.now() - timedelta(seconds=5))
+    ChannelFactory(code="capped-at-zero", daily_cap=0)
+    # then the console says so (before: green "closed"), and a cap of 0 is no "no cap"
+    html = operator.get(LIST).content.decode()
+    assert "half-open</span> since" in _row(html, "trial") and "closed" not in _row(html, "trial")
+    assert "0 / 0 (takes no orders)" in _row(html, "capped-at-zero")
