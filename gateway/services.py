@@ -462,6 +462,11 @@ def order_confirm(
             if status == "failed"
             else None,
         )
+        if result.applied and status == "failed":
+            # A declined payment moved no money: its share of the channel's daily cap is given
+            # back, as a refused one's is (once: only the copy whose transition applied).
+            amount, day = Order.objects.filter(pk=order.pk).values_list("amount", "reserved_on").get()
+            channel_release(channel_code=attempt.channel, amount=amount, day=day)
     metrics.charge_settled(channel=attempt.channel, status=status, applied=result.applied)
     fault_point("confirm.after_commit")
     return result

@@ -275,3 +275,26 @@ def test_a_timeout_answered_after_the_webhook_settled_the_charge_is_no_alarm(gat
     events = [(record.levelname, record.getMessage()) for record in caplog.records]
     assert ("INFO", "charge.answer_after_settlement") in events, events
     assert not [record for record in caplog.records if record.levelno >= 40], events
+
+
+@pytest.mark.django_db
+def test_a_declined_payment_gives_its_reservation_back_once_and_a_paid_one_keeps_it(stub, channels):
+    # given two orders charged on stub-1, each with its reservation
+    declined, paid = assigned_order("stub-1"), assigned_order("stub-1")
+    for order in (declined, paid):
+        _reserve(order, "stub-1")
+        services.order_charge(order_id=order.pk)
+    assert _reserved("stub-1") == 2 * AMOUNT
+    # when the provider declines one (twice: a webhook and a poll) and settles the other as paid
+    for source in ("webhook", "poll"):
+        services.order_confirm(
+            order_id=declined.pk, idempotency_key=f"{declined.pk}:stub-1", status="failed",
+            failure_code="card_declined", source=source,
+        )  # fmt: skip
+    services.order_confirm(
+        order_id=paid.pk, idempotency_key=f"{paid.pk}:stub-1", status="paid", source="webhook"
+    )
+    # then the declined one moved no money and no longer takes room under the cap, given back
+    # once (before: it kept its share for the day); the paid one keeps its share
+    assert Order.objects.get(pk=declined.pk).outcome == "failed"
+    assert _reserved("stub-1") == AMOUNT
