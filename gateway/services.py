@@ -37,7 +37,13 @@ from gateway.providers.base import (
 from orders.models import Order, OrderStatus, Refund, RefundStatus
 from orders.selectors import order_fields, refund_fields
 from orders.services import order_provider_reference_set, refund_retry_later
-from orders.transitions import TransitionResult, order_signal_ignored, order_transition, refund_transition
+from orders.transitions import (
+    TransitionResult,
+    order_signal_ignored,
+    order_transition,
+    refund_signal_ignored,
+    refund_transition,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -898,14 +904,21 @@ def _refund_processing(attempt: RefundAttempt, reason: str) -> TransitionResult:
 
 
 def _refund_refused(attempt: RefundAttempt, error: str) -> TransitionResult:
-    code = "channel_unavailable" if error == "channel_unavailable" else "refund_refused"
+    if error.startswith("not sent"):
+        # The provider was never reached (after every send allowed): it refused nothing.
+        code, message = "channel_unavailable", f"The refund could not be sent to the provider ({error})."
+        reason = f"{attempt.channel} could not be reached ({error}); nothing was refunded"
+    else:
+        code = "channel_unavailable" if error == "channel_unavailable" else "refund_refused"
+        message = f"The provider refused the refund: {error}."
+        reason = f"{attempt.channel} refused the refund ({error}); nothing was refunded"
     return refund_transition(
         refund_id=attempt.refund_id,
         to=RS.FAILED,
         seen_status=RS.PENDING,
-        reason=f"{attempt.channel} refused the refund ({error}); nothing was refunded",
+        reason=reason,
         failure_code=code,
-        failure_message=f"The provider refused the refund: {error}.",
+        failure_message=message,
     )
 
 
@@ -917,19 +930,27 @@ def refund_confirm(
     source: str,
     channel: str | None = None,
     provider: str | None = None,
+    order_id: str | None = None,
 ) -> TransitionResult | None:
     """Apply a provider's final word on a refund (webhook or poll): succeeded or failed.
 
-    A webhook counts only for the refund of the channel whose secret signed it; a duplicate or
-    late word finds the refund settled and changes nothing (recorded as ignored).
+    A webhook counts only for the refund of the channel whose secret signed it, and of the order
+    it names; a duplicate or late word finds the refund settled and changes nothing (recorded as
+    ignored).
     """
     if status not in (RS.SUCCEEDED, RS.FAILED):
         return None
     with transaction.atomic():
         attempt = RefundAttempt.objects.select_for_update().filter(idempotency_key=idempotency_key).first()
-        if attempt is None:
-            logger.warning("refund_confirm.unknown_attempt", extra={"idempotency_key": idempotency_key})
+        if attempt is None or (order_id is not None and _as_uuid(order_id) != attempt.order_id):
+            # No such refund, or the word names another order than the refund's: it settles nothing.
+            logger.warning(
+                "refund_confirm.unknown_attempt",
+                extra={"idempotency_key": idempotency_key, "order_id": order_id},
+            )
             return None
+        if attempt.status == RA.REJECTED:
+            return _refund_word_after_refusal(attempt=attempt, status=status, source=source)
         if channel is not None and (attempt.channel, attempt.provider) != (channel, provider):
             logger.warning(
                 "refund_confirm.channel_mismatch",
@@ -977,6 +998,32 @@ def refund_confirm(
             if status == RS.FAILED
             else None,
         )
+
+
+def _refund_word_after_refusal(*, attempt: RefundAttempt, status: str, source: str) -> TransitionResult:
+    """The provider refused this refund request for good (nothing refunded: the refund failed and
+    its amount became refundable again), and now gives a final word about it. The refusal stays;
+    "succeeded" says money may have gone back on a refund we answered failed (and whose amount
+    another refund may take): recorded on the refund and logged loudly, for an operator to settle
+    with the provider."""
+    refund = refund_fields(refund_id=attempt.refund_id, fields=("id", "status"))
+    extra = {
+        "refund_id": str(attempt.refund_id),
+        "channel": attempt.channel,
+        "status": status,
+        "source": source,
+    }
+    if status != RS.SUCCEEDED:
+        logger.info("refund_confirm.refused_attempt_word", extra=extra)
+        return TransitionResult(False, refund.status, attempt.channel)
+    refund_signal_ignored(
+        refund_id=attempt.refund_id,
+        current=refund.status,
+        to=RS.SUCCEEDED,
+        reason=f"provider says succeeded via {source} for a refund {attempt.channel} refused: ask it",
+    )
+    logger.error("refund_confirm.succeeded_after_refusal", extra=extra)
+    return TransitionResult(False, refund.status, attempt.channel)
 
 
 def refund_poll(*, refund_id) -> TransitionResult | None:

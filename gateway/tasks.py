@@ -49,6 +49,8 @@ def refund_confirm(message: dict) -> None:
         source="provider webhook",
         channel=message.get("channel"),
         provider=message.get("provider"),
+        # The order the signed word names (messages queued before it was carried: none to check).
+        order_id=message.get("order_id"),
     )
 
 

@@ -440,6 +440,11 @@ def refund_transition(
     return TransitionResult(False, current)
 
 
+def refund_signal_ignored(*, refund_id, current: str, to: str, reason: str) -> None:
+    """Record a signal that asked the refund to move to `to` and was not applied (shown to operators)."""
+    _record_refund_ignored(refund_id, current, to, reason)
+
+
 def _record_refund_ignored(refund_id, current: str, to: str, reason: str) -> None:
     order_id = Refund.objects.filter(pk=refund_id).values_list("order_id", flat=True).first()
     if order_id is None:

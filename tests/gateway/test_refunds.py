@@ -235,3 +235,70 @@ def test_a_refunds_first_stored_word_wins_whichever_confirm_arrives_first(stub, 
     )
     assert IgnoredSignal.objects.filter(refund=refund, requested_status="failed").count() == 1
     assert Refund.objects.get(pk=refund.pk).status == "succeeded"
+
+
+@pytest.mark.django_db
+def test_a_succeeded_word_for_a_refused_refund_changes_nothing_and_is_shown_loudly(stub, channels, caplog):
+    # given a refund the provider refused for good (nothing refunded: failed, its amount free again)
+    order = _paid_order(stub)
+    refund = _refund(order, amount=order.amount)
+    stub.refund_answers = [
+        RefundResult(ChargeOutcome.REJECTED, http_status=400, error="amount_exceeds_charge")
+    ]
+    services.refund_send(refund_id=refund.pk)
+    # when the provider then says, signed, that it refunded after all
+    result = services.refund_confirm(
+        idempotency_key=f"refund:{refund.pk}", status="succeeded", source="provider webhook",
+        channel="stub-1", provider="stub", order_id=str(order.pk),
+    )  # fmt: skip
+    # then the refund and its refused attempt stay as they were (before: the attempt was rewritten
+    # succeeded, with INFO lines only, while another refund could take the same amount)
+    assert result is not None and not result.applied
+    assert Refund.objects.get(pk=refund.pk).status == "failed"
+    assert RefundAttempt.objects.get(refund=refund).status == "rejected"
+    assert Order.objects.get(pk=order.pk).amount_refunded == 0
+    # and an operator is shown it: on the refund, and as an error to alert on
+    [signal] = IgnoredSignal.objects.filter(refund=refund)
+    assert signal.requested_status == "succeeded" and "refused" in signal.reason
+    assert "refund_confirm.succeeded_after_refusal" in [
+        r.getMessage() for r in caplog.records if r.levelname == "ERROR"
+    ]
+
+
+@pytest.mark.django_db
+def test_a_refund_webhook_naming_another_order_settles_nothing(stub, channels):
+    # given a refund in flight, and another order of the same channel
+    order, other = _paid_order(stub), _paid_order(stub)
+    refund = _refund(order)
+    services.refund_send(refund_id=refund.pk)
+    # when a webhook signed by the channel names the refund's key but the other order (before:
+    # it settled the refund all the same)
+    result = services.refund_confirm(
+        idempotency_key=f"refund:{refund.pk}", status="succeeded", source="provider webhook",
+        channel="stub-1", provider="stub", order_id=str(other.pk),
+    )  # fmt: skip
+    # then nothing moved; the refund's own order settles it
+    assert result is None
+    assert Refund.objects.get(pk=refund.pk).status == "processing"
+    services.refund_confirm(
+        idempotency_key=f"refund:{refund.pk}", status="succeeded", source="provider webhook",
+        channel="stub-1", provider="stub", order_id=str(order.pk),
+    )  # fmt: skip
+    assert Refund.objects.get(pk=refund.pk).status == "succeeded"
+
+
+@pytest.mark.django_db
+def test_a_refund_never_sent_is_not_said_to_be_refused_by_the_provider(stub, channels, settings):
+    settings.REFUND_MAX_SENDS = 2
+    order = _paid_order(stub)
+    refund = _refund(order)
+    never_sent = RefundResult(ChargeOutcome.REJECTED, error="not sent: ConnectionError", retry=True)
+    stub.refund_answers = [never_sent] * 2
+    for _ in range(2):
+        _time_passes(refund)
+        services.refund_send(refund_id=refund.pk)
+    failed = Refund.objects.get(pk=refund.pk)
+    assert (failed.status, failed.failure_code) == ("failed", "channel_unavailable")
+    assert (
+        failed.failure_message == "The refund could not be sent to the provider (not sent: ConnectionError)."
+    )
