@@ -273,8 +273,11 @@ def order_allocate(*, order_id) -> TransitionResult | None:
     )
 
 
-def order_reallocate(*, order: Order, failed_channel: str, refused_by: tuple[str, ...]) -> TransitionResult:
-    """Fail over after a definitive refusal: the next channel that has not refused this order.
+def order_reallocate(
+    *, order: Order, failed_channel: str, refused_by: tuple[str, ...], refusal: str = "channel_unavailable"
+) -> TransitionResult:
+    """Fail over after a definitive refusal (`refusal`: what the channel answered, for the log):
+    the next channel that has not refused this order.
 
     Decided for the order as the caller read it (assigned to `failed_channel`): if it has moved
     on, nothing here applies. The refused channel's reservation was given back by the caller.
@@ -287,7 +290,7 @@ def order_reallocate(*, order: Order, failed_channel: str, refused_by: tuple[str
         candidates=candidates,
         seen_status=OrderStatus.ASSIGNED,
         seen_channel=failed_channel,
-        reason=f"failover from {failed_channel} (channel_unavailable) to {{channel}}",
+        reason=f"failover from {failed_channel} ({refusal[:80]}) to {{channel}}",
     )
     if result is not None:
         return result

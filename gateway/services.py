@@ -227,7 +227,12 @@ def _charge_record(
         )
         # Decided for the order as read before the call (assigned to this channel): if a racing
         # copy has moved it on, the failover and any failure decided here change nothing.
-        return order_reallocate(order=order, failed_channel=attempt.channel, refused_by=refused_by)
+        return order_reallocate(
+            order=order,
+            failed_channel=attempt.channel,
+            refused_by=refused_by,
+            refusal=result.error or "refused",
+        )
     unknown = result.outcome == ChargeOutcome.UNKNOWN
     with transaction.atomic():
         if attempt.status == A.SENDING:

@@ -9,7 +9,7 @@ from django.db import connection
 from core.logging import request_id_var
 from gateway import services
 from gateway.models import ChargeAttempt
-from gateway.providers.base import ChargeOutcome
+from gateway.providers.base import ChargeOutcome, ChargeResult
 from orders.models import Order, OrderTransition, OutboxEvent
 from tests.stub_provider import assigned_order, path, stored_webhook
 
@@ -394,3 +394,15 @@ def test_a_paid_word_for_a_refused_charge_does_not_break_the_live_one(stub, chan
     order.refresh_from_db()
     assert (order.status, order.outcome, order.channel) == ("paid", "paid", "stub-2")
     assert "confirm.paid_after_refusal" in [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+
+
+@pytest.mark.django_db
+def test_a_failover_says_what_the_channel_answered(stub, channels):
+    # given stub-1 refusing the charge request as invalid (nothing processed)
+    stub.answers["stub-1"] = ChargeResult(ChargeOutcome.REJECTED, http_status=400, error="invalid_request")
+    order = assigned_order()
+    # when
+    services.order_charge(order_id=order.pk)
+    # then the transition log says why (before: "(channel_unavailable)" whatever the answer was)
+    failover = OrderTransition.objects.get(order=order, from_status="assigned", to_status="assigned")
+    assert failover.reason == "failover from stub-1 (invalid_request) to stub-2"
