@@ -1,9 +1,11 @@
 """The gateway service: charge exactly once, learn outcomes from webhooks or polling (SPEC 5)."""
 
+import functools
 import json
 import logging
 import random
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -426,7 +428,18 @@ def order_confirm(
             return None
         order = attempt.order
         if attempt.status == A.REJECTED:
-            return _word_after_refusal(attempt=attempt, status=status, source=source)
+            return _word_after_refusal(
+                noun="charge",
+                log_prefix="confirm",
+                money_word="paid",
+                status=status,
+                source=source,
+                channel=attempt.channel,
+                current=order.status,
+                shown_channel=order.channel,
+                record=functools.partial(order_signal_ignored, order_id=order.pk),
+                extra={"order_id": str(order.pk)},
+            )
         if provider_reference and not attempt.provider_reference:
             # The provider named its charge first here (a lost create answer, a declined Stripe
             # charge whose error named no PaymentIntent): record it on the attempt.
@@ -483,25 +496,36 @@ def order_confirm(
     return result
 
 
-def _word_after_refusal(*, attempt: ChargeAttempt, status: str, source: str) -> TransitionResult:
-    """The provider refused this charge request as charging nothing (the order failed over, or
-    failed), and now gives a final word about it. The refusal decided the order and stays as it
-    was; "failed" agrees with it, but "paid" says money may have been taken on a charge we were
-    told never happened: recorded on the order and logged loudly, for an operator to settle with
-    the provider (and refund there if the money was taken)."""
-    order = attempt.order
-    extra = {"order_id": str(order.pk), "channel": attempt.channel, "status": status, "source": source}
-    if status != "paid":
-        logger.info("confirm.refused_attempt_word", extra=extra)
-        return TransitionResult(False, order.status, order.channel)
-    order_signal_ignored(
-        order_id=order.pk,
-        current=order.status,
-        to=OrderStatus.PAID,
-        reason=f"provider says paid via {source} for a charge {attempt.channel} refused: ask the provider",
-    )
-    logger.error("confirm.paid_after_refusal", extra=extra)
-    return TransitionResult(False, order.status, order.channel)
+def _word_after_refusal(
+    *,
+    noun: str,
+    log_prefix: str,
+    money_word: str,
+    status: str,
+    source: str,
+    channel: str,
+    current: str,
+    shown_channel: str | None,
+    record: Callable[..., None],
+    extra: dict,
+) -> TransitionResult:
+    """The provider refused this charge or refund request for good (nothing was charged or
+    refunded: the order failed over or failed, the refund failed and its amount became refundable
+    again), and now gives a final word about it. The refusal decided and stays as it was; a
+    "failed" agrees with it, but `money_word` ("paid", "succeeded") says money may have moved on a
+    request we were told never happened: recorded as an ignored signal (`record`) and logged at
+    ERROR, for an operator to settle with the provider."""
+    extra = {**extra, "channel": channel, "status": status, "source": source}
+    if status == money_word:
+        record(
+            current=current,
+            to=money_word,
+            reason=f"provider says {status} via {source} for a {noun} {channel} refused: ask the provider",
+        )
+        logger.error(f"{log_prefix}.{money_word}_after_refusal", extra=extra)
+    else:
+        logger.info(f"{log_prefix}.refused_attempt_word", extra=extra)
+    return TransitionResult(False, current, shown_channel)
 
 
 class WebhookChannelMismatch(Exception):
@@ -955,7 +979,18 @@ def refund_confirm(
             )
             return None
         if attempt.status == RA.REJECTED:
-            return _refund_word_after_refusal(attempt=attempt, status=status, source=source)
+            return _word_after_refusal(
+                noun="refund",
+                log_prefix="refund_confirm",
+                money_word=RS.SUCCEEDED,
+                status=status,
+                source=source,
+                channel=attempt.channel,
+                current=refund_fields(refund_id=attempt.refund_id, fields=("id", "status")).status,
+                shown_channel=attempt.channel,
+                record=functools.partial(refund_signal_ignored, refund_id=attempt.refund_id),
+                extra={"refund_id": str(attempt.refund_id)},
+            )
         if channel is not None and (attempt.channel, attempt.provider) != (channel, provider):
             logger.warning(
                 "refund_confirm.channel_mismatch",
@@ -1003,32 +1038,6 @@ def refund_confirm(
             if status == RS.FAILED
             else None,
         )
-
-
-def _refund_word_after_refusal(*, attempt: RefundAttempt, status: str, source: str) -> TransitionResult:
-    """The provider refused this refund request for good (nothing refunded: the refund failed and
-    its amount became refundable again), and now gives a final word about it. The refusal stays;
-    "succeeded" says money may have gone back on a refund we answered failed (and whose amount
-    another refund may take): recorded on the refund and logged loudly, for an operator to settle
-    with the provider."""
-    refund = refund_fields(refund_id=attempt.refund_id, fields=("id", "status"))
-    extra = {
-        "refund_id": str(attempt.refund_id),
-        "channel": attempt.channel,
-        "status": status,
-        "source": source,
-    }
-    if status != RS.SUCCEEDED:
-        logger.info("refund_confirm.refused_attempt_word", extra=extra)
-        return TransitionResult(False, refund.status, attempt.channel)
-    refund_signal_ignored(
-        refund_id=attempt.refund_id,
-        current=refund.status,
-        to=RS.SUCCEEDED,
-        reason=f"provider says succeeded via {source} for a refund {attempt.channel} refused: ask it",
-    )
-    logger.error("refund_confirm.succeeded_after_refusal", extra=extra)
-    return TransitionResult(False, refund.status, attempt.channel)
 
 
 def refund_poll(*, refund_id) -> TransitionResult | None:

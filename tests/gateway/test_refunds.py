@@ -119,16 +119,34 @@ def test_a_refund_refused_for_good_fails_and_gives_its_amount_back(stub, channel
 
 
 @pytest.mark.django_db
-def test_a_503_every_time_fails_after_the_bound_with_nothing_refunded(stub, channels, settings):
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (UNAVAILABLE, "The provider refused the refund: channel_unavailable."),
+        # never reached (before: "The provider refused the refund", which it never heard of)
+        (
+            RefundResult(ChargeOutcome.REJECTED, error="not sent: ConnectionError", retry=True),
+            "The refund could not be sent to the provider (not sent: ConnectionError).",
+        ),
+    ],
+    ids=["503", "never-sent"],
+)
+def test_a_refund_refused_or_unsent_every_time_fails_after_the_bound_with_nothing_refunded(
+    stub, channels, settings, answer, message
+):
     settings.REFUND_MAX_SENDS = 3
     order = _paid_order(stub)
     refund = _refund(order)
-    stub.refund_answers = [UNAVAILABLE] * 3
+    stub.refund_answers = [answer] * 3
     for _ in range(3):
         _time_passes(refund)
         services.refund_send(refund_id=refund.pk)
     failed = Refund.objects.get(pk=refund.pk)
-    assert (failed.status, failed.failure_code) == ("failed", "channel_unavailable")
+    assert (failed.status, failed.failure_code, failed.failure_message) == (
+        "failed",
+        "channel_unavailable",
+        message,
+    )
     assert len(stub.refund_calls) == 3
 
 
@@ -285,20 +303,3 @@ def test_a_refund_webhook_naming_another_order_settles_nothing(stub, channels):
         channel="stub-1", provider="stub", order_id=str(order.pk),
     )  # fmt: skip
     assert Refund.objects.get(pk=refund.pk).status == "succeeded"
-
-
-@pytest.mark.django_db
-def test_a_refund_never_sent_is_not_said_to_be_refused_by_the_provider(stub, channels, settings):
-    settings.REFUND_MAX_SENDS = 2
-    order = _paid_order(stub)
-    refund = _refund(order)
-    never_sent = RefundResult(ChargeOutcome.REJECTED, error="not sent: ConnectionError", retry=True)
-    stub.refund_answers = [never_sent] * 2
-    for _ in range(2):
-        _time_passes(refund)
-        services.refund_send(refund_id=refund.pk)
-    failed = Refund.objects.get(pk=refund.pk)
-    assert (failed.status, failed.failure_code) == ("failed", "channel_unavailable")
-    assert (
-        failed.failure_message == "The refund could not be sent to the provider (not sent: ConnectionError)."
-    )
