@@ -978,6 +978,17 @@ def refund_confirm(
                 extra={"idempotency_key": idempotency_key, "order_id": order_id},
             )
             return None
+        if channel is not None and (attempt.channel, attempt.provider) != (channel, provider):
+            logger.warning(
+                "refund_confirm.channel_mismatch",
+                extra={
+                    "refund_id": str(attempt.refund_id),
+                    "channel": channel,
+                    "attempt_channel": attempt.channel,
+                },
+            )
+            return None
+        # (after the signer check: only the channel that refused may contradict its refusal)
         if attempt.status == RA.REJECTED:
             return _word_after_refusal(
                 noun="refund",
@@ -991,16 +1002,6 @@ def refund_confirm(
                 record=functools.partial(refund_signal_ignored, refund_id=attempt.refund_id),
                 extra={"refund_id": str(attempt.refund_id)},
             )
-        if channel is not None and (attempt.channel, attempt.provider) != (channel, provider):
-            logger.warning(
-                "refund_confirm.channel_mismatch",
-                extra={
-                    "refund_id": str(attempt.refund_id),
-                    "channel": channel,
-                    "attempt_channel": attempt.channel,
-                },
-            )
-            return None
         settled = attempt.status in (RA.SUCCEEDED, RA.FAILED)
         first = (
             first_word(order_id=attempt.order_id, idempotency_key=idempotency_key)

@@ -264,7 +264,21 @@ def test_a_succeeded_word_for_a_refused_refund_changes_nothing_and_is_shown_loud
         RefundResult(ChargeOutcome.REJECTED, http_status=400, error="amount_exceeds_charge")
     ]
     services.refund_send(refund_id=refund.pk)
-    # when the provider then says, signed, that it refunded after all
+    # when another channel's provider claims it (its secret did not sign this refund's channel)
+    assert (
+        services.refund_confirm(
+            idempotency_key=f"refund:{refund.pk}",
+            status="succeeded",
+            source="provider webhook",
+            channel="stub-2",
+            provider="stub",
+            order_id=str(order.pk),
+        )
+        is None
+    )
+    # then nothing is recorded (before this was checked second: a stranger's word raised the alarm)
+    assert not IgnoredSignal.objects.filter(refund=refund).exists()
+    # when the provider that refused then says, signed, that it refunded after all
     result = services.refund_confirm(
         idempotency_key=f"refund:{refund.pk}", status="succeeded", source="provider webhook",
         channel="stub-1", provider="stub", order_id=str(order.pk),
