@@ -229,8 +229,9 @@ def _receiver_keys(merchant_id) -> list[str]:
 
 
 def _struggling_keys() -> list[str]:
-    """The CALLBACK_STRUGGLING_CONCURRENCY slots every struggling receiver's callbacks share."""
-    return [f"callbacks.struggling:{n}" for n in range(settings.CALLBACK_STRUGGLING_CONCURRENCY)]
+    """The CALLBACK_STRUGGLING_CONCURRENCY slots every struggling receiver's callbacks share (at
+    least one: with none, a receiver that failed once would never be tried again)."""
+    return [f"callbacks.struggling:{n}" for n in range(max(1, settings.CALLBACK_STRUGGLING_CONCURRENCY))]
 
 
 @contextmanager
