@@ -432,6 +432,10 @@ class StripeAdapter(ProviderAdapter):
         signature = {k.lower(): v for k, v in headers.items()}.get("stripe-signature", "")
         if not signature or len(signature) > 4096:
             raise InvalidWebhook("no Stripe-Signature")
+        if not signature.isascii():
+            # The library compares with `hmac.compare_digest`, which raises TypeError on non-ASCII
+            # text: a signature is hex, so such a header is refused before it gets there.
+            raise InvalidWebhook("Stripe-Signature is not ASCII")
         try:
             payload = body.decode("utf-8")
         except UnicodeDecodeError as exc:

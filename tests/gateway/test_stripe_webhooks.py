@@ -84,8 +84,20 @@ def test_the_signer_is_the_channel_whose_secret_verifies(channels):
         sign("{}", "whsec_not_ours"),
         "garbage",
         "t=" + "9" * 5000,
+        f"t={int(time.time())},v1=\u00e9",
+        f"t={int(time.time())},v1=\u00ff" + "0" * 63,
     ],
-    ids=["absent", "empty", "wrong", "of another body", "unknown secret", "garbage", "huge"],
+    ids=[
+        "absent",
+        "empty",
+        "wrong",
+        "of another body",
+        "unknown secret",
+        "garbage",
+        "huge",
+        "non-ASCII",
+        "latin-1",
+    ],
 )
 def test_a_signature_that_does_not_verify_is_invalid(channels, signature):
     body = event("event_payment_intent_succeeded")
@@ -222,8 +234,10 @@ def test_another_stripe_channel_cannot_speak_for_this_ones_charge(paid_stripe_or
         (b"", "t=1,v1=00"),
         (b"{" * 60000, "t=1,v1=00"),
         (b'{"object":"event"}', "t=abc,v1=\x00"),
+        # What a WSGI server makes of the bytes `v1=\xc3\xa9` (each byte a latin-1 character).
+        (b"{}", f"t={int(time.time())},v1=\u00c3\u00a9"),
     ],
-    ids=["binary", "binary unsigned", "empty", "deep", "bad header"],
+    ids=["binary", "binary unsigned", "empty", "deep", "bad header", "non-ASCII header"],
 )
 def test_garbage_is_a_4xx_json_error_never_a_500(channels, body, signature):
     response = post(body, signature)
