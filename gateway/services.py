@@ -188,10 +188,16 @@ def _charge_answer_late(*, order: Order, attempt: ChargeAttempt, result: ChargeR
 
     Settled (paid or failed): the provider's webhook or a poll told us first, as when the request
     timed out after the charge was made (SPEC 5, row 62) - expected, and the attempt keeps that
-    word. Refused: another copy recorded a refusal of this very attempt while the provider
-    accepted it here - never expected (the lease keeps copies apart), so shown loudly.
+    word. Shown loudly when the answer, which is the provider's word on our own request, disagrees
+    with what settled it: another charge reference (the webhook was about a charge that is not
+    ours), or "failed" where the attempt was settled paid ("paid" where it was settled failed is
+    the confirm's to tell, as for any source). Refused: another copy recorded a refusal of this
+    very attempt while the provider accepted it here - never expected (the lease keeps copies
+    apart), so shown loudly too.
     """
-    status = ChargeAttempt.objects.filter(pk=attempt.pk).values_list("status", flat=True).first()
+    status, reference = ChargeAttempt.objects.filter(pk=attempt.pk).values_list(
+        "status", "provider_reference"
+    ).first() or (None, "")
     extra = {
         "order_id": str(order.pk),
         "channel": attempt.channel,
@@ -200,6 +206,11 @@ def _charge_answer_late(*, order: Order, attempt: ChargeAttempt, result: ChargeR
     }
     if status == A.REJECTED:
         logger.error("charge.answer_conflict", extra=extra)
+    elif result.provider_reference and reference and result.provider_reference != reference:
+        extra.update(provider_reference=result.provider_reference, attempt_reference=reference)
+        logger.error("charge.answer_names_another_charge", extra=extra)
+    elif result.status == "failed" and status == A.PAID:
+        logger.error("charge.answer_failed_after_paid", extra=extra)
     else:
         logger.info("charge.answer_after_settlement", extra=extra)
 
@@ -440,6 +451,17 @@ def order_confirm(
                 record=functools.partial(order_signal_ignored, order_id=order.pk),
                 extra={"order_id": str(order.pk)},
             )
+        word = A.PAID if status == "paid" else A.FAILED
+        if attempt.status in (A.PAID, A.FAILED) and attempt.status != word:
+            # Late, and contradicting how the charge was settled: changes nothing (the transition
+            # below records it as ignored), not even the references. "paid" on a charge settled
+            # failed may mean money taken on an order the merchant was told failed.
+            provider_reference = ""
+            if word == A.PAID:
+                logger.error(
+                    "confirm.paid_after_failed",
+                    extra={"order_id": str(order_id), "channel": attempt.channel, "source": source},
+                )
         if provider_reference and not attempt.provider_reference:
             # The provider named its charge first here (a lost create answer, a declined Stripe
             # charge whose error named no PaymentIntent): record it on the attempt.
@@ -532,22 +554,32 @@ class WebhookChannelMismatch(Exception):
     """A verified webhook about a charge that another channel or provider made."""
 
 
-def webhook_receive(*, provider: str, event: WebhookEvent) -> bool:
-    """Store a verified provider webhook once. True when it is new (and must be confirmed).
+# The attempt a webhook names, with what it is for: the amount and currency of the order (a
+# charge) or of the refund, and the status a contradicting word would be recorded against.
+_WEBHOOK_ATTEMPT_SQL = {
+    "charge": "SELECT a.channel, a.provider, a.provider_reference, o.amount, o.currency, o.status,"
+    " a.order_id, NULL FROM gateway_chargeattempt a JOIN orders_order o ON o.id = a.order_id"
+    " WHERE a.idempotency_key = %s",
+    "refund": "SELECT a.channel, a.provider, a.provider_reference, a.amount, a.currency, r.status,"
+    " a.order_id, a.refund_id FROM gateway_refundattempt a JOIN orders_refund r ON r.id = a.refund_id"
+    " WHERE a.idempotency_key = %s",
+}
+
+
+def webhook_receive(*, provider: str, event: WebhookEvent) -> bool | None:
+    """Store a verified provider webhook once. True when it is new (and must be confirmed), False
+    for a duplicate, None for a word about another charge or refund than the one it names.
 
     A channel's secret vouches for that channel's charges only: a webhook about another
-    channel's attempt raises `WebhookChannelMismatch` and stores nothing.
+    channel's attempt raises `WebhookChannelMismatch` and stores nothing. A word whose amount,
+    currency or provider reference is not the attempt's (a PaymentIntent another system on the
+    account tagged with our metadata) stores nothing either: it is recorded as an ignored signal
+    and logged at ERROR, for an operator to ask the provider.
     """
-    # A refund's webhook names the refund's own key; a charge's the charge's.
-    table = "gateway_refundattempt" if event.kind == "refund" else "gateway_chargeattempt"
     with connection.cursor() as cursor:
-        prepared.execute(
-            cursor,
-            f"SELECT channel, provider FROM {table} WHERE idempotency_key = %s",
-            [event.idempotency_key],
-        )
+        prepared.execute(cursor, _WEBHOOK_ATTEMPT_SQL[event.kind], [event.idempotency_key])
         row = cursor.fetchone()
-        if row is not None and tuple(row) != (event.channel, provider):
+        if row is not None and (row[0], row[1]) != (event.channel, provider):
             logger.warning(
                 "webhook.channel_mismatch",
                 extra={
@@ -559,6 +591,9 @@ def webhook_receive(*, provider: str, event: WebhookEvent) -> bool:
                 },
             )
             raise WebhookChannelMismatch(event.idempotency_key)
+        if row is not None and (mismatch := _not_this_attempt(event, *row[2:5])):
+            _webhook_not_this_attempt(event, mismatch, current=row[5], order_id=row[6], refund_id=row[7])
+            return None
         prepared.execute(
             cursor,
             "INSERT INTO gateway_providerwebhook (provider, webhook_id, order_id, event_type,"
@@ -577,6 +612,40 @@ def webhook_receive(*, provider: str, event: WebhookEvent) -> bool:
             ],
         )
         return cursor.fetchone() is not None
+
+
+def _not_this_attempt(event: WebhookEvent, reference: str, amount: int, currency: str) -> str:
+    """What says the event is about another charge or refund than its attempt's, or ""."""
+    if event.amount is not None and event.amount != amount:
+        return f"the provider's amount is {event.amount}, ours {amount}"
+    if event.currency and event.currency != currency:
+        return f"the provider's currency is {event.currency}, ours {currency}"
+    if event.provider_reference and reference and event.provider_reference != reference:
+        return f"the provider names {event.provider_reference[:40]}, ours is {reference[:40]}"
+    return ""
+
+
+def _webhook_not_this_attempt(
+    event: WebhookEvent, mismatch: str, *, current: str, order_id, refund_id
+) -> None:
+    noun = "refund" if refund_id is not None else "charge"
+    reason = f"provider says {event.status} via provider webhook, not about this {noun} ({mismatch})"
+    reason += ": ask the provider"
+    if refund_id is not None:
+        refund_signal_ignored(refund_id=refund_id, current=current, to=event.status, reason=reason)
+    else:
+        order_signal_ignored(order_id=order_id, current=current, to=event.status, reason=reason)
+    logger.error(
+        "webhook.not_this_attempt",
+        extra={
+            "order_id": str(order_id),
+            "kind": event.kind,
+            "channel": event.channel,
+            "status": event.status,
+            "webhook_id": event.webhook_id,
+            "reason": mismatch,
+        },
+    )
 
 
 _FIRST_WORD_SQL = (
@@ -1003,6 +1072,13 @@ def refund_confirm(
                 extra={"refund_id": str(attempt.refund_id)},
             )
         settled = attempt.status in (RA.SUCCEEDED, RA.FAILED)
+        if attempt.status == RA.FAILED and status == RS.SUCCEEDED:
+            # Late and contradicting: changes nothing (recorded as ignored below), but the failed
+            # refund's amount became refundable again, so money may be refunded twice.
+            logger.error(
+                "refund_confirm.succeeded_after_failed",
+                extra={"refund_id": str(attempt.refund_id), "channel": attempt.channel, "source": source},
+            )
         first = (
             first_word(order_id=attempt.order_id, idempotency_key=idempotency_key)
             if channel and not settled

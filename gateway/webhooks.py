@@ -83,6 +83,10 @@ def provider_webhook(request: HttpRequest, provider: str) -> JsonResponse:
         return error_response(
             403, "channel_mismatch", "The signing channel did not make the charge this webhook is about."
         )
+    if new is None:
+        # Authentic, and about another amount or charge than the one it names: recorded for an
+        # operator and acknowledged, so the provider does not send it again for days.
+        return JsonResponse({"received": True, "duplicate": False, "ignored": True})
     logger.info(
         "webhook.received",
         extra={

@@ -48,6 +48,10 @@ class WebhookEvent:
     provider_reference: str
     payload: dict
     kind: str = "charge"  # "charge" | "refund"
+    # What the provider says the charge or refund is for, when its event says it (minor units, and
+    # the ISO code in upper case): a word about another amount is not about our charge or refund.
+    amount: int | None = None
+    currency: str = ""
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,20 @@ class MalformedWebhook(InvalidWebhook):
 
 class IgnoredWebhook(Exception):
     """Authentic, but not about anything we act on (another event type, a charge not ours): 2xx."""
+
+
+def money_named(obj: dict) -> tuple[int | None, str]:
+    """(amount, currency) of a provider's charge or refund object, or (None, "") where it names
+    none; `MalformedWebhook` for an amount that is not a whole number or a currency that is not
+    three letters."""
+    amount, currency = obj.get("amount"), obj.get("currency")
+    if amount is not None and (type(amount) is not int or not 0 <= amount <= 10**15):
+        raise MalformedWebhook("amount is not a whole number of minor units")
+    if currency is not None and not (
+        isinstance(currency, str) and len(currency) == 3 and currency.isascii() and currency.isalpha()
+    ):
+        raise MalformedWebhook("currency is not a three-letter code")
+    return amount, (currency or "").upper()
 
 
 class ProviderError(Exception):

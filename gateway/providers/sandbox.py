@@ -35,6 +35,7 @@ from gateway.providers.base import (
     RefundResult,
     StatusResult,
     WebhookEvent,
+    money_named,
     register,
 )
 
@@ -482,6 +483,7 @@ def _verified_event(payload: dict, channel_code: str, headers: dict[str, str]) -
         raise MalformedWebhook("body holds NUL bytes or invalid text")
     data = payload["data"]
     webhook_id = {k.lower(): v for k, v in headers.items()}.get("webhook-id", "")
+    amount, currency = money_named(data)
     return WebhookEvent(
         webhook_id=_text({"webhook-id": webhook_id}, "webhook-id", 128),
         event_type=event_type,
@@ -493,6 +495,8 @@ def _verified_event(payload: dict, channel_code: str, headers: dict[str, str]) -
         provider_reference=_text(data, "id", 128, required=False),
         payload=payload,
         kind=kind,
+        amount=amount,
+        currency=currency,
     )
 
 

@@ -49,6 +49,7 @@ from gateway.providers.base import (
     RefundResult,
     StatusResult,
     WebhookEvent,
+    money_named,
     register,
 )
 from gateway.providers.sandbox import (
@@ -509,6 +510,7 @@ def verified_event(payload: str, signers: list[str]) -> WebhookEvent:
     failure_code = ""
     if status == "failed":
         failure_code = decline_code(intent.get("last_payment_error"))
+    amount, currency = money_named(intent)
     return WebhookEvent(
         webhook_id=event_id,
         event_type=event_type,
@@ -519,6 +521,8 @@ def verified_event(payload: str, signers: list[str]) -> WebhookEvent:
         failure_code=failure_code,
         provider_reference=reference,
         payload=event,
+        amount=amount,
+        currency=currency,
     )
 
 
@@ -549,6 +553,7 @@ def _refund_event(event: dict, event_id: str, event_type: str, signers: list[str
     # A refund's key does not name its channel: of those whose secret verified, the one sent it.
     refund_channel = channel_of_refund(idempotency_key=attempt)
     channel = refund_channel if refund_channel in signers else signers[0]
+    amount, currency = money_named(refund)
     return WebhookEvent(
         webhook_id=event_id,
         event_type=event_type,
@@ -560,6 +565,8 @@ def _refund_event(event: dict, event_id: str, event_type: str, signers: list[str
         provider_reference=reference,
         payload=event,
         kind="refund",
+        amount=amount,
+        currency=currency,
     )
 
 

@@ -19,7 +19,7 @@ from allocation.services import order_allocate
 from gateway import services
 from gateway.models import ChargeAttempt
 from gateway.providers import base
-from gateway.providers.base import ChargeOutcome
+from gateway.providers.base import ChargeOutcome, ChargeResult
 from orders.models import Order, OrderTransition
 from tests.factories import ChannelFactory, OrderFactory, make_merchant
 from tests.stub_provider import StubProvider, assigned_order, path
@@ -275,6 +275,43 @@ def test_a_timeout_answered_after_the_webhook_settled_the_charge_is_no_alarm(gat
     events = [(record.levelname, record.getMessage()) for record in caplog.records]
     assert ("INFO", "charge.answer_after_settlement") in events, events
     assert not [record for record in caplog.records if record.levelno >= 40], events
+
+
+@pytest.mark.parametrize(
+    ("webhook_said", "answer_said", "alarms"),
+    [
+        ("paid", "failed", ["charge.answer_names_another_charge"]),
+        ("failed", "paid", ["charge.answer_names_another_charge", "confirm.paid_after_failed"]),
+    ],
+)
+@pytest.mark.django_db(transaction=True)
+def test_a_charge_answer_naming_another_charge_than_the_word_that_settled_it_is_an_alarm(
+    gated, caplog, webhook_said, answer_said, alarms
+):
+    """A provider's signed word tagged with our order and attempt, about a charge that is not
+    ours (another system on the same Stripe account), outruns our own charge's answer and settles
+    the order. The answer, which names our own charge, then disagrees: shown loudly (before: an
+    INFO line), since the merchant may have been told "failed" with the money taken."""
+    # given a charge whose call stays inside the provider, which will answer with its own charge
+    ChannelFactory(code="stub-1", provider="stub", priority=1)
+    gated.answers["stub-1"] = ChargeResult(
+        ChargeOutcome.ACCEPTED, provider_reference="ch_ours", http_status=201, status=answer_said
+    )
+    order = assigned_order("stub-1")
+    _reserve(order, "stub-1")
+    y, y_result = _in_thread(services.order_charge, order_id=order.pk)
+    assert gated.entered.wait(30)
+    # when a word about someone else's charge settles it meanwhile, and our answer then comes back
+    services.order_confirm(
+        order_id=order.pk, idempotency_key=f"{order.pk}:stub-1", status=webhook_said, source="webhook",
+        provider_reference="ch_someone_elses",
+    )  # fmt: skip
+    gated.release.set()
+    y.join(30)
+    # then the first word stands (SPEC 1), and an operator is told
+    assert not isinstance(y_result[0], BaseException), y_result
+    assert Order.objects.get(pk=order.pk).outcome == webhook_said
+    assert [r.getMessage() for r in caplog.records if r.levelno >= 40] == alarms
 
 
 @pytest.mark.django_db

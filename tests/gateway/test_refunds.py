@@ -298,6 +298,28 @@ def test_a_succeeded_word_for_a_refused_refund_changes_nothing_and_is_shown_loud
 
 
 @pytest.mark.django_db
+def test_a_succeeded_word_for_a_declined_refund_changes_nothing_and_is_shown_loudly(stub, channels, caplog):
+    # given a refund the provider declined (failed: its amount is refundable again)
+    order = _paid_order(stub)
+    refund = _refund(order)
+    services.refund_send(refund_id=refund.pk)
+    key = f"refund:{refund.pk}"
+    services.refund_confirm(idempotency_key=key, status="failed", source="poll")
+    assert Refund.objects.get(pk=refund.pk).status == "failed"
+    # when its provider then says it succeeded after all
+    services.refund_confirm(
+        idempotency_key=key, status="succeeded", source="provider webhook", channel="stub-1", provider="stub"
+    )
+    # then the refund stays failed (SPEC 10), recorded as ignored, and an operator is told
+    # loudly: the same amount may be refunded again (before: an INFO line only)
+    assert Refund.objects.get(pk=refund.pk).status == "failed"
+    assert IgnoredSignal.objects.filter(refund=refund, requested_status="succeeded").count() == 1
+    assert "refund_confirm.succeeded_after_failed" in [
+        r.getMessage() for r in caplog.records if r.levelname == "ERROR"
+    ]
+
+
+@pytest.mark.django_db
 def test_a_refund_webhook_naming_another_order_settles_nothing(stub, channels):
     # given a refund in flight, and another order of the same channel
     order, other = _paid_order(stub), _paid_order(stub)

@@ -61,6 +61,8 @@ def test_payment_intent_succeeded_is_paid_for_the_attempt_in_its_metadata(channe
         "evt_3QxS2vLkdIwHu7ix0tq3Sx1Y",
         "pi_3QxS2vLkdIwHu7ix0b7mYqLx",
     )
+    # what the PaymentIntent is for, compared with the order before the word is stored
+    assert (parsed.amount, parsed.currency) == (1050, "USD")
 
 
 def test_payment_intent_payment_failed_is_failed_with_the_decline_code(channels):
@@ -182,6 +184,18 @@ def paid_stripe_order(channels):
 def post(body: bytes | str, signature: str | None):
     headers = {"HTTP_STRIPE_SIGNATURE": signature} if signature is not None else {}
     return APIClient().post(URL, body, content_type="application/json", **headers)
+
+
+def test_a_signed_intent_for_another_amount_is_acknowledged_and_not_stored(paid_stripe_order):
+    # Stripe's signature, our order and attempt in the metadata, and a PaymentIntent of 1 JPY on a
+    # 1050 USD order: another system's charge, not this order's (before: it settled the order)
+    payload = json.loads(event("event_payment_intent_payment_failed", order_id=str(paid_stripe_order.pk)))
+    payload["data"]["object"].update(amount=1, currency="jpy")
+    body = json.dumps(payload)
+    response = post(body, sign(body))
+    assert (response.status_code, response.json()["ignored"]) == (200, True)
+    assert ProviderWebhook.objects.count() == 0
+    assert paid_stripe_order.ignored_signals.get().requested_status == "failed"
 
 
 def test_a_forged_signature_is_400_and_changes_nothing(paid_stripe_order):

@@ -468,3 +468,47 @@ def test_production_starts_with_a_sandbox_secret_of_its_own():
     loaded = _production_settings_load("a-secret-of-our-own-" + "x" * 20)
     # Other settings may be required too: this one, at least, is not what stops it.
     assert "SANDBOX_SECRET" not in loaded.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (lambda data: data.update(amount=data["amount"] + 1), "amount"),
+        (lambda data: data.update(currency="JPY"), "currency"),
+        (lambda data: data.update(id="ch_someone_elses"), "names ch_someone_elses"),
+    ],
+    ids=["another amount", "another currency", "another charge"],
+)
+def test_a_signed_word_about_another_charge_changes_nothing_and_is_shown(
+    processing_order, redis_client, caplog, change, said
+):
+    # given a charge whose reference we know, and a word signed by its channel that names its
+    # attempt but another amount, currency or charge (another system tagged its charge with our
+    # metadata; before: applied as this charge's word)
+    ChargeAttempt.objects.filter(order=processing_order).update(provider_reference="ch_ours")
+    payload = json.loads(event_body(processing_order))
+    change(payload["data"])
+    body = json.dumps(payload, separators=(",", ":"))
+    # when
+    response = post(body, signed_headers(body, secret=secret_of("sandbox-a")))
+    # then it is acknowledged, stored as no word and handed to no stage; the order stays
+    assert (response.status_code, response.json()) == (
+        200,
+        {"received": True, "duplicate": False, "ignored": True},
+    )
+    assert ProviderWebhook.objects.count() == 0
+    assert confirm_messages(redis_client, processing_order) == []
+    fresh = Order.objects.get(pk=processing_order.pk)
+    assert (fresh.status, fresh.outcome) == ("processing", None)
+    # and an operator is shown it: on the order, and as an error to alert on
+    [signal] = IgnoredSignal.objects.filter(order=processing_order)
+    assert signal.requested_status == "paid" and said in signal.reason and "ask the provider" in signal.reason
+    assert "webhook.not_this_attempt" in [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_a_word_without_a_reference_of_ours_yet_is_checked_by_amount_only(processing_order, redis_client):
+    # The charge's answer has not come back yet (no reference stored): the word names the charge.
+    body = event_body(processing_order)
+    response = post(body, signed_headers(body, secret=secret_of("sandbox-a")))
+    assert response.json() == {"received": True, "duplicate": False}
+    assert [m["provider_reference"] for m in confirm_messages(redis_client, processing_order)] == ["ch_test"]

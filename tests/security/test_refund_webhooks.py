@@ -258,3 +258,22 @@ def test_a_stripe_refund_event_not_signed_with_the_endpoint_secret_is_400(stripe
     assert ProviderWebhook.objects.count() == 0
     assert confirm_messages(redis_client, stripe_refund.order) == []
     assert Refund.objects.get(pk=stripe_refund.pk).status == "processing"
+
+
+def test_a_signed_refund_word_about_another_amount_changes_nothing_and_is_shown(
+    processing_refund, redis_client, caplog
+):
+    # given a refund of 400, and a word signed by its channel about a refund of 1000 under its key
+    payload = json.loads(refund_body(processing_refund))
+    payload["data"]["amount"] = 1000
+    body = json.dumps(payload, separators=(",", ":"))
+    # when
+    response = post(body, signed_headers(body, secret=secret_of("sandbox-a")))
+    # then nothing is stored or handed on, the refund stays, and an operator is shown it
+    assert response.json() == {"received": True, "duplicate": False, "ignored": True}
+    assert ProviderWebhook.objects.count() == 0
+    assert confirm_messages(redis_client, processing_refund.order) == []
+    assert Refund.objects.get(pk=processing_refund.pk).status == "pending"
+    [signal] = processing_refund.ignored_signals.all()
+    assert signal.requested_status == "succeeded" and "amount is 1000, ours 400" in signal.reason
+    assert "webhook.not_this_attempt" in [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
