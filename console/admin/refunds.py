@@ -6,7 +6,7 @@ import uuid
 
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.http import HttpResponseNotAllowed, HttpResponseRedirect
+from django.http import Http404, HttpResponseNotAllowed, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
 
@@ -113,7 +113,11 @@ def order_refund_view(model_admin: admin.ModelAdmin, request, object_id: str):
         return HttpResponseNotAllowed(["POST"])
     if not request.user.has_perm(REFUND_PERMISSION):
         raise PermissionDenied
-    order = get_object_or_404(Order.objects.select_related("merchant"), pk=object_id)
+    try:
+        order_id = uuid.UUID(object_id)
+    except ValueError:
+        raise Http404("No such order.") from None
+    order = get_object_or_404(Order.objects.select_related("merchant"), pk=order_id)
     back = HttpResponseRedirect(reverse("admin:orders_order_change", args=[order.pk]))
     form_key = request.POST.get("refund_key", "")
     if not _FORM_KEY.fullmatch(form_key):

@@ -90,11 +90,28 @@ def test_garbage_query_strings_and_ids_never_give_a_500(console, name, route):
                 problems.append(f"GET {view} {object_id[:40]} -> {response.status_code}")
     # ids as they arrive in the path, undecoded ("%C2%B2" is "²", "%D9%A1" an Arabic-Indic one:
     # both are digits to str.isdigit()), on the object pages and the console's own views
-    for raw in ("%00", "%ff", "x%00y", "%2e%2e", "1%0a2", "%C2%B2", "1%C2%B2", "%D9%A1"):
+    raws = (
+        "%00",
+        "%ff",
+        "x%00y",
+        "%2e%2e",
+        "1%0a2",
+        "%C2%B2",
+        "1%C2%B2",
+        "%D9%A1",
+        "nope",
+        "a/b/c",
+        "%3Cs%3E",
+    )
+    for raw in raws:
         for view in ("change", "history", "delete", "credentials", "refund"):
             response = console.get(f"{changelist}{raw}/{view}/")
             if response.status_code >= 500:
                 problems.append(f"GET raw {raw}/{view}/ -> {response.status_code}")
+        for view in ("credentials", "refund"):  # the console's own views, which act on a POST
+            response = console.post(f"{changelist}{raw}/{view}/", {"amount": "1"})
+            if response.status_code >= 500:
+                problems.append(f"POST raw {raw}/{view}/ -> {response.status_code}")
     # an action on ids no checkbox carries
     page = console.get(changelist)
     assert page.status_code == 200, f"{name}: the operator does not see the list ({page.status_code})"
