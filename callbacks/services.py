@@ -95,14 +95,19 @@ WITH attempt AS (
         (delivery_id, url, attempted_at, status_code, latency_ms, error, response_excerpt)
     VALUES (%s, %s, %s, %s, %s, %s, %s)
 )
-UPDATE callbacks_callbackdelivery SET {sets} WHERE id = %s
+UPDATE callbacks_callbackdelivery SET {sets} WHERE id = %s{guard}
 """
 
 
 def _record_attempt(*, attempt: list, delivery_id: int, changes: dict) -> None:
+    """Log the attempt and move its delivery on. A failure leaves a delivered delivery as it is:
+    an attempt that was still in flight when an operator's resend was delivered is history only."""
     sets = ", ".join(f"{CallbackDelivery._meta.get_field(name).column} = %s" for name in changes)
+    failed = changes.get("status") != D.DELIVERED
+    sql = _RECORD_SQL.format(sets=sets, guard=" AND status <> %s" if failed else "")
+    params = [*attempt, *changes.values(), delivery_id, *([D.DELIVERED] if failed else [])]
     with connection.cursor() as cursor:
-        prepared.execute(cursor, _RECORD_SQL.format(sets=sets), [*attempt, *changes.values(), delivery_id])
+        prepared.execute(cursor, sql, params)
 
 
 def _next_delay(attempts: int) -> float | None:

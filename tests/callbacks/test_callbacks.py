@@ -214,3 +214,61 @@ def test_a_2xx_cut_off_by_the_total_timeout_is_not_counted_as_answered_2xx():
     health = callbacks_health(since=now - timedelta(hours=1))
     # then only the clean one answered 2xx
     assert (health.attempts, health.succeeded) == (3, 1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_attempt_that_fails_after_a_resent_one_delivered_leaves_the_delivery_delivered(settings):
+    # given a receiver that holds its first request and then answers 500, and answers later ones
+    # 200 at once; and no retry left after a failure (the last attempt)
+    settings.CALLBACK_RETRY_SCHEDULE = []
+    arrived, answer_first = threading.Event(), threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            first = not arrived.is_set()
+            arrived.set()
+            if first:
+                answer_first.wait(30)
+            self.send_response(500 if first else 200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _, order = make_paid_order(f"http://127.0.0.1:{server.server_port}/hook")
+
+    def first_attempt():
+        try:
+            services.callback_deliver(order_id=order.pk)
+        finally:
+            connection.close()
+
+    try:
+        a = threading.Thread(target=first_attempt)
+        a.start()
+        assert arrived.wait(30)
+        # when an operator resends while that attempt is in flight, and the resent one is delivered
+        services.callback_resend(delivery=CallbackDelivery.objects.get(order=order))
+        assert services.callback_deliver(order_id=order.pk) is True
+        # and the first attempt's 500 comes back after
+        answer_first.set()
+        a.join(30)
+    finally:
+        answer_first.set()
+        server.shutdown()
+    # then the delivery stays delivered (before: the late failure made it exhausted, listed for an
+    # operator to resend, with the order completed)
+    delivery = CallbackDelivery.objects.get(order=order)
+    assert (delivery.status, delivery.next_attempt_at, delivery.last_error) == ("delivered", None, "")
+    assert Order.objects.get(pk=order.pk).status == "completed"
+    # and both attempts are on the record, the late one with what it got
+    assert sorted(
+        CallbackAttempt.objects.filter(delivery=delivery).values_list("status_code", flat=True)
+    ) == [
+        200,
+        500,
+    ]
