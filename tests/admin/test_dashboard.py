@@ -113,6 +113,12 @@ def test_anonymous_and_non_staff_users_are_sent_to_the_login(client, django_user
     assert response.status_code == 302 and response["Location"].startswith("/admin/login/")
 
 
+def test_staff_who_may_not_view_orders_do_not_see_the_dashboard(staff):
+    # before: any staff user saw order ids, references and merchants' callback errors on it
+    assert staff().get(URL).status_code == 403
+    assert staff("orders.view_order").get(URL).status_code == 200
+
+
 def test_dashboard_answers_when_a_rabbitmq_broker_cannot_be_reached(operator, settings):
     """The queue depths are then unknown (kombu's own error, not Redis's), and the page still answers."""
     settings.CELERY_BROKER_URL = "amqp://guest:guest@127.0.0.1:1//"  # nothing listens there
