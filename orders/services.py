@@ -112,18 +112,43 @@ def merchant_rotate_api_key(*, merchant: Merchant) -> str:
 
 
 def merchant_rotate_webhook_secret(*, merchant: Merchant) -> str:
-    """A new secret; the old one keeps signing beside it for a day so receivers can switch."""
+    """A new secret; the old one keeps signing beside it for a day so receivers can switch.
+
+    "The old one" is the secret the merchant had before a rotation began: rotated again within
+    that day (a second click, two operators at once), the new secret replaces the one just made,
+    and the merchant's old secret still signs until its day is over, instead of being dropped at
+    once. Rotations of one merchant run one at a time (the row is locked), so none is lost.
+    """
     secret = _new_webhook_secret()
-    merchant.previous_webhook_secret_encrypted = merchant.webhook_secret_encrypted
-    merchant.previous_webhook_secret_expires_at = timezone.now() + WEBHOOK_SECRET_OVERLAP
-    merchant.webhook_secret_encrypted = crypto.encrypt(secret)
-    merchant.save(
-        update_fields=[
-            "webhook_secret_encrypted",
-            "previous_webhook_secret_encrypted",
-            "previous_webhook_secret_expires_at",
-        ]
-    )
+    now = timezone.now()
+    with transaction.atomic():
+        row = (
+            Merchant.objects.select_for_update()
+            .only(
+                "webhook_secret_encrypted",
+                "previous_webhook_secret_encrypted",
+                "previous_webhook_secret_expires_at",
+            )
+            .get(pk=merchant.pk)
+        )
+        expires = row.previous_webhook_secret_expires_at
+        if not (row.previous_webhook_secret_encrypted and expires and expires > now):
+            row.previous_webhook_secret_encrypted = row.webhook_secret_encrypted
+            row.previous_webhook_secret_expires_at = now + WEBHOOK_SECRET_OVERLAP
+        row.webhook_secret_encrypted = crypto.encrypt(secret)
+        row.save(
+            update_fields=[
+                "webhook_secret_encrypted",
+                "previous_webhook_secret_encrypted",
+                "previous_webhook_secret_expires_at",
+            ]
+        )
+    for name in (
+        "webhook_secret_encrypted",
+        "previous_webhook_secret_encrypted",
+        "previous_webhook_secret_expires_at",
+    ):
+        setattr(merchant, name, getattr(row, name))
     logger.info("merchant.webhook_secret_rotated", extra={"merchant": str(merchant.id)})
     return secret
 

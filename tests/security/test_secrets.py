@@ -23,7 +23,7 @@ from callbacks import http as callback_http
 from callbacks.services import callback_deliver
 from core import crypto
 from orders.models import Merchant, Order
-from orders.services import merchant_rotate_api_key, merchant_rotate_webhook_secret
+from orders.services import merchant_rotate_api_key, merchant_rotate_webhook_secret, merchant_signing_secrets
 from tests.factories import make_paid
 from tests.logs import console_output
 
@@ -374,3 +374,19 @@ def test_without_keys_where_they_are_required_nothing_is_encrypted_under_a_deriv
 
     with pytest.raises(ImproperlyConfigured):
         crypto.encrypt("whsec_x")
+
+
+@pytest.mark.django_db
+def test_a_second_rotation_within_the_day_keeps_the_merchants_old_secret_signing():
+    # given a merchant whose receiver knows its secret
+    out = io.StringIO()
+    call_command("create_merchant", "acme", stdout=out)
+    creds = json.loads(out.getvalue())
+    # when its secret is rotated twice within the day (a second click, a second operator)
+    merchant_rotate_webhook_secret(merchant=Merchant.objects.get(pk=creds["id"]))
+    second = merchant_rotate_webhook_secret(merchant=Merchant.objects.get(pk=creds["id"]))
+    # then callbacks are signed with the newest and still with the one the receiver knows
+    # (before: with the newest and the first rotation's, which nobody may have; the merchant's
+    # receiver refused every callback at once)
+    merchant = Merchant.objects.get(pk=creds["id"])
+    assert merchant_signing_secrets(merchant=merchant) == [second, creds["webhook_secret"]]
