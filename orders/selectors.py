@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cache
 
+from django.conf import settings
 from django.db import connection
 from django.db.models import Count, QuerySet, Sum
 from django.db.models.functions import TruncMinute
@@ -182,9 +183,11 @@ class StuckOrder:
 
 
 def orders_stuck(*, overdue_before: datetime, limit: int = 50) -> list[StuckOrder]:
-    """Orders that need a person: the sweep gave up on them, or their check is long overdue.
+    """Orders that need a person: the sweep gave up on them, their check is long overdue, or the
+    provider has not settled their charge in many status checks.
 
-    The first read uses the partial index on open orders, the second the one on next_check_at.
+    The first and third reads use the partial index on open orders, the second the one on
+    next_check_at.
     """
     fields = (
         "id",
@@ -205,10 +208,28 @@ def orders_stuck(*, overdue_before: datetime, limit: int = 50) -> list[StuckOrde
     overdue = (
         Order.objects.filter(next_check_at__lt=overdue_before).order_by("next_check_at").only(*fields)[:limit]
     )
+    # A provider that has not settled a charge after a quarter of the status checks (about 1.5 h
+    # with production's schedule) is still asked, for hours yet: worth a person asking it too.
+    unanswered = (
+        Order.objects.filter(
+            status=OrderStatus.PROCESSING,
+            next_check_at__isnull=False,
+            check_count__gte=max(1, settings.POLL_MAX_COUNT // 4),
+        )
+        .order_by("created_at")
+        .only(*fields)[:limit]
+    )
     result = [
         StuckOrder(order, "the sweep gave up: nothing more will happen by itself") for order in given_up
     ]
     result += [StuckOrder(order, "its next check is overdue: is beat running?") for order in overdue]
+    result += [
+        StuckOrder(
+            order, f"the provider has not settled it in {order.check_count} status checks: still asking"
+        )
+        for order in unanswered
+        if order.next_check_at >= overdue_before  # not listed twice
+    ]
     return result[:limit]
 
 

@@ -80,8 +80,22 @@ def test_an_overdue_order_is_listed_as_stuck(operator, make_order):
     assert [(s.order.pk, "overdue" in s.why) for s in stuck] == [(late.pk, True)]
 
 
+def test_an_order_the_provider_has_not_settled_in_many_checks_is_listed(operator, make_order, settings):
+    # given two processing orders still polled: one checked a few times, one many times
+    settings.POLL_MAX_COUNT = 20
+    early, long_unanswered = make_order(OrderStatus.PROCESSING), make_order(OrderStatus.PROCESSING)
+    soon = timezone.now() + timedelta(minutes=30)
+    Order.objects.filter(pk=early.pk).update(check_count=4, next_check_at=soon)
+    Order.objects.filter(pk=long_unanswered.pk).update(check_count=5, next_check_at=soon)
+    # when an operator opens the dashboard
+    stuck = operator.get(URL).context["stuck"]
+    # then the long-unanswered one is listed, saying the provider is still asked (before: only a
+    # count of processing orders, for the ~16 h until the sweep gave up on it)
+    assert [(s.order.pk, "5 status checks" in s.why) for s in stuck] == [(long_unanswered.pk, True)]
+
+
 # Session, user, then one query per number or list on the page (see console/dashboard.py).
-DASHBOARD_QUERIES = 18  # + refunds by status, refunded amount by currency
+DASHBOARD_QUERIES = 19  # + refunds by status, refunded amount by currency, unanswered charges
 
 
 def test_dashboard_query_count_does_not_grow_with_orders(operator, django_assert_num_queries):
