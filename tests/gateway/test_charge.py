@@ -337,22 +337,27 @@ def test_a_late_word_after_the_charge_settled_is_recorded_as_what_it_said(stub, 
     assert order.ignored_signals.filter(requested_status="failed").count() == 1
 
 
-@pytest.mark.django_db
-def test_a_paid_word_for_a_declined_charge_changes_nothing_and_is_shown_loudly(stub, channels, caplog):
-    # given an order whose charge the provider declined
+def _paid_word_after_a_decline(reference: str) -> tuple[Order, str]:
+    """An order whose charge the provider declined, then a signed paid word about it naming `reference`."""
     order = assigned_order()
     services.order_charge(order_id=order.pk)
     key = f"{order.pk}:stub-1"
     _confirm(order, key, "failed", "card_declined")
-    # when a paid word about it comes later, naming a charge reference
     services.order_confirm(
         order_id=order.pk, idempotency_key=key, status="paid", source="provider webhook",
-        channel="stub-1", provider="stub", provider_reference="ch_contradiction",
+        channel="stub-1", provider="stub", provider_reference=reference,
     )  # fmt: skip
+    order.refresh_from_db()
+    return order, key
+
+
+@pytest.mark.django_db
+def test_a_paid_word_for_a_declined_charge_changes_nothing_and_is_shown_loudly(stub, channels, caplog):
+    # given a declined charge, when a paid word about it comes later naming a charge reference
+    order, key = _paid_word_after_a_decline("ch_contradiction")
     # then the outcome stays failed (SPEC 1), the contradicting word leaves no reference behind,
     # and an operator is told loudly: money may have been taken on an order said to have failed
     # (before: an INFO line, and the word's reference written on the failed order)
-    order.refresh_from_db()
     assert (order.status, order.outcome) == ("failed", "failed")
     assert order.provider_reference == f"ch_{key}"
     assert ChargeAttempt.objects.get(idempotency_key=key).provider_reference == f"ch_{key}"
@@ -363,20 +368,11 @@ def test_a_paid_word_for_a_declined_charge_changes_nothing_and_is_shown_loudly(s
 @pytest.mark.django_db
 def test_a_contradicting_word_writes_no_reference_where_none_was_known(stub, channels):
     # given a declined charge whose answer named no charge reference (a declined Stripe charge's
-    # error may name none)
+    # error may name none), when a paid word names a charge
     stub.answers["stub-1"] = ChargeResult(ChargeOutcome.ACCEPTED, http_status=201)
-    order = assigned_order()
-    services.order_charge(order_id=order.pk)
-    key = f"{order.pk}:stub-1"
-    _confirm(order, key, "failed", "card_declined")
-    # when a paid word names a charge
-    services.order_confirm(
-        order_id=order.pk, idempotency_key=key, status="paid", source="provider webhook",
-        channel="stub-1", provider="stub", provider_reference="ch_someone_elses",
-    )  # fmt: skip
+    order, key = _paid_word_after_a_decline("ch_someone_elses")
     # then the failed order does not take it as its charge (before: it did, and a refund would
     # have gone to it)
-    order.refresh_from_db()
     assert (order.outcome, order.provider_reference) == ("failed", None)
     assert ChargeAttempt.objects.get(idempotency_key=key).provider_reference == ""
 
