@@ -42,6 +42,15 @@ class ClientFaultLine(logging.Filter):
         return True
 
 
+class ServerErrorsOnly(logging.Filter):
+    """For `django.request`: its lines for 4xx answers ("Bad Request: /path" at WARNING, with no
+    request or order id) are dropped; RequestIdMiddleware logs each as `http.client_error` with
+    both. Its 5xx lines (ERROR, with the traceback) pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(record, "status_code", 500) >= 500
+
+
 # --- redaction ---------------------------------------------------------------------------------
 
 REDACTED = "[redacted]"

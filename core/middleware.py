@@ -2,6 +2,8 @@
 
 import io
 import ipaddress
+import json
+import logging
 import re
 
 from django.conf import settings
@@ -14,11 +16,21 @@ from core.http_codes import ERROR_CODES, error_body
 from core.logging import new_request_id, request_id_var
 from core.ratelimit import window_count
 
+logger = logging.getLogger(__name__)
+
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 class RequestIdMiddleware:
-    """Takes X-Request-Id from the client when it is sane, else makes one; echoes it back."""
+    """Takes X-Request-Id from the client when it is sane, else makes one; echoes it back.
+
+    A 4xx answer (what a client sent) is logged here, while the request id is still the
+    context's: one INFO line `http.client_error` with the request id, the error's code and the
+    order id its path names, so a merchant quoting the request id of a refused request finds it.
+    Django's own WARNING for it ("Conflict: /path", mostly written after this middleware has
+    returned, so without either id) is dropped (`core.logging.ServerErrorsOnly`). A 5xx keeps
+    Django's ERROR line with its traceback, written inside the request, with the request id.
+    """
 
     def __init__(self, get_response):
         self.get_response = get_response
@@ -30,10 +42,42 @@ class RequestIdMiddleware:
         token = request_id_var.set(request_id)
         try:
             response = self.get_response(request)
+            if 400 <= response.status_code < 500:
+                _log_client_error(request, response)
         finally:
             request_id_var.reset(token)
         response["X-Request-Id"] = request_id
         return response
+
+
+# An order's id in an API or console path: /api/v1/orders/<id>/..., /admin/orders/order/<id>/...
+_ORDER_IN_PATH = re.compile(
+    r"/orders/(?:order/)?([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})(?:/|$)"
+)
+
+
+def _log_client_error(request: HttpRequest, response: HttpResponse) -> None:
+    extra = {"method": request.method[:16], "path": request.path[:200], "status_code": response.status_code}
+    if match := _ORDER_IN_PATH.search(request.path):
+        extra["order_id"] = match.group(1).lower()
+    code = _error_code(response)
+    if code:
+        extra["code"] = code
+    logger.info("http.client_error", extra=extra)
+
+
+def _error_code(response: HttpResponse) -> str:
+    """The `error.code` of one of our JSON error bodies, or "" (a streamed, foreign or huge one)."""
+    if getattr(response, "streaming", False) or "json" not in response.get("Content-Type", ""):
+        return ""
+    content = response.content
+    if len(content) > 64 * 1024:
+        return ""
+    try:
+        code = json.loads(content)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return ""
+    return code[:64] if isinstance(code, str) else ""
 
 
 def error_response(status: int, code: str, message: str, fields: dict | None = None) -> JsonResponse:

@@ -273,6 +273,7 @@ LOGGING = {
     "filters": {
         "context": {"()": "core.logging.ContextFilter"},
         "client_fault_line": {"()": "core.logging.ClientFaultLine"},
+        "server_errors_only": {"()": "core.logging.ServerErrorsOnly"},
     },
     "formatters": {
         "json": {
@@ -291,6 +292,8 @@ LOGGING = {
         "gunicorn.access": {"level": "WARNING"},
         # A request for a Host not in ALLOWED_HOSTS (a JSON 400): one line, no traceback.
         "django.security.DisallowedHost": {"filters": ["client_fault_line"]},
+        # 4xx answers are logged by RequestIdMiddleware, with the request and order ids.
+        "django.request": {"filters": ["server_errors_only"]},
     },
 }
 

@@ -119,3 +119,37 @@ def test_the_api_and_the_console_never_log_keys_or_secrets(api, merchant_creds, 
         assert secret not in output  # ...without their values
     assert "whsec_" not in output.replace("whsec_[redacted]", "")
     assert "sk_" not in output.replace(f"sk_{merchant.api_key_prefix}_[redacted]", "")
+
+
+def test_a_refused_request_is_one_info_line_with_its_request_id_code_and_order(api, log_lines):
+    # given an order that cannot be refunded yet (pending)
+    order_id = api.post(
+        "/api/v1/orders",
+        {"amount": 1050, "currency": "USD", "reference": "log-refused"},
+        format="json",
+        HTTP_IDEMPOTENCY_KEY="log-refused",
+    ).json()["id"]
+    # when the merchant asks for a refund, naming its request, and sends garbage elsewhere
+    refused = api.post(
+        f"/api/v1/orders/{order_id}/refunds",
+        {"amount": 1},
+        format="json",
+        HTTP_IDEMPOTENCY_KEY="refund-1",
+        HTTP_X_REQUEST_ID="merchant-req-1",
+    )
+    assert refused.status_code == 409
+    assert api.get("/api/v1/orders?status=nope", HTTP_X_REQUEST_ID="merchant-req-2").status_code == 400
+    # then each is one INFO line, found by the request id the merchant quotes, with the error's
+    # code and the order its path names (before: Django's WARNING "Conflict: /api/v1/...", with
+    # no request id, no order id and no code)
+    lines = log_lines()
+    refusals = {
+        line["request_id"]: (line["level"], line["status_code"], line["code"], line.get("order_id"))
+        for line in lines
+        if line["event"] == "http.client_error"
+    }
+    assert refusals == {
+        "merchant-req-1": ("INFO", 409, "order_not_refundable", order_id),
+        "merchant-req-2": ("INFO", 400, "invalid_request", None),
+    }
+    assert not [line for line in lines if line["logger"] == "django.request"]
