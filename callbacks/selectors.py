@@ -43,6 +43,11 @@ def deliveries_exhausted(*, limit: int = 50) -> list[CallbackDelivery]:
     )
 
 
+def deliveries_exhausted_count() -> int:
+    """How many deliveries are exhausted (the delivery_exhausted partial index)."""
+    return CallbackDelivery.objects.filter(status=D.EXHAUSTED).count()
+
+
 def callback_attempts_for_order(*, order_id, limit: int = 100) -> list[CallbackAttempt]:
     """An order's callback attempts, newest first."""
     return list(

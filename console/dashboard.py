@@ -30,6 +30,7 @@ from orders.selectors import (
     orders_open_by_status,
     orders_per_minute,
     orders_stuck,
+    orders_stuck_counts,
     orders_total_estimate,
     outbox_backlog,
     refunded_by_currency,
@@ -39,6 +40,8 @@ from orders.selectors import (
 WINDOW = timedelta(hours=1)
 # An order whose next check is this far in the past is not being swept: beat or workers are down.
 OVERDUE_GRACE = timedelta(minutes=2)
+# The oldest this many of each kind of order that needs a person are listed (all are counted).
+STUCK_SHOWN = 50
 OPEN_STATUSES = (
     OrderStatus.PENDING,
     OrderStatus.ASSIGNED,
@@ -100,7 +103,9 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "channels": channels,
         "outbox_backlog": outbox_backlog(),
         "queues": queues,
-        "stuck": orders_stuck(overdue_before=now - OVERDUE_GRACE),
+        "stuck": orders_stuck(overdue_before=now - OVERDUE_GRACE, limit=STUCK_SHOWN),
+        "stuck_counts": orders_stuck_counts(overdue_before=now - OVERDUE_GRACE),
+        "stuck_shown": STUCK_SHOWN,
         "exhausted": deliveries_exhausted(limit=20),
         "refunds": [(s, refund_counts.get(s, 0)) for s in ("pending", "processing", "succeeded", "failed")],
         "refunded": sorted(refunded_by_currency().items()),

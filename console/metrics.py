@@ -20,6 +20,7 @@ import redis
 from django.conf import settings
 from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse
+from django.utils import timezone
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 
@@ -42,10 +43,14 @@ class _DatabaseCounts:
         self._value: tuple | None = None
         self._read_at = 0.0
 
-    def get(self) -> tuple[int, dict[str, int], dict[str, int], dict[str, int]]:
-        """(outbox backlog, open orders by status, refunds by status, refunded amount by currency)."""
+    def get(self) -> tuple[int, dict[str, int], dict[str, int], dict[str, int], dict[str, int], int]:
+        """(outbox backlog, open orders by status, refunds by status, refunded amount by currency,
+        orders that need a person by why, exhausted callback deliveries)."""
+        from callbacks.selectors import deliveries_exhausted_count
+        from console.dashboard import OVERDUE_GRACE
         from orders.selectors import (
             orders_open_by_status,
+            orders_stuck_counts,
             outbox_backlog,
             refunded_by_currency,
             refunds_by_status,
@@ -59,6 +64,8 @@ class _DatabaseCounts:
                     orders_open_by_status(),
                     refunds_by_status(),
                     refunded_by_currency(),
+                    orders_stuck_counts(overdue_before=timezone.now() - OVERDUE_GRACE),
+                    deliveries_exhausted_count(),
                 )
                 self._read_at = now
             return self._value
@@ -81,7 +88,7 @@ class SystemCollector:
 
     def _database(self):
         try:
-            backlog, counts, refunds, refunded = database_counts.get()
+            backlog, counts, refunds, refunded, stuck, exhausted = database_counts.get()
         except DatabaseError as exc:
             logger.warning("metrics.database_unavailable", extra={"error": repr(exc)})
             yield _scrape_error("database")
@@ -109,6 +116,22 @@ class SystemCollector:
         for currency, total in sorted(refunded.items()):
             refunded_gauge.add_metric([currency], total)
         yield refunded_gauge
+        # What an on-call alert wants: the dashboard's two lists of work for a person.
+        stuck_gauge = GaugeMetricFamily(
+            "orders_needing_a_person",
+            "Orders the dashboard lists as needing a person: the sweep gave up (gave_up), their check"
+            " is overdue (overdue: beat or workers down), the provider has not settled the charge in a"
+            " quarter of the status checks (unanswered).",
+            labels=["why"],
+        )
+        for why in ("gave_up", "overdue", "unanswered"):
+            stuck_gauge.add_metric([why], stuck.get(why, 0))
+        yield stuck_gauge
+        yield GaugeMetricFamily(
+            "callback_deliveries_exhausted",
+            "Callback deliveries that ran out of attempts, waiting for an operator's resend.",
+            value=exhausted,
+        )
 
     def _queues(self):
         try:

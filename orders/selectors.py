@@ -182,13 +182,26 @@ class StuckOrder:
     why: str
 
 
-def orders_stuck(*, overdue_before: datetime, limit: int = 50) -> list[StuckOrder]:
-    """Orders that need a person: the sweep gave up on them, their check is long overdue, or the
-    provider has not settled their charge in many status checks.
+def _stuck(overdue_before: datetime) -> dict[str, QuerySet]:
+    """The orders that need a person, by why: the sweep gave up on them (the partial index on open
+    orders), their check is long overdue (the one on next_check_at), or the provider has not
+    settled their charge in a quarter of the status checks (about 1.5 h with production's
+    schedule, and hours of asking still to come: worth a person asking it too; open orders)."""
+    return {
+        "gave_up": Order.objects.exclude(status=OrderStatus.COMPLETED)
+        .filter(next_check_at__isnull=True)
+        .order_by("created_at"),
+        "overdue": Order.objects.filter(next_check_at__lt=overdue_before).order_by("next_check_at"),
+        "unanswered": Order.objects.filter(
+            status=OrderStatus.PROCESSING,
+            next_check_at__gte=overdue_before,  # an overdue one is listed as overdue
+            check_count__gte=max(1, settings.POLL_MAX_COUNT // 4),
+        ).order_by("created_at"),
+    }
 
-    The first and third reads use the partial index on open orders, the second the one on
-    next_check_at.
-    """
+
+def orders_stuck(*, overdue_before: datetime, limit: int = 50) -> list[StuckOrder]:
+    """Orders that need a person, the oldest `limit` of each kind (`orders_stuck_counts` counts them)."""
     fields = (
         "id",
         "reference",
@@ -199,38 +212,27 @@ def orders_stuck(*, overdue_before: datetime, limit: int = 50) -> list[StuckOrde
         "next_check_at",
         "check_count",
     )
-    given_up = (
-        Order.objects.exclude(status=OrderStatus.COMPLETED)
-        .filter(next_check_at__isnull=True)
-        .order_by("created_at")
-        .only(*fields)[:limit]
-    )
-    overdue = (
-        Order.objects.filter(next_check_at__lt=overdue_before).order_by("next_check_at").only(*fields)[:limit]
-    )
-    # A provider that has not settled a charge after a quarter of the status checks (about 1.5 h
-    # with production's schedule) is still asked, for hours yet: worth a person asking it too.
-    unanswered = (
-        Order.objects.filter(
-            status=OrderStatus.PROCESSING,
-            next_check_at__isnull=False,
-            check_count__gte=max(1, settings.POLL_MAX_COUNT // 4),
-        )
-        .order_by("created_at")
-        .only(*fields)[:limit]
-    )
+    kinds = _stuck(overdue_before)
     result = [
-        StuckOrder(order, "the sweep gave up: nothing more will happen by itself") for order in given_up
+        StuckOrder(order, "the sweep gave up: nothing more will happen by itself")
+        for order in kinds["gave_up"].only(*fields)[:limit]
     ]
-    result += [StuckOrder(order, "its next check is overdue: is beat running?") for order in overdue]
+    result += [
+        StuckOrder(order, "its next check is overdue: is beat running?")
+        for order in kinds["overdue"].only(*fields)[:limit]
+    ]
     result += [
         StuckOrder(
             order, f"the provider has not settled it in {order.check_count} status checks: still asking"
         )
-        for order in unanswered
-        if order.next_check_at >= overdue_before  # not listed twice
+        for order in kinds["unanswered"].only(*fields)[:limit]
     ]
-    return result[:limit]
+    return result
+
+
+def orders_stuck_counts(*, overdue_before: datetime) -> dict[str, int]:
+    """How many orders need a person, by why (the keys of `_stuck`), through the same indexes."""
+    return {kind: queryset.order_by().count() for kind, queryset in _stuck(overdue_before).items()}
 
 
 def refunds_by_status() -> dict[str, int]:

@@ -94,8 +94,27 @@ def test_an_order_the_provider_has_not_settled_in_many_checks_is_listed(operator
     assert [(s.order.pk, "5 status checks" in s.why) for s in stuck] == [(long_unanswered.pk, True)]
 
 
+def test_the_heading_counts_every_order_that_needs_a_person_beyond_those_listed(
+    operator, make_order, settings, monkeypatch
+):
+    # given three processing orders the provider has not settled in many checks, and a list of 2
+    settings.POLL_MAX_COUNT = 20
+    monkeypatch.setattr("console.dashboard.STUCK_SHOWN", 2)
+    soon = timezone.now() + timedelta(minutes=30)
+    for _ in range(3):
+        order = make_order(OrderStatus.PROCESSING)
+        Order.objects.filter(pk=order.pk).update(check_count=6, next_check_at=soon)
+    # when an operator opens the dashboard
+    response = operator.get(URL)
+    # then the heading says three, the oldest two are listed, and it says so (before: "(2)")
+    html = response.content.decode()
+    assert len(response.context["stuck"]) == 2
+    assert "Orders that need a person (3)" in html
+    assert "provider not settling: 3" in html and "the oldest 2 of each are listed" in html
+
+
 # Session, user, then one query per number or list on the page (see console/dashboard.py).
-DASHBOARD_QUERIES = 19  # + refunds by status, refunded amount by currency, unanswered charges
+DASHBOARD_QUERIES = 22  # + refunds by status, refunded amount by currency, unanswered charges, 3 counts
 
 
 def test_dashboard_query_count_does_not_grow_with_orders(operator, django_assert_num_queries):

@@ -146,3 +146,35 @@ def test_an_empty_multiprocess_directory_variable_means_in_process_metrics(tmp_p
     )
     assert result.stdout.strip() == "MutexValue"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.django_db
+def test_the_orders_that_need_a_person_and_exhausted_callbacks_are_gauges(client, settings):
+    # given one order of each kind the dashboard lists for a person, and an exhausted callback
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from callbacks.models import CallbackDelivery
+    from orders.models import Order
+    from tests.factories import OrderFactory
+
+    settings.POLL_MAX_COUNT = 20
+    before = scrape(client)
+    now = timezone.now()
+    gave_up, overdue, unanswered = (OrderFactory(status="processing", channel="sandbox-a") for _ in range(3))
+    Order.objects.filter(pk=gave_up.pk).update(next_check_at=None)
+    Order.objects.filter(pk=overdue.pk).update(next_check_at=now - timedelta(minutes=10))
+    Order.objects.filter(pk=unanswered.pk).update(next_check_at=now + timedelta(minutes=30), check_count=5)
+    CallbackDelivery.objects.create(
+        order=gave_up, event_type="order.paid", webhook_id="msg_exhausted", status="exhausted", attempts=7
+    )
+    # when scraped, then each is counted where an alert can see it (before: only on the dashboard,
+    # whose list stopped at 50)
+    after = scrape(client)
+    for why in ("gave_up", "overdue", "unanswered"):
+        assert (
+            value(after, "orders_needing_a_person", why=why)
+            == value(before, "orders_needing_a_person", why=why) + 1
+        )
+    assert value(after, "callback_deliveries_exhausted") == value(before, "callback_deliveries_exhausted") + 1
