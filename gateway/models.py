@@ -112,6 +112,9 @@ class ProviderWebhook(models.Model):
     idempotency_key = models.CharField(max_length=128, default="", blank=True)
     status = models.CharField(max_length=16, default="", blank=True)
     failure_code = models.CharField(max_length=64, default="", blank=True)
+    # The provider's id of the charge or refund the word is about, when it names one: a word held
+    # while our request was in flight is checked against the id our answer names (services).
+    provider_reference = models.CharField(max_length=128, default="", blank=True)
     payload = models.JSONField()
     received_at = models.DateTimeField(auto_now_add=True)
 

@@ -1,5 +1,6 @@
 """The gateway service: charge exactly once, learn outcomes from webhooks or polling (SPEC 5)."""
 
+import enum
 import functools
 import json
 import logging
@@ -240,20 +241,22 @@ def _charge_record(
         )
         # Decided for the order as read before the call (assigned to this channel): if a racing
         # copy has moved it on, the failover and any failure decided here change nothing.
-        return order_reallocate(
+        moved = order_reallocate(
             order=order,
             failed_channel=attempt.channel,
             refused_by=refused_by,
             refusal=result.error or "refused",
         )
+        if refused_here:
+            # A word the provider gave about the request it now refuses contradicts the refusal.
+            _release_held_words(order_id=order.pk, attempt=attempt, reference="")
+        return moved
     unknown = result.outcome == ChargeOutcome.UNKNOWN
+    held = 0
     with transaction.atomic():
         if attempt.status == A.SENDING:
             with connection.cursor() as cursor:
-                prepared.execute(
-                    cursor,
-                    "UPDATE gateway_chargeattempt SET status = %s, provider_reference = %s, http_status = %s,"
-                    " error = %s, lease_until = NULL WHERE id = %s AND status = %s",
+                prepared.execute(cursor, _ANSWERED_SQL,
                     [
                         A.UNKNOWN if unknown else A.ACCEPTED,
                         result.provider_reference,
@@ -262,9 +265,11 @@ def _charge_record(
                         attempt.pk,
                         A.SENDING,
                     ],
-                )
+                )  # fmt: skip
                 if cursor.rowcount == 0:
                     _charge_answer_late(order=order, attempt=attempt, result=result)
+                else:
+                    held = cursor.fetchone()[0]
         reason = (
             f"outcome unknown at {attempt.channel} ({result.error}); waiting for webhook or poll"
             if unknown
@@ -289,7 +294,7 @@ def _charge_record(
     if result.outcome == ChargeOutcome.ACCEPTED and result.status in ("paid", "failed"):
         # The provider settled the charge in the same call (Stripe confirms at once): apply its
         # word now rather than wait for the webhook, which then finds the order settled.
-        return (
+        transition = (
             order_confirm(
                 order_id=order.pk,
                 idempotency_key=attempt.idempotency_key,
@@ -300,8 +305,24 @@ def _charge_record(
             )
             or transition
         )
+    if held:
+        # Webhooks that came while the request was in flight, after our own answer's word.
+        released = _release_held_words(
+            order_id=order.pk, attempt=attempt, reference=result.provider_reference
+        )
+        return released or transition
     return transition
 
+
+# Our request's answer, recorded on the attempt that was waiting for it; with the number of
+# webhooks stored for it meanwhile (held by webhook_receive until this answer says which charge
+# is ours). The update waits for a webhook being stored (its share lock), so none is missed.
+_ANSWERED_SQL = (
+    "UPDATE gateway_chargeattempt a SET status = %s, provider_reference = %s, http_status = %s,"
+    " error = %s, lease_until = NULL WHERE id = %s AND status = %s"
+    " RETURNING (SELECT count(*) FROM gateway_providerwebhook w"
+    "  WHERE w.order_id = a.order_id AND w.idempotency_key = a.idempotency_key AND w.status <> '')"
+)
 
 _ATTEMPT_SQL = (
     "SELECT a.id, a.status, a.channel, a.order_id, o.status, o.channel, o.request_id, a.provider,"
@@ -555,31 +576,54 @@ class WebhookChannelMismatch(Exception):
 
 
 # The attempt a webhook names, with what it is for: the amount and currency of the order (a
-# charge) or of the refund, and the status a contradicting word would be recorded against.
+# charge) or of the refund, the status a contradicting word would be recorded against, and the
+# attempt's own status. Share-locked: a charge answer's record (SENDING -> answered, in
+# `_charge_record`) waits for a webhook being stored, and the other way round, so a word held
+# while our request was in flight is never missed by the answer that releases it.
 _WEBHOOK_ATTEMPT_SQL = {
     "charge": "SELECT a.channel, a.provider, a.provider_reference, o.amount, o.currency, o.status,"
-    " a.order_id, NULL FROM gateway_chargeattempt a JOIN orders_order o ON o.id = a.order_id"
-    " WHERE a.idempotency_key = %s",
+    " a.order_id, NULL, a.status FROM gateway_chargeattempt a JOIN orders_order o ON o.id = a.order_id"
+    " WHERE a.idempotency_key = %s FOR SHARE OF a",
     "refund": "SELECT a.channel, a.provider, a.provider_reference, a.amount, a.currency, r.status,"
-    " a.order_id, a.refund_id FROM gateway_refundattempt a JOIN orders_refund r ON r.id = a.refund_id"
-    " WHERE a.idempotency_key = %s",
+    " a.order_id, a.refund_id, a.status FROM gateway_refundattempt a"
+    " JOIN orders_refund r ON r.id = a.refund_id WHERE a.idempotency_key = %s FOR SHARE OF a",
 }
 
 
-def webhook_receive(*, provider: str, event: WebhookEvent) -> bool | None:
-    """Store a verified provider webhook once. True when it is new (and must be confirmed), False
-    for a duplicate, None for a word about another charge or refund than the one it names.
+class Receipt(enum.Enum):
+    """What `webhook_receive` did with a verified webhook."""
+
+    NEW = "new"  # stored: hand it to the confirm stage
+    HELD = "held"  # stored while our charge request is in flight: its answer hands it on
+    DUPLICATE = "duplicate"  # stored before under its id
+    IGNORED = "ignored"  # about no attempt of ours, or another charge or refund: not stored
+
+
+def webhook_receive(*, provider: str, event: WebhookEvent) -> Receipt:
+    """Store a verified provider webhook once, and say what to do with it (`Receipt`).
 
     A channel's secret vouches for that channel's charges only: a webhook about another
-    channel's attempt raises `WebhookChannelMismatch` and stores nothing. A word whose amount,
-    currency or provider reference is not the attempt's (a PaymentIntent another system on the
-    account tagged with our metadata) stores nothing either: it is recorded as an ignored signal
-    and logged at ERROR, for an operator to ask the provider.
+    channel's attempt raises `WebhookChannelMismatch` and stores nothing.
+
+    A word is about the charge or refund it names only if that attempt exists (it is stored
+    before any request is sent, so a provider cannot know of a charge before it) and its amount,
+    currency and provider reference are the attempt's where the event says them. Otherwise
+    (another system on a Stripe account can tag its PaymentIntents with our metadata) nothing is
+    stored; a word about another amount or charge is recorded as an ignored signal and logged at
+    ERROR, for an operator to ask the provider. A charge's word that comes while our request is
+    still in flight is stored but held (`HELD`): only the request's answer says which charge is
+    ours, and `_charge_record` hands the held words on once it has (`_release_held_words`).
     """
     with connection.cursor() as cursor:
         prepared.execute(cursor, _WEBHOOK_ATTEMPT_SQL[event.kind], [event.idempotency_key])
         row = cursor.fetchone()
-        if row is not None and (row[0], row[1]) != (event.channel, provider):
+        if row is None:
+            logger.warning(
+                "webhook.unknown_attempt",
+                extra={"order_id": event.order_id, "provider": provider, "kind": event.kind},
+            )
+            return Receipt.IGNORED
+        if (row[0], row[1]) != (event.channel, provider):
             logger.warning(
                 "webhook.channel_mismatch",
                 extra={
@@ -591,14 +635,23 @@ def webhook_receive(*, provider: str, event: WebhookEvent) -> bool | None:
                 },
             )
             raise WebhookChannelMismatch(event.idempotency_key)
-        if row is not None and (mismatch := _not_this_attempt(event, *row[2:5])):
-            _webhook_not_this_attempt(event, mismatch, current=row[5], order_id=row[6], refund_id=row[7])
-            return None
+        if mismatch := _not_this_attempt(event, *row[2:5]):
+            _not_this_attempt_shown(
+                kind=event.kind,
+                status=event.status,
+                channel=event.channel,
+                webhook_id=event.webhook_id,
+                mismatch=mismatch,
+                current=row[5],
+                order_id=row[6],
+                refund_id=row[7],
+            )
+            return Receipt.IGNORED
         prepared.execute(
             cursor,
             "INSERT INTO gateway_providerwebhook (provider, webhook_id, order_id, event_type,"
-            " idempotency_key, status, failure_code, payload, received_at)"
-            " VALUES (%s, %s, (SELECT id FROM orders_order WHERE id = %s), %s, %s, %s, %s, %s, now())"
+            " idempotency_key, status, failure_code, provider_reference, payload, received_at)"
+            " VALUES (%s, %s, (SELECT id FROM orders_order WHERE id = %s), %s, %s, %s, %s, %s, %s, now())"
             " ON CONFLICT (provider, webhook_id) DO NOTHING RETURNING id",
             [
                 provider,
@@ -608,10 +661,13 @@ def webhook_receive(*, provider: str, event: WebhookEvent) -> bool | None:
                 event.idempotency_key[:128],
                 event.status[:16],
                 (event.failure_code or "")[:64],
+                event.provider_reference[:128],
                 json.dumps(event.payload),
             ],
         )
-        return cursor.fetchone() is not None
+        if cursor.fetchone() is None:
+            return Receipt.DUPLICATE
+    return Receipt.HELD if event.kind == "charge" and row[8] == A.SENDING else Receipt.NEW
 
 
 def _not_this_attempt(event: WebhookEvent, reference: str, amount: int, currency: str) -> str:
@@ -620,32 +676,93 @@ def _not_this_attempt(event: WebhookEvent, reference: str, amount: int, currency
         return f"the provider's amount is {event.amount}, ours {amount}"
     if event.currency and event.currency != currency:
         return f"the provider's currency is {event.currency}, ours {currency}"
-    if event.provider_reference and reference and event.provider_reference != reference:
-        return f"the provider names {event.provider_reference[:40]}, ours is {reference[:40]}"
+    return _another_reference(event.provider_reference, reference)
+
+
+def _another_reference(theirs: str, ours: str) -> str:
+    if theirs and ours and theirs != ours:
+        return f"the provider names {theirs[:40]}, ours is {ours[:40]}"
     return ""
 
 
-def _webhook_not_this_attempt(
-    event: WebhookEvent, mismatch: str, *, current: str, order_id, refund_id
+def _not_this_attempt_shown(
+    *, kind: str, status: str, channel: str, webhook_id: str, mismatch: str, current: str, order_id, refund_id
 ) -> None:
+    """A provider's word about another charge or refund than its attempt's: an ignored signal on
+    the order or refund, and an ERROR line."""
     noun = "refund" if refund_id is not None else "charge"
-    reason = f"provider says {event.status} via provider webhook, not about this {noun} ({mismatch})"
+    reason = f"provider says {status} via provider webhook, not about this {noun} ({mismatch})"
     reason += ": ask the provider"
     if refund_id is not None:
-        refund_signal_ignored(refund_id=refund_id, current=current, to=event.status, reason=reason)
+        refund_signal_ignored(refund_id=refund_id, current=current, to=status, reason=reason)
     else:
-        order_signal_ignored(order_id=order_id, current=current, to=event.status, reason=reason)
+        order_signal_ignored(order_id=order_id, current=current, to=status, reason=reason)
     logger.error(
         "webhook.not_this_attempt",
         extra={
             "order_id": str(order_id),
-            "kind": event.kind,
-            "channel": event.channel,
-            "status": event.status,
-            "webhook_id": event.webhook_id,
+            "kind": kind,
+            "channel": channel,
+            "status": status,
+            "webhook_id": webhook_id,
             "reason": mismatch,
         },
     )
+
+
+# The words held while a charge request was in flight, in the order they came; those naming
+# another charge than the one the answer names are made no word first (status '': first_word and
+# this read skip them), and returned to be shown.
+_HELD_FOREIGN_SQL = (
+    "UPDATE gateway_providerwebhook SET status = '' WHERE order_id = %s AND idempotency_key = %s"
+    " AND status <> '' AND provider_reference <> '' AND provider_reference <> %s"
+    " RETURNING webhook_id, status, provider_reference"
+)
+_HELD_WORDS_SQL = (
+    "SELECT status, failure_code, provider_reference FROM gateway_providerwebhook"
+    " WHERE order_id = %s AND idempotency_key = %s AND status <> '' ORDER BY id"
+)
+
+
+def _release_held_words(*, order_id, attempt: ChargeAttempt, reference: str) -> TransitionResult | None:
+    """Hand on the webhooks that came while this attempt's request was in flight (`Receipt.HELD`),
+    now that its answer is recorded: each to `order_confirm`, as the confirm stage would have had
+    it, in the order they came (the first stored word settles; the rest are late). Where the
+    answer names its charge, a word about another one is shown, not confirmed."""
+    with connection.cursor() as cursor:
+        if reference:
+            cursor.execute(_HELD_FOREIGN_SQL, [order_id, attempt.idempotency_key, reference])
+            foreign = cursor.fetchall()
+            if foreign:
+                current = Order.objects.filter(pk=order_id).values_list("status", flat=True).get()
+            for webhook_id, status, theirs in foreign:
+                _not_this_attempt_shown(
+                    kind="charge",
+                    status=status,
+                    channel=attempt.channel,
+                    webhook_id=webhook_id,
+                    mismatch=_another_reference(theirs, reference),
+                    current=current,
+                    order_id=order_id,
+                    refund_id=None,
+                )
+        cursor.execute(_HELD_WORDS_SQL, [order_id, attempt.idempotency_key])
+        held = cursor.fetchall()
+    applied = None
+    for status, failure_code, theirs in held:
+        result = order_confirm(
+            order_id=order_id,
+            idempotency_key=attempt.idempotency_key,
+            status=status,
+            failure_code=failure_code,
+            source="provider webhook",
+            channel=attempt.channel,
+            provider=attempt.provider,
+            provider_reference=theirs,
+        )
+        if result is not None and result.applied and applied is None:
+            applied = result
+    return applied
 
 
 _FIRST_WORD_SQL = (

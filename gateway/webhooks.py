@@ -12,6 +12,7 @@ from core.middleware import error_response
 from core.tasks import stage_send
 from gateway import services
 from gateway.providers.base import IgnoredWebhook, InvalidWebhook, MalformedWebhook, get_adapter
+from gateway.services import Receipt
 from orders import events
 
 logger = logging.getLogger(__name__)
@@ -74,19 +75,22 @@ def provider_webhook(request: HttpRequest, provider: str) -> JsonResponse:
         )
     try:
         with transaction.atomic():
-            new = services.webhook_receive(provider=provider, event=event)
-            if new:
+            receipt = services.webhook_receive(provider=provider, event=event)
+            if receipt in (Receipt.NEW, Receipt.HELD):
                 transaction.on_commit(lambda: fault_point("webhook.after_store"))
+            if receipt == Receipt.NEW:
+                # (a held word is handed on by the answer of the charge request still in flight)
                 transaction.on_commit(lambda: _hand_off(event, provider))
     except services.WebhookChannelMismatch:
         # Signed by a channel that did not make this charge: it may speak only for its own.
         return error_response(
             403, "channel_mismatch", "The signing channel did not make the charge this webhook is about."
         )
-    if new is None:
-        # Authentic, and about another amount or charge than the one it names: recorded for an
-        # operator and acknowledged, so the provider does not send it again for days.
+    if receipt == Receipt.IGNORED:
+        # Authentic, and about no attempt of ours, or another amount or charge than the one it
+        # names: acknowledged, so the provider does not send it again for days.
         return JsonResponse({"received": True, "duplicate": False, "ignored": True})
+    new = receipt != Receipt.DUPLICATE
     logger.info(
         "webhook.received",
         extra={
@@ -94,6 +98,7 @@ def provider_webhook(request: HttpRequest, provider: str) -> JsonResponse:
             "provider": provider,
             "type": event.event_type,
             "duplicate": not new,
+            "held": receipt == Receipt.HELD,
         },
     )
     return JsonResponse({"received": True, "duplicate": not new})

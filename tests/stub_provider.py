@@ -83,8 +83,15 @@ def path(order: Order) -> list[tuple]:
 
 
 def stored_webhook(
-    order: Order, key: str, status: str, n: int, *, failure_code: str = "", kind: str = "charge"
-):
+    order: Order,
+    key: str,
+    status: str,
+    n: int,
+    *,
+    failure_code: str = "",
+    kind: str = "charge",
+    provider_reference: str = "",
+) -> services.Receipt:
     """A verified stub-1 webhook about `key` saying `status`, stored as the web stores one on arrival."""
     event = base.WebhookEvent(
         webhook_id=f"msg_{key}_{n}",
@@ -94,8 +101,10 @@ def stored_webhook(
         idempotency_key=key,
         channel="stub-1",
         failure_code=failure_code,
-        provider_reference="",
+        provider_reference=provider_reference,
         payload={"n": n},
         kind=kind,
     )
-    assert services.webhook_receive(provider="stub", event=event)
+    receipt = services.webhook_receive(provider="stub", event=event)
+    assert receipt in (services.Receipt.NEW, services.Receipt.HELD)
+    return receipt

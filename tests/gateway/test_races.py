@@ -17,12 +17,12 @@ from django.utils import timezone
 from allocation.models import ChannelDailyVolume, PaymentChannel
 from allocation.services import order_allocate
 from gateway import services
-from gateway.models import ChargeAttempt
+from gateway.models import ChargeAttempt, ProviderWebhook
 from gateway.providers import base
 from gateway.providers.base import ChargeOutcome, ChargeResult
 from orders.models import Order, OrderTransition
 from tests.factories import ChannelFactory, OrderFactory, make_merchant
-from tests.stub_provider import StubProvider, assigned_order, path
+from tests.stub_provider import StubProvider, assigned_order, path, stored_webhook
 
 AMOUNT = 1050
 
@@ -312,6 +312,66 @@ def test_a_charge_answer_naming_another_charge_than_the_word_that_settled_it_is_
     assert not isinstance(y_result[0], BaseException), y_result
     assert Order.objects.get(pk=order.pk).outcome == webhook_said
     assert [r.getMessage() for r in caplog.records if r.levelno >= 40] == alarms
+
+
+@pytest.mark.parametrize(
+    ("answer", "word_names", "then"),
+    [
+        (ChargeOutcome.ACCEPTED, "ch_someone_elses", ("processing", None, ["webhook.not_this_attempt"])),
+        (ChargeOutcome.ACCEPTED, "ours", ("paid", "paid", [])),
+        (ChargeOutcome.ACCEPTED, "", ("paid", "paid", [])),
+        # a timeout names no charge: the word, checked by amount on arrival, is all there is
+        (ChargeResult(ChargeOutcome.UNKNOWN, error="ReadTimeout"), "ch_elsewhere", ("paid", "paid", [])),
+        (ChargeOutcome.REJECTED, "", ("failed", "failed", ["confirm.paid_after_refusal"])),
+    ],
+    ids=["another charge", "our charge", "no charge named", "answer lost", "refused"],
+)
+@pytest.mark.django_db(transaction=True)
+def test_a_word_that_comes_while_our_request_is_in_flight_waits_for_its_answer(
+    gated, caplog, answer, word_names, then
+):
+    """A signed "paid" stored while our charge request is still waiting for its answer is held,
+    and handed on once the answer says which charge is ours: a word about another charge (another
+    system's PaymentIntent tagged with our metadata) then settles nothing and is shown (before:
+    it settled the order first, and our own answer could only raise an alarm)."""
+    # given a charge whose call stays inside the provider
+    ChannelFactory(code="stub-1", provider="stub", priority=1)
+    gated.answers["stub-1"] = answer
+    order = assigned_order("stub-1")
+    _reserve(order, "stub-1")
+    key = f"{order.pk}:stub-1"
+    y, y_result = _in_thread(services.order_charge, order_id=order.pk)
+    assert gated.entered.wait(30)
+    # when the provider's signed "paid" is stored meanwhile
+    reference = f"ch_{key}" if word_names == "ours" else word_names
+    receipt = stored_webhook(order, key, "paid", 1, provider_reference=reference)
+    # then it is held: nothing moved yet
+    assert receipt == services.Receipt.HELD
+    assert Order.objects.get(pk=order.pk).status == "assigned"
+    # and once our answer comes back, the word counts only if it is about our charge
+    gated.release.set()
+    y.join(30)
+    assert not isinstance(y_result[0], BaseException), y_result
+    status, outcome, alarms = then
+    fresh = Order.objects.get(pk=order.pk)
+    assert (fresh.status, fresh.outcome) == (status, outcome)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= 40] == alarms
+    if word_names == "ch_someone_elses" and answer == ChargeOutcome.ACCEPTED:
+        assert fresh.provider_reference == f"ch_{key}"
+        assert "not about this charge" in fresh.ignored_signals.get().reason
+
+
+def test_a_word_about_an_attempt_that_does_not_exist_is_not_stored(db, caplog):
+    # A provider can know of a charge only after our request, which its stored attempt precedes.
+    order = assigned_order("stub-1")
+    event = base.WebhookEvent(
+        webhook_id="msg_early", event_type="charge.paid", status="paid", order_id=str(order.pk),
+        idempotency_key=f"{order.pk}:stub-1", channel="stub-1", failure_code="",
+        provider_reference="ch_early", payload={}, amount=1,
+    )  # fmt: skip
+    assert services.webhook_receive(provider="stub", event=event) == services.Receipt.IGNORED
+    assert not ProviderWebhook.objects.exists()
+    assert "webhook.unknown_attempt" in [r.getMessage() for r in caplog.records]
 
 
 @pytest.mark.django_db
