@@ -27,6 +27,7 @@ from core import metrics, prepared, rows
 from core.faults import fault_point
 from core.logging import request_id_var
 from core.retention import delete_in_batches
+from core.tasks import stage_send
 from gateway.models import ChargeAttempt, RefundAttempt
 from gateway.providers.base import (
     ChargeOutcome,
@@ -37,6 +38,7 @@ from gateway.providers.base import (
     WebhookEvent,
     get_adapter,
 )
+from orders import events
 from orders.models import Order, OrderStatus, Refund, RefundStatus
 from orders.selectors import order_fields, refund_fields
 from orders.services import order_provider_reference_set, refund_retry_later
@@ -307,10 +309,7 @@ def _charge_record(
         )
     if held:
         # Webhooks that came while the request was in flight, after our own answer's word.
-        released = _release_held_words(
-            order_id=order.pk, attempt=attempt, reference=result.provider_reference
-        )
-        return released or transition
+        _release_held_words(order_id=order.pk, attempt=attempt, reference=result.provider_reference)
     return transition
 
 
@@ -710,6 +709,41 @@ def _not_this_attempt_shown(
     )
 
 
+def word_hand_off(
+    *,
+    kind: str,
+    order_id: str,
+    idempotency_key: str,
+    status: str,
+    failure_code: str,
+    webhook_id: str,
+    channel: str,
+    provider: str,
+    provider_reference: str,
+) -> None:
+    """Send a stored provider word to its confirm stage: a refund's to the refund's, a charge's to
+    the order's. Not durable (a broker down loses the message): the stored word stays, and status
+    polling settles what it would have."""
+    task = events.REFUND_CONFIRM if kind == "refund" else events.CONFIRM
+    try:
+        stage_send(
+            task,
+            {
+                "order_id": order_id,
+                "idempotency_key": idempotency_key,
+                "status": status,
+                "failure_code": failure_code,
+                "webhook_id": webhook_id,
+                # The verified channel: confirm settles only that channel's charge or refund.
+                "channel": channel,
+                "provider": provider,
+                "provider_reference": provider_reference,
+            },
+        )
+    except Exception as exc:  # broker down: the stored webhook stays, status polling settles it
+        logger.warning("webhook.handoff_failed", extra={"order_id": order_id, "error": repr(exc)})
+
+
 # The words held while a charge request was in flight, in the order they came; those naming
 # another charge than the one the answer names are made no word first (status '': first_word and
 # this read skip them), and returned to be shown.
@@ -719,16 +753,17 @@ _HELD_FOREIGN_SQL = (
     " RETURNING webhook_id, status, provider_reference"
 )
 _HELD_WORDS_SQL = (
-    "SELECT status, failure_code, provider_reference FROM gateway_providerwebhook"
+    "SELECT webhook_id, status, failure_code, provider_reference FROM gateway_providerwebhook"
     " WHERE order_id = %s AND idempotency_key = %s AND status <> '' ORDER BY id"
 )
 
 
-def _release_held_words(*, order_id, attempt: ChargeAttempt, reference: str) -> TransitionResult | None:
+def _release_held_words(*, order_id, attempt: ChargeAttempt, reference: str) -> None:
     """Hand on the webhooks that came while this attempt's request was in flight (`Receipt.HELD`),
-    now that its answer is recorded: each to `order_confirm`, as the confirm stage would have had
-    it, in the order they came (the first stored word settles; the rest are late). Where the
-    answer names its charge, a word about another one is shown, not confirmed."""
+    now that its answer is recorded: each to the confirm stage, as the web would have, in the order
+    they came (the first stored word settles; the rest are late). Where the answer names its
+    charge, a word about another one is shown, not handed on. Lost with a crash before this (the
+    words stay stored), the order is settled by status polling, as for a lost hand-off."""
     with connection.cursor() as cursor:
         if reference:
             cursor.execute(_HELD_FOREIGN_SQL, [order_id, attempt.idempotency_key, reference])
@@ -748,21 +783,18 @@ def _release_held_words(*, order_id, attempt: ChargeAttempt, reference: str) -> 
                 )
         cursor.execute(_HELD_WORDS_SQL, [order_id, attempt.idempotency_key])
         held = cursor.fetchall()
-    applied = None
-    for status, failure_code, theirs in held:
-        result = order_confirm(
-            order_id=order_id,
+    for webhook_id, status, failure_code, theirs in held:
+        word_hand_off(
+            kind="charge",
+            order_id=str(order_id),
             idempotency_key=attempt.idempotency_key,
             status=status,
             failure_code=failure_code,
-            source="provider webhook",
+            webhook_id=webhook_id,
             channel=attempt.channel,
             provider=attempt.provider,
             provider_reference=theirs,
         )
-        if result is not None and result.applied and applied is None:
-            applied = result
-    return applied
 
 
 _FIRST_WORD_SQL = (

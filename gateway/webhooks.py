@@ -9,35 +9,25 @@ from django.views.decorators.csrf import csrf_exempt
 
 from core.faults import fault_point
 from core.middleware import error_response
-from core.tasks import stage_send
 from gateway import services
 from gateway.providers.base import IgnoredWebhook, InvalidWebhook, MalformedWebhook, get_adapter
 from gateway.services import Receipt
-from orders import events
 
 logger = logging.getLogger(__name__)
 
 
 def _hand_off(event, provider: str) -> None:
-    # A refund's word goes to the refund's confirm stage, a charge's to the order's.
-    task = events.REFUND_CONFIRM if event.kind == "refund" else events.CONFIRM
-    try:
-        stage_send(
-            task,
-            {
-                "order_id": event.order_id,
-                "idempotency_key": event.idempotency_key,
-                "status": event.status,
-                "failure_code": event.failure_code,
-                "webhook_id": event.webhook_id,
-                # The verified channel: confirm settles only that channel's charge or refund.
-                "channel": event.channel,
-                "provider": provider,
-                "provider_reference": event.provider_reference,
-            },
-        )
-    except Exception as exc:  # broker down: the stored webhook stays, status polling settles it
-        logger.warning("webhook.handoff_failed", extra={"order_id": event.order_id, "error": repr(exc)})
+    services.word_hand_off(
+        kind=event.kind,
+        order_id=event.order_id,
+        idempotency_key=event.idempotency_key,
+        status=event.status,
+        failure_code=event.failure_code,
+        webhook_id=event.webhook_id,
+        channel=event.channel,
+        provider=provider,
+        provider_reference=event.provider_reference,
+    )
 
 
 @csrf_exempt

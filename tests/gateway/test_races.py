@@ -22,6 +22,7 @@ from gateway.providers import base
 from gateway.providers.base import ChargeOutcome, ChargeResult
 from orders.models import Order, OrderTransition
 from tests.factories import ChannelFactory, OrderFactory, make_merchant
+from tests.security.test_provider_webhooks import confirm_messages
 from tests.stub_provider import StubProvider, assigned_order, path, stored_webhook
 
 AMOUNT = 1050
@@ -314,27 +315,34 @@ def test_a_charge_answer_naming_another_charge_than_the_word_that_settled_it_is_
     assert [r.getMessage() for r in caplog.records if r.levelno >= 40] == alarms
 
 
+def _confirms(redis_client, order) -> list[dict]:
+    """The confirm stage's messages for `order` in the gateway queue (not its stage events)."""
+    return [m for m in confirm_messages(redis_client, order) if "idempotency_key" in m]
+
+
 @pytest.mark.parametrize(
     ("answer", "word_names", "then"),
     [
-        (ChargeOutcome.ACCEPTED, "ch_someone_elses", ("processing", None, ["webhook.not_this_attempt"])),
-        (ChargeOutcome.ACCEPTED, "ours", ("paid", "paid", [])),
-        (ChargeOutcome.ACCEPTED, "", ("paid", "paid", [])),
+        (ChargeOutcome.ACCEPTED, "ch_someone_elses", (0, "processing", None, ["webhook.not_this_attempt"])),
+        (ChargeOutcome.ACCEPTED, "ours", (1, "paid", "paid", [])),
+        (ChargeOutcome.ACCEPTED, "", (1, "paid", "paid", [])),
         # a timeout names no charge: the word, checked by amount on arrival, is all there is
-        (ChargeResult(ChargeOutcome.UNKNOWN, error="ReadTimeout"), "ch_elsewhere", ("paid", "paid", [])),
-        (ChargeOutcome.REJECTED, "", ("failed", "failed", ["confirm.paid_after_refusal"])),
+        (ChargeResult(ChargeOutcome.UNKNOWN, error="ReadTimeout"), "ch_elsewhere", (1, "paid", "paid", [])),
+        (ChargeOutcome.REJECTED, "", (1, "failed", "failed", ["confirm.paid_after_refusal"])),
     ],
     ids=["another charge", "our charge", "no charge named", "answer lost", "refused"],
 )
 @pytest.mark.django_db(transaction=True)
 def test_a_word_that_comes_while_our_request_is_in_flight_waits_for_its_answer(
-    gated, caplog, answer, word_names, then
+    gated, caplog, redis_client, answer, word_names, then
 ):
     """A signed "paid" stored while our charge request is still waiting for its answer is held,
-    and handed on once the answer says which charge is ours: a word about another charge (another
-    system's PaymentIntent tagged with our metadata) then settles nothing and is shown (before:
-    it settled the order first, and our own answer could only raise an alarm)."""
+    and handed to the confirm stage once the answer says which charge is ours: a word about
+    another charge (another system's PaymentIntent tagged with our metadata) is then shown and
+    handed to nobody (before: it settled the order first, and our own answer could only raise an
+    alarm)."""
     # given a charge whose call stays inside the provider
+    redis_client.delete("gateway")
     ChannelFactory(code="stub-1", provider="stub", priority=1)
     gated.answers["stub-1"] = answer
     order = assigned_order("stub-1")
@@ -345,18 +353,29 @@ def test_a_word_that_comes_while_our_request_is_in_flight_waits_for_its_answer(
     # when the provider's signed "paid" is stored meanwhile
     reference = f"ch_{key}" if word_names == "ours" else word_names
     receipt = stored_webhook(order, key, "paid", 1, provider_reference=reference)
-    # then it is held: nothing moved yet
+    # then it is held: nothing moved, nothing handed on
     assert receipt == services.Receipt.HELD
     assert Order.objects.get(pk=order.pk).status == "assigned"
-    # and once our answer comes back, the word counts only if it is about our charge
+    assert _confirms(redis_client, order) == []
+    # and once our answer comes back, it is handed to the confirm stage only if it may be about
+    # our charge; the confirm stage (run here as its task runs it) then settles as for any word
     gated.release.set()
     y.join(30)
     assert not isinstance(y_result[0], BaseException), y_result
-    status, outcome, alarms = then
+    handed, status, outcome, alarms = then
+    messages = _confirms(redis_client, order)
+    assert len(messages) == handed
+    for message in messages:
+        services.order_confirm(
+            order_id=message["order_id"], idempotency_key=message["idempotency_key"],
+            status=message["status"], failure_code=message["failure_code"], source="provider webhook",
+            channel=message["channel"], provider=message["provider"],
+            provider_reference=message["provider_reference"],
+        )  # fmt: skip
     fresh = Order.objects.get(pk=order.pk)
     assert (fresh.status, fresh.outcome) == (status, outcome)
     assert [r.getMessage() for r in caplog.records if r.levelno >= 40] == alarms
-    if word_names == "ch_someone_elses" and answer == ChargeOutcome.ACCEPTED:
+    if word_names == "ch_someone_elses":
         assert fresh.provider_reference == f"ch_{key}"
         assert "not about this charge" in fresh.ignored_signals.get().reason
 
