@@ -95,7 +95,8 @@ class BeatLock:
                     cursor.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,))
                     if cursor.fetchone()[0]:
                         self.held = True
-                        logger.warning("beat.lock_acquired", extra={"lock_key": LOCK_KEY})
+                        # INFO: every start takes it, and a takeover is the design working.
+                        logger.info("beat.lock_acquired", extra={"lock_key": LOCK_KEY})
         except psycopg2.Error as exc:
             event = "beat.lock_lost" if self.held else "beat.lock_unreachable"
             logger.warning(event, extra={"error": repr(exc)})

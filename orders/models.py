@@ -231,6 +231,9 @@ class IgnoredSignal(models.Model):
         # Retention (orders.services.history_prune) deletes the oldest through it.
         indexes = [models.Index(fields=["created_at"], name="ignoredsignal_created")]
 
+    def __str__(self) -> str:
+        return f"{self.status_at_signal} -> {self.requested_status}: {self.reason[:80]}"
+
 
 class OutboxEvent(models.Model):
     """An event written in the transaction of the change it announces; published after commit."""

@@ -239,10 +239,12 @@ def order_transition(
             new_channel, event_id, _ = moved
             event.payload["channel"] = new_channel
             event_written(event, event_id)
-            logger.info(
-                "order.transition",
-                extra={"order_id": str(order_id), "from": seen_status, "to": to, "channel": new_channel},
-            )
+            line = {"order_id": str(order_id), "from": seen_status, "to": to, "channel": new_channel}
+            # Why, as the transition row says it (a decline's code, a failover's refusal)
+            line["reason"] = reason[:200]
+            if to == S.FAILED:
+                line["failure_code"] = failure_code
+            logger.info("order.transition", extra=line)
             _count_on_commit(order_id, seen_status, to)
             return TransitionResult(True, to, new_channel)
     # The order is no longer in the state the decision was made for: a racing copy, a webhook or

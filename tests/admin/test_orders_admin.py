@@ -264,3 +264,17 @@ def test_a_big_result_is_counted_by_the_planner_not_by_count(
     assert any(sql.startswith("EXPLAIN") for sql in sqls)
     assert not any("COUNT(" in sql.upper() for sql in sqls)
     assert response.context["cl"].result_count >= 0
+
+
+def test_an_ignored_signal_on_the_order_page_is_titled_by_what_it_asked(operator, make_order):
+    # given an order with a late word recorded as ignored
+    from orders.transitions import order_signal_ignored
+
+    order = make_order(OrderStatus.PAID)
+    order_signal_ignored(
+        order_id=order.pk, current="paid", to="failed", reason="provider says failed via poll"
+    )
+    # then the order page names it by what it asked, not "IgnoredSignal object (n)"
+    html = operator.get(_page(f"{order.pk}/change/")).content.decode()
+    assert "IgnoredSignal object" not in html
+    assert "paid -&gt; failed: provider says failed via poll" in html

@@ -153,3 +153,28 @@ def test_a_refused_request_is_one_info_line_with_its_request_id_code_and_order(a
         "merchant-req-2": ("INFO", 400, "invalid_request", None),
     }
     assert not [line for line in lines if line["logger"] == "django.request"]
+
+
+def test_a_transition_line_says_why(api, log_lines, accepting_channel):
+    # given an order charged and then declined by the provider
+    order_id = api.post(
+        "/api/v1/orders",
+        {"amount": 1050, "currency": "USD", "reference": "log-why"},
+        format="json",
+        HTTP_IDEMPOTENCY_KEY="log-why",
+    ).json()["id"]
+    order_allocate(order_id=order_id)
+    order_charge(order_id=order_id)
+    key = ChargeAttempt.objects.get(order_id=order_id).idempotency_key
+    order_confirm(
+        order_id=order_id, idempotency_key=key, status="failed", failure_code="card_declined", source="poll"
+    )
+    # then its failed transition's line carries the reason and the code, as the transition row
+    # does (before: from, to and channel only; two declines of different codes read the same)
+    [line] = [
+        line
+        for line in log_lines()
+        if line["event"] == "order.transition" and line.get("order_id") == order_id and line["to"] == "failed"
+    ]
+    assert line["failure_code"] == "card_declined"
+    assert line["reason"] == "provider says failed (card_declined) via poll"
