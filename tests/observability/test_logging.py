@@ -23,15 +23,16 @@ def log_lines():
         yield lambda: [json.loads(line) for line in output().splitlines()]
 
 
+def _created(api, reference: str) -> str:
+    """The id of a new 10.50 USD order, created through the API under its reference as key."""
+    body = {"amount": 1050, "currency": "USD", "reference": reference}
+    return api.post("/api/v1/orders", body, format="json", HTTP_IDEMPOTENCY_KEY=reference).json()["id"]
+
+
 def test_each_stage_logs_a_line_with_the_order_id(api, log_lines, settings, accepting_channel):
     # given
     settings.CALLBACK_RETRY_SCHEDULE = [60]
-    order_id = api.post(
-        "/api/v1/orders",
-        {"amount": 1050, "currency": "USD", "reference": "log-1"},
-        format="json",
-        HTTP_IDEMPOTENCY_KEY="log-1",
-    ).json()["id"]
+    order_id = _created(api, "log-1")
 
     # when: the four stages, as their tasks call them
     order_allocate(order_id=order_id)
@@ -123,12 +124,7 @@ def test_the_api_and_the_console_never_log_keys_or_secrets(api, merchant_creds, 
 
 def test_a_refused_request_is_one_info_line_with_its_request_id_code_and_order(api, log_lines):
     # given an order that cannot be refunded yet (pending)
-    order_id = api.post(
-        "/api/v1/orders",
-        {"amount": 1050, "currency": "USD", "reference": "log-refused"},
-        format="json",
-        HTTP_IDEMPOTENCY_KEY="log-refused",
-    ).json()["id"]
+    order_id = _created(api, "log-refused")
     # when the merchant asks for a refund, naming its request, and sends garbage elsewhere
     refused = api.post(
         f"/api/v1/orders/{order_id}/refunds",
@@ -157,12 +153,7 @@ def test_a_refused_request_is_one_info_line_with_its_request_id_code_and_order(a
 
 def test_a_transition_line_says_why(api, log_lines, accepting_channel):
     # given an order charged and then declined by the provider
-    order_id = api.post(
-        "/api/v1/orders",
-        {"amount": 1050, "currency": "USD", "reference": "log-why"},
-        format="json",
-        HTTP_IDEMPOTENCY_KEY="log-why",
-    ).json()["id"]
+    order_id = _created(api, "log-why")
     order_allocate(order_id=order_id)
     order_charge(order_id=order_id)
     key = ChargeAttempt.objects.get(order_id=order_id).idempotency_key
