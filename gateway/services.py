@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Case, F, Value, When
+from django.db.models import F
 from django.urls import reverse
 from django.utils import timezone
 
@@ -41,7 +41,12 @@ from gateway.providers.base import (
 from orders import events
 from orders.models import Order, OrderStatus, Refund, RefundStatus
 from orders.selectors import order_fields, refund_fields
-from orders.services import order_provider_reference_set, refund_retry_later
+from orders.services import (
+    order_poll_due_now,
+    order_provider_reference_set,
+    refund_poll_due_now,
+    refund_retry_later,
+)
 from orders.transitions import (
     TransitionResult,
     order_signal_ignored,
@@ -234,6 +239,10 @@ def _charge_record(
                 )
                 if refused_here:
                     channel_release(channel_code=attempt.channel, amount=order.amount, day=order.reserved_on)
+                    # A word the provider gave about the request it now refuses contradicts it.
+                    held_words, _ = _held_words(
+                        order_id=order.pk, attempt=attempt, reference="", refused=True
+                    )
         if refused_here and not result.request_refused:
             channel_record_failure(channel_code=attempt.channel)
         refused_by = tuple(
@@ -250,11 +259,11 @@ def _charge_record(
             refusal=result.error or "refused",
         )
         if refused_here:
-            # A word the provider gave about the request it now refuses contradicts the refusal.
-            _release_held_words(order_id=order.pk, attempt=attempt, reference="")
+            _hand_on(held_words, order_id=order.pk, attempt=attempt)
         return moved
     unknown = result.outcome == ChargeOutcome.UNKNOWN
-    held = 0
+    held_words: list[tuple] = []
+    poll_now = False
     with transaction.atomic():
         if attempt.status == A.SENDING:
             with connection.cursor() as cursor:
@@ -270,8 +279,10 @@ def _charge_record(
                 )  # fmt: skip
                 if cursor.rowcount == 0:
                     _charge_answer_late(order=order, attempt=attempt, result=result)
-                else:
-                    held = cursor.fetchone()[0]
+                else:  # webhooks stored while the request was in flight
+                    held_words, poll_now = _held_words(
+                        order_id=order.pk, attempt=attempt, reference=result.provider_reference
+                    )
         reason = (
             f"outcome unknown at {attempt.channel} ({result.error}); waiting for webhook or poll"
             if unknown
@@ -288,6 +299,8 @@ def _charge_record(
         if not transition.applied:
             # A webhook or another copy moved the order first: the reference is still a fact.
             order_provider_reference_set(order_id=order.pk, reference=result.provider_reference)
+        if poll_now:
+            order_poll_due_now(order_id=order.pk)
     if unknown:
         channel_record_failure(channel_code=attempt.channel)
     else:
@@ -307,20 +320,16 @@ def _charge_record(
             )
             or transition
         )
-    if held:
-        # Webhooks that came while the request was in flight, after our own answer's word.
-        _release_held_words(order_id=order.pk, attempt=attempt, reference=result.provider_reference)
+    # Webhooks that came while the request was in flight, after our own answer's word.
+    _hand_on(held_words, order_id=order.pk, attempt=attempt)
     return transition
 
 
-# Our request's answer, recorded on the attempt that was waiting for it; with the number of
-# webhooks stored for it meanwhile (held by webhook_receive until this answer says which charge
-# is ours). The update waits for a webhook being stored (its share lock), so none is missed.
+# Our request's answer, recorded on the attempt that was waiting for it. It waits for a webhook
+# being stored (its share lock); the words held meanwhile are read by the next statement.
 _ANSWERED_SQL = (
-    "UPDATE gateway_chargeattempt a SET status = %s, provider_reference = %s, http_status = %s,"
+    "UPDATE gateway_chargeattempt SET status = %s, provider_reference = %s, http_status = %s,"
     " error = %s, lease_until = NULL WHERE id = %s AND status = %s"
-    " RETURNING (SELECT count(*) FROM gateway_providerwebhook w"
-    "  WHERE w.order_id = a.order_id AND w.idempotency_key = a.idempotency_key AND w.status <> '')"
 )
 
 _ATTEMPT_SQL = (
@@ -611,7 +620,7 @@ def webhook_receive(*, provider: str, event: WebhookEvent) -> Receipt:
     stored; a word about another amount or charge is recorded as an ignored signal and logged at
     ERROR, for an operator to ask the provider. A charge's word that comes while our request is
     still in flight is stored but held (`HELD`): only the request's answer says which charge is
-    ours, and `_charge_record` hands the held words on once it has (`_release_held_words`).
+    ours, and its record hands the held words on once it has (`_held_words`, `_hand_on`).
     """
     with connection.cursor() as cursor:
         prepared.execute(cursor, _WEBHOOK_ATTEMPT_SQL[event.kind], [event.idempotency_key])
@@ -666,7 +675,7 @@ def webhook_receive(*, provider: str, event: WebhookEvent) -> Receipt:
         )
         if cursor.fetchone() is None:
             return Receipt.DUPLICATE
-    return Receipt.HELD if event.kind == "charge" and row[8] == A.SENDING else Receipt.NEW
+    return Receipt.HELD if row[8] == A.SENDING else Receipt.NEW  # (RA.SENDING is the same word)
 
 
 def _not_this_attempt(event: WebhookEvent, reference: str, amount: int, currency: str) -> str:
@@ -744,48 +753,75 @@ def word_hand_off(
         logger.warning("webhook.handoff_failed", extra={"order_id": order_id, "error": repr(exc)})
 
 
-# The words held while a charge request was in flight, in the order they came; those naming
-# another charge than the one the answer names are made no word first (status '': first_word and
-# this read skip them), and returned to be shown.
-_HELD_FOREIGN_SQL = (
-    "UPDATE gateway_providerwebhook SET status = '' WHERE order_id = %s AND idempotency_key = %s"
-    " AND status <> '' AND provider_reference <> '' AND provider_reference <> %s"
-    " RETURNING webhook_id, status, provider_reference"
-)
+# The words stored for an attempt, in the order they came. Read in the transaction whose update
+# moved the attempt out of `sending`, by a statement after it: the update waited for any webhook
+# being stored (its share lock), and a later statement sees what that webhook committed.
 _HELD_WORDS_SQL = (
-    "SELECT webhook_id, status, failure_code, provider_reference FROM gateway_providerwebhook"
+    "SELECT id, webhook_id, status, failure_code, provider_reference FROM gateway_providerwebhook"
     " WHERE order_id = %s AND idempotency_key = %s AND status <> '' ORDER BY id"
 )
 
 
-def _release_held_words(*, order_id, attempt: ChargeAttempt, reference: str) -> None:
-    """Hand on the webhooks that came while this attempt's request was in flight (`Receipt.HELD`),
-    now that its answer is recorded: each to the confirm stage, as the web would have, in the order
-    they came (the first stored word settles; the rest are late). Where the answer names its
-    charge, a word about another one is shown, not handed on. Lost with a crash before this (the
-    words stay stored), the order is settled by status polling, as for a lost hand-off."""
+def _held_words(
+    *, order_id, attempt: ChargeAttempt | RefundAttempt, reference: str, refused: bool = False
+) -> tuple[list[tuple], bool]:
+    """The webhooks that came while this attempt's request was in flight (`Receipt.HELD`), and
+    whether the order or refund must be polled now instead. Read in the transaction whose update
+    moved the attempt out of `sending`; the share lock of `webhook_receive` keeps any other word
+    from being stored meanwhile, so these are exactly the held ones.
+
+    - The answer names our charge or refund (`reference`): a word naming another one is made no
+      word and shown (ignored signal, ERROR); the rest are returned for `_hand_on`.
+    - The answer names none (a timeout, a lost answer): nothing tells which of the words is about
+      ours, so none counts. They are made no word, and the provider is asked about our own key now
+      (a status poll), which is its word on our request.
+    - `refused`: the provider refused the request for good. Its words go on as they came: a
+      "paid" or "succeeded" contradicts the refusal, and the confirm stage shows it loudly.
+    """
+    refund_id = getattr(attempt, "refund_id", None)
     with connection.cursor() as cursor:
-        if reference:
-            cursor.execute(_HELD_FOREIGN_SQL, [order_id, attempt.idempotency_key, reference])
-            foreign = cursor.fetchall()
-            if foreign:
-                current = Order.objects.filter(pk=order_id).values_list("status", flat=True).get()
-            for webhook_id, status, theirs in foreign:
-                _not_this_attempt_shown(
-                    kind="charge",
-                    status=status,
-                    channel=attempt.channel,
-                    webhook_id=webhook_id,
-                    mismatch=_another_reference(theirs, reference),
-                    current=current,
-                    order_id=order_id,
-                    refund_id=None,
-                )
         cursor.execute(_HELD_WORDS_SQL, [order_id, attempt.idempotency_key])
         held = cursor.fetchall()
-    for webhook_id, status, failure_code, theirs in held:
+        if not held or refused:
+            return [row[1:] for row in held], False
+        foreign = [row for row in held if reference and row[4] and row[4] != reference]
+        dropped = foreign if reference else held
+        if dropped:
+            cursor.execute(
+                "UPDATE gateway_providerwebhook SET status = '' WHERE id = ANY(%s)",
+                [[row[0] for row in dropped]],
+            )
+    if foreign:
+        subject = Refund.objects.filter(pk=refund_id) if refund_id else Order.objects.filter(pk=order_id)
+        current = subject.values_list("status", flat=True).get()
+    for _, webhook_id, status, _, theirs in foreign:
+        _not_this_attempt_shown(
+            kind="refund" if refund_id else "charge",
+            status=status,
+            channel=attempt.channel,
+            webhook_id=webhook_id,
+            mismatch=_another_reference(theirs, reference),
+            current=current,
+            order_id=order_id,
+            refund_id=refund_id,
+        )
+    if not reference:
+        logger.info(
+            "webhook.held_words_unverified",
+            extra={"order_id": str(order_id), "refund_id": refund_id and str(refund_id), "words": len(held)},
+        )
+        return [], True
+    return [row[1:] for row in held if row not in foreign], False
+
+
+def _hand_on(words: list[tuple], *, order_id, attempt: ChargeAttempt | RefundAttempt) -> None:
+    """Hand the held words to the confirm stage, as the web would have, once our own answer is
+    recorded (the first stored word settles; the rest are late). Lost with a crash before this
+    (the words stay stored), status polling settles what they would have, as for a lost hand-off."""
+    kind = "refund" if getattr(attempt, "refund_id", None) else "charge"
+    for webhook_id, status, failure_code, theirs in words:
         word_hand_off(
-            kind="charge",
+            kind=kind,
             order_id=str(order_id),
             idempotency_key=attempt.idempotency_key,
             status=status,
@@ -1071,6 +1107,17 @@ def refund_send(*, refund_id) -> TransitionResult | None:
 
 
 def _refund_record(*, attempt: RefundAttempt, result: RefundResult) -> TransitionResult | None:
+    recorded, held_words = _refund_answer_record(attempt=attempt, result=result)
+    # Webhooks that came while the request was in flight (held), after our own answer.
+    _hand_on(held_words, order_id=attempt.order_id, attempt=attempt)
+    return recorded
+
+
+def _refund_answer_record(
+    *, attempt: RefundAttempt, result: RefundResult
+) -> tuple[TransitionResult | None, list[tuple]]:
+    """Record the refund request's answer: what it moved, and the words held while the request
+    was in flight when the attempt left `sending` here (`_held_words`)."""
     with transaction.atomic():
         if result.outcome == ChargeOutcome.REJECTED and result.retry:
             sends = attempt.sends + 1
@@ -1097,38 +1144,49 @@ def _refund_record(*, attempt: RefundAttempt, result: RefundResult) -> Transitio
                         "retry_in_s": round(delay, 2),
                     },
                 )
-                return None
+                return None, []
         if result.outcome == ChargeOutcome.REJECTED:
-            RefundAttempt.objects.filter(pk=attempt.pk, status=RA.SENDING).update(
+            refused_here = RefundAttempt.objects.filter(pk=attempt.pk, status=RA.SENDING).update(
                 status=RA.REJECTED,
                 sends=attempt.sends + 1,
                 lease_until=None,
                 http_status=result.http_status,
                 error=result.error[:500],
             )
-            return _refund_refused(attempt, result.error)
+            held = []
+            if refused_here:
+                held, _ = _held_words(order_id=attempt.order_id, attempt=attempt, reference="", refused=True)
+            return _refund_refused(attempt, result.error), held
         unknown = result.outcome == ChargeOutcome.UNKNOWN
         # The send is recorded even when the provider's webhook outran this answer and already
         # settled the attempt: only the status is left as the webhook wrote it.
         answer = {"provider_reference": result.provider_reference} if result.provider_reference else {}
-        RefundAttempt.objects.filter(pk=attempt.pk).update(
-            status=Case(
-                When(status=RA.SENDING, then=Value(RA.UNKNOWN if unknown else RA.ACCEPTED)),
-                default=F("status"),
-            ),
-            sends=F("sends") + 1,
-            lease_until=None,
-            http_status=result.http_status,
-            error=result.error[:500],
+        sent = {
+            "sends": F("sends") + 1,
+            "lease_until": None,
+            "http_status": result.http_status,
+            "error": result.error[:500],
             **answer,
+        }
+        answered_here = RefundAttempt.objects.filter(pk=attempt.pk, status=RA.SENDING).update(
+            status=RA.UNKNOWN if unknown else RA.ACCEPTED, **sent
         )
+        held, poll_now = [], False
+        if answered_here:
+            held, poll_now = _held_words(
+                order_id=attempt.order_id, attempt=attempt, reference=result.provider_reference
+            )
+        else:
+            RefundAttempt.objects.filter(pk=attempt.pk).update(**sent)
         reason = (
             f"outcome unknown at {attempt.channel} ({result.error}); waiting for webhook or poll"
             if unknown
             else f"refund accepted by {attempt.channel}"
         )
         processing = _refund_processing(attempt, reason)
-    return _refund_settled_by_answer(attempt, result) or processing
+        if poll_now:
+            refund_poll_due_now(refund_id=attempt.refund_id)
+    return _refund_settled_by_answer(attempt, result) or processing, held
 
 
 def _refund_settled_by_answer(attempt: RefundAttempt, result: RefundResult) -> TransitionResult | None:

@@ -603,6 +603,17 @@ def refunds_sweep(*, batch: int) -> int:
     return len(due) - held
 
 
+def order_poll_due_now(*, order_id) -> None:
+    """A processing order whose provider is to be asked at the next sweep, not after the first
+    poll's delay: the gateway could not tell which of the words it got is about our charge."""
+    Order.objects.filter(pk=order_id, status=OrderStatus.PROCESSING).update(next_check_at=timezone.now())
+
+
+def refund_poll_due_now(*, refund_id) -> None:
+    """The same for a processing refund."""
+    Refund.objects.filter(pk=refund_id, status=RefundStatus.PROCESSING).update(next_check_at=timezone.now())
+
+
 def refund_retry_later(*, refund_id, seconds: float) -> bool:
     """A pending refund the provider asked us to send again later: due then (not a countdown)."""
     return bool(

@@ -326,8 +326,13 @@ def _confirms(redis_client, order) -> list[dict]:
         (ChargeOutcome.ACCEPTED, "ch_someone_elses", (0, "processing", None, ["webhook.not_this_attempt"])),
         (ChargeOutcome.ACCEPTED, "ours", (1, "paid", "paid", [])),
         (ChargeOutcome.ACCEPTED, "", (1, "paid", "paid", [])),
-        # a timeout names no charge: the word, checked by amount on arrival, is all there is
-        (ChargeResult(ChargeOutcome.UNKNOWN, error="ReadTimeout"), "ch_elsewhere", (1, "paid", "paid", [])),
+        # a timeout names no charge: no word can be told ours, so none counts, and the provider is
+        # asked about our own key at once (a status poll)
+        (
+            ChargeResult(ChargeOutcome.UNKNOWN, error="ReadTimeout"),
+            "ch_elsewhere",
+            (0, "processing", None, []),
+        ),
         (ChargeOutcome.REJECTED, "", (1, "failed", "failed", ["confirm.paid_after_refusal"])),
     ],
     ids=["another charge", "our charge", "no charge named", "answer lost", "refused"],
@@ -378,6 +383,9 @@ def test_a_word_that_comes_while_our_request_is_in_flight_waits_for_its_answer(
     if word_names == "ch_someone_elses":
         assert fresh.provider_reference == f"ch_{key}"
         assert "not about this charge" in fresh.ignored_signals.get().reason
+    if word_names == "ch_elsewhere":
+        assert fresh.provider_reference is None
+        assert fresh.next_check_at <= timezone.now()  # the sweep polls it now
 
 
 def test_a_word_about_an_attempt_that_does_not_exist_is_not_stored(db, caplog):

@@ -339,3 +339,68 @@ def test_a_refund_webhook_naming_another_order_settles_nothing(stub, channels):
         channel="stub-1", provider="stub", order_id=str(order.pk),
     )  # fmt: skip
     assert Refund.objects.get(pk=refund.pk).status == "succeeded"
+
+
+@pytest.mark.parametrize(
+    ("word_names", "answer_lost", "handed", "alarms"),
+    [
+        ("re_someone_elses", False, 0, ["webhook.not_this_attempt"]),
+        ("re_1", False, 1, []),
+        # a timeout names no refund: no word can be told ours, and the provider is asked now
+        ("re_1", True, 0, []),
+    ],
+    ids=["another refund", "our refund", "answer lost"],
+)
+@pytest.mark.django_db(transaction=True)
+def test_a_refund_word_that_comes_while_our_request_is_in_flight_waits_for_its_answer(
+    stub, channels, redis_client, caplog, word_names, answer_lost, handed, alarms
+):
+    # given a refund whose request stays inside the provider (which will answer with re_1)
+    order = _paid_order(stub)
+    refund = _refund(order)
+    if answer_lost:
+        stub.refund_answers = [RefundResult(ChargeOutcome.UNKNOWN, error="ReadTimeout")]
+    redis_client.delete("gateway")
+    entered, release = threading.Event(), threading.Event()
+    answer = stub.refund
+
+    def held_inside(**kwargs):
+        entered.set()
+        release.wait(30)
+        return answer(**kwargs)
+
+    stub.refund = held_inside
+    sender = threading.Thread(target=lambda: (services.refund_send(refund_id=refund.pk), connection.close()))
+    sender.start()
+    try:
+        assert entered.wait(30)
+        # when a signed "succeeded" comes meanwhile, naming a refund
+        key = f"refund:{refund.pk}"
+        receipt = stored_webhook(order, key, "succeeded", 1, kind="refund", provider_reference=word_names)
+        # then it is held: nothing moved, nothing handed on (before: handed on, and it settled
+        # the refund whichever refund it named)
+        assert receipt == services.Receipt.HELD
+        assert not _refund_confirms(redis_client, key)
+    finally:
+        release.set()
+        sender.join(30)
+    # and once our answer names re_1, it goes to the refund's confirm stage only if it is about it
+    assert len(_refund_confirms(redis_client, key)) == handed
+    assert [r.getMessage() for r in caplog.records if r.levelno >= 40] == alarms
+    fresh = Refund.objects.get(pk=refund.pk)
+    assert fresh.status == "processing"
+    if answer_lost:
+        assert fresh.next_check_at <= timezone.now()  # the sweep polls it now
+
+
+def _refund_confirms(redis_client, key: str) -> list[dict]:
+    """The refund confirm stage's messages about `key` in the gateway queue."""
+    import base64
+    import json
+
+    messages = []
+    for raw in redis_client.lrange("gateway", 0, -1):
+        message = json.loads(base64.b64decode(json.loads(raw)["body"]))[0][0]
+        if isinstance(message, dict) and message.get("idempotency_key") == key:
+            messages.append(message)
+    return messages
