@@ -85,6 +85,10 @@ class ProviderFilter(admin.SimpleListFilter):
         return queryset.filter(provider=self.value()) if self.value() else queryset
 
 
+# A re-query runs in the operator's request and asks the provider once per row: bound it.
+REQUERY_MAX = 20
+
+
 class GuardedActionsAdmin(admin.ModelAdmin):
     """Every action names the permission it needs; a POST naming one the user lacks is a 403.
 

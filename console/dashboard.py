@@ -35,12 +35,15 @@ from orders.selectors import (
     outbox_backlog,
     refunded_by_currency,
     refunds_by_status,
+    refunds_stuck,
+    refunds_stuck_counts,
 )
 
 WINDOW = timedelta(hours=1)
 # An order whose next check is this far in the past is not being swept: beat or workers are down.
 OVERDUE_GRACE = timedelta(minutes=2)
-# The oldest this many of each kind of order that needs a person are listed (all are counted).
+# The oldest this many of each kind of order (and of refund) that needs a person are listed (all
+# are counted).
 STUCK_SHOWN = 50
 OPEN_STATUSES = (
     OrderStatus.PENDING,
@@ -106,6 +109,8 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "stuck": orders_stuck(overdue_before=now - OVERDUE_GRACE, limit=STUCK_SHOWN),
         "stuck_counts": orders_stuck_counts(overdue_before=now - OVERDUE_GRACE),
         "stuck_shown": STUCK_SHOWN,
+        "stuck_refunds": refunds_stuck(overdue_before=now - OVERDUE_GRACE, limit=STUCK_SHOWN),
+        "stuck_refund_counts": refunds_stuck_counts(overdue_before=now - OVERDUE_GRACE),
         "exhausted": deliveries_exhausted(limit=20),
         "refunds": [(s, refund_counts.get(s, 0)) for s in ("pending", "processing", "succeeded", "failed")],
         "refunded": sorted(refunded_by_currency().items()),

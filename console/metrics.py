@@ -43,9 +43,11 @@ class _DatabaseCounts:
         self._value: tuple | None = None
         self._read_at = 0.0
 
-    def get(self) -> tuple[int, dict[str, int], dict[str, int], dict[str, int], dict[str, int], int]:
+    def get(
+        self,
+    ) -> tuple[int, dict[str, int], dict[str, int], dict[str, int], dict[str, int], dict[str, int], int]:
         """(outbox backlog, open orders by status, refunds by status, refunded amount by currency,
-        orders that need a person by why, exhausted callback deliveries)."""
+        orders and refunds that need a person by why, exhausted callback deliveries)."""
         from callbacks.selectors import deliveries_exhausted_count
         from console.dashboard import OVERDUE_GRACE
         from orders.selectors import (
@@ -54,6 +56,7 @@ class _DatabaseCounts:
             outbox_backlog,
             refunded_by_currency,
             refunds_by_status,
+            refunds_stuck_counts,
         )
 
         with self._lock:
@@ -65,6 +68,7 @@ class _DatabaseCounts:
                     refunds_by_status(),
                     refunded_by_currency(),
                     orders_stuck_counts(overdue_before=timezone.now() - OVERDUE_GRACE),
+                    refunds_stuck_counts(overdue_before=timezone.now() - OVERDUE_GRACE),
                     deliveries_exhausted_count(),
                 )
                 self._read_at = now
@@ -88,7 +92,7 @@ class SystemCollector:
 
     def _database(self):
         try:
-            backlog, counts, refunds, refunded, stuck, exhausted = database_counts.get()
+            backlog, counts, refunds, refunded, stuck, stuck_refunds, exhausted = database_counts.get()
         except DatabaseError as exc:
             logger.warning("metrics.database_unavailable", extra={"error": repr(exc)})
             yield _scrape_error("database")
@@ -116,17 +120,18 @@ class SystemCollector:
         for currency, total in sorted(refunded.items()):
             refunded_gauge.add_metric([currency], total)
         yield refunded_gauge
-        # What an on-call alert wants: the dashboard's two lists of work for a person.
-        stuck_gauge = GaugeMetricFamily(
-            "orders_needing_a_person",
-            "Orders the dashboard lists as needing a person: the sweep gave up (gave_up), their check"
-            " is overdue (overdue: beat or workers down), the provider has not settled the charge in a"
-            " quarter of the status checks (unanswered).",
-            labels=["why"],
-        )
-        for why in ("gave_up", "overdue", "unanswered"):
-            stuck_gauge.add_metric([why], stuck.get(why, 0))
-        yield stuck_gauge
+        # What an on-call alert wants: the dashboard's lists of work for a person.
+        for noun, counts_by_why in (("orders", stuck), ("refunds", stuck_refunds)):
+            gauge = GaugeMetricFamily(
+                f"{noun}_needing_a_person",
+                f"{noun.capitalize()} the dashboard lists as needing a person: the sweep gave up"
+                " (gave_up), the check is overdue (overdue: beat or workers down), the provider has"
+                " not settled it in a quarter of the status checks (unanswered).",
+                labels=["why"],
+            )
+            for why in ("gave_up", "overdue", "unanswered"):
+                gauge.add_metric([why], counts_by_why.get(why, 0))
+            yield gauge
         yield GaugeMetricFamily(
             "callback_deliveries_exhausted",
             "Callback deliveries that ran out of attempts, waiting for an operator's resend.",

@@ -10,7 +10,16 @@ from django.db.models import Count, QuerySet, Sum
 from django.db.models.functions import TruncMinute
 
 from core import prepared, rows
-from orders.models import Merchant, Order, OrderStatus, OrderTransition, OutboxEvent, Refund, RefundTransition
+from orders.models import (
+    Merchant,
+    Order,
+    OrderStatus,
+    OrderTransition,
+    OutboxEvent,
+    Refund,
+    RefundStatus,
+    RefundTransition,
+)
 
 
 def order_list(*, merchant: Merchant, filters: dict) -> QuerySet[Order]:
@@ -182,22 +191,56 @@ class StuckOrder:
     why: str
 
 
-def _stuck(overdue_before: datetime) -> dict[str, QuerySet]:
-    """The orders that need a person, by why: the sweep gave up on them (the partial index on open
-    orders), their check is long overdue (the one on next_check_at), or the provider has not
-    settled their charge in a quarter of the status checks (about 1.5 h with production's
-    schedule, and hours of asking still to come: worth a person asking it too; open orders)."""
+@dataclass(frozen=True)
+class StuckRefund:
+    refund: Refund
+    why: str
+
+
+_WHY = {
+    "gave_up": "the sweep gave up: nothing more will happen by itself",
+    "overdue": "its next check is overdue: is beat running?",
+    "unanswered": "the provider has not settled it in {checks} status checks: still asking",
+}
+
+
+def _stuck(model, waiting: QuerySet, processing: str, overdue_before: datetime) -> dict[str, QuerySet]:
+    """The orders or refunds that need a person, by why: the sweep gave up on one still `waiting`
+    for it (next_check_at cleared), its check is long overdue (the partial index on
+    next_check_at: beat or workers are down), or the provider has not settled it in a quarter of
+    the status checks (about 1.5 h with production's schedule, and hours of asking still to come:
+    worth a person asking it too)."""
     return {
-        "gave_up": Order.objects.exclude(status=OrderStatus.COMPLETED)
-        .filter(next_check_at__isnull=True)
-        .order_by("created_at"),
-        "overdue": Order.objects.filter(next_check_at__lt=overdue_before).order_by("next_check_at"),
-        "unanswered": Order.objects.filter(
-            status=OrderStatus.PROCESSING,
+        "gave_up": waiting.filter(next_check_at__isnull=True).order_by("created_at"),
+        "overdue": model.objects.filter(next_check_at__lt=overdue_before).order_by("next_check_at"),
+        "unanswered": model.objects.filter(
+            status=processing,
             next_check_at__gte=overdue_before,  # an overdue one is listed as overdue
             check_count__gte=max(1, settings.POLL_MAX_COUNT // 4),
         ).order_by("created_at"),
     }
+
+
+def _orders_stuck(overdue_before: datetime) -> dict[str, QuerySet]:
+    # Open orders: the partial index on them.
+    waiting = Order.objects.exclude(status=OrderStatus.COMPLETED)
+    return _stuck(Order, waiting, OrderStatus.PROCESSING, overdue_before)
+
+
+def _refunds_stuck(overdue_before: datetime) -> dict[str, QuerySet]:
+    # A pending refund waits to be sent, a processing one for the provider's word; a settled one's
+    # callback has its own schedule (refund_status_created: refunds are few).
+    waiting = Refund.objects.filter(status__in=(RefundStatus.PENDING, RefundStatus.PROCESSING))
+    return _stuck(Refund, waiting, RefundStatus.PROCESSING, overdue_before)
+
+
+def _listed(kinds: dict[str, QuerySet], fields: tuple[str, ...], limit: int) -> list[tuple]:
+    """(row, why) for the oldest `limit` rows of each kind."""
+    return [
+        (row, _WHY[kind].format(checks=row.check_count))
+        for kind, queryset in kinds.items()
+        for row in queryset.only(*fields)[:limit]
+    ]
 
 
 def orders_stuck(*, overdue_before: datetime, limit: int = 50) -> list[StuckOrder]:
@@ -212,27 +255,33 @@ def orders_stuck(*, overdue_before: datetime, limit: int = 50) -> list[StuckOrde
         "next_check_at",
         "check_count",
     )
-    kinds = _stuck(overdue_before)
-    result = [
-        StuckOrder(order, "the sweep gave up: nothing more will happen by itself")
-        for order in kinds["gave_up"].only(*fields)[:limit]
-    ]
-    result += [
-        StuckOrder(order, "its next check is overdue: is beat running?")
-        for order in kinds["overdue"].only(*fields)[:limit]
-    ]
-    result += [
-        StuckOrder(
-            order, f"the provider has not settled it in {order.check_count} status checks: still asking"
-        )
-        for order in kinds["unanswered"].only(*fields)[:limit]
-    ]
-    return result
+    return [StuckOrder(*item) for item in _listed(_orders_stuck(overdue_before), fields, limit)]
 
 
 def orders_stuck_counts(*, overdue_before: datetime) -> dict[str, int]:
     """How many orders need a person, by why (the keys of `_stuck`), through the same indexes."""
-    return {kind: queryset.order_by().count() for kind, queryset in _stuck(overdue_before).items()}
+    return {kind: queryset.order_by().count() for kind, queryset in _orders_stuck(overdue_before).items()}
+
+
+def refunds_stuck(*, overdue_before: datetime, limit: int = 50) -> list[StuckRefund]:
+    """Refunds that need a person, the oldest `limit` of each kind (`refunds_stuck_counts` counts them)."""
+    fields = (
+        "id",
+        "order_id",
+        "amount",
+        "currency",
+        "status",
+        "channel",
+        "created_at",
+        "next_check_at",
+        "check_count",
+    )
+    return [StuckRefund(*item) for item in _listed(_refunds_stuck(overdue_before), fields, limit)]
+
+
+def refunds_stuck_counts(*, overdue_before: datetime) -> dict[str, int]:
+    """How many refunds need a person, by why (the keys of `_stuck`)."""
+    return {kind: queryset.order_by().count() for kind, queryset in _refunds_stuck(overdue_before).items()}
 
 
 def refunds_by_status() -> dict[str, int]:

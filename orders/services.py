@@ -614,6 +614,17 @@ def refund_poll_due_now(*, refund_id) -> None:
     Refund.objects.filter(pk=refund_id, status=RefundStatus.PROCESSING).update(next_check_at=timezone.now())
 
 
+def refund_send_due_now(*, refund_id) -> bool:
+    """A pending refund an operator has the sweep send again now, its checks counted afresh (the
+    sweep gave up on it, say, while the gateway's workers were down). Sending it again is safe:
+    the refund keeps its one key at the provider."""
+    return bool(
+        Refund.objects.filter(pk=refund_id, status=RefundStatus.PENDING).update(
+            next_check_at=timezone.now(), check_count=0
+        )
+    )
+
+
 def refund_retry_later(*, refund_id, seconds: float) -> bool:
     """A pending refund the provider asked us to send again later: due then (not a countdown)."""
     return bool(

@@ -26,6 +26,7 @@ from callbacks.selectors import callback_attempts_for_order
 from callbacks.services import callback_resend_for_order
 from console.admin.refunds import REFUND_PERMISSION, RefundInline, order_refund_view
 from console.adminkit import (
+    REQUERY_MAX,
     ChannelFilter,
     EstimatedCountPaginator,
     GuardedActionsAdmin,
@@ -52,9 +53,8 @@ from orders.services import (
     merchant_rotate_webhook_secret,
 )
 
-# One action runs in the operator's request: bound its work. Re-query calls the provider.
+# One action runs in the operator's request: bound its work (and REQUERY_MAX, in adminkit).
 RESEND_MAX = 500
-REQUERY_MAX = 20
 
 STATUS_COLOURS = {
     OrderStatus.PENDING: "#6c757d",

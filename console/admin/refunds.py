@@ -10,12 +10,13 @@ from django.http import Http404, HttpResponseNotAllowed, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
 
-from console.adminkit import ReadOnlyAdmin, ReadOnlyInline, audit, exact_or_order_id, ts
+from console.adminkit import REQUERY_MAX, ReadOnlyAdmin, ReadOnlyInline, audit, exact_or_order_id, ts
 from core.errors import DomainError
-from orders.models import Order, Refund, RefundTransition
+from gateway.services import refund_poll
+from orders.models import Order, Refund, RefundStatus, RefundTransition
 from orders.money import money_format
 from orders.serializers import RefundCreateSerializer
-from orders.services import refund_create, refund_fingerprint
+from orders.services import refund_create, refund_fingerprint, refund_send_due_now
 
 REFUND_PERMISSION = "orders.change_order"
 _FORM_KEY = re.compile(r"[0-9a-f]{32}")
@@ -90,6 +91,47 @@ class RefundAdmin(ReadOnlyAdmin):
     @admin.display(description="created (UTC)", ordering="created_at")
     def created(self, obj: Refund) -> str:
         return ts(obj.created_at)
+
+    actions = ("requery_provider",)
+
+    # The same power as on orders: asking the provider about money it holds or owes.
+    def has_requery_provider_permission(self, request) -> bool:
+        return request.user.has_perm("orders.requery_provider")
+
+    @admin.action(
+        description="Re-query provider status (processing refunds; a pending one is sent again)",
+        permissions=["requery_provider"],
+    )
+    def requery_provider(self, request, queryset):
+        refunds = list(queryset.select_related(None).only("id", "status")[: REQUERY_MAX + 1])
+        if len(refunds) > REQUERY_MAX:
+            self.message_user(
+                request,
+                f"Re-query asks the provider once per refund: select at most {REQUERY_MAX}.",
+                messages.ERROR,
+            )
+            return
+        for refund in refunds:
+            if refund.status == RefundStatus.PENDING:
+                # Not sent, or sent and told to retry: the sweep sends it (same key) at its next pass.
+                refund_send_due_now(refund_id=refund.pk)
+                detail, level = "pending, to be sent again at the next sweep", messages.INFO
+            elif refund.status == RefundStatus.PROCESSING:
+                refund_poll(refund_id=refund.pk)
+                now = Refund.objects.filter(pk=refund.pk).values_list("status", flat=True).first()
+                if now == RefundStatus.PROCESSING:
+                    detail, level = "re-queried, provider had no final answer yet", messages.INFO
+                else:
+                    detail, level = f"re-queried, now {now}", messages.SUCCESS
+            else:
+                self.message_user(
+                    request,
+                    f"Refund {refund.pk}: {refund.status}, nothing to ask the provider.",
+                    messages.WARNING,
+                )
+                continue
+            audit(self, request, refund, f"Provider status re-queried: {detail}.", action="requery_provider")
+            self.message_user(request, f"Refund {refund.pk}: {detail}.", level)
 
     def get_search_results(self, request, queryset, search_term):
         term = search_term.strip()[:64]

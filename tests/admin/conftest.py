@@ -16,6 +16,7 @@ from gateway.providers.base import (
     ChargeResult,
     InvalidWebhook,
     ProviderAdapter,
+    RefundResult,
     StatusResult,
 )
 from gateway.services import order_charge, order_confirm
@@ -31,6 +32,8 @@ class FakeAdapter(ProviderAdapter):
     def __init__(self) -> None:
         self.status = StatusResult("pending")
         self.status_queries: list[str] = []
+        self.refund_status = StatusResult("pending")
+        self.refund_status_queries: list[str] = []
 
     def charge(self, *, channel, request):
         return ChargeResult(
@@ -40,6 +43,15 @@ class FakeAdapter(ProviderAdapter):
     def fetch_status(self, *, channel, idempotency_key, provider_reference=""):
         self.status_queries.append(idempotency_key)
         return self.status
+
+    def refund(self, *, channel, request):
+        return RefundResult(
+            ChargeOutcome.ACCEPTED, provider_reference=f"fake-refund-{request.refund_id}", http_status=201
+        )
+
+    def fetch_refund_status(self, *, channel, idempotency_key):
+        self.refund_status_queries.append(idempotency_key)
+        return self.refund_status
 
     def parse_webhook(self, *, body, headers):
         raise InvalidWebhook("the fake provider sends no webhooks")
@@ -125,4 +137,30 @@ def make_order(api, fake_channel):
         return order
 
     make.count = 1
+    return make
+
+
+@pytest.fixture
+def make_refund(api, make_order):
+    """Refund 100 of a new paid order through the API, and send it (the real service) when asked:
+    a pending or a processing refund."""
+    from gateway.services import refund_send
+    from orders.models import Refund, RefundStatus
+
+    def make(status: str = RefundStatus.PENDING) -> Refund:
+        order = make_order(OrderStatus.PAID)
+        response = api.post(
+            f"/api/v1/orders/{order.pk}/refunds",
+            {"amount": 100},
+            format="json",
+            HTTP_IDEMPOTENCY_KEY=f"refund-{order.pk}",
+        )
+        assert response.status_code == 201, response.content
+        refund_id = response.json()["id"]
+        if status == RefundStatus.PROCESSING:
+            refund_send(refund_id=refund_id)
+        refund = Refund.objects.get(pk=refund_id)
+        assert refund.status == status
+        return refund
+
     return make

@@ -2,11 +2,14 @@
 refunds inline and in their own list, the dashboard's counts and /metrics."""
 
 import re
+from datetime import timedelta
 
 import pytest
 from django.contrib.admin.models import LogEntry
+from django.utils import timezone
 
-from orders.models import Order, OrderStatus, Refund
+from gateway.providers.base import StatusResult
+from orders.models import Order, OrderStatus, Refund, RefundStatus
 from orders.transitions import refund_transition
 
 pytestmark = pytest.mark.django_db
@@ -93,3 +96,79 @@ def test_the_orders_page_shows_the_amount_refunded_in_the_amounts_own_terms(oper
     page = _page(operator, order).content.decode()
     # then it reads as the amount beside it does, not in minor units
     assert re.search(r"Amount refunded:</label>\s*<div[^>]*>2\.50 USD</div>", page), page
+
+
+REFUNDS = "/admin/orders/refund/"
+
+
+def _requery(client, *refunds: Refund):
+    return client.post(
+        REFUNDS, {"action": "requery_provider", "_selected_action": [r.pk for r in refunds]}, follow=True
+    )
+
+
+def test_a_refund_the_sweep_gave_up_on_is_listed_counted_and_alertable(operator, make_refund, client):
+    # given a processing refund the sweep gave up on (the provider never settled it), a pending one
+    # whose next check is long overdue, and one the provider has not settled in many checks
+    gave_up, overdue, unanswered = (make_refund(RefundStatus.PROCESSING) for _ in range(3))
+    pending = make_refund(RefundStatus.PENDING)
+    now = timezone.now()
+    Refund.objects.filter(pk=gave_up.pk).update(next_check_at=None, check_count=20)
+    Refund.objects.filter(pk=pending.pk).update(next_check_at=now - timedelta(minutes=10))
+    Refund.objects.filter(pk=unanswered.pk).update(next_check_at=now + timedelta(minutes=30), check_count=6)
+    # when an operator opens the dashboard, and /metrics is scraped
+    response = operator.get("/admin/dashboard/")
+    metrics = client.get("/metrics").content.decode()
+    # then each is listed with why, counted in the heading and in a gauge (before: only the count of
+    # processing refunds said anything, and nothing said which refund or that nothing would happen)
+    listed = {(s.refund.pk, s.why.split(":")[0]) for s in response.context["stuck_refunds"]}
+    assert listed == {
+        (gave_up.pk, "the sweep gave up"),
+        (pending.pk, "its next check is overdue"),
+        (unanswered.pk, "the provider has not settled it in 6 status checks"),
+    }
+    html = response.content.decode()
+    assert "Refunds that need a person (3)" in html and f"/admin/orders/refund/{gave_up.pk}/change/" in html
+    assert str(overdue.pk) not in html  # processing and due in the future: being moved along
+    for why in ("gave_up", "overdue", "unanswered"):
+        assert f'refunds_needing_a_person{{why="{why}"}} 1.0' in metrics
+
+
+def test_requery_asks_the_provider_about_a_processing_refund_and_applies_its_answer(
+    operator, make_refund, fake_provider
+):
+    # given a processing refund the sweep gave up on, which the provider has since refunded
+    refund = make_refund(RefundStatus.PROCESSING)
+    Refund.objects.filter(pk=refund.pk).update(next_check_at=None)
+    fake_provider.refund_status = StatusResult("succeeded")
+    # when an operator re-queries it from the refunds list
+    response = _requery(operator, refund)
+    # then the provider was asked about the refund's own key, the refund succeeded, and it is audited
+    assert fake_provider.refund_status_queries == [f"refund:{refund.pk}"]
+    assert Refund.objects.get(pk=refund.pk).status == RefundStatus.SUCCEEDED
+    assert "re-queried, now succeeded" in response.content.decode()
+    assert LogEntry.objects.filter(object_id=str(refund.pk), change_message__contains="re-queried").exists()
+
+
+def test_requery_of_a_pending_refund_makes_the_sweep_send_it_again(operator, make_refund, fake_provider):
+    # given a pending refund the sweep gave up on (never sent: say the gateway's workers were down)
+    refund = make_refund(RefundStatus.PENDING)
+    Refund.objects.filter(pk=refund.pk).update(next_check_at=None, check_count=30)
+    # when an operator re-queries it
+    _requery(operator, refund)
+    # then it is due now with its checks counted afresh, and the provider was not asked anything
+    due, checks = Refund.objects.values_list("next_check_at", "check_count").get(pk=refund.pk)
+    assert due is not None and due <= timezone.now() and checks == 0
+    assert fake_provider.refund_status_queries == []
+
+
+def test_requery_leaves_a_settled_refund_alone(operator, make_refund, fake_provider):
+    refund = make_refund(RefundStatus.PROCESSING)
+    refund_transition(
+        refund_id=refund.pk, to=RefundStatus.FAILED, seen_status=RefundStatus.PROCESSING, reason="t"
+    )
+
+    response = _requery(operator, refund)
+
+    assert "failed, nothing to ask the provider" in response.content.decode()
+    assert fake_provider.refund_status_queries == []
