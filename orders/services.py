@@ -614,6 +614,17 @@ def refund_poll_due_now(*, refund_id) -> None:
     Refund.objects.filter(pk=refund_id, status=RefundStatus.PROCESSING).update(next_check_at=timezone.now())
 
 
+def order_resume(*, order_id) -> bool:
+    """A pending or assigned order the sweep gave up on (its stage's workers were down for a day,
+    say) is due now, its checks counted afresh: an operator's "Re-query" once the workers are back.
+    Every stage it is re-announced to is idempotent."""
+    return bool(
+        Order.objects.filter(
+            pk=order_id, status__in=(OrderStatus.PENDING, OrderStatus.ASSIGNED), next_check_at__isnull=True
+        ).update(next_check_at=timezone.now(), check_count=0)
+    )
+
+
 def refund_send_due_now(*, refund_id) -> bool:
     """A pending refund an operator has the sweep send again now, its checks counted afresh (the
     sweep gave up on it, say, while the gateway's workers were down). Sending it again is safe:

@@ -51,6 +51,7 @@ from orders.services import (
     merchant_create,
     merchant_rotate_api_key,
     merchant_rotate_webhook_secret,
+    order_resume,
 )
 
 # One action runs in the operator's request: bound its work (and REQUERY_MAX, in adminkit).
@@ -351,7 +352,8 @@ class OrderAdmin(ReadOnlyAdmin):
         return self._back_to_order(request, queryset)
 
     @admin.action(
-        description="Re-query provider status (processing orders)", permissions=["requery_provider"]
+        description="Re-query provider status (processing orders; resume one the sweep gave up on)",
+        permissions=["requery_provider"],
     )
     def requery_provider(self, request, queryset):
         orders = list(queryset.select_related(None).only("id", "reference", "status")[: REQUERY_MAX + 1])
@@ -363,6 +365,13 @@ class OrderAdmin(ReadOnlyAdmin):
             )
             return None
         for order in orders:
+            if order_resume(order_id=order.pk):
+                detail = "the sweep gave up on it: due again, the sweep moves it on at its next pass"
+                audit(self, request, order, f"Resumed: {detail}.", action="requery_provider")
+                self.message_user(
+                    request, f"Order {order.reference}: {order.status}, {detail}.", messages.INFO
+                )
+                continue
             if order.status != OrderStatus.PROCESSING:
                 self.message_user(
                     request,

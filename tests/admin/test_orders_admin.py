@@ -225,6 +225,35 @@ def test_requery_when_the_provider_has_no_answer_leaves_the_order_processing(
     assert len(fake_provider.status_queries) == 1
 
 
+def test_requery_resumes_a_pending_order_the_sweep_gave_up_on(operator, make_order, fake_provider):
+    # given a pending and an assigned order the sweep gave up on (their workers were down for a
+    # day), and a pending one it has not
+    gave_up, assigned, waiting = (
+        make_order(OrderStatus.PENDING),
+        make_order(OrderStatus.ASSIGNED),
+        make_order(OrderStatus.PENDING),
+    )
+    Order.objects.filter(pk__in=[gave_up.pk, assigned.pk]).update(next_check_at=None, check_count=30)
+    waiting_due = Order.objects.values_list("next_check_at", flat=True).get(pk=waiting.pk)
+    # when an operator re-queries all three
+    response = operator.post(
+        LIST,
+        {"action": "requery_provider", "_selected_action": [gave_up.pk, assigned.pk, waiting.pk]},
+        follow=True,
+    )
+    # then the two the sweep gave up on are due now, checks counted afresh (before: "nothing to ask
+    # the provider", and nothing in the console could move them on); the other is left as it was
+    for order in (gave_up, assigned):
+        due, checks = Order.objects.values_list("next_check_at", "check_count").get(pk=order.pk)
+        assert due is not None and due <= timezone.now() and checks == 0
+        assert LogEntry.objects.filter(object_id=str(order.pk), change_message__startswith="Resumed").exists()
+    assert Order.objects.values_list("next_check_at", flat=True).get(pk=waiting.pk) == waiting_due
+    html = response.content.decode()
+    assert f"Order {gave_up.reference}: pending, the sweep gave up on it: due again" in html
+    assert f"Order {waiting.reference}: pending, nothing to ask the provider" in html
+    assert fake_provider.status_queries == []
+
+
 def test_orders_cannot_be_added_changed_or_deleted(operator, make_order):
     order = make_order()
 
