@@ -90,7 +90,15 @@ class RefundAttempt(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
-        indexes = [models.Index(fields=["order", "created_at"], name="refund_attempt_order")]
+        indexes = [
+            models.Index(fields=["order", "created_at"], name="refund_attempt_order"),
+            # The console finds a refund by the id its provider gives it (what a provider quotes).
+            models.Index(
+                fields=["provider_reference"],
+                name="refund_attempt_provider_ref",
+                condition=~Q(provider_reference=""),
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.channel} {self.status}"

@@ -53,6 +53,13 @@ def order_ids_by_provider_reference(*, reference: str, limit: int = 100) -> list
     )
 
 
+def refund_ids_by_provider_reference(*, reference: str, limit: int = 100) -> list:
+    """Refunds the provider knows as `reference` (refund_attempt_provider_ref index)."""
+    return list(
+        RefundAttempt.objects.filter(provider_reference=reference).values_list("refund_id", flat=True)[:limit]
+    )
+
+
 def provider_reference_of_charge(*, idempotency_key: str) -> str:
     """The provider's id of the charge made under our key ("" when not known yet)."""
     reference = ChargeAttempt.objects.filter(idempotency_key=idempotency_key).values_list(

@@ -6,12 +6,15 @@ import uuid
 
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
+from django.db.models import Q
 from django.http import Http404, HttpResponseNotAllowed, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
 
 from console.adminkit import REQUERY_MAX, ReadOnlyAdmin, ReadOnlyInline, audit, exact_or_order_id, ts
 from core.errors import DomainError
+from gateway.models import RefundAttempt
+from gateway.selectors import refund_ids_by_provider_reference
 from gateway.services import refund_poll
 from orders.models import Order, Refund, RefundStatus, RefundTransition
 from orders.money import money_format
@@ -51,6 +54,35 @@ class RefundTransitionInline(ReadOnlyInline):
         return ts(obj.created_at)
 
 
+class RefundAttemptInline(ReadOnlyInline):
+    """The refund's request to the provider: what it answered, how often it was sent, and when the
+    next send may go (after a "try again later")."""
+
+    model = RefundAttempt
+    fk_name = "refund"
+    fields = (
+        "at",
+        "channel",
+        "provider",
+        "status",
+        "sends",
+        "provider_reference",
+        "http_status",
+        "failure_code",
+        "error",
+        "next_send",
+    )
+    verbose_name = verbose_name_plural = "request to the provider"
+
+    @admin.display(description="at (UTC)")
+    def at(self, obj: RefundAttempt) -> str:
+        return ts(obj.created_at)
+
+    @admin.display(description="no send before (UTC)")
+    def next_send(self, obj: RefundAttempt) -> str:
+        return ts(obj.retry_after) if obj.retry_after else "—"
+
+
 @admin.register(Refund)
 class RefundAdmin(ReadOnlyAdmin):
     list_display = ("refund_id", "order", "merchant", "amount_display", "status", "failure_code", "created")
@@ -60,8 +92,8 @@ class RefundAdmin(ReadOnlyAdmin):
     ordering = ("-created_at", "-id")
     show_facets = admin.ShowFacets.NEVER
     search_fields = ("=id",)  # shows the box; get_search_results does the work
-    search_help_text = "Exact refund id, order id or refund reference."
-    inlines = (RefundTransitionInline,)
+    search_help_text = "Exact refund id, order id, refund reference or the provider's refund id."
+    inlines = (RefundAttemptInline, RefundTransitionInline)
     fields = (
         "id",
         "order",
@@ -142,6 +174,9 @@ class RefundAdmin(ReadOnlyAdmin):
             match |= exact_or_order_id(str(uuid.UUID(term)), "reference", order_field="pk")
         except ValueError:
             pass
+        refund_ids = refund_ids_by_provider_reference(reference=term)
+        if refund_ids:
+            match |= Q(pk__in=refund_ids)
         return queryset.filter(match), False
 
 

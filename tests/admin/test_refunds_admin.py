@@ -172,3 +172,19 @@ def test_requery_leaves_a_settled_refund_alone(operator, make_refund, fake_provi
 
     assert "failed, nothing to ask the provider" in response.content.decode()
     assert fake_provider.refund_status_queries == []
+
+
+def test_the_refunds_page_shows_its_request_to_the_provider_and_is_found_by_the_providers_id(
+    operator, make_refund
+):
+    # given a refund sent to the provider, which knows it by its own id
+    refund = make_refund(RefundStatus.PROCESSING)
+    provider_id = f"fake-refund-{refund.pk}"
+    # when an operator opens its page, and searches the list for the provider's id
+    page = operator.get(f"{REFUNDS}{refund.pk}/change/").content.decode()
+    found = operator.get(REFUNDS, {"q": provider_id}).context["cl"].result_list
+    # then the request is there: status, sends, the provider's id and answer (before: only the
+    # refund's own fields, nothing of what the provider was asked or said), and the search finds it
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page))
+    assert f"fake-console Accepted 1 {provider_id} 201" in text  # provider, status, sends, id, HTTP
+    assert [r.pk for r in found] == [refund.pk]
