@@ -102,6 +102,18 @@ def test_more_than_refundable_is_400(api, merchant_creds):
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("amount", [10**12 + 1, 2**63 - 1])
+def test_an_amount_over_any_orders_is_more_than_refundable_too(api, merchant_creds, amount):
+    # above the largest order amount (before: invalid_request "between 1 and 10^12"), the code
+    # SPEC 10 gives for an amount over what is refundable
+    order = _paid_order(merchant_creds.merchant, amount=1000)
+    _error(_refund(api, order.pk, {"amount": amount}), 400, "amount_exceeds_refundable")
+    # beyond a bigint it is no amount at all
+    _error(_refund(api, order.pk, {"amount": 2**63}), 400, "invalid_request")
+    assert Refund.objects.count() == 0
+
+
+@pytest.mark.django_db
 @pytest.mark.parametrize("status", ["pending", "assigned", "processing", "failed"])
 def test_an_order_without_a_paid_outcome_is_409_order_not_refundable(api, merchant_creds, status):
     order = OrderFactory(
