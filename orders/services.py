@@ -379,6 +379,12 @@ def refund_create(
                 wanted = left if amount is None else amount
                 if left <= 0 or wanted > left:
                     message = f"At most {left} is still refundable."
+                    if amount is None:
+                        # No amount was sent: name no field, say what is left (SPEC 10's code).
+                        message = (
+                            f"Nothing is left to refund: refunds made or under way cover all {order_amount}."
+                        )
+                        raise InvalidRequest("amount_exceeds_refundable", message)
                     raise InvalidRequest("amount_exceeds_refundable", message, {"amount": [message]})
                 now = timezone.now()
                 refund = Refund(

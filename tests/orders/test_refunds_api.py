@@ -90,7 +90,12 @@ def test_partial_refunds_are_listed_oldest_first_and_the_rest_is_refundable(api,
     assert [r["id"] for r in listed] == [first["id"], second["id"], rest["id"]]
     error = _error(_refund(api, order.pk, {"amount": 1}), 400, "amount_exceeds_refundable")
     assert "amount" in error["fields"]
-    _error(_refund(api, order.pk), 400, "amount_exceeds_refundable")
+    # no amount sent: the error names no field, and says nothing is left (before: "amount: at most 0")
+    error = _error(_refund(api, order.pk), 400, "amount_exceeds_refundable")
+    assert (
+        error["fields"] == {}
+        and error["message"] == "Nothing is left to refund: refunds made or under way cover all 1000."
+    )
 
 
 @pytest.mark.django_db
