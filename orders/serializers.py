@@ -284,9 +284,16 @@ class _BlankIsNullUrlField(serializers.URLField):
         return value or None
 
 
+@extend_schema_field({"type": "object", "additionalProperties": {"type": "string"}})
+class _MetadataOut(serializers.JSONField):
+    """The stored metadata as it is (a flat object of strings, checked when it came in); typed in
+    the schema, where a model's JSONField would say nothing of its shape."""
+
+
 class OrderSerializer(serializers.ModelSerializer):
     # "" in the row when neither the order nor its merchant has one (SPEC 6: completes at once)
     callback_url = _BlankIsNullUrlField(read_only=True, allow_null=True)
+    metadata = _MetadataOut(read_only=True)
 
     class Meta:
         model = Order
@@ -333,6 +340,7 @@ class RefundSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
     order_id = serializers.UUIDField(read_only=True)
+    metadata = _MetadataOut(read_only=True)
 
 
 @functools.cache

@@ -124,7 +124,19 @@ API_RATE_LIMIT_PER_SECOND = env.int("API_RATE_LIMIT_PER_SECOND", default=100)
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "Payment orders API",
-    "DESCRIPTION": "Submit payment orders, read them back, follow their lifecycle.",
+    "DESCRIPTION": (
+        "Submit payment orders, read them back, follow their lifecycle, refund them.\n\n"
+        "**Callbacks.** When an order is `paid` or `failed`, its `callback_url` (else the"
+        ' merchant\'s) gets a `POST` of `{"type": "order.paid" | "order.failed", "data":'
+        " <Order>}`; a refund's is `refund.succeeded` / `refund.failed` with the Refund."
+        " `data.status` is the outcome; the order becomes `completed` once the receiver answers"
+        " 2xx within 15 s. Signed as Standard Webhooks: `webhook-id` (the same on every retry:"
+        " deduplicate by it), `webhook-timestamp`, `webhook-signature: v1,<base64 HMAC-SHA256 of"
+        ' "{id}.{timestamp}.{body}">`, keyed with the decoded `whsec_` secret; verify with the'
+        " official `standardwebhooks` library (`Webhook(secret).verify(body, headers)`). Anything"
+        " else is retried with backoff for more than 24 h, then left to an operator: list"
+        " `?status=paid` / `?status=failed` to reconcile orders whose callback was not taken."
+    ),
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],

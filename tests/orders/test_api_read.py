@@ -430,6 +430,14 @@ def test_openapi_schema_describes_the_order_api(client):
             assert "Retry-After" in operation["responses"][code]["headers"]
         assert "406" in operation["responses"]
     assert "headers" not in schema["paths"]["/readyz"]["get"]["responses"]["503"]
+    # what is read back is typed as what was sent (before: metadata was only "readOnly")
+    flat = {"type": "object", "additionalProperties": {"type": "string"}, "readOnly": True}
+    for name in ("Order", "Refund"):
+        assert schema["components"]["schemas"][name]["properties"]["metadata"] == flat
+    # a merchant learns from the docs alone what its callback receiver gets and how to verify it
+    about = schema["info"]["description"]
+    for word in ("order.paid", "refund.failed", "webhook-signature", "whsec_", "standardwebhooks"):
+        assert word in about
 
 
 def test_api_docs_page_is_served(client):
