@@ -6,10 +6,11 @@ from functools import cache
 
 from django.conf import settings
 from django.db import connection
-from django.db.models import Count, QuerySet, Sum
+from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import TruncMinute
 
 from core import prepared, rows
+from orders import events
 from orders.models import (
     Merchant,
     Order,
@@ -228,9 +229,16 @@ def _orders_stuck(overdue_before: datetime) -> dict[str, QuerySet]:
 
 
 def _refunds_stuck(overdue_before: datetime) -> dict[str, QuerySet]:
-    # A pending refund waits to be sent, a processing one for the provider's word; a settled one's
-    # callback has its own schedule (refund_status_created: refunds are few).
-    waiting = Refund.objects.filter(status__in=(RefundStatus.PENDING, RefundStatus.PROCESSING))
+    # A pending refund waits to be sent, a processing one for the provider's word, a settled one
+    # for its callback's delivery, which then has its own schedule: one with no next check and a
+    # full count of them is one the sweep gave up on before that (refund_status_created: refunds
+    # are few).
+    waiting = Refund.objects.filter(
+        Q(status__in=(RefundStatus.PENDING, RefundStatus.PROCESSING))
+        | Q(
+            status__in=(RefundStatus.SUCCEEDED, RefundStatus.FAILED), check_count__gte=events.MAX_SWEEP_CHECKS
+        )
+    )
     return _stuck(Refund, waiting, RefundStatus.PROCESSING, overdue_before)
 
 

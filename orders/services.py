@@ -15,6 +15,7 @@ import redis
 from celery import current_app as current_celery_app
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from core import crypto, metrics, prepared, rows
@@ -449,7 +450,7 @@ def idempotency_keys_prune(*, older_than_hours: int) -> int:
     return deleted
 
 
-MAX_SWEEP_CHECKS = 30
+MAX_SWEEP_CHECKS = events.MAX_SWEEP_CHECKS
 
 
 class _DeepQueues:
@@ -631,14 +632,21 @@ def order_resume(*, order_id) -> bool:
     )
 
 
-def refund_send_due_now(*, refund_id) -> bool:
-    """A pending refund an operator has the sweep send again now, its checks counted afresh (the
-    sweep gave up on it, say, while the gateway's workers were down). Sending it again is safe:
-    the refund keeps its one key at the provider."""
+def refund_resume(*, refund_id) -> bool:
+    """An operator has the sweep take a refund up again now, its checks counted afresh: a pending
+    one (the sweep gave up on it while the gateway's workers were down, say) is sent again, which
+    is safe, since the refund keeps its one key at the provider; a settled one the sweep gave up on
+    before its callback had a delivery gets its callback. A settled one with a delivery is left to
+    the delivery's own schedule."""
+    gave_up_before_its_callback = Q(
+        status__in=(RefundStatus.SUCCEEDED, RefundStatus.FAILED),
+        next_check_at__isnull=True,
+        check_count__gte=MAX_SWEEP_CHECKS,
+    )
     return bool(
-        Refund.objects.filter(pk=refund_id, status=RefundStatus.PENDING).update(
-            next_check_at=timezone.now(), check_count=0
-        )
+        Refund.objects.filter(
+            Q(status=RefundStatus.PENDING) | gave_up_before_its_callback, pk=refund_id
+        ).update(next_check_at=timezone.now(), check_count=0)
     )
 
 

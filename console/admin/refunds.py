@@ -19,7 +19,7 @@ from gateway.services import refund_poll
 from orders.models import Order, Refund, RefundStatus, RefundTransition
 from orders.money import money_format
 from orders.serializers import RefundCreateSerializer
-from orders.services import refund_create, refund_fingerprint, refund_send_due_now
+from orders.services import refund_create, refund_fingerprint, refund_resume
 
 REFUND_PERMISSION = "orders.change_order"
 _FORM_KEY = re.compile(r"[0-9a-f]{32}")
@@ -131,7 +131,7 @@ class RefundAdmin(ReadOnlyAdmin):
         return request.user.has_perm("orders.requery_provider")
 
     @admin.action(
-        description="Re-query provider status (processing refunds; a pending one is sent again)",
+        description="Re-query provider status (processing refunds; resume a pending one or a lost callback)",
         permissions=["requery_provider"],
     )
     def requery_provider(self, request, queryset):
@@ -146,7 +146,7 @@ class RefundAdmin(ReadOnlyAdmin):
         for refund in refunds:
             if refund.status == RefundStatus.PENDING:
                 # Not sent, or sent and told to retry: the sweep sends it (same key) at its next pass.
-                refund_send_due_now(refund_id=refund.pk)
+                refund_resume(refund_id=refund.pk)
                 detail, level = "pending, to be sent again at the next sweep", messages.INFO
             elif refund.status == RefundStatus.PROCESSING:
                 refund_poll(refund_id=refund.pk)
@@ -155,6 +155,9 @@ class RefundAdmin(ReadOnlyAdmin):
                     detail, level = "re-queried, provider had no final answer yet", messages.INFO
                 else:
                     detail, level = f"re-queried, now {now}", messages.SUCCESS
+            elif refund_resume(refund_id=refund.pk):
+                detail = f"{refund.status}, the sweep gave up before its callback was scheduled: due again"
+                level = messages.INFO
             else:
                 self.message_user(
                     request,

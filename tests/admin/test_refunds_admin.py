@@ -9,6 +9,7 @@ from django.contrib.admin.models import LogEntry
 from django.utils import timezone
 
 from gateway.providers.base import StatusResult
+from orders.events import MAX_SWEEP_CHECKS
 from orders.models import Order, OrderStatus, Refund, RefundStatus
 from orders.transitions import refund_transition
 
@@ -188,3 +189,30 @@ def test_the_refunds_page_shows_its_request_to_the_provider_and_is_found_by_the_
     text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page))
     assert f"fake-console Accepted 1 {provider_id} 201" in text  # provider, status, sends, id, HTTP
     assert [r.pk for r in found] == [refund.pk]
+
+
+def test_a_settled_refund_the_sweep_gave_up_on_before_its_callback_is_listed_and_resumed(
+    operator, make_refund, fake_provider
+):
+    # given two succeeded refunds: the sweep gave up on one before its callback had a delivery (the
+    # callbacks workers were down for a day); the other's callback is scheduled (next check cleared)
+    lost, scheduled = (make_refund(RefundStatus.PROCESSING) for _ in range(2))
+    for refund in (lost, scheduled):
+        refund_transition(
+            refund_id=refund.pk, to=RefundStatus.SUCCEEDED, seen_status=RefundStatus.PROCESSING, reason="t"
+        )
+    Refund.objects.filter(pk=lost.pk).update(next_check_at=None, check_count=MAX_SWEEP_CHECKS)
+    Refund.objects.filter(pk=scheduled.pk).update(next_check_at=None, check_count=2)
+    # when an operator opens the dashboard, then re-queries both
+    stuck = operator.get("/admin/dashboard/").context["stuck_refunds"]
+    response = _requery(operator, lost, scheduled)
+    # then only the lost one was listed (before: nothing showed that its callback would never go),
+    # and it is due again for the sweep to hand to the callback stage; the other is left alone
+    assert [(s.refund.pk, s.why.startswith("the sweep gave up")) for s in stuck] == [(lost.pk, True)]
+    due, checks = Refund.objects.values_list("next_check_at", "check_count").get(pk=lost.pk)
+    assert due is not None and due <= timezone.now() and checks == 0
+    assert Refund.objects.values_list("next_check_at", "check_count").get(pk=scheduled.pk) == (None, 2)
+    html = response.content.decode()
+    assert "succeeded, the sweep gave up before its callback was scheduled: due again" in html
+    assert f"Refund {scheduled.pk}: succeeded, nothing to ask the provider" in html
+    assert fake_provider.refund_status_queries == []
