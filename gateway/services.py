@@ -5,6 +5,7 @@ import functools
 import json
 import logging
 import random
+import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -58,6 +59,11 @@ from orders.transitions import (
 logger = logging.getLogger(__name__)
 
 A = ChargeAttempt.Status
+
+
+def _ms_since(started: float) -> int:
+    """Milliseconds since `started` (time.monotonic()): how long the provider took to answer."""
+    return round((time.monotonic() - started) * 1000)
 
 
 def _idempotency_key(order_id, channel_code: str) -> str:
@@ -177,6 +183,7 @@ def order_charge(*, order_id) -> TransitionResult | None:
             payment_method=order.payment_method or "",
         )
         fault_point("charge.before_provider")
+        started = time.monotonic()
         result = adapter.charge(channel=channel, request=request)
         fault_point("charge.after_provider")
         logger.info(
@@ -186,6 +193,7 @@ def order_charge(*, order_id) -> TransitionResult | None:
                 "channel": channel.code,
                 "outcome": result.outcome.value,
                 "http_status": result.http_status,
+                "duration_ms": _ms_since(started),
             },
         )
     return _charge_record(order=order, channel=channel, attempt=attempt, result=result)
@@ -1090,6 +1098,7 @@ def refund_send(*, refund_id) -> TransitionResult | None:
         logger.error("refund.no_adapter", extra={**log, "channel": attempt.channel})
         return None
     fault_point("refund.before_provider")
+    started = time.monotonic()
     result = adapter.refund(channel=channel, request=_refund_request(attempt))
     fault_point("refund.after_provider")
     logger.info(
@@ -1099,6 +1108,7 @@ def refund_send(*, refund_id) -> TransitionResult | None:
             "channel": attempt.channel,
             "outcome": result.outcome.value,
             "http_status": result.http_status,
+            "duration_ms": _ms_since(started),
         },
     )
     outcome = _refund_record(attempt=attempt, result=result)

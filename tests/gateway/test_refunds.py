@@ -58,6 +58,16 @@ def test_refund_twice_in_a_row_is_one_request_under_the_refunds_own_key(stub, ch
     assert Refund.objects.get(pk=refund.pk).status == "processing"
 
 
+@pytest.mark.django_db
+def test_the_send_is_logged_with_how_long_the_provider_took(stub, channels, caplog):
+    refund = _refund(_paid_order(stub))
+    with caplog.at_level("INFO", logger="gateway.services"):
+        services.refund_send(refund_id=refund.pk)
+    (sent,) = [r for r in caplog.records if r.msg == "refund.sent"]
+    assert (sent.refund_id, sent.outcome) == (str(refund.pk), "accepted")
+    assert isinstance(sent.duration_ms, int) and sent.duration_ms >= 0
+
+
 @pytest.mark.django_db(transaction=True)
 def test_refund_twice_at_once_is_one_request(stub, channels):
     order = _paid_order(stub)

@@ -50,6 +50,9 @@ def test_each_stage_logs_a_line_with_the_order_id(api, log_lines, settings, acce
     assert ("order.transition", "paid") in events  # confirm
     assert ("callback.failed", None) in events  # callback (127.0.0.1:9 refuses)
     assert all("time" in line and "level" in line for line in lines)
+    # how long the provider took is on the line of the send (a slow provider is visible in the logs)
+    (sent,) = [line for line in lines if line["event"] == "charge.sent"]
+    assert isinstance(sent["duration_ms"], int) and sent["duration_ms"] >= 0
 
 
 def test_a_task_line_without_its_own_order_id_gets_the_context_one(log_lines):
