@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Iterator
 
 from django.conf import settings
-from pythonjsonlogger.json import JsonFormatter
+from django.utils.module_loading import import_string
 
 from core.logging import ContextFilter
 
@@ -17,7 +17,9 @@ def console_output(level: int) -> Iterator[Callable[[], str]]:
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     formatter = settings.LOGGING["formatters"]["json"]
-    handler.setFormatter(JsonFormatter(formatter["fmt"], rename_fields=formatter["rename_fields"]))
+    handler.setFormatter(
+        import_string(formatter["()"])(formatter["fmt"], rename_fields=formatter["rename_fields"])
+    )
     handler.addFilter(ContextFilter())
     root = logging.getLogger()
     previous = root.level

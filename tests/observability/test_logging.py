@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 
 import pytest
 
@@ -50,6 +51,8 @@ def test_each_stage_logs_a_line_with_the_order_id(api, log_lines, settings, acce
     assert ("order.transition", "paid") in events  # confirm
     assert ("callback.failed", None) in events  # callback (127.0.0.1:9 refuses)
     assert all("time" in line and "level" in line for line in lines)
+    # in UTC to the millisecond, saying so, whatever the host's zone (before: "2026-12-01 14:44:03,262")
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"]) for line in lines)
     # how long the provider took is on the line of the send (a slow provider is visible in the logs)
     (sent,) = [line for line in lines if line["event"] == "charge.sent"]
     assert isinstance(sent["duration_ms"], int) and sent["duration_ms"] >= 0
