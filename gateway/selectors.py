@@ -76,6 +76,15 @@ def provider_reference_of_refund(*, idempotency_key: str) -> str:
     return next(iter(reference), "") or ""
 
 
+def charge_reference_of_refund(*, idempotency_key: str) -> str:
+    """The provider's id of the charge that the refund sent under our key refunds ("" if unknown)."""
+    charge_key = RefundAttempt.objects.filter(idempotency_key=idempotency_key).values_list(
+        "charge_idempotency_key", flat=True
+    )
+    key = next(iter(charge_key), "")
+    return provider_reference_of_charge(idempotency_key=key) if key else ""
+
+
 def channel_of_refund(*, idempotency_key: str) -> str:
     """The channel that was sent the refund under our key ("" when no refund has that key)."""
     channel = RefundAttempt.objects.filter(idempotency_key=idempotency_key).values_list("channel", flat=True)

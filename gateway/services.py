@@ -36,6 +36,7 @@ from gateway.providers.base import (
     ChargeResult,
     RefundRequest,
     RefundResult,
+    StatusResult,
     WebhookEvent,
     get_adapter,
 )
@@ -921,7 +922,9 @@ def order_poll(*, order_id) -> TransitionResult | None:
         logger.warning("poll.failed", extra={"order_id": str(order.pk), "error": repr(exc)})
         return None
     fault_point("poll.after_provider")
-    logger.info("poll.answered", extra={"order_id": str(order.pk), "status": status.status})
+    logger.info(
+        "poll.answered", extra={"order_id": str(order.pk), "status": status.status, "asked": status.looked}
+    )
     if status.status in ("paid", "failed"):
         return order_confirm(
             order_id=order.pk,
@@ -934,6 +937,8 @@ def order_poll(*, order_id) -> TransitionResult | None:
     if status.status == "not_found":
         # The request never reached the provider. Sending it again under the same key is safe:
         # if it did arrive meanwhile, the provider answers with the existing charge.
+        if _past_key_window(adapter, status, attempt):
+            return None
         request = ChargeRequest(
             order_id=str(order.pk),
             amount=order.amount,
@@ -963,6 +968,28 @@ def order_poll(*, order_id) -> TransitionResult | None:
                 )
                 order_provider_reference_set(order_id=order.pk, reference=result.provider_reference)
     return None
+
+
+def _past_key_window(adapter, status: StatusResult, attempt: ChargeAttempt | RefundAttempt) -> bool:
+    """Would sending the create again be a new request? When the provider was not asked (it had
+    no id to be asked by) and its key window is over since the first send, the provider may no
+    longer answer our key with the first request's result: a resend could charge or refund a
+    second time. Nothing is sent; the order or refund stays processing, for a person (ERROR)."""
+    window = adapter.key_window
+    if status.looked or window is None or attempt.created_at > timezone.now() - window:
+        return False
+    subject = {"refund_id": str(attempt.refund_id)} if isinstance(attempt, RefundAttempt) else {}
+    logger.error(
+        "poll.resend_past_key_window",
+        extra={
+            "order_id": str(attempt.order_id),
+            **subject,
+            "channel": attempt.channel,
+            "first_sent": attempt.created_at.isoformat(),
+            "key_window_hours": window.total_seconds() / 3600,
+        },
+    )
+    return True
 
 
 def _resend_refused(*, order: Order, attempt: ChargeAttempt, result: ChargeResult) -> TransitionResult | None:
@@ -1174,6 +1201,7 @@ def _refund_answer_record(
         sent = {
             "sends": F("sends") + 1,
             "lease_until": None,
+            "retry_after": None,  # taken: an earlier "try again later" is over
             "http_status": result.http_status,
             "error": result.error[:500],
             **answer,
@@ -1348,7 +1376,12 @@ def refund_poll(*, refund_id) -> TransitionResult | None:
     except Exception as exc:  # provider unreachable or unreadable: the sweep asks again later
         logger.warning("refund_poll.failed", extra={**log, "error": repr(exc)})
         return None
-    logger.info("refund_poll.answered", extra={**log, "status": status.status})
+    logger.info("refund_poll.answered", extra={**log, "status": status.status, "asked": status.looked})
+    if status.provider_reference:
+        # The provider's id for the refund, from its answer: the console finds the refund by it.
+        RefundAttempt.objects.filter(pk=attempt.pk, provider_reference="").update(
+            provider_reference=status.provider_reference[:128]
+        )
     if status.status in (RS.SUCCEEDED, RS.FAILED):
         return refund_confirm(
             idempotency_key=attempt.idempotency_key,
@@ -1358,6 +1391,8 @@ def refund_poll(*, refund_id) -> TransitionResult | None:
         )
     if status.status == "not_found":
         # The request never reached the provider: the same request under the same key is safe.
+        if _past_key_window(adapter, status, attempt):
+            return None
         result = adapter.refund(channel=channel, request=_refund_request(attempt))
         logger.info("refund_poll.resent", extra={**log, "outcome": result.outcome.value})
         if result.provider_reference and result.outcome == ChargeOutcome.ACCEPTED:

@@ -28,6 +28,7 @@ class StubProvider(base.ProviderAdapter):
         self.refunds: set[str] = set()
         self.refund_answers: list[RefundResult] = []
         self.refund_status = "pending"
+        self.refund_reference = ""  # the provider's id for the refund in its status answers
 
     def charge(self, *, channel, request):
         with self.lock:
@@ -63,7 +64,7 @@ class StubProvider(base.ProviderAdapter):
     def fetch_refund_status(self, *, channel, idempotency_key):
         if idempotency_key not in self.refunds:
             return StatusResult("not_found")
-        return StatusResult(self.refund_status)
+        return StatusResult(self.refund_status, provider_reference=self.refund_reference)
 
 
 def assigned_order(channel_code: str = "stub-1") -> Order:

@@ -3,6 +3,7 @@
 import abc
 import enum
 from dataclasses import dataclass
+from datetime import timedelta
 
 from allocation.models import PaymentChannel
 
@@ -34,6 +35,10 @@ class StatusResult:
     status: str  # "paid" | "failed" | "pending" | "not_found"
     failure_code: str = ""
     provider_reference: str = ""
+    # False: the provider was not asked, for want of an id to ask it by (Stripe without the create's
+    # answer). "not_found" then only means "send the create again under its key", which is safe only
+    # while the provider still answers that key with the first request's result (`key_window`).
+    looked: bool = True
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,9 @@ class ProviderAdapter(abc.ABC):
     name: str
     # The answer to a webhook whose signature does not verify (the sandbox: 401; Stripe: 400).
     invalid_signature_status: int = 401
+    # How long after a request the provider answers the same request under the same key with the
+    # first one's result; None: for as long as it keeps the charge or refund (the sandbox).
+    key_window: timedelta | None = None
 
     @abc.abstractmethod
     def charge(self, *, channel: PaymentChannel, request: ChargeRequest) -> ChargeResult: ...

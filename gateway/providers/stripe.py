@@ -24,6 +24,7 @@ import json
 import logging
 import threading
 import time
+from datetime import timedelta
 from typing import Any
 
 import requests
@@ -61,7 +62,12 @@ from gateway.providers.sandbox import (
     declared_length,
     exchange_seconds,
 )
-from gateway.selectors import channel_of_refund, provider_reference_of_charge, provider_reference_of_refund
+from gateway.selectors import (
+    channel_of_refund,
+    charge_reference_of_refund,
+    provider_reference_of_charge,
+    provider_reference_of_refund,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -284,6 +290,9 @@ class StripeAdapter(ProviderAdapter):
     name = "stripe"
     # Stripe's own answer to a bad signature (its libraries' examples answer 400 too).
     invalid_signature_status = 400
+    # Stripe may prune an idempotency key once it is 24 h old; after that a create sent again under
+    # it is a new request (a second PaymentIntent or refund). An hour's margin.
+    key_window = timedelta(hours=23)
 
     def __init__(self) -> None:
         self._clients: dict[tuple[str, str], stripe.StripeClient] = {}
@@ -349,12 +358,13 @@ class StripeAdapter(ProviderAdapter):
     ) -> StatusResult:
         """The PaymentIntent's status, by its id.
 
-        Without an id (the create's answer was lost) there is nothing to ask about: "not_found"
-        makes the poll resend the create under the same key, which Stripe answers with the first
-        request's result if that one arrived (it keeps keys 24 h), or processes now if it did not.
+        Without an id (the create's answer was lost) there is nothing to ask about: "not_found",
+        not `looked`, makes the poll resend the create under the same key, which Stripe answers with
+        the first request's result if that one arrived, or processes now if it did not, but only
+        within `key_window` (Stripe keeps keys 24 h).
         """
         if not provider_reference.startswith("pi_"):
-            return StatusResult("not_found")
+            return StatusResult("not_found", looked=False)
         intent = _retrieve(
             "status", lambda: self._client(channel).v1.payment_intents.retrieve(provider_reference)
         )
@@ -412,16 +422,42 @@ class StripeAdapter(ProviderAdapter):
         )
 
     def fetch_refund_status(self, *, channel: PaymentChannel, idempotency_key: str) -> StatusResult:
-        """The refund's status, by Stripe's id for it; without one, "not_found" resends the create
-        under the same key (Stripe answers with the first request's result)."""
+        """The refund's status, by Stripe's id for it. Without one (the create's answer was lost),
+        the PaymentIntent's refunds are listed and ours is the one whose metadata names our key: a
+        refund made by a request whose answer we never read is found, never made again, whatever
+        its age. None there: "not_found", and the create is sent again under the same key."""
         reference = provider_reference_of_refund(idempotency_key=idempotency_key)
-        if not reference.startswith("re_"):
+        if reference.startswith("re_"):
+            refund = _retrieve("refund status", lambda: self._client(channel).v1.refunds.retrieve(reference))
+            data = refund.to_dict() if refund is not None else None
+        else:
+            data = self._refund_by_key(channel, idempotency_key)
+        if data is None:
             return StatusResult("not_found")
-        refund = _retrieve("refund status", lambda: self._client(channel).v1.refunds.retrieve(reference))
-        if refund is None:
-            return StatusResult("not_found")
-        status, failure_code = refund_status(refund.to_dict())
-        return StatusResult(status, failure_code=failure_code, provider_reference=reference)
+        status, failure_code = refund_status(data)
+        return StatusResult(status, failure_code=failure_code, provider_reference=_token(data.get("id")))
+
+    def _refund_by_key(self, channel: PaymentChannel, idempotency_key: str) -> dict | None:
+        """Our refund among the charge's PaymentIntent's refunds (metadata.attempt is our key)."""
+        intent = charge_reference_of_refund(idempotency_key=idempotency_key)
+        if not intent.startswith("pi_"):
+            raise ProviderError("refund status: the charge has no PaymentIntent id to list refunds by")
+        refunds = _retrieve(
+            "refund list",
+            lambda: self._client(channel).v1.refunds.list(params={"payment_intent": intent, "limit": 100}),
+        )
+        if refunds is None:  # Stripe does not know the PaymentIntent: that is no answer about ours
+            raise ProviderError("refund list: the PaymentIntent is unknown")
+        page = refunds.to_dict()
+        listed = page.get("data") if isinstance(page.get("data"), list) else []
+        for item in listed:
+            metadata = item.get("metadata") if isinstance(item, dict) else None
+            if isinstance(metadata, dict) and metadata.get("attempt") == idempotency_key:
+                return item
+        if page.get("has_more"):
+            # More than 100 refunds of one payment: ours may be past this page; no guess.
+            raise ProviderError("refund list: more than one page of refunds")
+        return None
 
     def parse_webhook(self, *, body: bytes, headers: dict[str, str]) -> WebhookEvent:
         """Verify `Stripe-Signature` with the library against each Stripe channel's endpoint secret.

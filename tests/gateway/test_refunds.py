@@ -113,6 +113,8 @@ def test_a_503_waits_on_the_row_and_goes_to_the_same_channel_never_another(stub,
     services.refund_send(refund_id=refund.pk)
     assert stub.refund_calls == [("stub-1", f"refund:{refund.pk}")] * 2
     assert Refund.objects.get(pk=refund.pk).status == "processing"
+    # taken: the console no longer shows a time before which it may not be sent
+    assert RefundAttempt.objects.get(refund=refund).retry_after is None
 
 
 @pytest.mark.django_db
@@ -169,10 +171,12 @@ def test_unknown_outcome_waits_in_processing_until_a_poll_says(stub, channels):
     assert Refund.objects.get(pk=refund.pk).status == "processing"
     services.refund_poll(refund_id=refund.pk)  # the provider still says pending
     assert Refund.objects.get(pk=refund.pk).status == "processing"
-    stub.refund_status = "succeeded"
+    stub.refund_status, stub.refund_reference = "succeeded", "re_from_the_status_answer"
     services.refund_poll(refund_id=refund.pk)
     assert Refund.objects.get(pk=refund.pk).status == "succeeded"
     assert Order.objects.get(pk=order.pk).amount_refunded == 500
+    # the provider's id from its status answer is kept: the console finds the refund by it
+    assert RefundAttempt.objects.get(refund=refund).provider_reference == "re_from_the_status_answer"
     assert stub.refund_calls == [("stub-1", f"refund:{refund.pk}")]
 
 

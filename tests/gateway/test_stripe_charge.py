@@ -1,6 +1,8 @@
 """A Stripe order through the gateway's charge stage, Stripe played by a real HTTP peer answering
 Stripe's recorded answers: the answer of the create-and-confirm call settles the order at once."""
 
+import json
+
 import pytest
 
 from allocation.models import PaymentChannel
@@ -223,9 +225,27 @@ def test_a_refund_answer_that_says_how_it_ended_settles_it_without_a_poll(
     assert Order.objects.get(pk=order.pk).amount_refunded == (400 if settled == "succeeded" else 0)
 
 
-def test_a_refund_whose_answer_was_lost_is_settled_by_the_resent_creates_answer(stripe_peer):
-    from gateway.models import RefundAttempt
-    from gateway.services import refund_poll, refund_send
+def routes(table: dict[bytes, tuple[int, str]]):
+    """A Stripe peer answering each request by the first of `table`'s request-line prefixes it has."""
+
+    def script(peer: Peer, conn) -> None:
+        request = peer.read_request(conn)
+        status, body = next(reply for prefix, reply in table.items() if request.startswith(prefix))
+        payload = body.encode()
+        head = f"HTTP/1.1 {status} Whatever\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        conn.sendall(f"{head}Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+
+    return script
+
+
+def _refund_list(*refunds: dict) -> str:
+    return json.dumps({"object": "list", "data": list(refunds), "has_more": False, "url": "/v1/refunds"})
+
+
+def _lost_refund(stripe_peer):
+    """A paid Stripe order and its refund, processing: the refund's answer was lost (a 500: maybe
+    refunded), so no re_ id is known."""
+    from gateway.services import refund_send
     from orders.models import Refund
 
     peer = stripe_peer(200, "payment_intent_succeeded")
@@ -233,15 +253,85 @@ def test_a_refund_whose_answer_was_lost_is_settled_by_the_resent_creates_answer(
     Order.objects.filter(pk=order.pk).update(payment_method="pm_card_visa")
     order_charge(order_id=order.pk)
     refund = _refund_of(order)
-    # given: the refund's answer is lost (a 500: maybe refunded), so no re_ id is known
     peer.script = answer(500, recorded("error_api_error"))
     refund_send(refund_id=refund.pk)
     assert Refund.objects.get(pk=refund.pk).status == "processing"
-    # when: the poll has no id to ask by, it resends the create under the same key, and Stripe
-    # answers with the first request's Refund
-    peer.script = answer(200, recorded("refund_succeeded"))
+    return peer, refund
+
+
+def _requests(peer) -> list[list[bytes]]:
+    return [request.split(b" ", 2)[:2] for request in peer.requests[1:]]
+
+
+def test_a_refund_whose_answer_was_lost_is_found_among_the_intents_refunds_and_not_made_again(stripe_peer):
+    from gateway.models import RefundAttempt
+    from gateway.services import refund_poll
+    from orders.models import Refund
+
+    peer, refund = _lost_refund(stripe_peer)
+    ours = {**json.loads(recorded("refund_succeeded")), "metadata": {"attempt": f"refund:{refund.pk}"}}
+    another = {**ours, "id": "re_another", "status": "failed", "metadata": {"attempt": "refund:another"}}
+    # when: the poll, with no id to ask by, lists the PaymentIntent's refunds (before: it sent the
+    # create again, which after Stripe's 24 h key window makes a second refund)
+    peer.script = routes({b"GET /v1/refunds?": (200, _refund_list(another, ours))})
     refund_poll(refund_id=refund.pk)
-    # then: settled by that answer, and the id kept for any later status query
-    assert [request.split(b" ", 2)[:2] for request in peer.requests[1:]] == [[b"POST", b"/v1/refunds"]] * 2
+    # then: ours is the one whose metadata names our key; settled by it, its id kept, nothing resent
+    assert _requests(peer) == [
+        [b"POST", b"/v1/refunds"],
+        [b"GET", b"/v1/refunds?payment_intent=pi_3QxS2vLkdIwHu7ix0b7mYqLx&limit=100"],
+    ]
     assert Refund.objects.get(pk=refund.pk).status == "succeeded"
     assert RefundAttempt.objects.get(refund=refund).provider_reference == "re_3QxS2vLkdIwHu7ix0Rf1nD01"
+
+
+def test_a_refund_whose_answer_was_lost_and_that_stripe_has_not_is_sent_again_under_its_key(stripe_peer):
+    from gateway.models import RefundAttempt
+    from gateway.services import refund_poll
+    from orders.models import Refund
+
+    peer, refund = _lost_refund(stripe_peer)
+    # when: the PaymentIntent has no refund of ours, the poll resends the create under the same key
+    # (Stripe answers it with the first request's Refund if that one is still being made)
+    other = {**json.loads(recorded("refund_succeeded")), "id": "re_x", "metadata": {"attempt": "refund:x"}}
+    peer.script = routes(
+        {
+            b"GET /v1/refunds?": (200, _refund_list(other)),
+            b"POST /v1/refunds ": (200, recorded("refund_succeeded")),
+        }
+    )
+    refund_poll(refund_id=refund.pk)
+    # then: settled by that answer, and the id kept for any later status query
+    assert [step[0] for step in _requests(peer)] == [b"POST", b"GET", b"POST"]
+    assert f"Idempotency-Key: refund:{refund.pk}".encode() in peer.requests[-1]
+    assert Refund.objects.get(pk=refund.pk).status == "succeeded"
+    assert RefundAttempt.objects.get(refund=refund).provider_reference == "re_3QxS2vLkdIwHu7ix0Rf1nD01"
+
+
+def test_a_refund_list_stripe_cannot_answer_sends_nothing_and_leaves_it_processing(stripe_peer):
+    from gateway.services import refund_poll
+    from orders.models import Refund
+
+    peer, refund = _lost_refund(stripe_peer)
+    peer.script = routes({b"GET /v1/refunds?": (500, recorded("error_api_error"))})
+    refund_poll(refund_id=refund.pk)
+    assert [step[0] for step in _requests(peer)] == [b"POST", b"GET"]
+    assert Refund.objects.get(pk=refund.pk).status == "processing"
+
+
+def test_a_poll_past_stripes_key_window_never_sends_the_create_again(stripe_peer, caplog):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    # given: an order whose create's answer was lost a day ago (no PaymentIntent id known)
+    peer = stripe_peer(200, "payment_intent_succeeded")
+    order = _processing("")
+    ChargeAttempt.objects.filter(order=order).update(created_at=timezone.now() - timedelta(hours=24))
+    # when: polled (the sweep, or an operator's re-query)
+    with caplog.at_level("ERROR", logger="gateway.services"):
+        order_poll(order_id=order.pk)
+    # then: nothing is sent (Stripe may have dropped the key: a resend could charge twice, or
+    # decline where the first succeeded), the order stays processing, and an ERROR says why
+    assert peer.requests == []
+    assert Order.objects.get(pk=order.pk).status == OrderStatus.PROCESSING
+    assert [r.msg for r in caplog.records if r.levelname == "ERROR"] == ["poll.resend_past_key_window"]
