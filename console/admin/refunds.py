@@ -10,6 +10,7 @@ from django.db.models import Q
 from django.http import Http404, HttpResponseNotAllowed, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
+from django.utils import timezone
 
 from console.adminkit import REQUERY_MAX, ReadOnlyAdmin, ReadOnlyInline, audit, exact_or_order_id, ts
 from core.errors import DomainError
@@ -145,9 +146,17 @@ class RefundAdmin(ReadOnlyAdmin):
             return
         for refund in refunds:
             if refund.status == RefundStatus.PENDING:
-                # Not sent, or sent and told to retry: the sweep sends it (same key) at its next pass.
+                # Not sent, or sent and told to retry: the sweep sends it (same key) at its next pass,
+                # but never before the time the provider asked it to wait for.
                 refund_resume(refund_id=refund.pk)
-                detail, level = "pending, to be sent again at the next sweep", messages.INFO
+                wait = RefundAttempt.objects.filter(refund_id=refund.pk, retry_after__gt=timezone.now())
+                not_before = wait.values_list("retry_after", flat=True).first()
+                detail = (
+                    f"pending, the provider asked to wait: sent again after {ts(not_before)} UTC"
+                    if not_before
+                    else "pending, to be sent again at the next sweep"
+                )
+                level = messages.INFO
             elif refund.status == RefundStatus.PROCESSING:
                 refund_poll(refund_id=refund.pk)
                 now = Refund.objects.filter(pk=refund.pk).values_list("status", flat=True).first()

@@ -33,6 +33,7 @@ class FakeAdapter(ProviderAdapter):
         self.status = StatusResult("pending")
         self.status_queries: list[str] = []
         self.refund_status = StatusResult("pending")
+        self.refund_answer: RefundResult | None = None  # None: accepted
         self.refund_status_queries: list[str] = []
 
     def charge(self, *, channel, request):
@@ -45,6 +46,8 @@ class FakeAdapter(ProviderAdapter):
         return self.status
 
     def refund(self, *, channel, request):
+        if self.refund_answer is not None:
+            return self.refund_answer
         return RefundResult(
             ChargeOutcome.ACCEPTED, provider_reference=f"fake-refund-{request.refund_id}", http_status=201
         )

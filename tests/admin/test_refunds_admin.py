@@ -216,3 +216,25 @@ def test_a_settled_refund_the_sweep_gave_up_on_before_its_callback_is_listed_and
     assert "succeeded, the sweep gave up before its callback was scheduled: due again" in html
     assert f"Refund {scheduled.pk}: succeeded, nothing to ask the provider" in html
     assert fake_provider.refund_status_queries == []
+
+
+def test_requery_of_a_pending_refund_the_provider_asked_to_wait_says_until_when(
+    operator, make_refund, fake_provider, settings
+):
+    from gateway.models import RefundAttempt
+    from gateway.providers.base import ChargeOutcome, RefundResult
+    from gateway.services import refund_send
+
+    # given a pending refund the provider answered "try again later" (a 503)
+    settings.REFUND_RETRY_SECONDS = 300
+    refund = make_refund(RefundStatus.PENDING)
+    fake_provider.refund_answer = RefundResult(
+        ChargeOutcome.REJECTED, http_status=503, error="channel_unavailable", retry=True
+    )
+    refund_send(refund_id=refund.pk)
+    later = RefundAttempt.objects.get(refund=refund).retry_after
+    assert Refund.objects.get(pk=refund.pk).status == RefundStatus.PENDING and later > timezone.now()
+    # when an operator re-queries it
+    html = _requery(operator, refund).content.decode()
+    # then the message says when it will go, not "at the next sweep" (it would not)
+    assert f"pending, the provider asked to wait: sent again after {later:%Y-%m-%d %H:%M:%S}" in html
