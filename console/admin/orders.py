@@ -25,6 +25,7 @@ from callbacks.models import CallbackDelivery
 from callbacks.selectors import callback_attempts_for_order
 from callbacks.services import callback_resend_for_order
 from console.admin.refunds import REFUND_PERMISSION, RefundInline, order_refund_view
+from console.admin.signals import IgnoredSignalInline
 from console.adminkit import (
     REQUERY_MAX,
     ChannelFilter,
@@ -43,7 +44,7 @@ from gateway.models import ChargeAttempt
 from gateway.selectors import order_ids_by_provider_reference
 from gateway.services import order_poll
 from orders import payment_methods
-from orders.models import IgnoredSignal, Merchant, Order, OrderStatus, OrderTransition
+from orders.models import Merchant, Order, OrderStatus, OrderTransition
 from orders.money import money_format
 from orders.operations import merchant_update
 from orders.services import (
@@ -132,17 +133,6 @@ class CallbackDeliveryInline(ReadOnlyInline):
     @admin.display(description="delivered (UTC)")
     def delivered(self, obj: CallbackDelivery) -> str:
         return ts(obj.delivered_at)
-
-
-class IgnoredSignalInline(ReadOnlyInline):
-    model = IgnoredSignal
-    fields = ("at", "status_at_signal", "requested_status", "reason")
-    ordering = ("-id",)
-    verbose_name_plural = "ignored late or duplicate signals (newest first)"
-
-    @admin.display(description="at (UTC)")
-    def at(self, obj: IgnoredSignal) -> str:
-        return ts(obj.created_at)
 
 
 @admin.register(Order)

@@ -12,6 +12,7 @@ from django.shortcuts import get_object_or_404
 from django.urls import reverse
 from django.utils import timezone
 
+from console.admin.signals import RefundIgnoredSignalInline
 from console.adminkit import REQUERY_MAX, ReadOnlyAdmin, ReadOnlyInline, audit, exact_or_order_id, ts
 from core.errors import DomainError
 from gateway.models import RefundAttempt
@@ -94,7 +95,7 @@ class RefundAdmin(ReadOnlyAdmin):
     show_facets = admin.ShowFacets.NEVER
     search_fields = ("=id",)  # shows the box; get_search_results does the work
     search_help_text = "Exact refund id, order id, refund reference or the provider's refund id."
-    inlines = (RefundAttemptInline, RefundTransitionInline)
+    inlines = (RefundAttemptInline, RefundTransitionInline, RefundIgnoredSignalInline)
     fields = (
         "id",
         "order",

@@ -238,3 +238,18 @@ def test_requery_of_a_pending_refund_the_provider_asked_to_wait_says_until_when(
     html = _requery(operator, refund).content.decode()
     # then the message says when it will go, not "at the next sweep" (it would not)
     assert f"pending, the provider asked to wait: sent again after {later:%Y-%m-%d %H:%M:%S}" in html
+
+
+def test_the_refunds_page_shows_the_signals_it_ignored(operator, make_refund):
+    from gateway.services import refund_confirm
+
+    # given a refund settled succeeded by the provider's word, then a contradicting "failed" word
+    refund = make_refund(RefundStatus.PROCESSING)
+    for status in ("succeeded", "failed"):
+        refund_confirm(idempotency_key=f"refund:{refund.pk}", status=status, source="provider webhook")
+    # when an operator opens the refund's page
+    page = operator.get(f"{REFUNDS}{refund.pk}/change/").content.decode()
+    # then the ignored word is there (before: only on the order's page)
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page))
+    assert "ignored late or duplicate signals" in text.lower()
+    assert "succeeded failed" in text  # status at the signal, then what it asked for
