@@ -45,7 +45,8 @@ class Endpoints:
             redis=os.environ.get("CELERY_BROKER_URL") or redis,
             # gateway/sandbox_server/store.py: the provider keeps its ledger in a database of its own.
             sandbox_database_name=(
-                os.environ.get("SANDBOX_DATABASE_URL") or "postgres://payments@127.0.0.1:55432/sandbox"
+                os.environ.get("SANDBOX_DATABASE_URL")
+                or f"postgres://payments@127.0.0.1:{os.environ.get('PG_PORT', '55432')}/sandbox"
             ).rsplit("/", 1)[-1],
         )
 

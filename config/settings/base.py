@@ -65,8 +65,13 @@ TEMPLATES = [
     },
 ]
 
+# The embedded servers' ports (scripts/services.sh): moving them moves these defaults too, so one
+# PG_PORT / REDIS_PORT moves a whole local stack (`make run`), not only its servers.
+LOCAL_PG_PORT = env.int("PG_PORT", default=55432)
+LOCAL_REDIS_PORT = env.int("REDIS_PORT", default=56379)
+
 DATABASES = {
-    "default": env.db("DATABASE_URL", default="postgres://payments@127.0.0.1:55432/payments"),
+    "default": env.db("DATABASE_URL", default=f"postgres://payments@127.0.0.1:{LOCAL_PG_PORT}/payments"),
 }
 # Persistent connections: a new PostgreSQL connection per request costs more than the request.
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=600)
@@ -77,7 +82,7 @@ DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 PREPARED_STATEMENTS = env.bool("PREPARED_STATEMENTS", default=True)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-REDIS_URL = env("REDIS_URL", default="redis://127.0.0.1:56379/0")
+REDIS_URL = env("REDIS_URL", default=f"redis://127.0.0.1:{LOCAL_REDIS_PORT}/0")
 # Rate limits, circuit breakers and the cache (orders/redis_client.py, CACHES): soft state, on a
 # Redis of their own when CACHE_URL names one, else on REDIS_URL (a plain redis:// URL, also under
 # a sentinel:// or amqp:// broker: losing it costs counts and cached values, never an order).

@@ -15,7 +15,7 @@ CALLBACK_RETRY_SCHEDULE = env.list("CALLBACK_RETRY_SCHEDULE", cast=float, defaul
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 # Tests use their own Redis database, so a running dev stack's queues are left alone.
-REDIS_URL = env("TEST_REDIS_URL", default="redis://127.0.0.1:56379/1")
+REDIS_URL = env("TEST_REDIS_URL", default=f"redis://127.0.0.1:{LOCAL_REDIS_PORT}/1")  # noqa: F405
 # `make test` runs two pytest workers (pytest-xdist): each gets the next Redis database, as it
 # gets a database of its own from pytest-django. Only the pytest process itself shifts: the
 # stacks it starts are handed the shifted URL (TEST_REDIS_URL) and must not shift it again.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ import psycopg2.pool
 
 log = logging.getLogger("sandbox.store")
 
-DEFAULT_DATABASE_URL = "postgres://payments@127.0.0.1:55432/sandbox"
+# Beside the payments database, on the embedded server's port (PG_PORT moves both).
+DEFAULT_DATABASE_URL = f"postgres://payments@127.0.0.1:{os.environ.get('PG_PORT', '55432')}/sandbox"
 
 # Fixed key so that two gunicorn workers booting together do not race on CREATE TABLE IF NOT EXISTS
 # (which is not concurrency-safe in PostgreSQL: both can pass the existence check).

@@ -12,9 +12,12 @@ import signal
 import socket
 import subprocess
 import time
+from contextlib import closing
 from pathlib import Path
 
+import psycopg2
 import pytest
+import redis
 import requests
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,11 +55,9 @@ def test_ctrl_c_on_make_run_stops_all_of_it(checkout):
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings.local",
+        # the servers' ports alone: every process's database and Redis follow them (README)
         "PG_PORT": str(pg),
         "REDIS_PORT": str(redis_port),
-        "DATABASE_URL": f"postgres://payments@127.0.0.1:{pg}/payments",
-        "SANDBOX_DATABASE_URL": f"postgres://payments@127.0.0.1:{pg}/sandbox",
-        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
         "WEB_BIND": f"127.0.0.1:{web}",
         "SANDBOX_BIND": f"127.0.0.1:{PORTS['sandbox']}",
         "SANDBOX_URL": f"http://127.0.0.1:{PORTS['sandbox']}",
@@ -65,7 +66,15 @@ def test_ctrl_c_on_make_run_stops_all_of_it(checkout):
         "PUBLIC_BASE_URL": f"http://127.0.0.1:{web}",
         "WEB_WORKERS": "1",
     }
-    for name in ("CELERY_BROKER_URL", "CACHE_URL", "TEST_REDIS_URL", "PROMETHEUS_MULTIPROC_DIR"):
+    for name in (
+        "DATABASE_URL",
+        "SANDBOX_DATABASE_URL",
+        "REDIS_URL",
+        "CELERY_BROKER_URL",
+        "CACHE_URL",
+        "TEST_REDIS_URL",
+        "PROMETHEUS_MULTIPROC_DIR",
+    ):
         env.pop(name, None)
     log = (checkout / "run.log").open("wb")
     # when `make run` has brought the stack up (its own process group: the terminal's, for Ctrl-C)
@@ -84,6 +93,26 @@ def test_ctrl_c_on_make_run_stops_all_of_it(checkout):
         assert run.poll() is None, (checkout / "run.log").read_text()[-3000:]
         up = {name for name, port in PORTS.items() if _listening(port)}
         assert up == set(PORTS), f"not up: {set(PORTS) - up}\n" + (checkout / "run.log").read_text()[-3000:]
+        # and it keeps its data in the servers it started, not in those on the default ports
+        # (before: PG_PORT/REDIS_PORT moved only the servers; the processes used 55432 and 56379)
+        with (
+            closing(psycopg2.connect(f"postgres://payments@127.0.0.1:{pg}/payments")) as db,
+            db.cursor() as cursor,
+        ):
+            cursor.execute("SELECT count(*) FROM orders_merchant")
+            assert cursor.fetchone()[0] >= 1  # the demo merchant make run seeds
+        with (
+            closing(psycopg2.connect(f"postgres://payments@127.0.0.1:{pg}/sandbox")) as db,
+            db.cursor() as cursor,
+        ):
+            cursor.execute("SELECT count(*) FROM sandbox_charges")  # the sandbox's schema is there
+        # the workers' queues, declared once each worker is up
+        broker, bound = redis.Redis(port=redis_port), []
+        for _ in range(120):
+            if bound := broker.keys("_kombu.binding.*"):
+                break
+            time.sleep(0.5)
+        assert bound, (checkout / "run.log").read_text()[-3000:]
         # and Ctrl-C reaches its process group
         os.killpg(run.pid, signal.SIGINT)
         run.wait(timeout=90)
@@ -95,6 +124,14 @@ def test_ctrl_c_on_make_run_stops_all_of_it(checkout):
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
+        # a SIGKILLed make leaves its stack's processes running (they run in groups of their own):
+        # every process working in this copy goes too, so a failed run frees its ports
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and (proc / "cwd").resolve() == checkout.resolve():
+                    os.kill(int(proc.name), signal.SIGKILL)
+            except (OSError, RuntimeError):
+                pass
         # whatever the outcome, this copy's servers go, and its cluster with them (as root it lives
         # under postgres's home, `.run/pg` a link to it: the test's directory is closed to postgres)
         subprocess.run(["scripts/services.sh", "stop"], cwd=checkout, env=env, check=False, timeout=60)
