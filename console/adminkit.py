@@ -3,10 +3,11 @@ actions that need a permission of their own, secrets shown once without being st
 
 import json
 import logging
+import time
 import uuid
 from datetime import UTC, datetime
 
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import connection
@@ -85,8 +86,30 @@ class ProviderFilter(admin.SimpleListFilter):
         return queryset.filter(provider=self.value()) if self.value() else queryset
 
 
-# A re-query runs in the operator's request and asks the provider once per row: bound it.
+# A re-query runs in the operator's request and asks the provider once per row: bound it, in
+# rows and in time (a provider that does not answer costs each row its connect and read timeouts:
+# twenty of them would hold the request for minutes, past any proxy's patience).
 REQUERY_MAX = 20
+REQUERY_BUDGET_SECONDS = 20.0
+
+
+class RequeryBudget:
+    """The time a re-query action may spend asking providers, from its start."""
+
+    def __init__(self) -> None:
+        self.deadline = time.monotonic() + REQUERY_BUDGET_SECONDS
+
+    def stops(self, model_admin: admin.ModelAdmin, request, rest: list, name) -> bool:
+        """True, once it is spent, after telling the operator which rows were not asked."""
+        if time.monotonic() <= self.deadline or not rest:
+            return False
+        names = ", ".join(str(name(row)) for row in rest)
+        model_admin.message_user(
+            request,
+            f"Stopped after {REQUERY_BUDGET_SECONDS:.0f} s of asking: not re-queried: {names}. Select fewer.",
+            messages.WARNING,
+        )
+        return True
 
 
 class GuardedActionsAdmin(admin.ModelAdmin):

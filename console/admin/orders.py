@@ -33,6 +33,7 @@ from console.adminkit import (
     GuardedActionsAdmin,
     ReadOnlyAdmin,
     ReadOnlyInline,
+    RequeryBudget,
     age,
     audit,
     exact_or_order_id,
@@ -354,7 +355,10 @@ class OrderAdmin(ReadOnlyAdmin):
                 messages.ERROR,
             )
             return None
-        for order in orders:
+        budget = RequeryBudget()
+        for index, order in enumerate(orders):
+            if budget.stops(self, request, orders[index:], lambda o: o.reference):
+                break
             if order_resume(order_id=order.pk):
                 detail = "the sweep gave up on it: due again, the sweep moves it on at its next pass"
                 audit(self, request, order, f"Resumed: {detail}.", action="requery_provider")

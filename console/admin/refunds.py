@@ -13,7 +13,15 @@ from django.urls import reverse
 from django.utils import timezone
 
 from console.admin.signals import RefundIgnoredSignalInline
-from console.adminkit import REQUERY_MAX, ReadOnlyAdmin, ReadOnlyInline, audit, exact_or_order_id, ts
+from console.adminkit import (
+    REQUERY_MAX,
+    ReadOnlyAdmin,
+    ReadOnlyInline,
+    RequeryBudget,
+    audit,
+    exact_or_order_id,
+    ts,
+)
 from core.errors import DomainError
 from gateway.models import RefundAttempt
 from gateway.selectors import refund_ids_by_provider_reference
@@ -145,7 +153,10 @@ class RefundAdmin(ReadOnlyAdmin):
                 messages.ERROR,
             )
             return
-        for refund in refunds:
+        budget = RequeryBudget()
+        for index, refund in enumerate(refunds):
+            if budget.stops(self, request, refunds[index:], lambda r: r.pk):
+                break
             if refund.status == RefundStatus.PENDING:
                 # Not sent, or sent and told to retry: the sweep sends it (same key) at its next pass,
                 # but never before the time the provider asked it to wait for.

@@ -307,3 +307,30 @@ def test_an_ignored_signal_on_the_order_page_is_titled_by_what_it_asked(operator
     html = operator.get(_page(f"{order.pk}/change/")).content.decode()
     assert "IgnoredSignal object" not in html
     assert "paid -&gt; failed: provider says failed via poll" in html
+
+
+def test_requery_stops_asking_when_its_time_is_spent_and_says_which_were_not_asked(
+    operator, make_order, fake_provider, monkeypatch
+):
+    # given two processing orders and a provider that takes longer than the action's time budget
+    import time
+
+    first, second = make_order(OrderStatus.PROCESSING), make_order(OrderStatus.PROCESSING)
+    monkeypatch.setattr("console.adminkit.REQUERY_BUDGET_SECONDS", 0.2)
+    slow = fake_provider.fetch_status
+
+    def fetch_status(**kwargs):
+        time.sleep(0.3)
+        return slow(**kwargs)
+
+    monkeypatch.setattr(fake_provider, "fetch_status", fetch_status)
+    # when an operator re-queries both
+    response = operator.post(
+        LIST, {"action": "requery_provider", "_selected_action": [first.pk, second.pk]}, follow=True
+    )
+    # then the provider was asked once, and the page names the order not asked (before: each row
+    # waited on the provider in turn, 20 of them for minutes inside one request)
+    assert len(fake_provider.status_queries) == 1
+    html = response.content.decode()
+    not_asked = second if f"{first.pk}:fake-a" in fake_provider.status_queries else first
+    assert f"not re-queried: {not_asked.reference}. Select fewer." in html
