@@ -6,6 +6,13 @@ file for every copy on the machine, rewritten after every write: two suites (or 
 dev stack) would read each other's objects. Here the store lives in memory only, and our webhook
 endpoint is registered at start, since localstripe forgets its endpoints when it stops.
 
+localstripe ignores `Idempotency-Key`: a create sent again after a lost answer made a second
+PaymentIntent or Refund, where Stripe answers with the first request's result (a black-box audit
+saw an order charged twice here). `idempotent` below answers as Stripe does: a POST under a key
+already used with the same parameters gets the first answer again (`Idempotent-Replayed: true`),
+with other parameters a 400 `idempotency_error`, while the first is still running a 409. Keys are
+per API key, kept while the process runs (Stripe: 24 h).
+
 Environment: LOCALSTRIPE_BIND (default 127.0.0.1:8420), PUBLIC_BASE_URL (where webhooks go),
 SANDBOX_SECRET (the endpoint secret is derived from it, see secrets.py), LOCALSTRIPE_CHANNEL
 (the channel code the endpoint is registered for, default `stripe-test`).
@@ -26,10 +33,48 @@ def _no_disk(self) -> None:
     """The store stays in memory (see the module's docstring)."""
 
 
+_IN_PROGRESS = object()
+_answered: dict[tuple[str, str], object] = {}  # (API key, Idempotency-Key) -> (body, answer) or _IN_PROGRESS
+
+
+def _idempotency_error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": {"type": "idempotency_error", "message": message}}, status=status)
+
+
+@web.middleware
+async def idempotent(request: web.Request, handler):
+    key = request.headers.get("Idempotency-Key")
+    if request.method != "POST" or not key:
+        return await handler(request)
+    slot = (request.headers.get("Authorization", ""), key)
+    body = await request.read()
+    seen = _answered.get(slot)
+    if seen is _IN_PROGRESS:
+        return _idempotency_error(409, "There is currently another in-progress request using this key.")
+    if seen is not None:
+        first_body, (status, content_type, payload) = seen
+        if first_body != body:
+            return _idempotency_error(
+                400, "Keys for idempotent requests can only be used with the same parameters."
+            )
+        return web.Response(
+            status=status, body=payload, content_type=content_type, headers={"Idempotent-Replayed": "true"}
+        )
+    _answered[slot] = _IN_PROGRESS
+    try:
+        response = await handler(request)
+    except BaseException:
+        del _answered[slot]
+        raise
+    _answered[slot] = (body, (response.status, response.content_type, response.body))
+    return response
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s localstripe %(levelname)s %(message)s")
     resources.Store.dump_to_disk = _no_disk
     resources.Store.try_load_from_disk = _no_disk
+    server.app.middlewares.insert(0, idempotent)
     host, _, port = os.environ.get("LOCALSTRIPE_BIND", "127.0.0.1:8420").rpartition(":")
     channel = os.environ.get("LOCALSTRIPE_CHANNEL", "stripe-test")
     base = os.environ.get("PUBLIC_BASE_URL") or "http://127.0.0.1:8000"
