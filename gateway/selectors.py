@@ -76,13 +76,24 @@ def provider_reference_of_refund(*, idempotency_key: str) -> str:
     return next(iter(reference), "") or ""
 
 
-def charge_reference_of_refund(*, idempotency_key: str) -> str:
-    """The provider's id of the charge that the refund sent under our key refunds ("" if unknown)."""
-    charge_key = RefundAttempt.objects.filter(idempotency_key=idempotency_key).values_list(
-        "charge_idempotency_key", flat=True
+@dataclass(frozen=True)
+class RefundLookupFacts:
+    charge_reference: str  # the provider's id of the charge refunded ("" if unknown)
+    amount: int
+    currency: str
+
+
+def refund_lookup_facts(*, idempotency_key: str) -> RefundLookupFacts | None:
+    """What finds the refund sent under our key among its charge's refunds at the provider."""
+    row = (
+        RefundAttempt.objects.filter(idempotency_key=idempotency_key)
+        .values_list("charge_idempotency_key", "amount", "currency")
+        .first()
     )
-    key = next(iter(charge_key), "")
-    return provider_reference_of_charge(idempotency_key=key) if key else ""
+    if row is None:
+        return None
+    charge_key, amount, currency = row
+    return RefundLookupFacts(provider_reference_of_charge(idempotency_key=charge_key), amount, currency)
 
 
 def channel_of_refund(*, idempotency_key: str) -> str:

@@ -64,9 +64,9 @@ from gateway.providers.sandbox import (
 )
 from gateway.selectors import (
     channel_of_refund,
-    charge_reference_of_refund,
     provider_reference_of_charge,
     provider_reference_of_refund,
+    refund_lookup_facts,
 )
 
 logger = logging.getLogger(__name__)
@@ -438,26 +438,48 @@ class StripeAdapter(ProviderAdapter):
         return StatusResult(status, failure_code=failure_code, provider_reference=_token(data.get("id")))
 
     def _refund_by_key(self, channel: PaymentChannel, idempotency_key: str) -> dict | None:
-        """Our refund among the charge's PaymentIntent's refunds (metadata.attempt is our key)."""
-        intent = charge_reference_of_refund(idempotency_key=idempotency_key)
-        if not intent.startswith("pi_"):
+        """Our refund among the charge's PaymentIntent's refunds: the one whose metadata.attempt is
+        our key, for our amount and currency. None only when the list is read whole and has no
+        refund under our key: anything less certain is a ProviderError (nothing is resent)."""
+        facts = refund_lookup_facts(idempotency_key=idempotency_key)
+        if facts is None or not facts.charge_reference.startswith("pi_"):
             raise ProviderError("refund status: the charge has no PaymentIntent id to list refunds by")
         refunds = _retrieve(
             "refund list",
-            lambda: self._client(channel).v1.refunds.list(params={"payment_intent": intent, "limit": 100}),
+            lambda: self._client(channel).v1.refunds.list(
+                params={"payment_intent": facts.charge_reference, "limit": 100}
+            ),
         )
         if refunds is None:  # Stripe does not know the PaymentIntent: that is no answer about ours
             raise ProviderError("refund list: the PaymentIntent is unknown")
         page = refunds.to_dict()
-        listed = page.get("data") if isinstance(page.get("data"), list) else []
+        listed = page.get("data")
+        if page.get("object") != "list" or not isinstance(listed, list) or page.get("has_more") is not False:
+            # Not a whole list (or more than 100 refunds of one payment): ours may be missing from
+            # what we read, and "none there" would send the create again. No guess.
+            raise ProviderError("refund list: not a whole list of refunds")
+        ours = []
         for item in listed:
-            metadata = item.get("metadata") if isinstance(item, dict) else None
-            if isinstance(metadata, dict) and metadata.get("attempt") == idempotency_key:
-                return item
-        if page.get("has_more"):
-            # More than 100 refunds of one payment: ours may be past this page; no guess.
-            raise ProviderError("refund list: more than one page of refunds")
-        return None
+            if not isinstance(item, dict) or not isinstance(item.get("metadata"), dict):
+                raise ProviderError("refund list: an entry that is not a refund")
+            if item["metadata"].get("attempt") == idempotency_key:
+                ours.append(item)
+        if not ours:
+            return None
+        item = ours[0]
+        if (
+            len(ours) > 1
+            or item.get("amount") != facts.amount
+            or not isinstance(item.get("amount"), int)
+            or str(item.get("currency", "")).upper() != facts.currency
+            or not _token(item.get("id")).startswith("re_")
+        ):
+            logger.error(
+                "refund_poll.listed_refund_not_ours",
+                extra={"idempotency_key": idempotency_key, "listed": len(ours), "id": _token(item.get("id"))},
+            )
+            raise ProviderError("refund list: a refund under our key for another amount or currency")
+        return item
 
     def parse_webhook(self, *, body: bytes, headers: dict[str, str]) -> WebhookEvent:
         """Verify `Stripe-Signature` with the library against each Stripe channel's endpoint secret.

@@ -269,7 +269,7 @@ def test_a_refund_whose_answer_was_lost_is_found_among_the_intents_refunds_and_n
     from orders.models import Refund
 
     peer, refund = _lost_refund(stripe_peer)
-    ours = {**json.loads(recorded("refund_succeeded")), "metadata": {"attempt": f"refund:{refund.pk}"}}
+    ours = _ours(refund)
     another = {**ours, "id": "re_another", "status": "failed", "metadata": {"attempt": "refund:another"}}
     # when: the poll, with no id to ask by, lists the PaymentIntent's refunds (before: it sent the
     # create again, which after Stripe's 24 h key window makes a second refund)
@@ -335,3 +335,57 @@ def test_a_poll_past_stripes_key_window_never_sends_the_create_again(stripe_peer
     assert peer.requests == []
     assert Order.objects.get(pk=order.pk).status == OrderStatus.PROCESSING
     assert [r.msg for r in caplog.records if r.levelname == "ERROR"] == ["poll.resend_past_key_window"]
+
+
+def _ours(refund, **changes) -> dict:
+    return {
+        **json.loads(recorded("refund_succeeded")),
+        "metadata": {"attempt": f"refund:{refund.pk}"},
+        **changes,
+    }
+
+
+@pytest.mark.parametrize(
+    "listed",
+    [
+        '{"object": "list", "data": "nope", "has_more": false}',
+        '{"object": "list", "has_more": false}',
+        '{"object": "list", "data": [], "has_more": true}',
+        '{"object": "list", "data": [7], "has_more": false}',
+        '{"object": "refund", "id": "re_1"}',
+    ],
+    ids=["data not a list", "no data", "more pages", "an entry not a refund", "not a list"],
+)
+def test_a_refund_list_that_is_not_a_whole_list_sends_nothing(stripe_peer, listed):
+    # A list answer that cannot say "none of ours is there" is no answer: before, a malformed one
+    # read as empty, and the create was sent again (a second refund at localstripe; a refund failed
+    # as refused while Stripe had made it)
+    from gateway.services import refund_poll
+    from orders.models import Refund
+
+    peer, refund = _lost_refund(stripe_peer)
+    peer.script = routes({b"GET /v1/refunds?": (200, listed)})
+    refund_poll(refund_id=refund.pk)
+    assert [step[0] for step in _requests(peer)] == [b"POST", b"GET"]
+    assert Refund.objects.get(pk=refund.pk).status == "processing"
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"amount": 999999, "id": "re_other"}, {"currency": "eur"}],
+    ids=["another amount", "another currency"],
+)
+def test_a_listed_refund_under_our_key_for_another_amount_settles_nothing(stripe_peer, caplog, changes):
+    from gateway.models import RefundAttempt
+    from gateway.services import refund_poll
+    from orders.models import Refund
+
+    peer, refund = _lost_refund(stripe_peer)
+    peer.script = routes({b"GET /v1/refunds?": (200, _refund_list(_ours(refund, **changes)))})
+    with caplog.at_level("ERROR"):
+        refund_poll(refund_id=refund.pk)
+    # then it is checked as a webhook's word is: not ours, nothing settled, nothing resent, loud
+    assert [step[0] for step in _requests(peer)] == [b"POST", b"GET"]
+    assert Refund.objects.get(pk=refund.pk).status == "processing"
+    assert RefundAttempt.objects.get(refund=refund).provider_reference == ""
+    assert "refund_poll.listed_refund_not_ours" in [r.msg for r in caplog.records]
