@@ -10,8 +10,11 @@ localstripe ignores `Idempotency-Key`: a create sent again after a lost answer m
 PaymentIntent or Refund, where Stripe answers with the first request's result (a black-box audit
 saw an order charged twice here). `idempotent` below answers as Stripe does: a POST under a key
 already used with the same parameters gets the first answer again (`Idempotent-Replayed: true`),
-with other parameters a 400 `idempotency_error`, while the first is still running a 409. Keys are
-per API key, kept while the process runs (Stripe: 24 h).
+with other parameters a 400 `idempotency_error`, while the first is still running a 409. Keys
+belong to the account, not to one API key (localstripe is one account, any `sk_` key reads all of
+it), so a channel's key rotated between a lost answer and the resend still gets the first answer.
+A request refused before anything was made (400, 401, 403, 404) leaves its key unused, as on
+Stripe. Keys are kept while the process runs (Stripe: 24 h).
 
 Environment: LOCALSTRIPE_BIND (default 127.0.0.1:8420), PUBLIC_BASE_URL (where webhooks go),
 SANDBOX_SECRET (the endpoint secret is derived from it, see secrets.py), LOCALSTRIPE_CHANNEL
@@ -34,7 +37,9 @@ def _no_disk(self) -> None:
 
 
 _IN_PROGRESS = object()
-_answered: dict[tuple[str, str], object] = {}  # (API key, Idempotency-Key) -> (body, answer) or _IN_PROGRESS
+_answered: dict[str, object] = {}  # Idempotency-Key -> (body, answer) or _IN_PROGRESS
+# Refused before the endpoint made anything: Stripe saves no result under the key for these.
+_NOTHING_MADE = frozenset({400, 401, 403, 404})
 
 
 def _idempotency_error(status: int, message: str) -> web.Response:
@@ -46,7 +51,7 @@ async def idempotent(request: web.Request, handler):
     key = request.headers.get("Idempotency-Key")
     if request.method != "POST" or not key:
         return await handler(request)
-    slot = (request.headers.get("Authorization", ""), key)
+    slot = key
     body = await request.read()
     seen = _answered.get(slot)
     if seen is _IN_PROGRESS:
@@ -66,7 +71,10 @@ async def idempotent(request: web.Request, handler):
     except BaseException:
         del _answered[slot]
         raise
-    _answered[slot] = (body, (response.status, response.content_type, response.body))
+    if response.status in _NOTHING_MADE:
+        del _answered[slot]
+    else:
+        _answered[slot] = (body, (response.status, response.content_type, response.body))
     return response
 
 

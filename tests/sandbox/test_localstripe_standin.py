@@ -62,6 +62,7 @@ def _intents(url: str) -> list[str]:
 
 def test_a_create_sent_again_under_its_key_gets_the_first_answer_not_a_second_object(localstripe):
     # given a PaymentIntent created under a key
+    before = set(_intents(localstripe))
     first = _post(localstripe, "/v1/payment_intents", INTENT, key="charge-key-1")
     assert first.status_code == 200 and first.json()["status"] == "succeeded"
     # when the same request is sent again (the first answer was lost)
@@ -69,7 +70,7 @@ def test_a_create_sent_again_under_its_key_gets_the_first_answer_not_a_second_ob
     # then it is the first answer, replayed, and localstripe holds one PaymentIntent, not two
     assert again.status_code == 200 and again.json() == first.json()
     assert again.headers["Idempotent-Replayed"] == "true"
-    assert _intents(localstripe).count(first.json()["id"]) == 1 and len(_intents(localstripe)) == 1
+    assert set(_intents(localstripe)) - before == {first.json()["id"]}
     # and a refund sent twice under its key is one refund
     refund = {"payment_intent": first.json()["id"], "amount": "400", "metadata[attempt]": "refund:1"}
     refunds = [_post(localstripe, "/v1/refunds", refund, key="refund:1").json() for _ in range(2)]
@@ -78,6 +79,26 @@ def test_a_create_sent_again_under_its_key_gets_the_first_answer_not_a_second_ob
         f"{localstripe}/v1/refunds", params={"payment_intent": first.json()["id"]}, headers=AUTH, timeout=10
     ).json()["data"]
     assert [r["id"] for r in listed] == [refunds[0]["id"]]
+
+
+def test_a_key_is_the_accounts_so_a_rotated_api_key_still_gets_the_first_answer(localstripe):
+    # the channel's API key rotated between a lost answer and the poll's resend (before: a second
+    # PaymentIntent, the order charged twice)
+    first = _post(localstripe, "/v1/payment_intents", INTENT, key="charge-key-3").json()
+    rotated = requests.post(
+        f"{localstripe}/v1/payment_intents",
+        data=INTENT,
+        headers={"Authorization": "Bearer sk_test_rotated", "Idempotency-Key": "charge-key-3"},
+        timeout=10,
+    )
+    assert rotated.json() == first and rotated.headers["Idempotent-Replayed"] == "true"
+
+
+def test_a_request_refused_before_anything_was_made_leaves_its_key_unused(localstripe):
+    refused = _post(localstripe, "/v1/payment_intents", {**INTENT, "amount": "abc"}, key="charge-key-4")
+    assert refused.status_code == 400
+    made = _post(localstripe, "/v1/payment_intents", INTENT, key="charge-key-4")
+    assert made.status_code == 200 and made.json()["status"] == "succeeded"
 
 
 def test_a_key_used_with_other_parameters_is_refused_as_stripe_does(localstripe):
