@@ -72,12 +72,12 @@ REANNOUNCE = {
 }
 
 
-# The same for an overdue refund: pending is sent again, processing polled, settled ones called back.
 # How many times the sweep re-announces one stage of an order or refund before it gives up on it
 # (a processing one: settings.POLL_MAX_COUNT status checks): its next check is cleared, and the
 # console lists it as needing a person.
 MAX_SWEEP_CHECKS = 30
 
+# The same for an overdue refund: pending is sent again, processing polled, settled ones called back.
 REFUND_REANNOUNCE = {
     "pending": REFUND_CREATED,
     "processing": REFUND_UPDATED,

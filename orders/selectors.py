@@ -266,9 +266,13 @@ def orders_stuck(*, overdue_before: datetime, limit: int = 50) -> list[StuckOrde
     return [StuckOrder(*item) for item in _listed(_orders_stuck(overdue_before), fields, limit)]
 
 
+def _counted(kinds: dict[str, QuerySet]) -> dict[str, int]:
+    return {kind: queryset.order_by().count() for kind, queryset in kinds.items()}
+
+
 def orders_stuck_counts(*, overdue_before: datetime) -> dict[str, int]:
     """How many orders need a person, by why (the keys of `_stuck`), through the same indexes."""
-    return {kind: queryset.order_by().count() for kind, queryset in _orders_stuck(overdue_before).items()}
+    return _counted(_orders_stuck(overdue_before))
 
 
 def refunds_stuck(*, overdue_before: datetime, limit: int = 50) -> list[StuckRefund]:
@@ -289,7 +293,7 @@ def refunds_stuck(*, overdue_before: datetime, limit: int = 50) -> list[StuckRef
 
 def refunds_stuck_counts(*, overdue_before: datetime) -> dict[str, int]:
     """How many refunds need a person, by why (the keys of `_stuck`)."""
-    return {kind: queryset.order_by().count() for kind, queryset in _refunds_stuck(overdue_before).items()}
+    return _counted(_refunds_stuck(overdue_before))
 
 
 def refunds_by_status() -> dict[str, int]:

@@ -378,14 +378,14 @@ def refund_create(
                     raise Conflict("order_not_refundable", "Only a paid order can be refunded.")
                 left = order_amount - held
                 wanted = left if amount is None else amount
-                if left <= 0 or wanted > left:
+                if amount is None and left <= 0:
+                    # No amount was sent: name no field, say nothing is left (SPEC 10's code).
+                    message = (
+                        f"Nothing is left to refund: refunds made or under way cover all {order_amount}."
+                    )
+                    raise InvalidRequest("amount_exceeds_refundable", message)
+                if wanted > left:
                     message = f"At most {left} is still refundable."
-                    if amount is None:
-                        # No amount was sent: name no field, say what is left (SPEC 10's code).
-                        message = (
-                            f"Nothing is left to refund: refunds made or under way cover all {order_amount}."
-                        )
-                        raise InvalidRequest("amount_exceeds_refundable", message)
                     raise InvalidRequest("amount_exceeds_refundable", message, {"amount": [message]})
                 now = timezone.now()
                 refund = Refund(
@@ -450,9 +450,6 @@ def idempotency_keys_prune(*, older_than_hours: int) -> int:
     return deleted
 
 
-MAX_SWEEP_CHECKS = events.MAX_SWEEP_CHECKS
-
-
 class _DeepQueues:
     """The service queues holding at least SWEEP_HOLD_QUEUE_DEPTH messages, read from the broker
     once per sweep pass, before its transaction takes any row lock, and only if something is due.
@@ -509,7 +506,7 @@ def orders_sweep(*, batch: int) -> int:
     """Re-announce orders whose stage is overdue (SPEC 8); each subscriber is idempotent.
 
     Reads through the partial index on next_check_at, so completed orders cost nothing.
-    An order re-announced MAX_SWEEP_CHECKS times (or POLL_MAX_COUNT for processing) is left
+    An order re-announced events.MAX_SWEEP_CHECKS times (or POLL_MAX_COUNT for processing) is left
     for operators: its next_check_at becomes NULL and the console lists it as stuck. An order
     whose stage's queue is deep is held for a stage timeout instead (_DeepQueues).
     """
@@ -525,7 +522,9 @@ def orders_sweep(*, batch: int) -> int:
         )
         for order in stuck:
             topic = events.REANNOUNCE.get(order.status)
-            limit = settings.POLL_MAX_COUNT if order.status == OrderStatus.PROCESSING else MAX_SWEEP_CHECKS
+            limit = (
+                settings.POLL_MAX_COUNT if order.status == OrderStatus.PROCESSING else events.MAX_SWEEP_CHECKS
+            )
             if topic is None or order.check_count >= limit:
                 Order.objects.filter(pk=order.pk).update(next_check_at=None)
                 logger.warning(
@@ -571,7 +570,7 @@ def refunds_sweep(*, batch: int) -> int:
         )
         for refund in due:
             processing = refund.status == RefundStatus.PROCESSING
-            limit = settings.POLL_MAX_COUNT if processing else MAX_SWEEP_CHECKS
+            limit = settings.POLL_MAX_COUNT if processing else events.MAX_SWEEP_CHECKS
             if refund.check_count >= limit:
                 Refund.objects.filter(pk=refund.pk).update(next_check_at=None)
                 logger.warning(
@@ -641,7 +640,7 @@ def refund_resume(*, refund_id) -> bool:
     gave_up_before_its_callback = Q(
         status__in=(RefundStatus.SUCCEEDED, RefundStatus.FAILED),
         next_check_at__isnull=True,
-        check_count__gte=MAX_SWEEP_CHECKS,
+        check_count__gte=events.MAX_SWEEP_CHECKS,
     )
     return bool(
         Refund.objects.filter(

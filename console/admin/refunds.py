@@ -160,7 +160,12 @@ class RefundAdmin(ReadOnlyAdmin):
             if refund.status == RefundStatus.PENDING:
                 # Not sent, or sent and told to retry: the sweep sends it (same key) at its next pass,
                 # but never before the time the provider asked it to wait for.
-                refund_resume(refund_id=refund.pk)
+                if not refund_resume(refund_id=refund.pk):  # moved on since the list was read
+                    now = Refund.objects.filter(pk=refund.pk).values_list("status", flat=True).first()
+                    self.message_user(
+                        request, f"Refund {refund.pk}: now {now}, not resumed.", messages.WARNING
+                    )
+                    continue
                 wait = RefundAttempt.objects.filter(refund_id=refund.pk, retry_after__gt=timezone.now())
                 not_before = wait.values_list("retry_after", flat=True).first()
                 detail = (
@@ -198,7 +203,7 @@ class RefundAdmin(ReadOnlyAdmin):
             match |= exact_or_order_id(str(uuid.UUID(term)), "reference", order_field="pk")
         except ValueError:
             pass
-        refund_ids = refund_ids_by_provider_reference(reference=term)
+        refund_ids = refund_ids_by_provider_reference(reference=search_term.strip()[:128])
         if refund_ids:
             match |= Q(pk__in=refund_ids)
         return queryset.filter(match), False

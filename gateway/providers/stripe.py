@@ -469,8 +469,8 @@ class StripeAdapter(ProviderAdapter):
         item = ours[0]
         if (
             len(ours) > 1
+            or type(item.get("amount")) is not int
             or item.get("amount") != facts.amount
-            or not isinstance(item.get("amount"), int)
             or str(item.get("currency", "")).upper() != facts.currency
             or not _token(item.get("id")).startswith("re_")
         ):

@@ -51,9 +51,8 @@ async def idempotent(request: web.Request, handler):
     key = request.headers.get("Idempotency-Key")
     if request.method != "POST" or not key:
         return await handler(request)
-    slot = key
     body = await request.read()
-    seen = _answered.get(slot)
+    seen = _answered.get(key)
     if seen is _IN_PROGRESS:
         return _idempotency_error(409, "There is currently another in-progress request using this key.")
     if seen is not None:
@@ -65,16 +64,16 @@ async def idempotent(request: web.Request, handler):
         return web.Response(
             status=status, body=payload, content_type=content_type, headers={"Idempotent-Replayed": "true"}
         )
-    _answered[slot] = _IN_PROGRESS
+    _answered[key] = _IN_PROGRESS
     try:
         response = await handler(request)
     except BaseException:
-        del _answered[slot]
+        del _answered[key]
         raise
     if response.status in _NOTHING_MADE:
-        del _answered[slot]
+        del _answered[key]
     else:
-        _answered[slot] = (body, (response.status, response.content_type, response.body))
+        _answered[key] = (body, (response.status, response.content_type, response.body))
     return response
 
 

@@ -42,7 +42,7 @@ def test_an_overdue_refund_is_re_announced_to_the_stage_that_moves_it(status, to
 
 def test_the_sweep_gives_up_after_its_bound():
     refund = overdue_refund("pending")
-    Refund.objects.filter(pk=refund.pk).update(check_count=services.MAX_SWEEP_CHECKS)
+    Refund.objects.filter(pk=refund.pk).update(check_count=events.MAX_SWEEP_CHECKS)
     services.refunds_sweep(batch=10)
     assert Refund.objects.get(pk=refund.pk).next_check_at is None
 

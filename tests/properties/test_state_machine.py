@@ -54,9 +54,10 @@ from core.redis import get_redis
 from gateway.models import ChargeAttempt
 from gateway.providers import base
 from gateway.providers.base import ChargeOutcome, ChargeResult, StatusResult, WebhookEvent
+from orders.events import MAX_SWEEP_CHECKS
 from orders.models import Order, OrderTransition
 from orders.selectors import orders_stuck
-from orders.services import MAX_SWEEP_CHECKS, order_create
+from orders.services import order_create
 from orders.transitions import RANK
 from tests.factories import ChannelFactory, make_merchant
 from tests.properties.pipeline import Pipeline, VirtualClock
