@@ -409,6 +409,14 @@ def channel_credentials_set(
     return sorted(name.removesuffix("_encrypted") for name in changes)
 
 
+def channel_secrets_reencrypt(*, check: bool = False) -> dict[str, crypto.Reencrypted]:
+    """Channels' API keys and webhook secrets re-encrypted under the first FIELD_ENCRYPTION_KEY."""
+    return {
+        f"allocation.paymentchannel.{column}": crypto.reencrypt_column(PaymentChannel, column, check=check)
+        for column in ("api_key_encrypted", "webhook_secret_encrypted")
+    }
+
+
 def channel_create(*, channel: PaymentChannel) -> PaymentChannel:
     """Operator action: a new channel (validated by the console's form); allocation takes it at once.
 

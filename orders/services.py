@@ -163,6 +163,18 @@ def merchant_signing_secrets(*, merchant: Merchant) -> list[str]:
     return result
 
 
+def merchant_secrets_reencrypt(*, check: bool = False) -> dict[str, crypto.Reencrypted]:
+    """Merchants' webhook secrets re-encrypted under the first FIELD_ENCRYPTION_KEY, by column.
+
+    The current secret's column goes first: a rotation meanwhile copies it into the previous
+    secret's column, which is done after it.
+    """
+    return {
+        f"orders.merchant.{column}": crypto.reencrypt_column(Merchant, column, check=check)
+        for column in ("webhook_secret_encrypted", "previous_webhook_secret_encrypted")
+    }
+
+
 def request_fingerprint(data: dict) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
