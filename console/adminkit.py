@@ -112,6 +112,14 @@ class RequeryBudget:
         return True
 
 
+def requery_detail(polled, now: str, *, still: str) -> tuple[str, int]:
+    """A re-query's words and message level: moved on (success), the provider's answer while it is
+    `still` where it was (info), or not answered / not asked (a warning: someone has to look)."""
+    if now != still:
+        return f"now {now}", messages.SUCCESS
+    return polled.said, messages.INFO if polled.answered else messages.WARNING
+
+
 class GuardedActionsAdmin(admin.ModelAdmin):
     """Every action names the permission it needs; a POST naming one the user lacks is a 403.
 

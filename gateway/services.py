@@ -8,6 +8,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -896,11 +897,21 @@ def _as_uuid(value: str) -> uuid.UUID | None:
         return None
 
 
-def order_poll(*, order_id) -> TransitionResult | None:
+@dataclass(frozen=True)
+class Polled:
+    """What a status poll did, in an operator's words (the console's re-query shows it), and
+    whether the provider answered at all."""
+
+    said: str
+    transition: TransitionResult | None = None
+    answered: bool = True
+
+
+def order_poll(*, order_id) -> Polled:
     """Ask the provider about a processing order's charge (PSync); resend it if it never arrived."""
     order = order_fields(order_id=order_id, fields=_CHARGE_FIELDS)
     if order is None or order.status != OrderStatus.PROCESSING:
-        return None
+        return Polled("not processing: nothing to ask")
     attempt = (
         ChargeAttempt.objects.filter(order_id=order.pk)
         .exclude(status=A.REJECTED)
@@ -909,7 +920,7 @@ def order_poll(*, order_id) -> TransitionResult | None:
     )
     if attempt is None:
         logger.error("poll.no_attempt", extra={"order_id": str(order.pk)})
-        return None
+        return Polled("no charge attempt to ask about")
     channel = channel_by_code(attempt.channel)
     adapter = get_adapter(attempt.provider)
     try:
@@ -920,13 +931,13 @@ def order_poll(*, order_id) -> TransitionResult | None:
         )
     except Exception as exc:  # provider unreachable: the sweep asks again later
         logger.warning("poll.failed", extra={"order_id": str(order.pk), "error": repr(exc)})
-        return None
+        return Polled(_unanswered(exc), answered=False)
     fault_point("poll.after_provider")
     logger.info(
         "poll.answered", extra={"order_id": str(order.pk), "status": status.status, "asked": status.looked}
     )
     if status.status in ("paid", "failed"):
-        return order_confirm(
+        transition = order_confirm(
             order_id=order.pk,
             idempotency_key=attempt.idempotency_key,
             status=status.status,
@@ -934,11 +945,12 @@ def order_poll(*, order_id) -> TransitionResult | None:
             source="status poll",
             provider_reference=status.provider_reference,
         )
+        return Polled(f"the provider says {status.status}", transition)
     if status.status == "not_found":
         # The request never reached the provider. Sending it again under the same key is safe:
         # if it did arrive meanwhile, the provider answers with the existing charge.
         if _past_key_window(adapter, status, attempt):
-            return None
+            return Polled(_past_key_window_said(adapter, attempt), answered=False)
         request = ChargeRequest(
             order_id=str(order.pk),
             amount=order.amount,
@@ -949,11 +961,12 @@ def order_poll(*, order_id) -> TransitionResult | None:
         )
         result = adapter.charge(channel=channel, request=request)
         logger.info("poll.resent", extra={"order_id": str(order.pk), "outcome": result.outcome.value})
+        resent = f"the provider had no charge under our key: sent again, {result.outcome.value}"
         if result.outcome == ChargeOutcome.REJECTED:
-            return _resend_refused(order=order, attempt=attempt, result=result)
+            return Polled(resent, _resend_refused(order=order, attempt=attempt, result=result))
         if result.outcome == ChargeOutcome.ACCEPTED and result.status in ("paid", "failed"):
             # Stripe answers the resent create with the first request's result (or the new one's).
-            return order_confirm(
+            transition = order_confirm(
                 order_id=order.pk,
                 idempotency_key=attempt.idempotency_key,
                 status=result.status,
@@ -961,13 +974,27 @@ def order_poll(*, order_id) -> TransitionResult | None:
                 source="resent charge answer",
                 provider_reference=result.provider_reference,
             )
+            return Polled(resent, transition)
         if result.provider_reference:
             with transaction.atomic():
                 ChargeAttempt.objects.filter(pk=attempt.pk, provider_reference="").update(
                     provider_reference=result.provider_reference[:128]
                 )
                 order_provider_reference_set(order_id=order.pk, reference=result.provider_reference)
-    return None
+        return Polled(resent)
+    return Polled(f"the provider says {status.status or 'nothing final'}: no final answer yet")
+
+
+def _unanswered(exc: Exception) -> str:
+    return f"the provider did not answer ({type(exc).__name__}); the sweep asks again"
+
+
+def _past_key_window_said(adapter, attempt: ChargeAttempt | RefundAttempt) -> str:
+    hours = adapter.key_window.total_seconds() / 3600
+    return (
+        f"not asked: no provider id was stored, and a resend {hours:g} h after the first could be"
+        f" a second one; find it at the provider by metadata attempt = {attempt.idempotency_key}"
+    )
 
 
 def _past_key_window(adapter, status: StatusResult, attempt: ChargeAttempt | RefundAttempt) -> bool:
@@ -1362,12 +1389,12 @@ def refund_confirm(
         )
 
 
-def refund_poll(*, refund_id) -> TransitionResult | None:
+def refund_poll(*, refund_id) -> Polled:
     """Ask the provider about a processing refund; resend it under its key if it never arrived."""
     attempt = RefundAttempt.objects.filter(refund_id=refund_id).first()
     refund = refund_fields(refund_id=refund_id, fields=("id", "status"))
     if attempt is None or refund is None or refund.status != RS.PROCESSING:
-        return None
+        return Polled("not processing: nothing to ask")
     channel = channel_by_code(attempt.channel)
     adapter = get_adapter(attempt.provider)
     log = {"order_id": str(attempt.order_id), "refund_id": str(refund_id)}
@@ -1375,7 +1402,7 @@ def refund_poll(*, refund_id) -> TransitionResult | None:
         status = adapter.fetch_refund_status(channel=channel, idempotency_key=attempt.idempotency_key)
     except Exception as exc:  # provider unreachable or unreadable: the sweep asks again later
         logger.warning("refund_poll.failed", extra={**log, "error": repr(exc)})
-        return None
+        return Polled(_unanswered(exc), answered=False)
     logger.info("refund_poll.answered", extra={**log, "status": status.status, "asked": status.looked})
     if status.provider_reference:
         # The provider's id for the refund, from its answer: the console finds the refund by it.
@@ -1383,32 +1410,34 @@ def refund_poll(*, refund_id) -> TransitionResult | None:
             provider_reference=status.provider_reference[:128]
         )
     if status.status in (RS.SUCCEEDED, RS.FAILED):
-        return refund_confirm(
+        transition = refund_confirm(
             idempotency_key=attempt.idempotency_key,
             status=status.status,
             failure_code=status.failure_code,
             source="status poll",
         )
+        return Polled(f"the provider says {status.status}", transition)
     if status.status == "not_found":
         # The request never reached the provider: the same request under the same key is safe.
         if _past_key_window(adapter, status, attempt):
-            return None
+            return Polled(_past_key_window_said(adapter, attempt), answered=False)
         result = adapter.refund(channel=channel, request=_refund_request(attempt))
         logger.info("refund_poll.resent", extra={**log, "outcome": result.outcome.value})
         if result.provider_reference and result.outcome == ChargeOutcome.ACCEPTED:
             RefundAttempt.objects.filter(pk=attempt.pk, provider_reference="").update(
                 provider_reference=result.provider_reference
             )
+        resent = f"the provider had no refund under our key: sent again, {result.outcome.value}"
         settled = _refund_settled_by_answer(attempt, result)
         if settled is not None:
-            return settled
+            return Polled(resent, settled)
         if result.outcome == ChargeOutcome.REJECTED and not result.retry:
             with transaction.atomic():
                 refused = RefundAttempt.objects.filter(
                     pk=attempt.pk, status__in=(RA.UNKNOWN, RA.ACCEPTED)
                 ).update(status=RA.REJECTED, http_status=result.http_status, error=result.error[:500])
                 if refused:
-                    return refund_transition(
+                    failed = refund_transition(
                         refund_id=refund_id,
                         to=RS.FAILED,
                         seen_status=RS.PROCESSING,
@@ -1416,7 +1445,9 @@ def refund_poll(*, refund_id) -> TransitionResult | None:
                         failure_code="refund_refused",
                         failure_message=f"The provider refused the refund: {result.error}.",
                     )
-    return None
+                    return Polled(resent, failed)
+        return Polled(resent)
+    return Polled(f"the provider says {status.status or 'nothing final'}: no final answer yet")
 
 
 # --- Retention (SPEC 12): provider webhooks are history once their confirm ran. Charge attempts

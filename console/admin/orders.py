@@ -37,6 +37,7 @@ from console.adminkit import (
     age,
     audit,
     exact_or_order_id,
+    requery_detail,
     shown_once_response,
     ts,
 )
@@ -373,17 +374,16 @@ class OrderAdmin(ReadOnlyAdmin):
                     messages.WARNING,
                 )
                 continue
-            order_poll(order_id=order.pk)
+            polled = order_poll(order_id=order.pk)
             now = Order.objects.filter(pk=order.pk).values_list("status", flat=True).first()
             audit(
                 self,
                 request,
                 order,
-                f"Provider status re-queried; order now {now}.",
+                f"Provider status re-queried ({polled.said}); order now {now}.",
                 action="requery_provider",
             )
-            level = messages.SUCCESS if now != OrderStatus.PROCESSING else messages.INFO
-            detail = "provider had no final answer yet" if now == OrderStatus.PROCESSING else f"now {now}"
+            detail, level = requery_detail(polled, now, still=OrderStatus.PROCESSING)
             # Not led by the reference: the admin's template capitalises a message's first letter,
             # and a reference pasted from "Ab-1" into the exact-match search would find nothing.
             self.message_user(request, f"Order {order.reference}: re-queried, {detail}.", level)

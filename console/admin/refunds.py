@@ -20,6 +20,7 @@ from console.adminkit import (
     RequeryBudget,
     audit,
     exact_or_order_id,
+    requery_detail,
     ts,
 )
 from core.errors import DomainError
@@ -175,12 +176,10 @@ class RefundAdmin(ReadOnlyAdmin):
                 )
                 level = messages.INFO
             elif refund.status == RefundStatus.PROCESSING:
-                refund_poll(refund_id=refund.pk)
+                polled = refund_poll(refund_id=refund.pk)
                 now = Refund.objects.filter(pk=refund.pk).values_list("status", flat=True).first()
-                if now == RefundStatus.PROCESSING:
-                    detail, level = "re-queried, provider had no final answer yet", messages.INFO
-                else:
-                    detail, level = f"re-queried, now {now}", messages.SUCCESS
+                detail, level = requery_detail(polled, now, still=RefundStatus.PROCESSING)
+                detail = f"re-queried, {detail}"
             elif refund_resume(refund_id=refund.pk):
                 detail = f"{refund.status}, the sweep gave up before its callback was scheduled: due again"
                 level = messages.INFO

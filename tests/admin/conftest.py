@@ -31,6 +31,7 @@ class FakeAdapter(ProviderAdapter):
 
     def __init__(self) -> None:
         self.status = StatusResult("pending")
+        self.unreachable: Exception | None = None  # raised by status queries when set
         self.status_queries: list[str] = []
         self.refund_status = StatusResult("pending")
         self.refund_answer: RefundResult | None = None  # None: accepted
@@ -43,6 +44,8 @@ class FakeAdapter(ProviderAdapter):
 
     def fetch_status(self, *, channel, idempotency_key, provider_reference=""):
         self.status_queries.append(idempotency_key)
+        if self.unreachable is not None:
+            raise self.unreachable
         return self.status
 
     def refund(self, *, channel, request):
@@ -54,6 +57,8 @@ class FakeAdapter(ProviderAdapter):
 
     def fetch_refund_status(self, *, channel, idempotency_key):
         self.refund_status_queries.append(idempotency_key)
+        if self.unreachable is not None:
+            raise self.unreachable
         return self.refund_status
 
     def parse_webhook(self, *, body, headers):

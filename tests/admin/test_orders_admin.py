@@ -3,6 +3,7 @@
 from datetime import timedelta
 
 import pytest
+from django.contrib import messages
 from django.contrib.admin.models import LogEntry
 from django.utils import timezone
 
@@ -221,8 +222,54 @@ def test_requery_when_the_provider_has_no_answer_leaves_the_order_processing(
     )
 
     assert Order.objects.get(pk=order.pk).status == OrderStatus.PROCESSING
-    assert "provider had no final answer yet" in response.content.decode()
+    assert "re-queried, the provider says pending: no final answer yet" in response.content.decode()
     assert len(fake_provider.status_queries) == 1
+
+
+def test_requery_says_when_the_provider_did_not_answer(operator, make_order, fake_provider):
+    # given a provider that cannot be reached
+    order = make_order(OrderStatus.PROCESSING)
+    fake_provider.unreachable = ConnectionError("refused")
+
+    response = operator.post(
+        LIST, {"action": "requery_provider", "_selected_action": [order.pk]}, follow=True
+    )
+
+    # then the operator reads that it did not answer, as a warning (before: "provider had no
+    # final answer yet", as if it had said pending)
+    assert Order.objects.get(pk=order.pk).status == OrderStatus.PROCESSING
+    assert [(m.level, m.message) for m in response.context["messages"]] == [
+        (
+            messages.WARNING,
+            f"Order {order.reference}: re-queried, the provider did not answer (ConnectionError);"
+            " the sweep asks again.",
+        )
+    ]
+    assert "did not answer" in LogEntry.objects.get(object_id=str(order.pk)).change_message
+
+
+def test_requery_past_the_key_window_says_nothing_was_asked_and_how_to_find_the_charge(
+    operator, make_order, fake_provider
+):
+    # given a charge whose answer never came (no provider id), first sent a day ago, at a provider
+    # that keeps idempotency keys 23 h and can only be asked by id
+    order = make_order(OrderStatus.PROCESSING)
+    attempt = ChargeAttempt.objects.get(order_id=order.pk)
+    ChargeAttempt.objects.filter(pk=attempt.pk).update(created_at=timezone.now() - timedelta(hours=24))
+    fake_provider.key_window = timedelta(hours=23)
+    fake_provider.status = StatusResult("not_found", looked=False)
+
+    response = operator.post(
+        LIST, {"action": "requery_provider", "_selected_action": [order.pk]}, follow=True
+    )
+
+    # then nothing is sent, and the message says so and names the key to search the provider by
+    # (before: "provider had no final answer yet", though nothing was asked)
+    assert Order.objects.get(pk=order.pk).status == OrderStatus.PROCESSING
+    [(level, message)] = [(m.level, m.message) for m in response.context["messages"]]
+    assert level == messages.WARNING
+    assert "not asked: no provider id was stored, and a resend 23 h after the first" in message
+    assert f"metadata attempt = {attempt.idempotency_key}" in message
 
 
 def test_requery_resumes_a_pending_order_the_sweep_gave_up_on(operator, make_order, fake_provider):

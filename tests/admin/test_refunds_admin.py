@@ -5,6 +5,7 @@ import re
 from datetime import timedelta
 
 import pytest
+from django.contrib import messages
 from django.contrib.admin.models import LogEntry
 from django.utils import timezone
 
@@ -149,6 +150,31 @@ def test_requery_asks_the_provider_about_a_processing_refund_and_applies_its_ans
     assert Refund.objects.get(pk=refund.pk).status == RefundStatus.SUCCEEDED
     assert "re-queried, now succeeded" in response.content.decode()
     assert LogEntry.objects.filter(object_id=str(refund.pk), change_message__contains="re-queried").exists()
+
+
+def test_requery_of_a_processing_refund_tells_pending_from_unreachable(operator, make_refund, fake_provider):
+    # given two processing refunds: the provider says pending about the first, then cannot be reached
+    said_pending, unanswered = make_refund(RefundStatus.PROCESSING), make_refund(RefundStatus.PROCESSING)
+    first = _requery(operator, said_pending)
+    fake_provider.unreachable = TimeoutError("read timed out")
+    second = _requery(operator, unanswered)
+    # then each message says which (before: both "provider had no final answer yet")
+    assert [(m.level, m.message) for m in first.context["messages"]] == [
+        (
+            messages.INFO,
+            f"Refund {said_pending.pk}: re-queried, the provider says pending: no final answer yet.",
+        )
+    ]
+    assert [(m.level, m.message) for m in second.context["messages"]] == [
+        (
+            messages.WARNING,
+            f"Refund {unanswered.pk}: re-queried, the provider did not answer (TimeoutError);"
+            " the sweep asks again.",
+        )
+    ]
+    assert {Refund.objects.get(pk=r.pk).status for r in (said_pending, unanswered)} == {
+        RefundStatus.PROCESSING
+    }
 
 
 def test_requery_of_a_pending_refund_makes_the_sweep_send_it_again(operator, make_refund, fake_provider):
