@@ -9,7 +9,9 @@ from django.core.management.base import BaseCommand
 from orders.models import Merchant
 from orders.services import merchant_create
 
-DEMO_FILE = Path(settings.BASE_DIR) / ".run" / "demo-merchant.json"
+# Beside the stack's other run files: `.run/` of the directory it runs in (the Makefile's and the
+# scripts'), not of the settings' real path, which a copy made of symlinks shares with its original.
+DEMO_FILE = Path(".run") / "demo-merchant.json"
 
 
 class Command(BaseCommand):
