@@ -19,6 +19,8 @@ from django.utils.cache import add_never_cache_headers, patch_cache_control
 from django.utils.functional import cached_property
 from django.utils.html import format_html
 
+from gateway.services import Polled
+
 logger = logging.getLogger(__name__)
 
 EXACT_COUNT_BELOW = 10_000
@@ -112,7 +114,7 @@ class RequeryBudget:
         return True
 
 
-def requery_detail(polled, now: str, *, still: str) -> tuple[str, int]:
+def requery_detail(polled: Polled, now: str, *, still: str) -> tuple[str, int]:
     """A re-query's words and message level: moved on (success), the provider's answer while it is
     `still` where it was (info), or not answered / not asked (a warning: someone has to look)."""
     if now != still:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.db.models import Model
 
 
 def _dev_key() -> str:
@@ -82,7 +83,7 @@ class Reencrypted:
 _REREADS = 3
 
 
-def reencrypt_column(model, column: str, *, check: bool = False) -> Reencrypted:
+def reencrypt_column(model: type[Model], column: str, *, check: bool = False) -> Reencrypted:
     """Re-encrypt every non-empty `column` of `model` under the first key, one row at a time.
 
     Each write is conditional on the token read, so a secret set meanwhile is never overwritten
