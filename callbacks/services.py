@@ -55,7 +55,7 @@ ON CONFLICT ((COALESCE(refund_id, order_id)), event_type) DO NOTHING
 RETURNING id, webhook_id, attempts
 """
 _CLAIM_DUE_SQL = """
-UPDATE callbacks_callbackdelivery SET attempts = attempts + 1, next_attempt_at = %s
+UPDATE callbacks_callbackdelivery SET attempts = attempts + 1, next_attempt_at = %s, announced_at = NULL
 WHERE COALESCE(refund_id, order_id) = %s AND event_type = %s AND status = 'pending'
     AND next_attempt_at <= statement_timestamp()
 RETURNING id, webhook_id, attempts
@@ -457,14 +457,44 @@ def callback_resend(*, delivery: CallbackDelivery) -> None:
     )
 
 
+# Due deliveries not queued within a lease, marked as queued now, in one statement; concurrent
+# sweeps (two beats during a takeover) skip each other's rows.
+_ANNOUNCE_SQL = """
+UPDATE callbacks_callbackdelivery SET announced_at = statement_timestamp()
+WHERE id IN (
+    SELECT id FROM callbacks_callbackdelivery
+    WHERE status = 'pending' AND next_attempt_at <= statement_timestamp()
+        AND (announced_at IS NULL OR announced_at <= statement_timestamp() - make_interval(secs => %s))
+    ORDER BY next_attempt_at LIMIT %s FOR UPDATE SKIP LOCKED
+)
+RETURNING order_id, refund_id
+"""
+
+
+def deliveries_announce(*, batch: int) -> list[tuple[str, str | None]]:
+    """(order id, refund id or None) of up to `batch` due callbacks for the sweep to queue, each
+    marked as queued now.
+
+    A due delivery waits in the queue until an attempt claims it (which clears the mark); queuing
+    it again at every beat pass would add a copy per pass, so a queue that fell behind would grow
+    by itself. One queued a lease ago and still unclaimed is queued again: its message was lost.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(_ANNOUNCE_SQL, [settings.CALLBACK_TOTAL_TIMEOUT + LEASE_EXTRA_SECONDS, batch])
+        rows = cursor.fetchall()
+    return [(str(order_id), str(refund_id) if refund_id else None) for order_id, refund_id in rows]
+
+
+def deliveries_pending_due():
+    """The deliveries whose attempt is due (the partial index on pending deliveries), unevaluated."""
+    return CallbackDelivery.objects.filter(status=D.PENDING, next_attempt_at__lte=timezone.now())
+
+
 def deliveries_due(*, batch: int) -> list[tuple[str, str | None]]:
-    """(order id, refund id or None) of the callbacks whose attempt is due (the partial index on
-    pending deliveries)."""
+    """(order id, refund id or None) of the callbacks whose attempt is due, oldest due first."""
     return [
         (str(order_id), str(refund_id) if refund_id else None)
-        for order_id, refund_id in CallbackDelivery.objects.filter(
-            status=D.PENDING, next_attempt_at__lte=timezone.now()
-        )
+        for order_id, refund_id in deliveries_pending_due()
         .order_by("next_attempt_at")
         .values_list("order_id", "refund_id")[:batch]
     ]

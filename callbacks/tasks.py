@@ -1,5 +1,7 @@
 """The callback stages (order and refund callbacks), and the beat sweep that makes due retries happen."""
 
+import logging
+
 from celery import shared_task
 from django.conf import settings
 
@@ -7,6 +9,9 @@ from callbacks import services
 from core.retention import retention_cutoff
 from core.tasks import stage_send, stage_task
 from orders import events
+from orders.services import DeepQueues
+
+logger = logging.getLogger(__name__)
 
 
 @stage_task(events.CALLBACK)
@@ -21,7 +26,12 @@ def refund_callback(event: dict) -> None:
 
 @shared_task(name="callbacks.sweep_deliveries")
 def sweep_deliveries() -> int:
-    due = services.deliveries_due(batch=settings.SWEEP_BATCH)
+    """Queue the callbacks that are due, unless the callbacks queue is already deep: they are then
+    most likely waiting in it, and are queued once it is not (orders.services.DeepQueues)."""
+    if DeepQueues(services.deliveries_pending_due()).holds(events.ORDER_UPDATED, {"status": "paid"}):
+        logger.info("callbacks.sweep_held", extra={"queue": "callbacks"})
+        return 0
+    due = services.deliveries_announce(batch=settings.SWEEP_BATCH)
     for order_id, refund_id in due:
         if refund_id is None:
             stage_send(events.CALLBACK, {"order_id": order_id, "redelivery": True})

@@ -462,7 +462,7 @@ def idempotency_keys_prune(*, older_than_hours: int) -> int:
     return deleted
 
 
-class _DeepQueues:
+class DeepQueues:
     """The service queues holding at least SWEEP_HOLD_QUEUE_DEPTH messages, read from the broker
     once per sweep pass, before its transaction takes any row lock, and only if something is due.
 
@@ -499,7 +499,7 @@ class _DeepQueues:
 
 
 def _reannounce_or_hold(
-    model, row, *, order_id, topic: str, payload: dict, base: float, now: datetime, deep: _DeepQueues
+    model, row, *, order_id, topic: str, payload: dict, base: float, now: datetime, deep: DeepQueues
 ) -> bool:
     """Re-announce an overdue order or refund (its next due time doubling from `base` per check),
     or hold it one `base` while its stage's queue is deep. True when held."""
@@ -520,10 +520,10 @@ def orders_sweep(*, batch: int) -> int:
     Reads through the partial index on next_check_at, so completed orders cost nothing.
     An order re-announced events.MAX_SWEEP_CHECKS times (or POLL_MAX_COUNT for processing) is left
     for operators: its next_check_at becomes NULL and the console lists it as stuck. An order
-    whose stage's queue is deep is held for a stage timeout instead (_DeepQueues).
+    whose stage's queue is deep is held for a stage timeout instead (DeepQueues).
     """
     now = timezone.now()
-    deep = _DeepQueues(Order.objects.filter(next_check_at__lte=now))
+    deep = DeepQueues(Order.objects.filter(next_check_at__lte=now))
     held = 0
     with transaction.atomic():
         stuck = list(
@@ -571,7 +571,7 @@ def refunds_sweep(*, batch: int) -> int:
     Reads through the partial index on next_check_at, so settled refunds cost nothing.
     """
     now = timezone.now()
-    deep = _DeepQueues(Refund.objects.filter(next_check_at__lte=now))
+    deep = DeepQueues(Refund.objects.filter(next_check_at__lte=now))
     held = 0
     with transaction.atomic():
         due = list(
