@@ -248,7 +248,14 @@ IDEMPOTENCY_KEY_TTL_HOURS = env.int("IDEMPOTENCY_KEY_TTL_HOURS", default=48)
 IDEMPOTENCY_IN_FLIGHT_TIMEOUT_SECONDS = env.float("IDEMPOTENCY_IN_FLIGHT_TIMEOUT_SECONDS", default=60.0)
 
 # --- Gateway
-PUBLIC_BASE_URL = env("PUBLIC_BASE_URL", default="http://127.0.0.1:8000")
+# Where providers send webhooks. Unset, the web's own address (WEB_BIND, a wildcard read as
+# loopback), so a second stack moved by its ports alone gets its own webhooks, not the first's.
+_web_host, _, _web_port = env("WEB_BIND", default="127.0.0.1:8000").rpartition(":")
+if not _web_port.isdigit() or _web_host.startswith("unix"):
+    _web_host, _web_port = "127.0.0.1", "8000"
+if _web_host in ("", "0.0.0.0", "[::]"):  # noqa: S104 - a wildcard bind, read as loopback
+    _web_host = "127.0.0.1"
+PUBLIC_BASE_URL = env("PUBLIC_BASE_URL", default=f"http://{_web_host}:{_web_port}")
 SANDBOX_URL = env("SANDBOX_URL", default="http://127.0.0.1:8001")
 SANDBOX_SECRET = env("SANDBOX_SECRET", default="sandbox-dev-secret")
 # Stripe channels (SPEC 11): the API a channel without an `api_base` of its own talks to.

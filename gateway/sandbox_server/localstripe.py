@@ -77,6 +77,19 @@ async def idempotent(request: web.Request, handler):
     return response
 
 
+def public_base_url(environ) -> str:
+    """Where the stack's web takes webhooks: PUBLIC_BASE_URL, else WEB_BIND's address, as the
+    product's settings read it (this stand-in imports no product code)."""
+    if environ.get("PUBLIC_BASE_URL"):
+        return environ["PUBLIC_BASE_URL"]
+    host, _, port = environ.get("WEB_BIND", "127.0.0.1:8000").rpartition(":")
+    if not port.isdigit() or host.startswith("unix"):
+        host, port = "127.0.0.1", "8000"
+    if host in ("", "0.0.0.0", "[::]"):  # noqa: S104 - a wildcard bind, read as loopback
+        host = "127.0.0.1"
+    return f"http://{host}:{port}"
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s localstripe %(levelname)s %(message)s")
     resources.Store.dump_to_disk = _no_disk
@@ -84,7 +97,7 @@ def main() -> None:
     server.app.middlewares.insert(0, idempotent)
     host, _, port = os.environ.get("LOCALSTRIPE_BIND", "127.0.0.1:8420").rpartition(":")
     channel = os.environ.get("LOCALSTRIPE_CHANNEL", "stripe-test")
-    base = os.environ.get("PUBLIC_BASE_URL") or "http://127.0.0.1:8000"
+    base = public_base_url(os.environ)
     webhooks.register_webhook(
         channel, base + WEBHOOK_PATH, stripe_endpoint_secret(channel), STRIPE_WEBHOOK_EVENTS
     )

@@ -64,7 +64,6 @@ def test_ctrl_c_on_make_run_stops_all_of_it(checkout):
         "SANDBOX_URL": f"http://127.0.0.1:{PORTS['sandbox']}",
         "LOCALSTRIPE_BIND": f"127.0.0.1:{PORTS['localstripe']}",
         "LOCALSTRIPE_URL": f"http://127.0.0.1:{PORTS['localstripe']}",
-        "PUBLIC_BASE_URL": f"http://127.0.0.1:{web}",
         "WEB_WORKERS": "1",
     }
     for name in (
@@ -75,6 +74,7 @@ def test_ctrl_c_on_make_run_stops_all_of_it(checkout):
         "CACHE_URL",
         "TEST_REDIS_URL",
         "PROMETHEUS_MULTIPROC_DIR",
+        "PUBLIC_BASE_URL",  # follows WEB_BIND
     ):
         env.pop(name, None)
     log = (checkout / "run.log").open("wb")
