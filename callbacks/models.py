@@ -28,8 +28,9 @@ class CallbackDelivery(models.Model):
     attempts = models.PositiveIntegerField(default=0)
     # When the next attempt is due; while an attempt runs, the end of its lease.
     next_attempt_at = models.DateTimeField(null=True, blank=True)
-    # When the sweep last queued the due attempt (cleared when an attempt claims it): queued again
-    # only a lease later (its message lost with Redis), not at every pass while it waits its turn.
+    # When the sweep last queued the due attempt (cleared when its message is taken: an attempt's
+    # claim, a busy receiver's push-back; and by an operator's resend): queued again only a lease
+    # later (its message lost with Redis), not at every pass while it waits its turn.
     announced_at = models.DateTimeField(null=True, blank=True)
     last_error = models.CharField(max_length=500, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)

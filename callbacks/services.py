@@ -309,7 +309,7 @@ def _struggling_update(merchant_id, *, ok: bool, was: bool) -> None:
 
 _DEFER_SQL = """
 WITH waiting AS (
-    UPDATE callbacks_callbackdelivery SET next_attempt_at = %s
+    UPDATE callbacks_callbackdelivery SET next_attempt_at = %s, announced_at = NULL
     WHERE COALESCE(refund_id, order_id) = %s AND event_type = %s AND status = 'pending'
         AND next_attempt_at <= statement_timestamp()
     RETURNING id
@@ -449,7 +449,7 @@ def _record(
 def callback_resend(*, delivery: CallbackDelivery) -> None:
     """Operator action: make an exhausted (or pending) delivery due now, same webhook-id."""
     CallbackDelivery.objects.filter(pk=delivery.pk).exclude(status=D.DELIVERED).update(
-        status=D.PENDING, next_attempt_at=timezone.now()
+        status=D.PENDING, next_attempt_at=timezone.now(), announced_at=None
     )
     logger.info(
         "callback.resend_requested",

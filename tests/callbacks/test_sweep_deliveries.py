@@ -94,3 +94,13 @@ def test_nothing_is_queued_while_the_callbacks_queue_is_deep(callbacks_queue, se
     # and once the queue is shallower, it queues them
     get_broker_redis().lpop("callbacks")
     assert sweep_deliveries.run() == 1
+
+
+def test_an_operators_resend_is_queued_at_once_even_just_after_the_sweep_queued_it(callbacks_queue):
+    # given a due callback the sweep has just queued
+    delivery = due_delivery()
+    assert sweep_deliveries.run() == 1
+    # when an operator resends it
+    services.callback_resend(delivery=CallbackDelivery.objects.get(pk=delivery.pk))
+    # then the next pass queues it (before: not until a lease after the sweep's queuing)
+    assert sweep_deliveries.run() == 1

@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from callbacks import http as callback_http
 from callbacks.models import CallbackAttempt, CallbackDelivery
-from callbacks.services import callback_deliver
+from callbacks.services import callback_deliver, deliveries_announce
 from orders.models import Order, OrderTransition
 from tests.factories import OrderFactory, make_paid, make_paid_order
 from tests.peers import LoopbackServer, read_http_request
@@ -386,8 +386,11 @@ def test_a_slow_receiver_holds_no_more_than_its_merchants_share_of_workers(recei
         # when a second callback of the same merchant and one of another merchant come up
         second_delivered = callback_deliver(order_id=second.pk)
         other_delivered = callback_deliver(order_id=other.pk)
-        # (and the waiting one, due again while the slot is still held, waits again)
-        CallbackDelivery.objects.filter(order=second).update(next_attempt_at="2000-01-01T00:00:00Z")
+        # (and the waiting one, due again and queued by the sweep while the slot is still held,
+        # waits again)
+        CallbackDelivery.objects.filter(order=second).update(
+            next_attempt_at="2000-01-01T00:00:00Z", announced_at=timezone.now()
+        )
         second_again = callback_deliver(order_id=second.pk)
     finally:
         release.set()
@@ -402,8 +405,10 @@ def test_a_slow_receiver_holds_no_more_than_its_merchants_share_of_workers(recei
     assert waiting.next_attempt_at > timezone.now()
     assert not CallbackAttempt.objects.filter(delivery=waiting).exists()
     assert Order.objects.get(pk=first.pk).status == "completed"
-    # and once the slot is free, its turn comes
+    # and once the slot is free, its turn comes: the sweep queues it as soon as it is due (the
+    # push-back took the sweep's message; before, it waited a whole lease to be queued again)
     CallbackDelivery.objects.filter(pk=waiting.pk).update(next_attempt_at="2000-01-01T00:00:00Z")
+    assert (str(second.pk), None) in deliveries_announce(batch=100)
     assert callback_deliver(order_id=second.pk) is True
     assert len(slow.requests) == 2
     assert OrderTransition.objects.filter(order_id=second.pk, to_status="completed").count() == 1
