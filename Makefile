@@ -75,7 +75,7 @@ demo: up
 bench: up
 	@$(PY) -m bench $(ARGS)
 
-# the stage hop at its least, on the ceiling's own stack (bench/minimal.py; ~3 min, no app stack needed)
+# the floor of one order (hops, inserts, calls, SPEC's rows) on the ceiling's own stack (bench/minimal.py; ~2 min, no app stack needed)
 bench-minimal: .venv/.installed
 	@$(PY) -m bench.minimal $(ARGS)
 
