@@ -141,11 +141,15 @@ def _may_use(channel: PaymentChannel, now) -> bool:
 
 def _assign_first_fitting(
     *, order: Order, candidates: list[PaymentChannel], seen_status: str, seen_channel: str | None, reason: str
-) -> TransitionResult | None:
+) -> tuple[TransitionResult | None, bool]:
+    """The transition to the first candidate that takes the order (None: none did), and whether a
+    half-open candidate was passed over because another order's trial was out on it."""
     now = timezone.now()
     day = now.date()
+    trial_out = False
     for channel in candidates:
         if not _may_use(channel, now):
+            trial_out = True
             continue
         with transaction.atomic():
             if not channel_reserve(channel=channel, amount=order.amount, day=day):
@@ -163,8 +167,8 @@ def _assign_first_fitting(
             if not result.applied:
                 # Another worker got there first; roll back our reservation with it.
                 transaction.set_rollback(True)
-            return result
-    return None
+            return result, trial_out
+    return None, trial_out
 
 
 # Fitting channels (currency, amount, room under today's cap) whose circuit is open or half-open:
@@ -202,19 +206,31 @@ def _cooling_until(*, order: Order, exclude: tuple[str, ...]):
 
 
 def _wait_or_fail(
-    *, order: Order, seen_status: str, seen_channel: str | None, exclude: tuple[str, ...], failed_reason: str
+    *,
+    order: Order,
+    seen_status: str,
+    seen_channel: str | None,
+    exclude: tuple[str, ...],
+    failed_reason: str,
+    trial_out: bool,
 ) -> TransitionResult:
     """No channel can take the order now. Wait for one that is only cooling down, or fail.
 
     A channel whose breaker is open is coming back: the order keeps its state with a due time
     (the sweep brings it back here then), until CHANNEL_WAIT_SECONDS after its creation.
+    `trial_out`: a half-open candidate was passed over for another order's trial.
     """
     reopen = _cooling_until(order=order, exclude=exclude)
     now = timezone.now()
     deadline = order.created_at + timedelta(seconds=settings.CHANNEL_WAIT_SECONDS)
-    if reopen is not None and now < deadline:
+    if reopen is not None:
         # A half-open channel whose trial is taken: look again when that trial has answered.
         due = min(max(reopen, now + timedelta(seconds=_trial_seconds())), deadline)
+    elif trial_out:
+        # That trial has answered since, and closed the breaker: the channel takes orders again,
+        # so this order is due at once (the sweep's next pass), not failed for want of a channel.
+        reopen = due = now
+    if reopen is not None and now < deadline:
         waiting = Order.objects.filter(pk=order.pk, status=seen_status, channel=seen_channel).update(
             next_check_at=due, check_count=0
         )
@@ -254,7 +270,7 @@ def order_allocate(*, order_id) -> TransitionResult | None:
     candidates = channel_candidates(
         currency=order.currency, amount=order.amount, payment_method=order.payment_method
     )
-    result = _assign_first_fitting(
+    result, trial_out = _assign_first_fitting(
         order=order,
         candidates=candidates,
         seen_status=OrderStatus.PENDING,
@@ -270,6 +286,7 @@ def order_allocate(*, order_id) -> TransitionResult | None:
         seen_channel=None,
         exclude=(),
         failed_reason="no channel fits the order",
+        trial_out=trial_out,
     )
 
 
@@ -285,7 +302,7 @@ def order_reallocate(
     candidates = channel_candidates(
         currency=order.currency, amount=order.amount, exclude=refused_by, payment_method=order.payment_method
     )
-    result = _assign_first_fitting(
+    result, trial_out = _assign_first_fitting(
         order=order,
         candidates=candidates,
         seen_status=OrderStatus.ASSIGNED,
@@ -300,6 +317,7 @@ def order_reallocate(
         seen_channel=failed_channel,
         exclude=refused_by,
         failed_reason=f"{failed_channel} unavailable and no channel left",
+        trial_out=trial_out,
     )
 
 

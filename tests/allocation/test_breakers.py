@@ -4,6 +4,7 @@ for them, a half-open breaker lets one trial through, and a minority of failures
 from datetime import timedelta
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 
 from allocation.models import PaymentChannel
@@ -115,6 +116,39 @@ def test_a_half_open_breaker_lets_one_trial_through(breaker):
     second.refresh_from_db()
     assert second.status == "pending" and second.next_check_at > timezone.now()
     assert not _failed(second)
+
+
+@pytest.mark.django_db
+def test_an_order_turned_away_by_a_trial_that_closes_the_breaker_meanwhile_is_not_failed(
+    breaker, redis_client
+):
+    # given: the only channel is half-open, and another order's trial is out on it
+    ChannelFactory(code="flaky")
+    _cool_down_over("flaky")
+    redis_client.set("circuit:flaky:trial", "1", ex=60)
+    order = _order()
+    closed = []
+
+    def trial_succeeds_meanwhile(execute, sql, params, many, context):
+        # The trial's success closes the breaker (another worker's commit) just after this
+        # order was turned away, before allocation asks which channels are cooling down.
+        if "min(c.circuit_open_until)" in sql and not closed:
+            closed.append(PaymentChannel.objects.filter(code="flaky").update(circuit_open_until=None))
+        return execute(sql, params, many, context)
+
+    # when
+    with connection.execute_wrapper(trial_succeeds_meanwhile):
+        result = order_allocate(order_id=order.pk)
+    # then: the order waits, due at once; not failed with no_channel_available
+    assert closed == [1]
+    assert result.applied is False
+    order.refresh_from_db()
+    assert order.status == "pending" and order.next_check_at <= timezone.now()
+    assert not _failed(order)
+    # when: the sweep brings it back
+    result = order_allocate(order_id=order.pk)
+    # then: the channel, closed again, takes it
+    assert (result.applied, result.status, result.channel) == (True, "assigned", "flaky")
 
 
 @pytest.mark.django_db
