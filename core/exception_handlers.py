@@ -5,7 +5,6 @@
 import logging
 
 from django.core.exceptions import PermissionDenied
-from django.db import InterfaceError, OperationalError
 from django.http import Http404, HttpRequest, JsonResponse
 from django.urls import Resolver404, resolve
 from rest_framework import exceptions, status
@@ -13,7 +12,7 @@ from rest_framework.response import Response
 
 from core.errors import Conflict, DomainError, InvalidRequest, NotFound, Unprocessable
 from core.http_codes import error_body
-from core.middleware import error_response
+from core.middleware import DATABASE_ERRORS, database_unavailable, error_response
 
 logger = logging.getLogger(__name__)
 
@@ -72,17 +71,9 @@ def _safe(value: object) -> object:
     return value
 
 
-def api_exception_handler(exc, context) -> Response | None:
-    if isinstance(exc, (OperationalError, InterfaceError)):
-        # PostgreSQL unreachable or restarting: the client may retry (same Idempotency-Key), so
-        # say so with a 503 rather than a 500 that reads as a bug.
-        logger.warning("api.database_unavailable", extra={"error": repr(exc)})
-        response = Response(
-            error_body("service_unavailable", "Temporarily unavailable; retry shortly."),
-            status=status.HTTP_503_SERVICE_UNAVAILABLE,
-        )
-        response["Retry-After"] = "1"
-        return response
+def api_exception_handler(exc, context) -> Response | JsonResponse | None:
+    if isinstance(exc, DATABASE_ERRORS):
+        return database_unavailable(exc)
     if isinstance(exc, DomainError):
         http_status = next(
             (code for cls, code in _DOMAIN_STATUS.items() if isinstance(exc, cls)),

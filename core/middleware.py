@@ -9,6 +9,7 @@ import re
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.handlers.wsgi import LimitedStream
+from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse, UnreadablePostError
 from django.urls import Resolver404, resolve
 
@@ -141,15 +142,34 @@ _API_PREFIX = "/api/"
 _KEPT_HEADERS = ("Allow", "Retry-After", "WWW-Authenticate")
 
 
+# PostgreSQL unreachable or restarting, as Django raises it.
+DATABASE_ERRORS = (OperationalError, InterfaceError)
+
+
+def database_unavailable(exc: BaseException) -> JsonResponse:
+    """A 503 the client may retry (a merchant with the same Idempotency-Key, a provider by its own
+    redelivery), rather than a 500 that reads as a bug."""
+    logger.warning("api.database_unavailable", extra={"error": repr(exc)})
+    response = error_response(503, "service_unavailable", _MESSAGES["service_unavailable"])
+    response["Retry-After"] = "1"
+    return response
+
+
 class ApiJsonErrorsMiddleware:
     """Every error under /api/ in the one JSON shape (SPEC 3), whoever wrote the answer.
 
     DRF's views answer through core.exception_handlers; plain Django views (the provider webhook endpoint's
-    `require_POST`, CSRF, a resolver 404) answer HTML or an empty body. Those are rewritten here.
+    `require_POST`, CSRF, a resolver 404) answer HTML or an empty body. Those are rewritten here,
+    and a plain view that meets the database down answers 503, as DRF's do.
     """
 
     def __init__(self, get_response):
         self.get_response = get_response
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
+        if request.path.startswith(_API_PREFIX) and isinstance(exception, DATABASE_ERRORS):
+            return database_unavailable(exception)
+        return None
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         response = self.get_response(request)

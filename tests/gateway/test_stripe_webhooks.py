@@ -15,6 +15,7 @@ from gateway.models import ChargeAttempt, ProviderWebhook
 from gateway.providers.base import IgnoredWebhook, InvalidWebhook, MalformedWebhook
 from gateway.providers.stripe import StripeAdapter
 from orders.models import Order
+from tests.database_down import database_restarting
 from tests.factories import ChannelFactory, OrderFactory
 
 RECORDED = Path(__file__).parent / "stripe_recorded"
@@ -290,3 +291,18 @@ def test_localstripe_and_the_gateway_agree_on_the_endpoint_secret_and_events():
         )
     assert localstripe_endpoint_secret("a", "m") != localstripe_endpoint_secret("b", "m")
     assert LOCALSTRIPE_WEBHOOK_EVENTS == STRIPE_WEBHOOK_EVENTS
+
+
+def test_a_webhook_while_the_database_restarts_is_a_503_to_redeliver_never_a_500(channels):
+    # given: a good word, signed; PostgreSQL restarting as it arrives
+    body = event("event_payment_intent_succeeded")
+    # when
+    with database_restarting():
+        response = APIClient().post(
+            URL, body, content_type="application/json", HTTP_STRIPE_SIGNATURE=sign(body)
+        )
+    # then: Stripe redelivers a 5xx; a 503 says "later", in the API's one error shape
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "service_unavailable"
+    assert response["Retry-After"] == "1"
+    assert not ProviderWebhook.objects.exists()

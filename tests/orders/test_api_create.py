@@ -7,6 +7,7 @@ import pytest
 from rest_framework.test import APIClient
 
 from orders.models import IdempotencyKey, Order
+from tests.database_down import database_restarting
 from tests.factories import make_merchant
 
 pytestmark = pytest.mark.django_db
@@ -579,3 +580,16 @@ def test_several_errors_are_reported_together(api):
     error = _assert_rejected(response)
     assert set(error["fields"]) == {"amount", "currency", "reference"}
     assert error["code"] == "invalid_request"
+
+
+@pytest.mark.django_db
+def test_a_create_while_the_database_restarts_is_a_503_to_retry_and_creates_nothing(api):
+    with database_restarting():
+        response = _post(api, _body(), key="restart-1")
+
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "service_unavailable"
+    assert response["Retry-After"] == "1"
+    assert not Order.objects.exists() and not IdempotencyKey.objects.exists()
+    # the merchant's retry with the same key, once it is back, creates the order
+    assert _post(api, _body(), key="restart-1").status_code == 201

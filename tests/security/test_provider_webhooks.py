@@ -20,6 +20,7 @@ from gateway import services, tasks
 from gateway.models import ChargeAttempt, ProviderWebhook
 from gateway.sandbox_server.secrets import channel_webhook_secret
 from orders.models import IgnoredSignal, Order
+from tests.database_down import database_restarting
 from tests.factories import OrderFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -512,3 +513,17 @@ def test_a_word_without_a_reference_of_ours_yet_is_checked_by_amount_only(proces
     response = post(body, signed_headers(body, secret=secret_of("sandbox-a")))
     assert response.json() == {"received": True, "duplicate": False}
     assert [m["provider_reference"] for m in confirm_messages(redis_client, processing_order)] == ["ch_test"]
+
+
+def test_a_webhook_while_the_database_restarts_is_a_503_to_redeliver(processing_order):
+    body = event_body(processing_order)
+
+    with database_restarting():
+        response = post(body, signed_headers(body, secret=secret_of("sandbox-a")))
+
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "service_unavailable"
+    assert (ProviderWebhook.objects.count(), Order.objects.get(pk=processing_order.pk).status) == (
+        0,
+        "processing",
+    )
