@@ -8,7 +8,40 @@ RUN=.run
 mkdir -p "$RUN/log" "$RUN/pids"
 PORT=${WEB_BIND:-127.0.0.1:8000}
 
-alive() { [ -f "$RUN/pids/$1.pid" ] && kill -0 "$(cat "$RUN/pids/$1.pid")" 2>/dev/null; }
+alive() {
+  local pid
+  pid=$(cat "$RUN/pids/$1.pid" 2>/dev/null) || return 1
+  kill -0 "$pid" 2>/dev/null || return 1
+  # A zombie is dead: killed, and its parent does not reap it (PID 1 of a container without an
+  # init, once the shell that started it has exited).
+  [ "$(sed -E 's/.*\) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1)" != Z ]
+}
+
+# What is left of a process whose leader died. A `kill -9` of gunicorn's master leaves its workers
+# serving and holding the port, so a new master cannot bind it and exits; a Celery parent's
+# leaves its pool. The members of the dead leader's process group that run in this checkout (a
+# pid file can outlive its number, reused by someone else) get TERM, and KILL after 5 s.
+ROOT=$(pwd -P)
+leftovers() {
+  local pid
+  for pid in $(pgrep -g "$1" 2>/dev/null); do
+    [ "$(readlink "/proc/$pid/cwd" 2>/dev/null)" = "$ROOT" ] && echo "$pid"
+  done
+  return 0
+}
+reap() {
+  local pgid pids
+  pgid=$(cat "$RUN/pids/$1.pid" 2>/dev/null) || return 0
+  pids=$(leftovers "$pgid")
+  [ -n "$pids" ] || return 0
+  echo "stopping what is left of $1 (its leader $pgid died): $(echo $pids)"
+  kill -TERM $pids 2>/dev/null || true
+  for _ in $(seq 1 50); do
+    [ -n "$(leftovers "$pgid")" ] || return 0
+    sleep 0.1
+  done
+  kill -KILL $(leftovers "$pgid") 2>/dev/null || true
+}
 
 procs() { grep -E '^[a-z-]+:' Procfile | sed -E 's/^([a-z-]+):[[:space:]]*(.*)$/\1\t\2/'; }
 
@@ -20,6 +53,7 @@ up() {
   if [ $running = 0 ]; then rm -rf "${PROMETHEUS_MULTIPROC_DIR:-$RUN/prometheus}"; fi
   while IFS=$'\t' read -r name cmd; do
     if alive "$name"; then continue; fi
+    reap "$name"
     echo "starting $name"
     # setsid: each process leads its own group, so `down` can stop it with all its children.
     setsid bash -c "$cmd" >>"$RUN/log/$name.log" 2>&1 < /dev/null &
@@ -47,6 +81,7 @@ down() {
   done
   while IFS=$'\t' read -r name _; do
     if alive "$name"; then kill -KILL -- "-$(cat "$RUN/pids/$name.pid")" 2>/dev/null || true; fi
+    reap "$name"
     rm -f "$RUN/pids/$name.pid"
   done < <(procs)
 }
