@@ -963,6 +963,19 @@ def order_poll(*, order_id) -> Polled:
         logger.info("poll.resent", extra={"order_id": str(order.pk), "outcome": result.outcome.value})
         resent = f"the provider had no charge under our key: sent again, {result.outcome.value}"
         if result.outcome == ChargeOutcome.REJECTED:
+            if not status.looked and not (result.http_status and result.request_refused):
+                # The provider was never asked about the first request (no id to ask it by), and
+                # it did not answer this one for our key (not reached, or our credentials refused):
+                # nothing says the first did not charge. Still processing; the sweep sends it again.
+                logger.warning(
+                    "poll.resend_unanswered",
+                    extra={"order_id": str(order.pk), "channel": attempt.channel, "error": result.error},
+                )
+                return Polled(
+                    "the provider was not asked about the first request, and did not answer it sent"
+                    f" again ({result.error}); the sweep sends it again",
+                    answered=False,
+                )
             return Polled(resent, _resend_refused(order=order, attempt=attempt, result=result))
         if result.outcome == ChargeOutcome.ACCEPTED and result.status in ("paid", "failed"):
             # Stripe answers the resent create with the first request's result (or the new one's).
@@ -1021,6 +1034,7 @@ def _past_key_window(adapter, status: StatusResult, attempt: ChargeAttempt | Ref
 
 def _resend_refused(*, order: Order, attempt: ChargeAttempt, result: ChargeResult) -> TransitionResult | None:
     """The provider had no charge under the key and refused it when resent: nothing was charged.
+    (Known only when it was asked about the key, or answered the resend for it: `order_poll`.)
 
     A processing order cannot fail over (SPEC 1), so it fails with channel_unavailable; the
     reservation goes back once, by the copy that records the refusal.

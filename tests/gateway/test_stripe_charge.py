@@ -389,3 +389,61 @@ def test_a_listed_refund_under_our_key_for_another_amount_settles_nothing(stripe
     assert Refund.objects.get(pk=refund.pk).status == "processing"
     assert RefundAttempt.objects.get(refund=refund).provider_reference == ""
     assert "refund_poll.listed_refund_not_ours" in [r.msg for r in caplog.records]
+
+
+def _closed_port() -> str:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"  # closed again: connections are refused
+
+
+def _reach_stripe_at(url: str) -> None:
+    from allocation.selectors import channel_cache_clear
+
+    PaymentChannel.objects.filter(code="stripe-test").update(api_base=url)
+    channel_cache_clear()  # as its few seconds running out would
+
+
+def test_an_unasked_charge_whose_resend_is_not_sent_stays_processing_until_stripe_answers_it(stripe_peer):
+    # given: the create's answer was lost, so Stripe cannot be asked (no intent id); Stripe made
+    # the charge (the peer answers the resent create with the first request's succeeded intent)
+    peer = stripe_peer(200, "payment_intent_succeeded")
+    order = _processing("")
+    # when: the sweep's poll resends it while Stripe cannot be reached
+    _reach_stripe_at(_closed_port())
+    polled = order_poll(order_id=order.pk)
+    # then: nothing says the first request did not charge: not failed, still processing
+    order = Order.objects.get(pk=order.pk)
+    assert (order.status, order.outcome, order.failure_code) == (OrderStatus.PROCESSING, None, None)
+    assert ChargeAttempt.objects.get(order=order).status == "unknown"
+    assert polled.answered is False and "sends it again" in polled.said
+    # when: the next poll reaches Stripe, which answers the key with the first request's result
+    _reach_stripe_at(peer.url)
+    order_poll(order_id=order.pk)
+    # then: paid, by the intent Stripe made
+    order = Order.objects.get(pk=order.pk)
+    assert (order.status, order.provider_reference) == (OrderStatus.PAID, "pi_3QxS2vLkdIwHu7ix0b7mYqLx")
+
+
+@pytest.mark.parametrize(
+    ("status", "name", "settled", "failure_code"),
+    [
+        (401, "error_invalid_api_key", OrderStatus.PROCESSING, None),  # says nothing about the first
+        (400, "error_no_such_payment_method", OrderStatus.FAILED, "channel_unavailable"),
+    ],
+    ids=["credentials-refused", "request-refused"],
+)
+def test_an_unasked_charge_fails_on_a_resend_only_when_stripe_refused_the_request_for_our_key(
+    stripe_peer, status, name, settled, failure_code
+):
+    # given: the create's answer was lost; the resend under the same key is answered with a refusal
+    stripe_peer(status, name)
+    order = _processing("")
+    # when
+    order_poll(order_id=order.pk)
+    # then: a refused request under our key means none was made (Stripe would have answered it with
+    # the first one's result); refused credentials say nothing of the first request
+    order = Order.objects.get(pk=order.pk)
+    assert (order.status, order.failure_code) == (settled, failure_code)
