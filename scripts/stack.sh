@@ -45,6 +45,21 @@ reap() {
 
 procs() { grep -E '^[a-z-]+:' Procfile | sed -E 's/^([a-z-]+):[[:space:]]*(.*)$/\1\t\2/'; }
 
+# The providers' stand-ins take the pipeline's first charge, so `up` is done only once they listen
+# too (a charge refused by a stand-in still starting would fail its order: SPEC 5).
+STAND_INS="sandbox=${SANDBOX_BIND:-127.0.0.1:8001} localstripe=${LOCALSTRIPE_BIND:-127.0.0.1:8420}"
+stand_ins_listening() {
+  local pair name address host port
+  for pair in $STAND_INS; do
+    name=${pair%%=*} address=${pair#*=}
+    grep -q "^$name:" Procfile || continue
+    host=${address%:*} port=${address##*:}
+    host=${host#[} host=${host%]}
+    [[ $port =~ ^[0-9]+$ ]] || continue # a unix socket: not ours to probe
+    (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null || return 1
+  done
+}
+
 up() {
   # Metrics files belong to one run of the stack: start from an empty directory unless part of
   # the stack is still running (its processes keep writing to their files).
@@ -60,7 +75,10 @@ up() {
     echo $! >"$RUN/pids/$name.pid"
   done < <(procs)
   for _ in $(seq 1 300); do
-    if curl -fsS "http://$PORT/readyz" >/dev/null 2>&1; then echo "ready: http://$PORT"; return 0; fi
+    if curl -fsS "http://$PORT/readyz" >/dev/null 2>&1 && stand_ins_listening; then
+      echo "ready: http://$PORT"
+      return 0
+    fi
     sleep 0.2
   done
   echo "the stack did not become ready; see $RUN/log/" >&2

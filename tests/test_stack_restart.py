@@ -63,13 +63,27 @@ def alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
 
 
+# A provider's stand-in that takes a while to listen (localstripe's Python start-up, say).
+SLOW_STAND_IN = textwrap.dedent(
+    """
+    import os, socket, time
+    host, port = os.environ["SANDBOX_BIND"].split(":")
+    time.sleep(2)
+    listener = socket.create_server((host, int(port)))
+    while True:
+        listener.accept()[0].close()
+    """
+)
+
+
 @pytest.fixture
-def stack(tmp_path):
+def make_stack(tmp_path):
+    """`make_stack(procfile)`: scripts/stack.sh in a folder of its own, run with `stack(command)`."""
     (tmp_path / "scripts").mkdir()
     shutil.copy(ROOT / "scripts" / "stack.sh", tmp_path / "scripts" / "stack.sh")
     (tmp_path / "server.py").write_text(SERVER)
-    (tmp_path / "Procfile").write_text("web: exec python3 server.py\n")
-    env = {**os.environ, "WEB_BIND": f"127.0.0.1:{free_port()}"}
+    (tmp_path / "slow.py").write_text(SLOW_STAND_IN)
+    env = {**os.environ, "WEB_BIND": f"127.0.0.1:{free_port()}", "SANDBOX_BIND": f"127.0.0.1:{free_port()}"}
 
     def run(command: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -81,10 +95,20 @@ def stack(tmp_path):
             timeout=120,
         )
 
+    def make(procfile: str):
+        (tmp_path / "Procfile").write_text(procfile)
+        return run
+
     run.port = int(env["WEB_BIND"].rsplit(":", 1)[1])
+    run.sandbox_port = int(env["SANDBOX_BIND"].rsplit(":", 1)[1])
     run.pid_file = tmp_path / ".run" / "pids" / "web.pid"
-    yield run
+    yield make
     run("down")
+
+
+@pytest.fixture
+def stack(make_stack):
+    return make_stack("web: exec python3 server.py\n")
 
 
 def test_up_after_the_master_was_killed_stops_its_orphaned_workers_and_serves_again(stack):
@@ -106,3 +130,13 @@ def test_up_after_the_master_was_killed_stops_its_orphaned_workers_and_serves_ag
     new_master = int(stack.pid_file.read_text())
     assert new_master != master and alive(new_master)
     assert answering_pid(stack.port) not in (orphan, master)
+
+
+def test_up_is_done_only_once_the_providers_stand_ins_listen(make_stack):
+    # given: a sandbox that listens 2 s after it starts, long after the web is ready
+    stack = make_stack("web: exec python3 server.py\nsandbox: exec python3 slow.py\n")
+    # when
+    done = stack("up")
+    # then: `up` has waited for it; the first charge would find it listening
+    assert done.returncode == 0, done.stdout + done.stderr
+    socket.create_connection(("127.0.0.1", stack.sandbox_port), timeout=1).close()
