@@ -223,14 +223,17 @@ def _wait_or_fail(
     reopen = _cooling_until(order=order, exclude=exclude)
     now = timezone.now()
     deadline = order.created_at + timedelta(seconds=settings.CHANNEL_WAIT_SECONDS)
+    # When a channel that fits is coming back (None: none is), and the order should look again.
     if reopen is not None:
         # A half-open channel whose trial is taken: look again when that trial has answered.
         due = min(max(reopen, now + timedelta(seconds=_trial_seconds())), deadline)
     elif trial_out:
         # That trial has answered since, and closed the breaker: the channel takes orders again,
         # so this order is due at once (the sweep's next pass), not failed for want of a channel.
-        reopen = due = now
-    if reopen is not None and now < deadline:
+        due = now
+    else:
+        due = None
+    if due is not None and now < deadline:
         waiting = Order.objects.filter(pk=order.pk, status=seen_status, channel=seen_channel).update(
             next_check_at=due, check_count=0
         )
@@ -239,7 +242,7 @@ def _wait_or_fail(
             extra={"order_id": str(order.pk), "until": due.isoformat(), "moved_on": not waiting},
         )
         return TransitionResult(False, seen_status, seen_channel)
-    if reopen is not None:
+    if due is not None:
         code, message = CHANNEL_UNAVAILABLE, "Every eligible channel stayed unavailable; nothing was charged."
     elif seen_status == OrderStatus.ASSIGNED:
         code, message = CHANNEL_UNAVAILABLE, "Every eligible channel refused the charge; nothing was charged."
@@ -250,7 +253,7 @@ def _wait_or_fail(
         to=OrderStatus.FAILED,
         seen_status=seen_status,
         seen_channel=seen_channel,
-        reason=failed_reason if reopen is None else "channels still unavailable after waiting for them",
+        reason=failed_reason if due is None else "channels still unavailable after waiting for them",
         failure_code=code,
         failure_message=message,
     )
